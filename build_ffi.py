@@ -1,0 +1,46 @@
+"""cffi build script: compiles csrc/*.c into ``ptrbridge._native`` (API mode).
+
+The cdef is read from the headers, between the ``PB_CDEF_BEGIN`` and
+``PB_CDEF_END`` markers, so C declarations live in one place: the public
+``csrc/ptrbridge.h`` and the private ``csrc/pb_internal.h``.
+
+Run through setuptools: ``pip install .`` or ``pip install -e .`` (add ``-v``
+to see the compiler's output; the C code is kept free of warnings).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+HEADERS = ("ptrbridge.h", "pb_internal.h")
+SOURCES = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.c"))
+
+_CDEF_BLOCK = re.compile(r"/\* PB_CDEF_BEGIN \*/(.*?)/\* PB_CDEF_END \*/", re.S)
+
+
+def read_cdef(header: Path) -> str:
+    """Return the cffi-readable declarations of one header."""
+    text = header.read_text(encoding="utf-8")
+    blocks = _CDEF_BLOCK.findall(text)
+    if not blocks:
+        raise RuntimeError(f"{header}: no PB_CDEF_BEGIN/PB_CDEF_END block")
+    # PB_API is a visibility attribute for the compiler; cffi does not need it.
+    return "\n".join(re.sub(r"\bPB_API\s+", "", block) for block in blocks)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef("\n".join(read_cdef(CSRC / name) for name in HEADERS))
+ffibuilder.set_source(
+    "ptrbridge._native",
+    '#include "ptrbridge.h"\n#include "pb_internal.h"\n',
+    sources=SOURCES,
+    include_dirs=[str(CSRC)],
+    extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-O2"],
+    libraries=["pthread"],
+    # pybuffer.c uses the full CPython API, so the module is not abi3.
+    py_limited_api=False,
+)

@@ -1,0 +1,172 @@
+/*
+ * pybuffer.c - a minimal buffer-protocol exporter for C memory.
+ *
+ * Python classes cannot export the buffer protocol before Python 3.12, and
+ * cffi's buffer type cannot be subclassed, so ptrbridge.CBuffer derives from
+ * this small type.  It exports [address, address + size) and counts the
+ * exports, so that the memory is never given away (freed or transferred to
+ * C) while a memoryview still points at it: _detach() refuses with
+ * BufferError, the way bytearray refuses to resize while exported.
+ *
+ * This is the only file that uses the CPython C API.  It is registered as
+ * ptrbridge._native.BufferBase by pb__py_init().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "pb_internal.h"
+
+typedef struct {
+    PyObject_HEAD
+    char *ptr;
+    Py_ssize_t size;
+    int readonly;
+    int detached;
+    Py_ssize_t exports;
+    PyObject *weakreflist;
+} BufferBase;
+
+static PyObject *bb_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"address", "size", "readonly", NULL};
+    unsigned long long address = 0;
+    Py_ssize_t size = 0;
+    int readonly = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Kn|p", kwlist, &address, &size, &readonly))
+        return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "ptrbridge: buffer size must not be negative");
+        return NULL;
+    }
+    if (address == 0 && size != 0) {
+        PyErr_SetString(PyExc_ValueError, "ptrbridge: NULL address with a nonzero size");
+        return NULL;
+    }
+    BufferBase *self = (BufferBase *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->ptr = (char *)(uintptr_t)address;
+    self->size = size;
+    self->readonly = readonly;
+    self->detached = 0;
+    self->exports = 0;
+    self->weakreflist = NULL;
+    return (PyObject *)self;
+}
+
+static void bb_dealloc(BufferBase *self)
+{
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int bb_getbuffer(BufferBase *self, Py_buffer *view, int flags)
+{
+    if (self->detached) {
+        PyErr_SetString(PyExc_BufferError,
+                        "ptrbridge: CBuffer is no longer usable from Python: its memory was "
+                        "transferred to C or freed");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->ptr, self->size, self->readonly, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void bb_releasebuffer(BufferBase *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+static PyObject *bb_detach(BufferBase *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->exports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "ptrbridge: cannot give up the memory of a CBuffer while %zd "
+                     "memoryview(s) or other exports still point at it; release them first",
+                     self->exports);
+        return NULL;
+    }
+    self->detached = 1;
+    self->ptr = NULL;
+    self->size = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *bb_get_exports(BufferBase *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->exports);
+}
+
+static PyObject *bb_get_detached(BufferBase *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->detached);
+}
+
+static PyMethodDef bb_methods[] = {
+    {"_detach", (PyCFunction)bb_detach, METH_NOARGS,
+     "Stop exporting the memory; BufferError while any export is alive."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef bb_getset[] = {
+    {"_exports", (getter)bb_get_exports, NULL, "Number of live buffer exports.", NULL},
+    {"_detached", (getter)bb_get_detached, NULL, "True once _detach() succeeded.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyBufferProcs bb_as_buffer = {
+    (getbufferproc)bb_getbuffer,
+    (releasebufferproc)bb_releasebuffer,
+};
+
+static PyTypeObject BufferBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ptrbridge._native.BufferBase",
+    .tp_basicsize = sizeof(BufferBase),
+    .tp_dealloc = (destructor)bb_dealloc,
+    .tp_as_buffer = &bb_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Exports C memory through the buffer protocol (base of ptrbridge.CBuffer).",
+    .tp_weaklistoffset = offsetof(BufferBase, weakreflist),
+    .tp_methods = bb_methods,
+    .tp_getset = bb_getset,
+    .tp_new = bb_new,
+};
+
+int pb__py_init(void)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = -1;
+    PyObject *module = NULL;
+    if (PyType_Ready(&BufferBaseType) < 0)
+        goto out;
+    {
+        PyObject *name = PyUnicode_FromString("ptrbridge._native");
+        if (name == NULL)
+            goto out;
+        module = PyImport_GetModule(name);
+        Py_DECREF(name);
+    }
+    if (module == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ImportError, "ptrbridge._native is not imported");
+        goto out;
+    }
+    if (PyObject_SetAttrString(module, "BufferBase", (PyObject *)&BufferBaseType) < 0)
+        goto out;
+    rc = 0;
+out:
+    if (rc != 0)
+        PyErr_Print();
+    Py_XDECREF(module);
+    PyGILState_Release(gil);
+    return rc;
+}

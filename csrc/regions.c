@@ -1,0 +1,100 @@
+/*
+ * regions.c - the index of Python-owned memory regions known to the registry.
+ *
+ * Regions are kept in an array in insertion order; lookups by address scan
+ * it.  That is fine for the tens to thousands of regions that pins and lent
+ * arguments produce; the retained-pointer scanner needs a faster index and
+ * keeps its own.  One mutex guards the array and the per-kind counts.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "pb_internal.h"
+
+#define KIND_MAX PB_REGION_MANAGED
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct pb_region *regions;
+static size_t region_count;
+static size_t region_cap;
+static uint64_t next_id = 1;
+static size_t kind_count[KIND_MAX + 1];
+
+PB_API int pb_region_add(const void *addr, size_t size, int kind, uint64_t *id_out)
+{
+    if (id_out == NULL || kind < 1 || kind > KIND_MAX)
+        return PB_ERR_INVALID;
+    if (size > UINTPTR_MAX - (uintptr_t)addr)
+        return PB_ERR_INVALID;
+    pthread_mutex_lock(&lock);
+    if (region_count == region_cap) {
+        size_t cap = region_cap ? region_cap * 2 : 64;
+        struct pb_region *r = realloc(regions, cap * sizeof *r);
+        if (r == NULL) {
+            pthread_mutex_unlock(&lock);
+            return PB_ERR_NOMEM;
+        }
+        regions = r;
+        region_cap = cap;
+    }
+    struct pb_region *r = &regions[region_count++];
+    r->id = next_id++;
+    r->start = (uintptr_t)addr;
+    r->size = size;
+    r->kind = kind;
+    kind_count[kind]++;
+    *id_out = r->id;
+    pthread_mutex_unlock(&lock);
+    return PB_OK;
+}
+
+PB_API int pb_region_remove(uint64_t id)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t i = region_count; i-- > 0;) {
+        if (regions[i].id == id) {
+            kind_count[regions[i].kind]--;
+            regions[i] = regions[--region_count];
+            pthread_mutex_unlock(&lock);
+            return PB_OK;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return PB_ERR_NOT_FOUND;
+}
+
+static int contains(const struct pb_region *r, uintptr_t a)
+{
+    /* A zero-length region contains only its start address. */
+    return a >= r->start && (a - r->start < r->size || a == r->start);
+}
+
+PB_API int pb_region_find(const void *addr, struct pb_region *out)
+{
+    uintptr_t a = (uintptr_t)addr;
+    const struct pb_region *best = NULL;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < region_count; i++) {
+        if (!contains(&regions[i], a))
+            continue;
+        if (best == NULL || (regions[i].kind == PB_REGION_PINNED && best->kind != PB_REGION_PINNED))
+            best = &regions[i];
+    }
+    if (best != NULL && out != NULL)
+        *out = *best;
+    pthread_mutex_unlock(&lock);
+    return best != NULL;
+}
+
+PB_API size_t pb_region_count(int kind)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&lock);
+    if (kind == 0)
+        n = region_count;
+    else if (kind >= 1 && kind <= KIND_MAX)
+        n = kind_count[kind];
+    pthread_mutex_unlock(&lock);
+    return n;
+}

@@ -1,0 +1,73 @@
+"""ptrbridge: safe memory passing between Python and C.
+
+Three ways to give C access to Python data, as in Go's cgo:
+
+* :class:`Handle` - an integer token C may keep; the object stays in Python.
+* :class:`Pinner` - keep a buffer alive and unresizable while C holds it.
+* :class:`CBuffer` / :func:`cstring` - copy to the tracked C heap; C may own it.
+
+plus the registry's counters (:func:`stats`) and check levels like
+``GODEBUG=cgocheck`` (:func:`check_level`, ``PTRBRIDGE_CHECK``).
+"""
+from __future__ import annotations
+
+from .capi import c_api, native_library_path
+from .cmem import CBuffer, cstring, free
+from .errors import (
+    AllocatorError,
+    ConfigurationError,
+    DoubleFreeError,
+    HandleLimitError,
+    InvalidHandleError,
+    NotOwnedError,
+    PinLeakWarning,
+    PointerError,
+    PointerWarning,
+    UnpinnableError,
+    UseAfterTransferError,
+)
+from .handles import Handle, HandleTable, collect_handles, handle_value
+from .levels import check_level, checking, set_check_level
+from .pinning import Pinner
+from .stats import Stats, stats
+
+__version__ = "0.1.0"
+
+
+def collect() -> int:
+    """Do the registry's deferred Python-side work now.
+
+    Drops the objects of handles that C released with ``pb_handle_release``
+    (otherwise done at the next handle operation) and returns how many.
+    """
+    return collect_handles()
+
+
+__all__ = [
+    "AllocatorError",
+    "CBuffer",
+    "ConfigurationError",
+    "DoubleFreeError",
+    "Handle",
+    "HandleLimitError",
+    "HandleTable",
+    "InvalidHandleError",
+    "NotOwnedError",
+    "PinLeakWarning",
+    "Pinner",
+    "PointerError",
+    "PointerWarning",
+    "Stats",
+    "UnpinnableError",
+    "UseAfterTransferError",
+    "c_api",
+    "check_level",
+    "checking",
+    "collect",
+    "cstring",
+    "free",
+    "handle_value",
+    "native_library_path",
+    "set_check_level",
+    "stats",
+]

@@ -1,0 +1,29 @@
+"""Where in the user's code something happened: the first frame outside ptrbridge."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Tuple
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def caller_frame_location() -> Tuple[str, int]:
+    """Return ``(filename, lineno)`` of the innermost frame outside this package."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return ("<unknown>", 0)
+    return (frame.f_code.co_filename, frame.f_lineno)
+
+
+def format_location(location: Tuple[str, int]) -> str:
+    """Render a location as ``file.py:12`` (the path shortened to its base name)."""
+    filename, lineno = location
+    return f"{os.path.basename(filename)}:{lineno}"
+
+
+def caller_site() -> str:
+    """Return ``file.py:line`` of the innermost frame outside this package."""
+    return format_location(caller_frame_location())

@@ -1,0 +1,198 @@
+"""C memory: copies of Python data on the tracked C heap (the malloc-copy strategy).
+
+When C must keep data beyond a call and pinning is impractical, copy it to C
+memory: C may keep a :class:`CBuffer`'s pointer as long as the CBuffer is
+alive, or for ever after :meth:`CBuffer.transfer` hands ownership to C.
+Blocks come from the tracked allocator, so ``ptrbridge.stats()`` counts them
+and a bad free is reported instead of corrupting the heap.
+
+Example: a producer whose delivery callback frees the payload::
+
+    buf = ptrbridge.CBuffer.copy(payload)
+    lib.produce(topic, buf.transfer(), len(payload))   # C calls pb_free() later
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from ._bindings import BufferBase, address_of, check, ffi, lib
+from .errors import UseAfterTransferError
+
+__all__ = ["CBuffer", "cstring", "free"]
+
+_OWNED, _TRANSFERRED, _FREED = "owned", "transferred", "freed"
+
+
+def _allocate(size: int, *, zeroed: bool) -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"ptrbridge.CBuffer: size must be an int, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"ptrbridge.CBuffer: size must not be negative, got {size}")
+    ptr = lib.pb_calloc(1, size) if zeroed else lib.pb_malloc(size)
+    if ptr == ffi.NULL:
+        raise MemoryError(f"ptrbridge.CBuffer: cannot allocate {size} bytes")
+    return address_of(ptr)
+
+
+class CBuffer(BufferBase):  # type: ignore[misc]
+    """A block of tracked C memory owned by Python until :meth:`transfer`.
+
+    ``CBuffer(size)`` allocates ``size`` zeroed bytes; :meth:`copy` copies a
+    buffer.  ``len(buf)`` is the size, ``memoryview(buf)`` is a zero-copy view,
+    ``buf.ptr`` is a cffi ``char *`` for C.  The memory is freed when the
+    CBuffer is garbage-collected (or by :meth:`free` / ``with``), unless it
+    was transferred to C.
+    """
+
+    __slots__ = ("_address", "_size", "_state")
+
+    _address: int
+    _size: int
+    _state: str
+
+    def __new__(cls, size: int) -> "CBuffer":
+        return cls._adopt(_allocate(size, zeroed=True), size)
+
+    @classmethod
+    def _adopt(cls, address: int, size: int) -> "CBuffer":
+        self = BufferBase.__new__(cls, address, size)
+        self._address = address
+        self._size = size
+        self._state = _OWNED
+        return self  # type: ignore[no-any-return]
+
+    @classmethod
+    def copy(cls, data: Any) -> "CBuffer":
+        """Copy any object exporting a contiguous buffer into new C memory."""
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"ptrbridge.CBuffer.copy: {type(data).__name__} does not export a buffer"
+            ) from None
+        with view:
+            if not view.contiguous:
+                raise TypeError(
+                    f"ptrbridge.CBuffer.copy: {type(data).__name__} is not contiguous; "
+                    f"copy it to bytes first"
+                )
+            size = view.nbytes
+            address = _allocate(size, zeroed=False)
+            if size:
+                ffi.memmove(ffi.cast("char *", address), view, size)
+        return cls._adopt(address, size)
+
+    def _live(self, what: str) -> int:
+        if self._state != _OWNED:
+            raise UseAfterTransferError(
+                f"ptrbridge: CBuffer.{what} after its memory was {self._state} "
+                f"({self._size} bytes at {self._address:#x}); C owns or freed it now"
+            )
+        return self._address
+
+    @property
+    def ptr(self) -> Any:
+        """A cffi ``char *`` to the memory (valid while this CBuffer owns it)."""
+        return ffi.cast("char *", self._live("ptr"))
+
+    @property
+    def address(self) -> int:
+        """The memory's address as an int."""
+        return self._live("address")
+
+    @property
+    def state(self) -> str:
+        """``"owned"``, ``"transferred"`` or ``"freed"``."""
+        return self._state
+
+    def __len__(self) -> int:
+        return self._size
+
+    def to_bytes(self) -> bytes:
+        """A bytes copy of the contents."""
+        return bytes(ffi.buffer(ffi.cast("char *", self._live("to_bytes()")), self._size))
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[int, bytes]:
+        self._live("__getitem__")
+        with memoryview(self) as view:
+            item = view[index]
+            return item if isinstance(item, int) else bytes(item)
+
+    def __setitem__(self, index: Union[int, slice], value: Any) -> None:
+        self._live("__setitem__")
+        with memoryview(self) as view:
+            view[index] = value
+
+    def transfer(self) -> Any:
+        """Hand ownership to C and return the ``char *``.
+
+        From now on C must free the memory with ``pb_free`` (for instance in a
+        delivery callback); until it does, ``stats().transferred`` counts it.
+        Python can no longer use this CBuffer.  Raises ``BufferError`` while a
+        memoryview of it is alive.
+        """
+        address = self._live("transfer()")
+        self._detach()  # BufferError if exported
+        check(lib.pb__alloc_set_transferred(ffi.cast("void *", address), 1),
+              f"CBuffer.transfer() of {address:#x}")
+        self._state = _TRANSFERRED
+        return ffi.cast("char *", address)
+
+    def free(self) -> None:
+        """Free the memory now (instead of at garbage collection)."""
+        address = self._live("free()")
+        self._detach()
+        self._state = _FREED
+        check(lib.pb__free_quiet(ffi.cast("void *", address)), f"CBuffer.free() of {address:#x}")
+
+    def __enter__(self) -> "CBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._state == _OWNED:
+            self.free()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == _OWNED and lib is not None:
+            self._state = _FREED
+            lib.pb__free_quiet(ffi.cast("void *", self._address))
+
+    def __repr__(self) -> str:
+        return f"<ptrbridge.CBuffer {self._size} bytes at {self._address:#x} {self._state}>"
+
+
+def cstring(text: Union[str, bytes]) -> CBuffer:
+    """A NUL-terminated copy of ``text`` in C memory, like Go's ``C.CString``.
+
+    ``str`` is encoded as UTF-8.  An embedded NUL raises ``ValueError`` (C
+    would silently see a shorter string).  ``len()`` includes the NUL.
+    """
+    if isinstance(text, str):
+        data = text.encode("utf-8")
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        data = bytes(text)
+    else:
+        raise TypeError(f"ptrbridge.cstring: expected str or bytes, not {type(text).__name__}")
+    if b"\0" in data:
+        raise ValueError(
+            f"ptrbridge.cstring: embedded NUL at offset {data.index(0)}; C would see a truncated string"
+        )
+    buf = CBuffer._adopt(_allocate(len(data) + 1, zeroed=False), len(data) + 1)
+    ffi.memmove(ffi.cast("char *", buf._address), data + b"\0", len(data) + 1)
+    return buf
+
+
+def free(ptr: Any) -> None:
+    """Free a block of the tracked allocator given as a cffi pointer or an int.
+
+    For memory that came back from C (``CBuffer.transfer()`` results, blocks C
+    allocated with ``pb_malloc``).  Raises :class:`~ptrbridge.DoubleFreeError`
+    or :class:`~ptrbridge.NotOwnedError` instead of corrupting the heap.
+    """
+    if isinstance(ptr, CBuffer):
+        ptr.free()
+        return
+    if not isinstance(ptr, (int, ffi.CData)) or isinstance(ptr, bool):
+        raise TypeError(f"ptrbridge.free: expected a cffi pointer or an int, not {type(ptr).__name__}")
+    address = address_of(ptr)
+    check(lib.pb__free_quiet(ffi.cast("void *", address)), f"free({address:#x})")
