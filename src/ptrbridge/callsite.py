@@ -6,12 +6,18 @@ import sys
 from typing import Tuple
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Modules of the package that act as users of the library: their frames count.
+_USER_MODULES = frozenset(os.path.join(_PACKAGE_DIR, name) for name in ("demo.py",))
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIR) and filename not in _USER_MODULES
 
 
 def caller_frame_location() -> Tuple[str, int]:
     """Return ``(filename, lineno)`` of the innermost frame outside this package."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and _is_internal(frame.f_code.co_filename):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ("<unknown>", 0)

@@ -1,0 +1,123 @@
+"""The tour behind ``python -m ptrbridge demo``: every feature, run for real."""
+from __future__ import annotations
+
+import gc
+import warnings
+from typing import Any, Callable, List
+
+import cffi
+
+import ptrbridge
+
+__all__ = ["run_demo"]
+
+_sections: List[Callable[[Any], None]] = []
+
+
+def _section(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    _sections.append(fn)
+    return fn
+
+
+def _show_error(action: str, fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # the demo prints whatever the library raises
+        print(f"  {action}\n    -> {type(exc).__name__}: {exc}")
+    else:  # pragma: no cover - would mean the library failed to detect misuse
+        raise AssertionError(f"demo: {action} should have raised")
+
+
+@_section
+def handles(c: Any) -> None:
+    """Handles: a token C may keep; stale and forged tokens are refused."""
+    request = {"id": 7, "payload": "hello"}
+    h = ptrbridge.Handle(request)
+    token = int(h)
+    print(f"  Handle(request) -> token {token:#x} (what C stores as userdata)")
+    print(f"  handle_value(token) -> {ptrbridge.handle_value(token)}")
+    rc = c.pb_handle_release(token)  # what C does when it is done, from any thread
+    print(f"  C calls pb_handle_release(token) -> {rc} (PB_OK); object dropped on the next collect: "
+          f"{ptrbridge.collect()} dropped")
+    _show_error("handle_value(token) after C released it", lambda: ptrbridge.handle_value(token))
+    _show_error("handle_value(12345), a forged token", lambda: ptrbridge.handle_value(12345))
+    table = ptrbridge.HandleTable(max_handles=3)
+    kept = [table.new(i) for i in range(3)]
+    _show_error("a 4th handle in HandleTable(max_handles=3) (C never signalled completion)",
+                lambda: table.new(3))
+    for k in kept:
+        k.delete()
+
+
+@_section
+def pinning(c: Any) -> None:
+    """Pinning: a buffer C holds stays put and cannot be resized."""
+    data = bytearray(b"streaming input")
+    with ptrbridge.Pinner() as p:
+        ptr = p.pin(data)
+        print(f"  Pinner.pin(bytearray(15)) -> {ptr}; live_pins={ptrbridge.stats().live_pins}")
+        _show_error("bytearray.extend() while C holds the pointer", lambda: data.extend(b"!"))
+    data.extend(b"!")
+    print(f"  after unpin the bytearray can grow again: {bytes(data)!r}")
+    _show_error("Pinner.pin(42)", lambda: ptrbridge.Pinner().pin(42))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forgotten = ptrbridge.Pinner()
+        forgotten.pin(bytearray(16))
+        del forgotten
+        gc.collect()
+    for w in caught:
+        print(f"  a Pinner dropped with pins held warns:\n    -> {w.category.__name__}: {w.message}")
+
+
+@_section
+def c_memory(c: Any) -> None:
+    """malloc-copy: C-heap copies with ownership transfer."""
+    before = ptrbridge.stats()
+    buf = ptrbridge.CBuffer.copy(b"payload for a background thread")
+    view = memoryview(buf)
+    view[0:7] = b"PAYLOAD"
+    print(f"  CBuffer.copy(...) -> {buf!r}; memoryview writes through: {buf.to_bytes()[:7]!r}")
+    view.release()
+    raw = buf.transfer()
+    print(f"  buf.transfer() -> {raw}; transferred={ptrbridge.stats().transferred}")
+    _show_error("buf.to_bytes() after transfer", buf.to_bytes)
+    rc = c.pb_free(raw)  # what a C delivery callback does
+    print(f"  C frees it with pb_free() -> {rc}; transferred={ptrbridge.stats().transferred}")
+    _show_error("ptrbridge.free() of the same pointer again", lambda: ptrbridge.free(raw))
+    name = ptrbridge.cstring("héllo")
+    print(f"  cstring('héllo') -> {name.to_bytes()!r} ({len(name)} bytes with the NUL)")
+    del name
+    after = ptrbridge.stats()
+    print(f"  C memory: {after.allocations - before.allocations} allocations, "
+          f"{after.frees - before.frees} frees, live_blocks back to {after.live_blocks}")
+
+
+@_section
+def c_api(c: Any) -> None:
+    """The public C API: global pb_* symbols and the pb_api table."""
+    api = ptrbridge.c_api()
+    block = api.malloc(64)
+    print(f"  ffi.dlopen(None).pb_api_version() -> {c.pb_api_version()}; "
+          f"c_api().version -> {api.version}")
+    print(f"  c_api().malloc(64) -> tracked: pb_alloc_size = {c.pb_alloc_size(block)}, "
+          f"live_blocks = {ptrbridge.stats().live_blocks}")
+    api.free(block)
+
+
+def run_demo() -> int:
+    """Run every section; return 0."""
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        int pb_handle_release(uintptr_t token);
+        int pb_free(void *ptr);
+        size_t pb_alloc_size(const void *ptr);
+        int pb_api_version(void);
+    """)
+    c = ffi.dlopen(None)  # the pb_* symbols are global once ptrbridge is imported
+    print(f"ptrbridge {ptrbridge.__version__} demo (check level {ptrbridge.check_level()})")
+    for section in _sections:
+        print(f"\n== {section.__doc__}")
+        section(c)
+    print(f"\n== Counters\n  {ptrbridge.stats()}")
+    return 0
