@@ -321,3 +321,13 @@ PB_API int pb_alloc_foreach(pb_block_visitor visit, void *ctx)
     pthread_mutex_unlock(&lock);
     return rc;
 }
+
+void *pb__untracked_calloc(size_t size)
+{
+    return calloc(size ? size : 1, 1);
+}
+
+void pb__untracked_free(void *ptr)
+{
+    free(ptr);
+}

@@ -26,6 +26,12 @@ void *pb__realloc_quiet(void *ptr, size_t size, int *status);
  * it.  Returns PB_OK or PB_ERR_NOT_OWNED. */
 int pb__alloc_set_transferred(void *ptr, int on);
 
+/* Plain calloc/free, not counted by the tracked allocator: backing store for
+ * Python-owned memory that ptrbridge manages itself (ptrbridge.new), so that
+ * freed blocks can be held in quarantine before they are really freed. */
+void *pb__untracked_calloc(size_t size);
+void pb__untracked_free(void *ptr);
+
 /* Allocates a handle slot and returns its token, or 0 when out of memory.
  * Called from Python only (the object lives in a Python dict). */
 uintptr_t pb__handle_new(void);

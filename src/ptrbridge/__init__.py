@@ -11,23 +11,31 @@ plus the registry's counters (:func:`stats`) and check levels like
 """
 from __future__ import annotations
 
+from .calls import CheckedLibrary, call_timeout, set_call_timeout, wrap
 from .capi import c_api, native_library_path
 from .cmem import CBuffer, cstring, free
 from .errors import (
     AllocatorError,
+    CallbackResultError,
+    CallTimeoutWarning,
+    CError,
     ConfigurationError,
     DoubleFreeError,
     HandleLimitError,
     InvalidHandleError,
+    NestedPointerError,
     NotOwnedError,
     PinLeakWarning,
     PointerError,
     PointerWarning,
+    ReleasedCallbackError,
     UnpinnableError,
+    UseAfterFreeError,
     UseAfterTransferError,
 )
 from .handles import Handle, HandleTable, collect_handles, handle_value
 from .levels import check_level, checking, set_check_level
+from .ownership import new
 from .pinning import Pinner
 from .stats import Stats, stats
 
@@ -46,21 +54,29 @@ def collect() -> int:
 __all__ = [
     "AllocatorError",
     "CBuffer",
+    "CError",
+    "CallTimeoutWarning",
+    "CallbackResultError",
+    "CheckedLibrary",
     "ConfigurationError",
     "DoubleFreeError",
     "Handle",
     "HandleLimitError",
     "HandleTable",
     "InvalidHandleError",
+    "NestedPointerError",
     "NotOwnedError",
     "PinLeakWarning",
     "Pinner",
     "PointerError",
     "PointerWarning",
+    "ReleasedCallbackError",
     "Stats",
     "UnpinnableError",
+    "UseAfterFreeError",
     "UseAfterTransferError",
     "c_api",
+    "call_timeout",
     "check_level",
     "checking",
     "collect",
@@ -68,6 +84,9 @@ __all__ = [
     "free",
     "handle_value",
     "native_library_path",
+    "new",
+    "set_call_timeout",
     "set_check_level",
     "stats",
+    "wrap",
 ]

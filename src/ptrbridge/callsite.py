@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Tuple
+from typing import Any, Tuple
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Modules of the package that act as users of the library: their frames count.
@@ -12,6 +12,15 @@ _USER_MODULES = frozenset(os.path.join(_PACKAGE_DIR, name) for name in ("demo.py
 
 def _is_internal(filename: str) -> bool:
     return filename.startswith(_PACKAGE_DIR) and filename not in _USER_MODULES
+
+
+def frame_site(frame: Any) -> str:
+    """``file.py:line`` of ``frame``, or of the nearest frame above it outside this package."""
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>:0"
+    return format_location((frame.f_code.co_filename, frame.f_lineno))
 
 
 def caller_frame_location() -> Tuple[str, int]:

@@ -23,8 +23,14 @@ __all__ = [
     "DoubleFreeError",
     "UnpinnableError",
     "UseAfterTransferError",
+    "NestedPointerError",
+    "UseAfterFreeError",
+    "CallbackResultError",
+    "ReleasedCallbackError",
+    "CError",
     "PointerWarning",
     "PinLeakWarning",
+    "CallTimeoutWarning",
 ]
 
 
@@ -64,9 +70,41 @@ class UseAfterTransferError(PointerError, RuntimeError):
     """A :class:`~ptrbridge.CBuffer` was used after its memory was given to C or freed."""
 
 
+class NestedPointerError(PointerError, ValueError):
+    """Rule R1: memory passed to C holds a pointer to unpinned Python-owned memory."""
+
+
+class UseAfterFreeError(PointerError, ValueError):
+    """A pointer passed to C points into Python-owned memory that was already freed."""
+
+
+class CallbackResultError(PointerError, ValueError):
+    """Rule R4: a callback returned a pointer to unpinned Python-owned memory."""
+
+
+class ReleasedCallbackError(PointerError, RuntimeError):
+    """C called a callback after it was released."""
+
+
+class CError(PointerError, RuntimeError):
+    """A checked C function reported failure through its declared error convention.
+
+    ``code`` is the value the function returned, ``function`` its name.
+    """
+
+    def __init__(self, message: str, code: object = None, function: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.function = function
+
+
 class PointerWarning(RuntimeWarning):
     """Base class of every warning ptrbridge emits."""
 
 
 class PinLeakWarning(PointerWarning):
     """A :class:`~ptrbridge.Pinner` was dropped, or the interpreter exited, with pins held."""
+
+
+class CallTimeoutWarning(PointerWarning):
+    """Rule R3: a checked call has held lent Python memory longer than the call timeout."""

@@ -18,82 +18,25 @@ pinned and where, then unpins.
 from __future__ import annotations
 
 import atexit
-import re
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-from ._bindings import address_of, check, ffi, lib
+from ._bindings import ffi, lib
 from .callsite import caller_frame_location, format_location
-from .errors import PinLeakWarning, UnpinnableError
+from .errors import PinLeakWarning
+from .ownership import RegionInfo, describe, python_owned_extent, register, unregister
 
-__all__ = ["Pinner", "describe", "python_owned_extent"]
-
-_OWNING_CDATA = re.compile(r" owning (\d+) bytes>$")
-_BUFFER_CDATA = re.compile(r" buffer len (\d+) from '.*' object>$")
-
-
-def describe(obj: Any, size: int) -> str:
-    """Short description of an object for messages: ``bytearray(4096)``."""
-    if isinstance(obj, ffi.CData):
-        return f"cdata '{ffi.typeof(obj).cname}'({size})"
-    return f"{type(obj).__name__}({size})"
-
-
-def _cdata_extent(obj: Any) -> Tuple[Any, int]:
-    """(keep-alive object, size) for cdata that owns its memory; else UnpinnableError."""
-    text = repr(obj)
-    match = _OWNING_CDATA.search(text) or _BUFFER_CDATA.search(text)
-    if match is None:
-        raise UnpinnableError(
-            f"ptrbridge.Pinner: cannot pin {text}: it does not own its memory "
-            f"(only ffi.new/ffi.from_buffer results, ptrbridge.new results and buffer objects "
-            f"are Python-owned; C memory needs no pinning)"
-        )
-    return obj, int(match.group(1))
-
-
-def python_owned_extent(obj: Any) -> Tuple[Any, int, int]:
-    """Return ``(keeper, address, size)`` for a Python-owned object.
-
-    ``keeper`` holds the object's memory in place while it is referenced: a
-    ``from_buffer`` cdata holds a buffer export (so a bytearray cannot be
-    resized), an owning cdata is the memory itself.  Raises
-    :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) for objects without a
-    contiguous buffer.
-    """
-    if isinstance(obj, ffi.CData):
-        keeper, size = _cdata_extent(obj)
-        return keeper, address_of(ffi.cast("char *", obj)), size
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        raise UnpinnableError(
-            f"ptrbridge.Pinner: cannot pin {type(obj).__name__}: it does not export a buffer "
-            f"(pin bytes, bytearray, memoryview, array.array, numpy arrays, mmap, ctypes "
-            f"instances, ffi.buffer objects or owning cffi cdata)"
-        ) from None
-    with view:
-        if not view.contiguous:
-            raise UnpinnableError(
-                f"ptrbridge.Pinner: cannot pin a non-contiguous {type(obj).__name__} "
-                f"(shape {view.shape}, strides {view.strides}): C expects one block of memory; "
-                f"copy it first (e.g. bytes(obj) or numpy.ascontiguousarray)"
-            )
-        size = view.nbytes
-    keeper = ffi.from_buffer("char[]", obj, require_writable=False)
-    return keeper, address_of(keeper), size
-
+__all__ = ["Pinner", "pinned_objects"]
 
 @dataclass
 class _Pin:
     obj: Any
     keeper: Any
     pointer: Any
-    region_id: int
-    size: int
+    region: RegionInfo
     location: Tuple[str, int]
 
 
@@ -127,10 +70,9 @@ class Pinner:
                 return existing.pointer
         keeper, address, size = python_owned_extent(obj)
         location = caller_frame_location()
-        region = ffi.new("uint64_t *")
-        check(lib.pb_region_add(ffi.cast("void *", address), size, lib.PB_REGION_PINNED, region),
-              f"Pinner.pin({describe(obj, size)})")
-        pin = _Pin(obj, keeper, ffi.cast("char *", address), int(region[0]), size, location)
+        region = register(lib.PB_REGION_PINNED, address, size, describe(obj, size),
+                          format_location(location))
+        pin = _Pin(obj, keeper, ffi.cast("char *", address), region, location)
         with self._lock:
             existing = self._pins.get(id(obj))
             if existing is not None and existing.obj is obj:  # another thread won
@@ -167,7 +109,7 @@ class Pinner:
         for pin in list(self._pins.values()):
             warnings.warn_explicit(
                 f"ptrbridge.Pinner: found leaking pinned pointer; forgot to call unpin()? "
-                f"{describe(pin.obj, pin.size)} pinned at {format_location(pin.location)}",
+                f"{pin.region.description} pinned at {pin.region.site}",
                 PinLeakWarning,
                 pin.location[0],
                 pin.location[1],
@@ -183,7 +125,7 @@ class Pinner:
 
 
 def _release(pin: _Pin) -> None:
-    lib.pb_region_remove(pin.region_id)
+    unregister(pin.region)
     if pin.keeper is not pin.obj:
         # Our own from_buffer view: give the buffer export back now, not at GC
         # time, so a bytearray can be resized again at once.  (A cdata the
@@ -196,7 +138,7 @@ def pinned_objects() -> List[Tuple[str, str]]:
     out = []
     for pinner in list(_live_pinners):
         for pin in list(pinner._pins.values()):
-            out.append((describe(pin.obj, pin.size), format_location(pin.location)))
+            out.append((pin.region.description, pin.region.site))
     return out
 
 

@@ -1,0 +1,570 @@
+"""Checked calls: ``ptrbridge.wrap(lib)`` enforces the pointer rules on every call.
+
+``wrap`` takes a cffi API-mode ``lib``, a cffi ABI-mode ``ffi.dlopen`` library
+or a ``ctypes.CDLL`` and returns an object whose function attributes are
+checked versions of the library's functions, with the same signature; other
+attributes (constants, types, variables) pass through.
+
+At check level 0 a function without an error convention or thread model *is*
+the raw function.  At level 1 each call
+
+1. finds the arguments that point into Python-owned memory,
+2. walks the memory they point to by its C type and raises
+   :class:`~ptrbridge.NestedPointerError` (rule R1) or
+   :class:`~ptrbridge.UseAfterFreeError`, see :mod:`ptrbridge.checking`,
+3. calls the C function, watched by the R3 watchdog while it holds lent memory,
+4. re-raises an exception that a ``ptrbridge.callback`` raised during the call,
+5. applies the declared error convention (``errcheck``).
+
+Example::
+
+    z = ptrbridge.wrap(zlib_lib, errcheck={"deflate": "negative"},
+                       error_message=lambda code: zlib_lib.zError(code))
+    z.deflate(stream, z.Z_FINISH)
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from types import CodeType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+
+from . import levels
+from ._bindings import address_of, ffi
+from .callsite import frame_site
+from .checking import CallCheck, layout_of
+from .errors import CError, CallTimeoutWarning
+from .ownership import cdata_extent, describe
+from .ownership import has_freed_history as ownership_history
+
+__all__ = [
+    "wrap",
+    "CheckedLibrary",
+    "set_call_timeout",
+    "call_timeout",
+    "defer_exception",
+    "ErrorConvention",
+]
+
+ErrorConvention = Union[str, Callable[[Any], bool]]
+_CONVENTIONS = ("negative", "null", "nonzero")
+_THREAD_MODELS = ("free", "serial", "lock")
+
+_CType = type(ffi.typeof("int"))
+_CFuncPtr = ctypes.CFUNCTYPE(None).__mro__[1]
+_CArgObject = type(ctypes.byref(ctypes.c_int()))
+_PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
+_PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
+
+# ---------------------------------------------------------------------------
+# Exceptions raised inside callbacks, re-raised when the checked call returns
+
+_CHECKED_CODES: Set[CodeType] = set()
+_deferred: Dict[int, BaseException] = {}  # id(frame of the checked call) -> exception
+_deferred_lock = threading.Lock()
+
+
+def defer_exception(exc: BaseException) -> bool:
+    """Store ``exc`` for the innermost checked call running on this thread.
+
+    Called by ``ptrbridge.callback`` wrappers when the Python callback raised
+    (C then gets the declared error value).  The checked call re-raises it
+    when C returns.  Returns False when no checked call encloses the callback
+    (the caller then reports the exception as unraisable).  The first
+    exception of a call wins; later ones are chained as its context.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code not in _CHECKED_CODES:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return False
+    with _deferred_lock:
+        first = _deferred.get(id(frame))
+        if first is None:
+            _deferred[id(frame)] = exc
+        elif first.__context__ is None and exc is not first:
+            first.__context__ = exc
+    return True
+
+
+def _take_deferred(frame: Any) -> Optional[BaseException]:
+    with _deferred_lock:
+        return _deferred.pop(id(frame), None)
+
+
+# ---------------------------------------------------------------------------
+# R3 watchdog: report calls that hold lent memory for too long
+
+_timeout = 60.0
+# call id -> (function name, caller frame, lent objects).  Plain dict
+# operations (atomic under the GIL) keep the per-call cost low; the watchdog
+# thread stamps each entry the first time it sees it.
+_inflight: Dict[int, Tuple[str, Any, Tuple[Any, ...]]] = {}
+_call_ids = itertools.count(1)
+_watch_cond = threading.Condition()
+_watchdog: Optional[threading.Thread] = None
+timeout_listeners: List[Callable[[str], None]] = []  # called with each report (tests, tools)
+
+
+def set_call_timeout(seconds: float) -> float:
+    """Report (rule R3) checked calls that hold lent memory longer than ``seconds``.
+
+    Returns the previous value.  The default is 60 s.  A call cannot be
+    interrupted; it is reported once, with a :class:`~ptrbridge.CallTimeoutWarning`
+    naming the function and the lent objects, between ``seconds`` and
+    ``1.25 * seconds`` after it started.
+    """
+    global _timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"ptrbridge.set_call_timeout: seconds must be a positive number, not {seconds!r}")
+    with _watch_cond:
+        old, _timeout = _timeout, float(seconds)
+        _watch_cond.notify_all()
+    return old
+
+
+def call_timeout() -> float:
+    """The current R3 call timeout in seconds."""
+    return _timeout
+
+
+def _watch() -> None:
+    first_seen: Dict[int, float] = {}
+    reported: Set[int] = set()
+    while True:
+        with _watch_cond:
+            _watch_cond.wait(max(_timeout / 4, 0.005))
+        now = time.monotonic()
+        current = list(_inflight.items())
+        live = {call_id for call_id, _ in current}
+        for call_id in list(first_seen):
+            if call_id not in live:
+                del first_seen[call_id]
+                reported.discard(call_id)
+        for call_id, (function, frame, lent) in current:
+            start = first_seen.setdefault(call_id, now)
+            if call_id in reported or now - start < _timeout:
+                continue
+            reported.add(call_id)
+            held = ", ".join(_describe_lent(arg) for arg in lent)
+            message = (
+                f"ptrbridge: call holds lent Python memory longer than the call timeout "
+                f"({_timeout:g} s): {function}() called at {frame_site(frame)} has held {held} "
+                f"(R3: a C call that received Python memory must return; if C keeps the memory "
+                f"on purpose, pin it or copy it to a CBuffer)"
+            )
+            warnings.warn(message, CallTimeoutWarning, stacklevel=1)
+            for listener in list(timeout_listeners):
+                listener(message)
+
+
+def _describe_lent(arg: Any) -> str:
+    extent = cdata_extent(arg) if isinstance(arg, ffi.CData) else None
+    if extent is not None:
+        return describe(arg, extent[1])
+    try:
+        with memoryview(arg) as view:
+            return describe(arg, view.nbytes)
+    except TypeError:
+        return type(arg).__name__
+
+
+def _start_watchdog() -> None:
+    global _watchdog
+    with _watch_cond:
+        if _watchdog is None:
+            _watchdog = threading.Thread(target=_watch, name="ptrbridge-watchdog", daemon=True)
+            _watchdog.start()
+
+
+# ---------------------------------------------------------------------------
+# Argument plans
+
+
+def _cffi_param_plan(param: Any) -> Optional[str]:
+    """How to check one cffi parameter: None (skip), "pointer" or "struct"."""
+    if param.kind in ("pointer", "array"):
+        return "pointer"
+    if param.kind in ("struct", "union"):
+        return "struct"
+    return None
+
+
+def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
+    if isinstance(arg, ffi.CData):
+        ctype = ffi.typeof(arg)
+        kind = ctype.kind
+        if kind in ("struct", "union"):  # by value: C gets a copy, its pointer slots still count
+            check.walk(argno, address_of(ffi.addressof(arg)), ctype, 1, "Python")
+            return
+        if kind not in ("pointer", "array"):
+            return
+        extent = cdata_extent(arg)
+        address = address_of(arg)
+        item = ctype.item
+        if extent is not None:
+            lent.append(arg)
+            size = ffi.sizeof(item) if item.kind not in ("void", "function") else 0
+            if size and layout_of(item) is not None:
+                count = max(1, (extent[0] + extent[1] - address) // size)
+                check.walk(argno, address, item, count, "Python")
+            return
+        if not address:
+            return
+        layout = layout_of(item) if item.kind not in ("void", "function") else None
+        if layout is not None and layout.slots:
+            owner = check.classify(address)
+            if owner is not None:
+                count = max(1, (owner.end - address) // layout.size)
+                check.walk(argno, address, item, count, "Python")
+                return
+        check.check_address(argno, address)
+        return
+    if isinstance(arg, (list, tuple)):  # cffi builds a temporary array from it
+        item = param.item
+        if item.kind == "pointer":
+            for j, element in enumerate(arg):
+                if isinstance(element, ffi.CData) and ffi.typeof(element).kind in ("pointer", "array"):
+                    target = address_of(element)
+                    owner = check.classify(target) if target else None
+                    if owner is not None and not owner.pinned:
+                        raise check._nested_error(argno, f"[{j}]", owner, "Python")
+        return
+    if arg is not None:
+        lent.append(arg)  # bytes / buffer for char *: lent for the call
+
+
+def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -> None:
+    obj = arg._obj if isinstance(arg, _CArgObject) else arg
+    if isinstance(obj, (ctypes.Structure, ctypes.Union, ctypes.Array)):
+        lent.append(obj)
+        check.walk(argno, ctypes.addressof(obj), type(obj), 1, "Python")
+    elif isinstance(obj, _PointerBase):
+        target = ctypes.cast(obj, ctypes.c_void_p).value or 0
+        layout = layout_of(obj._type_)
+        if target and layout is not None and layout.slots:
+            owner = check.classify(target)
+            if owner is not None:
+                check.walk(argno, target, obj._type_, max(1, (owner.end - target) // layout.size), "Python")
+                return
+        check.check_address(argno, target)
+    elif isinstance(obj, ctypes.c_void_p):
+        check.check_address(argno, obj.value or 0)
+    elif isinstance(obj, int) and not isinstance(obj, bool):
+        check.check_address(argno, obj)
+    elif isinstance(obj, (bytes, bytearray)):
+        lent.append(obj)
+
+
+# ---------------------------------------------------------------------------
+# The checked function
+
+
+def _errcheck_fn(convention: ErrorConvention, is_pointer: bool) -> Callable[[Any], bool]:
+    if callable(convention):
+        return convention
+    if convention == "negative":
+        return lambda r: r < 0
+    if convention == "nonzero":
+        return lambda r: r != 0
+    if convention == "null":
+        if is_pointer:
+            return lambda r: r is None or (isinstance(r, ffi.CData) and r == ffi.NULL) or r == 0
+        return lambda r: not r
+    raise ValueError(
+        f"ptrbridge.wrap: unknown error convention {convention!r}; "
+        f"use one of {', '.join(map(repr, _CONVENTIONS))} or a callable(result) -> bool"
+    )
+
+
+class _Spec:
+    """What wrap() knows about one function."""
+
+    def __init__(self, errcheck: Optional[ErrorConvention], use_errno: bool,
+                 error_message: Optional[Callable[[Any], Any]]) -> None:
+        self.errcheck = errcheck
+        self.use_errno = use_errno
+        self.error_message = error_message
+
+
+def _message_text(value: Any) -> str:
+    if isinstance(value, ffi.CData):
+        return "" if value == ffi.NULL else ffi.string(value).decode("utf-8", "replace")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class CheckedLibrary:
+    """A C library whose functions check the pointer rules; see :func:`wrap`."""
+
+    def __init__(self, lib: Any, ffi_: Any, errcheck: Mapping[str, Any], use_errno: bool,
+                 error_message: Optional[Callable[[Any], Any]], threads: str,
+                 max_concurrency: Optional[int]) -> None:
+        self._lib = lib
+        self._ffi = ffi_
+        self._is_ctypes = isinstance(lib, ctypes.CDLL)
+        self._specs: Dict[str, _Spec] = {}
+        self._error_message = error_message
+        self._use_errno = use_errno
+        self._threads = threads
+        self._lock = threading.RLock() if threads == "lock" else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ptrbridge-serial") if threads == "serial" else None
+        self._worker_ident: Optional[int] = None
+        self._limit = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        self._cache: Dict[str, Tuple[Any, Any]] = {}
+        self._cache_lock = threading.Lock()
+        for name, convention in errcheck.items():
+            self.declare(name, errcheck=convention)
+
+    # -- configuration ---------------------------------------------------
+    def declare(self, name: str, *, errcheck: Optional[ErrorConvention] = None,
+                use_errno: Optional[bool] = None,
+                error_message: Optional[Callable[[Any], Any]] = None) -> None:
+        """Declare an error convention for one function.
+
+        ``errcheck`` is ``"negative"`` (result < 0 fails), ``"null"`` (NULL
+        fails), ``"nonzero"`` (anything but 0 fails) or a callable that returns
+        True for a failing result.  With ``use_errno`` a failure raises
+        ``OSError`` from the ``errno`` the call left (zeroed before the call,
+        read at once after it, so never stale); otherwise ``CError`` with the
+        result as ``code`` and the text of ``error_message(code)`` if given.
+        """
+        if isinstance(errcheck, str) and errcheck not in _CONVENTIONS:
+            _errcheck_fn(errcheck, False)  # raises the helpful ValueError
+        self._specs[name] = _Spec(
+            errcheck,
+            self._use_errno if use_errno is None else use_errno,
+            error_message or self._error_message,
+        )
+        with self._cache_lock:
+            self._cache.pop(name, None)
+
+    # -- attribute access ------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        cached = self._cache.get(name)
+        if cached is None:
+            raw = getattr(self._lib, name)
+            cached = (raw, self._build(name, raw))
+            with self._cache_lock:
+                self._cache[name] = cached
+        raw, checked = cached
+        if checked is None:
+            return raw
+        if levels._level == 0 and not getattr(checked, "_ptrbridge_semantic", False):
+            return raw
+        return checked
+
+    def __dir__(self) -> List[str]:
+        return sorted(set(dir(self._lib)) | {"declare", "raw", "close"})
+
+    def raw(self, name: str) -> Any:
+        """The unchecked function (or attribute) ``name``."""
+        return getattr(self._lib, name)
+
+    def close(self) -> None:
+        """Stop the serial worker thread, if any (pending calls finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"<ptrbridge.CheckedLibrary of {self._lib!r} threads={self._threads!r}>"
+
+    # -- building checked functions --------------------------------------
+    def _signature(self, raw: Any) -> Optional[Tuple[List[Any], Any, bool]]:
+        """(parameter types, result type, result is pointer) or None if not a function."""
+        if self._is_ctypes:
+            if not isinstance(raw, _CFuncPtr):
+                return None
+            restype = raw.restype
+            is_ptr = isinstance(restype, type) and issubclass(
+                restype, (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_wchar_p, _PointerBase)
+            )
+            return list(raw.argtypes or ()), restype, is_ptr
+        try:
+            ctype = ffi.typeof(raw)
+        except (TypeError, ffi.error):
+            return None
+        if not isinstance(ctype, _CType) or ctype.kind != "function":
+            return None
+        return list(ctype.args), ctype.result, ctype.result.kind == "pointer"
+
+    def _build(self, name: str, raw: Any) -> Optional[Callable[..., Any]]:
+        signature = self._signature(raw)
+        if signature is None:
+            return None
+        params, _result, result_is_ptr = signature
+        spec = self._specs.get(name) or _Spec(None, self._use_errno, self._error_message)
+        failed = _errcheck_fn(spec.errcheck, result_is_ptr) if spec.errcheck is not None else None
+        if self._is_ctypes:
+            if spec.use_errno and failed is not None:
+                raw = _with_ctypes_errno(raw)
+            plan: List[Tuple[int, Any]] = [(i, None) for i in range(len(params))]
+        else:
+            plan = [(i, p) for i, p in enumerate(params) if _cffi_param_plan(p)]
+        is_ctypes = self._is_ctypes
+        lib_self = self
+        semantic = failed is not None or self._threads != "free" or self._limit is not None
+        checks_args = bool(plan) or is_ctypes
+        get_errno: Callable[[], int] = ctypes.get_errno if is_ctypes else (lambda: ffi.errno)
+
+        def set_errno_zero() -> None:
+            if is_ctypes:
+                ctypes.set_errno(0)
+            else:
+                ffi.errno = 0
+
+        def invoke(args: Tuple[Any, ...]) -> Tuple[Any, int, Optional[BaseException]]:
+            # Runs on the thread that calls C; the frame identifies this call
+            # for exceptions raised inside callbacks.
+            if failed is not None and spec.use_errno:
+                set_errno_zero()
+            result = raw(*args)
+            err = get_errno() if failed is not None and spec.use_errno else 0
+            exc = _take_deferred(sys._getframe()) if _deferred else None
+            return result, err, exc
+
+        def dispatch(args: Tuple[Any, ...]) -> Tuple[Any, int, Optional[BaseException]]:
+            if lib_self._executor is not None:
+                if threading.get_ident() == lib_self._worker_ident:
+                    return invoke(args)  # re-entered from a callback on the worker
+                return lib_self._executor.submit(_on_worker, lib_self, invoke, args).result()
+            if lib_self._lock is not None:
+                with lib_self._lock:
+                    return invoke(args)
+            return invoke(args)
+
+        def finish(result: Any, err: int, exc: Optional[BaseException]) -> Any:
+            if exc is not None:
+                raise exc
+            if failed is not None and failed(result):
+                raise _failure(name, result, err, spec)
+            return result
+
+        def check_args(args: Tuple[Any, ...], frame: Any) -> List[Any]:
+            lent: List[Any] = []
+            check: Optional[CallCheck] = None
+            if is_ctypes:
+                for i, arg in enumerate(args):
+                    if type(arg) is int and not (arg and ownership_history()):
+                        continue  # a raw address is checked only against freed memory
+                    if type(arg) in _PLAIN:
+                        continue
+                    if check is None:
+                        check = CallCheck(name, frame, args)
+                    _check_ctypes_arg(check, i + 1, arg, lent)
+                return lent
+            for i, param in plan:
+                if i >= len(args):
+                    break
+                arg = args[i]
+                kind = type(arg)
+                if kind is bytes or kind is bytearray:
+                    lent.append(arg)  # a buffer for char *: lent, holds no pointers
+                    continue
+                if arg is None:
+                    continue
+                if check is None:
+                    check = CallCheck(name, frame, args)
+                _check_cffi_arg(check, i + 1, arg, param, lent)
+            return lent
+
+        def checked(*args: Any) -> Any:
+            level = levels._level
+            if level == 0 and not semantic:
+                return raw(*args)
+            frame = sys._getframe(1)
+            lent = check_args(args, frame) if level and checks_args else None
+            limit = lib_self._limit
+            if limit is not None:
+                limit.acquire()
+            call_id = 0
+            if lent:
+                if _watchdog is None:
+                    _start_watchdog()
+                call_id = next(_call_ids)
+                _inflight[call_id] = (name, frame, tuple(lent))
+            try:
+                result, err, exc = dispatch(args)
+            finally:
+                if call_id:
+                    del _inflight[call_id]
+                if limit is not None:
+                    limit.release()
+            return finish(result, err, exc)
+
+        _CHECKED_CODES.add(invoke.__code__)
+        checked.__name__ = name
+        checked.__qualname__ = f"CheckedLibrary.{name}"
+        checked.__doc__ = f"Checked call of the C function {name}()."
+        checked.__wrapped__ = raw  # type: ignore[attr-defined]
+        checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
+        return checked
+
+
+def _on_worker(lib_self: CheckedLibrary, invoke: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+    lib_self._worker_ident = threading.get_ident()
+    return invoke(args)
+
+
+def _with_ctypes_errno(raw: Any) -> Any:
+    """A copy of a ctypes function that saves errno (``use_errno=True``)."""
+    proto = ctypes.CFUNCTYPE(raw.restype, *(raw.argtypes or ()), use_errno=True)
+    func = proto(ctypes.cast(raw, ctypes.c_void_p).value)
+    if raw.argtypes is None:
+        func.argtypes = None
+    func.__name__ = raw.__name__
+    return func
+
+
+def _failure(name: str, result: Any, err: int, spec: _Spec) -> BaseException:
+    if spec.use_errno:
+        if err:
+            return OSError(err, f"{os.strerror(err)} (from {name}())")
+        return CError(f"ptrbridge: {name}() failed with result {result!r} and errno 0", result, name)
+    text = ""
+    if spec.error_message is not None:
+        try:
+            text = _message_text(spec.error_message(result))
+        except Exception as exc:  # a broken message function must not hide the failure
+            text = f"<error_message failed: {exc!r}>"
+    code = result if not isinstance(result, ffi.CData) else None
+    detail = f": {text}" if text else ""
+    return CError(f"ptrbridge: {name}() failed with result {code!r}{detail}", code, name)
+
+
+def wrap(lib: Any, ffi: Any = None, *, errcheck: Optional[Mapping[str, ErrorConvention]] = None,
+         use_errno: bool = False, error_message: Optional[Callable[[Any], Any]] = None,
+         threads: str = "free", max_concurrency: Optional[int] = None) -> CheckedLibrary:
+    """Wrap a C library so that its functions check the pointer rules.
+
+    ``lib`` is a cffi API-mode ``lib``, an ABI-mode ``ffi.dlopen`` result or a
+    ``ctypes.CDLL``.  ``errcheck`` maps function names to an error convention
+    (see :meth:`CheckedLibrary.declare`); ``error_message(code)`` turns a
+    failing result into text (e.g. ``sqlite3_errstr``); ``use_errno`` makes
+    failures raise ``OSError`` from ``errno``.
+
+    ``threads`` is the thread model for libraries that are not thread-safe:
+    ``"free"`` (default; calls run on the caller's thread, concurrently),
+    ``"lock"`` (calls are serialised by a re-entrant lock) or ``"serial"``
+    (every call runs on one dedicated worker thread, also right for
+    thread-bound state such as GL contexts).  ``max_concurrency=N`` bounds the
+    calls in flight.
+    """
+    if threads not in _THREAD_MODELS:
+        raise ValueError(f"ptrbridge.wrap: threads must be one of {_THREAD_MODELS}, not {threads!r}")
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+    ):
+        raise ValueError(f"ptrbridge.wrap: max_concurrency must be a positive int, not {max_concurrency!r}")
+    if isinstance(lib, CheckedLibrary):
+        raise TypeError("ptrbridge.wrap: the library is already wrapped")
+    return CheckedLibrary(lib, ffi, dict(errcheck or {}), use_errno, error_message, threads, max_concurrency)

@@ -1,0 +1,388 @@
+"""The checker: rule R1 and use-after-free on the arguments of a C call.
+
+R1. Python may pass C a pointer to Python-owned memory only if that memory
+holds no pointer to Python-owned memory that is not pinned.
+
+For each argument the checker finds the memory it points to, and walks it by
+its C type - struct and union fields, arrays, nested structs, pointers to
+pointers (pointer-typed slots only; raw byte buffers are not scanned).  Every
+non-NULL pointer slot is classified:
+
+* inside a region pinned by a :class:`~ptrbridge.Pinner` - allowed, and the
+  pinned memory is walked in turn by the slot's pointee type;
+* inside Python-owned memory that is not pinned - :class:`NestedPointerError`;
+* inside memory ``ptrbridge.new`` allocated and that has since been freed -
+  :class:`UseAfterFreeError`;
+* anything else (C memory, unknown) - allowed.
+
+Python-owned memory is recognised, at check level 1, when it is:
+
+* registered with ptrbridge: ``ptrbridge.new`` results and pinned objects;
+* an argument of the same call: owning cffi cdata (``ffi.new``,
+  ``ffi.from_buffer``), ctypes instances, and buffer objects passed for
+  ``char *`` parameters;
+* kept alive by a ctypes argument's keep-alive records (``_objects``): a
+  ``c_char_p`` field set to bytes, a ``POINTER`` field set to another ctypes
+  instance;
+* a local variable of the calling function, or an item of a list, tuple or
+  dict held in one (owning cdata, ctypes instances, bytes, bytearray,
+  memoryview, array.array, numpy arrays): this is how a struct field set to
+  ``ffi.new(...)`` memory that the caller still holds is found.
+
+Not recognised at level 1: Python memory reachable only through other
+objects (attributes of instances, globals), and the target of a struct field
+set from a temporary ``ffi.new(...)`` that was already freed.  Level 2 (the
+heap map) recognises every Python allocation.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ._bindings import address_of, ffi
+from .callsite import frame_site
+from .errors import NestedPointerError, UseAfterFreeError
+from .ownership import (
+    FreedRegion,
+    cdata_extent,
+    ctypes_extent,
+    describe,
+    find_freed,
+    lookup,
+)
+
+__all__ = [
+    "Layout",
+    "Slot",
+    "layout_of",
+    "CallCheck",
+    "Owner",
+    "HINT",
+    "MAX_DEPTH",
+]
+
+PTR_SIZE = ffi.sizeof("void *")
+_PTR_FORMAT = "Q" if PTR_SIZE == 8 else "I"
+MAX_DEPTH = 8
+MAX_SLOTS = 1 << 16
+MAX_LOCAL_OBJECTS = 512
+HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
+
+_CType = type(ffi.typeof("int"))
+_PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
+_SimpleBase = ctypes._SimpleCData  # type: ignore[attr-defined]
+_CFuncPtrBase = ctypes.CFUNCTYPE(None).__mro__[1]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A pointer-typed slot at ``offset`` inside a type; ``pointee`` is its target type."""
+
+    offset: int
+    path: str
+    pointee: Any  # cffi CType, ctypes type, or None for void / function pointers
+
+
+class Layout:
+    """The pointer slots of one C type, with a reader that extracts them in one step."""
+
+    __slots__ = ("ctype", "size", "slots", "_unpack", "span")
+
+    def __init__(self, ctype: Any, size: int, slots: Sequence[Slot]) -> None:
+        unique: Dict[int, Slot] = {}
+        for slot in slots:  # union members of pointer type share an offset
+            unique.setdefault(slot.offset, slot)
+        ordered = sorted(unique.values(), key=lambda s: s.offset)
+        self.ctype = ctype
+        self.size = size
+        self.slots: Tuple[Slot, ...] = tuple(ordered)
+        fmt, pos = ["="], 0
+        for slot in ordered:
+            if slot.offset > pos:
+                fmt.append(f"{slot.offset - pos}x")
+            fmt.append(_PTR_FORMAT)
+            pos = slot.offset + PTR_SIZE
+        self.span = pos  # bytes that must be readable for the slots
+        self._unpack = struct.Struct("".join(fmt)).unpack_from if ordered else None
+
+    def read(self, address: int) -> Tuple[int, ...]:
+        """Values of every pointer slot of the object at ``address``."""
+        if self._unpack is None:
+            return ()
+        return self._unpack(ffi.buffer(ffi.cast("char *", address), self.span))  # type: ignore[no-any-return]
+
+
+_layouts: Dict[Any, Layout] = {}
+
+
+def layout_of(ctype: Any) -> Optional[Layout]:
+    """The :class:`Layout` of a cffi CType or ctypes type (None for void/opaque)."""
+    try:
+        return _layouts[ctype]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable: not a type we know
+        return None
+    if isinstance(ctype, _CType):
+        if ctype.kind in ("void", "function") or (
+            ctype.kind in ("struct", "union") and ctype.fields is None
+        ):
+            return None
+        if ctype.kind == "array" and ctype.length is None:
+            return None
+        slots: List[Slot] = []
+        _cffi_slots(ctype, 0, "", slots)
+        size = ffi.sizeof(ctype)
+    elif isinstance(ctype, type) and issubclass(
+        ctype, (_SimpleBase, _PointerBase, ctypes.Structure, ctypes.Union, ctypes.Array)
+    ):
+        slots = []
+        _ctypes_slots(ctype, 0, "", slots)
+        size = ctypes.sizeof(ctype)
+    else:
+        return None
+    layout = Layout(ctype, size, slots[:MAX_SLOTS])
+    _layouts[ctype] = layout
+    return layout
+
+
+def _has_slots(ctype: Any) -> bool:
+    layout = layout_of(ctype)
+    return layout is not None and bool(layout.slots)
+
+
+def _cffi_slots(ct: Any, base: int, path: str, out: List[Slot]) -> None:
+    kind = ct.kind
+    if kind == "pointer":
+        item = ct.item
+        out.append(Slot(base, path, None if item.kind in ("void", "function") else item))
+    elif kind in ("struct", "union"):
+        for name, field in ct.fields or ():
+            if field.bitsize >= 0:
+                continue
+            _cffi_slots(field.type, base + field.offset, f"{path}.{name}" if name else path, out)
+    elif kind == "array" and ct.length is not None and _has_slots(ct.item):
+        step = ffi.sizeof(ct.item)
+        for i in range(ct.length):
+            if len(out) >= MAX_SLOTS:
+                return
+            _cffi_slots(ct.item, base + i * step, f"{path}[{i}]", out)
+
+
+def _ctypes_slots(t: type, base: int, path: str, out: List[Slot]) -> None:
+    if issubclass(t, _PointerBase):
+        out.append(Slot(base, path, t._type_))  # type: ignore[attr-defined]
+    elif issubclass(t, ctypes.c_char_p):
+        out.append(Slot(base, path, ctypes.c_char))
+    elif issubclass(t, ctypes.c_wchar_p):
+        out.append(Slot(base, path, ctypes.c_wchar))
+    elif issubclass(t, ctypes.c_void_p):
+        out.append(Slot(base, path, None))
+    elif issubclass(t, (ctypes.Structure, ctypes.Union)):
+        for field in getattr(t, "_fields_", ()):
+            if len(field) > 2:  # bit field
+                continue
+            name, ftype = field[0], field[1]
+            _ctypes_slots(ftype, base + getattr(t, name).offset, f"{path}.{name}", out)
+    elif issubclass(t, ctypes.Array) and _has_slots(t._type_):  # type: ignore[attr-defined]
+        step = ctypes.sizeof(t._type_)  # type: ignore[attr-defined]
+        for i in range(t._length_):  # type: ignore[attr-defined]
+            if len(out) >= MAX_SLOTS:
+                return
+            _ctypes_slots(t._type_, base + i * step, f"{path}[{i}]", out)  # type: ignore[attr-defined]
+
+
+def _sizeof(ctype: Any) -> int:
+    return int(ffi.sizeof(ctype)) if isinstance(ctype, _CType) else ctypes.sizeof(ctype)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What a pointer target belongs to."""
+
+    start: int
+    size: int
+    description: str
+    pinned: bool
+    origin: str  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def _buffer_extent(obj: Any) -> Optional[Tuple[int, int]]:
+    try:
+        with memoryview(obj) as view:
+            if not view.contiguous:
+                return None
+            size = view.nbytes
+    except TypeError:
+        return None
+    keeper = ffi.from_buffer("char[]", obj, require_writable=False)
+    try:
+        return address_of(keeper), size
+    finally:
+        ffi.release(keeper)
+
+
+def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
+    """``(address, size)`` of any Python-owned object, or None."""
+    if isinstance(obj, ffi.CData):
+        return cdata_extent(obj)
+    if isinstance(obj, (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase, _SimpleBase)):
+        return ctypes_extent(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)) or hasattr(obj, "__array_interface__") or (
+        type(obj).__name__ == "array" and type(obj).__module__ == "array"
+    ):
+        return _buffer_extent(obj)
+    return None
+
+
+def _ctypes_kept(obj: Any, out: List[Any], depth: int = 0) -> None:
+    """Objects a ctypes instance keeps alive for its pointer fields."""
+    kept = getattr(obj, "_objects", None)
+    if not kept or depth > MAX_DEPTH:
+        return
+    stack: List[Any] = [kept]
+    while stack and len(out) < MAX_LOCAL_OBJECTS:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif item is not None:
+            out.append(item)
+            _ctypes_kept(item, out, depth + 1)
+
+
+class CallCheck:
+    """Checks the arguments of one call.  Create one per call; not thread-shared."""
+
+    __slots__ = ("function", "args", "_frame", "_known", "_visited")
+
+    def __init__(self, function: str, frame: Any, args: Sequence[Any]) -> None:
+        self.function = function
+        self.args = args
+        self._frame = frame  # the caller's frame: its locals, and the call site for messages
+        self._known: Optional[List[Owner]] = None
+        self._visited: set = set()
+
+    # -- ownership -----------------------------------------------------
+    def _local_owners(self) -> List[Owner]:
+        """Python-owned objects known from this call: arguments, ctypes records, caller locals."""
+        if self._known is not None:
+            return self._known
+        known: List[Owner] = []
+        seen: set = set()
+
+        def add(obj: Any, origin: str) -> None:
+            if id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
+                return
+            seen.add(id(obj))
+            extent = object_extent(obj)
+            if extent is not None:
+                known.append(Owner(extent[0], extent[1], describe(obj, extent[1]), False, origin))
+            kept: List[Any] = []
+            _ctypes_kept(obj, kept)
+            for item in kept:
+                add(item, f"kept alive by {origin}")
+
+        for i, arg in enumerate(self.args, 1):
+            add(getattr(arg, "_obj", arg), f"argument {i}")  # ctypes.byref() wraps in _obj
+        frame = self._frame
+        if frame is not None:
+            for name, value in list(frame.f_locals.items()):
+                add(value, f"local variable '{name}'")
+                if isinstance(value, (list, tuple)):
+                    for j, item in enumerate(value[:MAX_LOCAL_OBJECTS]):
+                        add(item, f"local variable '{name}[{j}]'")
+                elif isinstance(value, dict):
+                    for key, item in list(value.items())[:MAX_LOCAL_OBJECTS]:
+                        add(item, f"local variable '{name}[{key!r}]'")
+        self._known = known
+        return known
+
+    def classify(self, address: int) -> Optional[Owner]:
+        """Who owns ``address``: a pinned/unpinned Python owner, or None for C/unknown."""
+        region = lookup(address)
+        if region is not None:
+            pinned = region.kind == "pinned"
+            origin = f"{'pinned' if pinned else 'ptrbridge.new'} at {region.site}"
+            return Owner(region.start, region.size, region.description, pinned, origin)
+        for owner in self._local_owners():
+            if owner.start <= address < owner.end or address == owner.start:
+                return owner
+        return None
+
+    # -- messages --------------------------------------------------------
+    def _where(self) -> str:
+        return f"in call to {self.function}() at {frame_site(self._frame)}"
+
+    def _nested_error(self, argno: int, path: str, owner: Owner, holder: str) -> NestedPointerError:
+        shown = path if path else "*"
+        return NestedPointerError(
+            f"ptrbridge: argument {argno} has {holder} pointer to unpinned Python pointer: "
+            f"{shown} -> {owner.description} ({owner.origin}) {self._where()} ({HINT})"
+        )
+
+    def _freed_error(self, argno: int, path: Optional[str], freed: FreedRegion) -> UseAfterFreeError:
+        what = f"{path} -> " if path else ""
+        lead = "has pointer to" if path else "is a pointer into"
+        return UseAfterFreeError(
+            f"ptrbridge: argument {argno} {lead} freed Python memory: {what}{freed.description} "
+            f"created at {freed.site}, freed at {freed.freed_at} {self._where()} "
+            f"(keep the object alive, or pin it, for as long as C uses it)"
+        )
+
+    # -- checks ----------------------------------------------------------
+    def check_address(self, argno: int, address: int) -> None:
+        """A raw address argument (int, non-owning pointer cdata): use-after-free check."""
+        if address and lookup(address) is None:
+            freed = find_freed(address)
+            if freed is not None:
+                raise self._freed_error(argno, None, freed)
+
+    def walk(self, argno: int, address: int, ctype: Any, count: int, holder: str) -> None:
+        """Check ``count`` consecutive objects of ``ctype`` at ``address`` (memory known readable)."""
+        self._walk(argno, address, layout_of(ctype), count, "", holder, 0)
+
+    def _walk(self, argno: int, address: int, layout: Optional[Layout], count: int, prefix: str,
+              holder: str, depth: int) -> None:
+        if layout is None or not layout.slots or count <= 0 or depth > MAX_DEPTH:
+            return
+        key = (address, id(layout))
+        if key in self._visited:
+            return
+        self._visited.add(key)
+        indexed = count > 1
+        for i in range(min(count, MAX_SLOTS)):
+            values = layout.read(address + i * layout.size)
+            for slot, value in zip(layout.slots, values):
+                if not value:
+                    continue
+                path = f"{prefix}[{i}]{slot.path}" if indexed else f"{prefix}{slot.path}"
+                owner = self.classify(value)
+                if owner is None:
+                    freed = find_freed(value)
+                    if freed is not None:
+                        raise self._freed_error(argno, path, freed)
+                    continue
+                if not owner.pinned:
+                    raise self._nested_error(argno, path, owner, holder)
+                pointee = layout_of(slot.pointee) if slot.pointee is not None else None
+                if pointee is not None and pointee.slots and pointee.size:
+                    fits = max(1, (owner.end - value) // pointee.size)
+                    self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1)
+
+
+def caller_frame(depth: int) -> Any:
+    """The frame ``depth`` levels above the caller of this function."""
+    return sys._getframe(depth + 1)
+
+
+def iter_slots(ctype: Any) -> Iterable[Slot]:
+    """The pointer slots of a type (for tests and tools)."""
+    layout = layout_of(ctype)
+    return layout.slots if layout is not None else ()

@@ -1,0 +1,329 @@
+"""Who owns a piece of memory: the Python side of the region registry.
+
+The C registry (``csrc/regions.c``) records address ranges; this module keeps
+what the messages need about each one (what object, created where), a
+bounded history of freed regions for use-after-free reports, and recognises
+Python-owned objects (buffers, owning cffi cdata, ctypes instances) so the
+checker can tell Python memory from C memory.
+
+``ptrbridge.new`` lives here: an ``ffi.new`` that the registry knows about, so
+that a struct field pointing at it is recognised, and a pointer to it after it
+was freed is reported instead of silently reading freed memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from ._bindings import address_of, check, ffi, lib
+from .callsite import caller_site
+from .errors import UnpinnableError
+
+__all__ = [
+    "RegionInfo",
+    "FreedRegion",
+    "new",
+    "managed_extent",
+    "describe",
+    "python_owned_extent",
+    "cdata_extent",
+    "ctypes_extent",
+    "register",
+    "unregister",
+    "lookup",
+    "find_freed",
+    "note_freed",
+    "FREED_HISTORY",
+]
+
+KIND_NAMES = {1: "pinned", 2: "lent", 3: "managed"}
+FREED_HISTORY = 4096
+_PAGE_SHIFT = 12
+_LARGE_PAGES = 64  # regions spanning more pages are kept in a short list instead
+
+# Types of cffi cdata that own (or hold) Python memory.
+_OWN_TYPE = type(ffi.new("char[]", 1))
+_FROMBUF_TYPE = type(ffi.from_buffer(b""))
+_CDATA_OWNING = (_OWN_TYPE, _FROMBUF_TYPE)
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A region the registry knows: ``[start, start + size)``."""
+
+    id: int
+    start: int
+    size: int
+    kind: str  # "pinned", "lent" or "managed"
+    description: str  # e.g. "bytearray(4096)"
+    site: str  # file:line where it was created, pinned or lent
+
+
+@dataclass(frozen=True)
+class FreedRegion:
+    """A region whose memory has been freed (for use-after-free reports)."""
+
+    start: int
+    size: int
+    description: str
+    site: str  # where it was created
+    freed_at: str  # where it was freed (file:line), or "garbage collection"
+
+
+_lock = threading.Lock()
+_regions: Dict[int, RegionInfo] = {}
+_freed: Deque[FreedRegion] = deque()
+_freed_pages: Dict[int, List[FreedRegion]] = {}
+_freed_large: List[FreedRegion] = []
+
+
+def describe(obj: Any, size: int) -> str:
+    """Short description of an object for messages: ``bytearray(4096)``."""
+    if isinstance(obj, ffi.CData):
+        return f"cdata '{ffi.typeof(obj).cname}'({size})"
+    return f"{type(obj).__name__}({size})"
+
+
+def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
+    """``(address, size)`` of the memory a cffi cdata owns, or None if it owns none.
+
+    ``ffi.new`` results and ``ffi.from_buffer`` views are Python-owned; casts,
+    pointers from C, ``ffi.gc`` results and handles are not.
+    """
+    if not isinstance(obj, _CDATA_OWNING):
+        if _managed and isinstance(obj, ffi.CData):
+            return managed_extent(address_of(obj)) if ffi.typeof(obj).kind in ("pointer", "array") else None
+        return None
+    ctype = ffi.typeof(obj)
+    if ctype.kind == "pointer":  # ffi.new("struct s *"): the struct it points to
+        return address_of(obj), ffi.sizeof(ctype.item)
+    if ctype.kind == "array":
+        return address_of(obj), ffi.sizeof(obj)
+    # A struct or union value that refers to its owner, e.g. ffi.new("struct s *")[0].
+    return address_of(ffi.addressof(obj)), ffi.sizeof(obj)
+
+
+def ctypes_extent(obj: Any) -> Optional[Tuple[int, int]]:
+    """``(address, size)`` of a ctypes instance's memory, or None for other objects."""
+    if isinstance(obj, ctypes._SimpleCData) or isinstance(  # type: ignore[attr-defined]
+        obj, (ctypes.Structure, ctypes.Union, ctypes.Array, ctypes._Pointer)  # type: ignore[attr-defined]
+    ):
+        return ctypes.addressof(obj), ctypes.sizeof(obj)
+    return None
+
+
+def python_owned_extent(obj: Any) -> Tuple[Any, int, int]:
+    """Return ``(keeper, address, size)`` for a Python-owned object.
+
+    ``keeper`` holds the memory in place while referenced: for buffer objects
+    it is a new ``ffi.from_buffer`` view (so a bytearray cannot be resized);
+    for owning cdata it is the cdata itself.  Raises
+    :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) for anything else.
+    """
+    if isinstance(obj, ffi.CData):
+        extent = cdata_extent(obj)
+        if extent is None:
+            raise UnpinnableError(
+                f"ptrbridge.Pinner: cannot pin {obj!r}: it does not own its memory "
+                f"(only ffi.new/ffi.from_buffer results, ptrbridge.new results and buffer "
+                f"objects are Python-owned; C memory needs no pinning)"
+            )
+        return obj, extent[0], extent[1]
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise UnpinnableError(
+            f"ptrbridge.Pinner: cannot pin {type(obj).__name__}: it does not export a buffer "
+            f"(pin bytes, bytearray, memoryview, array.array, numpy arrays, mmap, ctypes "
+            f"instances, ffi.buffer objects or owning cffi cdata)"
+        ) from None
+    with view:
+        if not view.contiguous:
+            raise UnpinnableError(
+                f"ptrbridge.Pinner: cannot pin a non-contiguous {type(obj).__name__} "
+                f"(shape {view.shape}, strides {view.strides}): C expects one block of memory; "
+                f"copy it first (e.g. bytes(obj) or numpy.ascontiguousarray)"
+            )
+        size = view.nbytes
+    keeper = ffi.from_buffer("char[]", obj, require_writable=False)
+    return keeper, address_of(keeper), size
+
+
+def register(kind: int, start: int, size: int, description: str, site: str) -> RegionInfo:
+    """Record a region in the C registry and keep its description."""
+    out = ffi.new("uint64_t *")
+    check(lib.pb_region_add(ffi.cast("void *", start), size, kind, out), f"registering {description}")
+    info = RegionInfo(int(out[0]), start, size, KIND_NAMES[kind], description, site)
+    with _lock:
+        _regions[info.id] = info
+    return info
+
+
+def unregister(info: RegionInfo, freed_at: Optional[str] = None) -> None:
+    """Forget a region; with ``freed_at``, also remember it as freed memory."""
+    lib.pb_region_remove(info.id)
+    with _lock:
+        _regions.pop(info.id, None)
+    if freed_at is not None:
+        note_freed(info.start, info.size, info.description, info.site, freed_at)
+
+
+def lookup(address: int) -> Optional[RegionInfo]:
+    """The live region containing ``address`` (a pinned one if several), or None."""
+    out = ffi.new("struct pb_region *")
+    if not lib.pb_region_find(ffi.cast("void *", address), out):
+        return None
+    return _regions.get(int(out.id))
+
+
+def _pages(start: int, size: int) -> range:
+    return range(start >> _PAGE_SHIFT, ((start + max(size, 1) - 1) >> _PAGE_SHIFT) + 1)
+
+
+def note_freed(start: int, size: int, description: str, site: str, freed_at: str) -> None:
+    """Remember that ``[start, start + size)`` was freed (bounded history)."""
+    entry = FreedRegion(start, size, description, site, freed_at)
+    with _lock:
+        if len(_freed) >= FREED_HISTORY:
+            _drop_freed(_freed.popleft())
+        _freed.append(entry)
+        pages = _pages(start, size)
+        if len(pages) > _LARGE_PAGES:
+            _freed_large.append(entry)
+        else:
+            for page in pages:
+                _freed_pages.setdefault(page, []).append(entry)
+
+
+def _drop_freed(entry: FreedRegion) -> None:
+    pages = _pages(entry.start, entry.size)
+    if len(pages) > _LARGE_PAGES:
+        _freed_large.remove(entry)
+        return
+    for page in pages:
+        bucket = _freed_pages.get(page)
+        if bucket is not None:
+            bucket.remove(entry)
+            if not bucket:
+                del _freed_pages[page]
+
+
+def forget_freed(start: int, size: int) -> None:
+    """Drop history entries overlapping ``[start, start + size)``: the memory is live again."""
+    end = start + max(size, 1)
+    with _lock:
+        stale = [e for e in _candidates(start, end) if e.start < end and start < e.start + max(e.size, 1)]
+        for entry in stale:
+            _freed.remove(entry)
+            _drop_freed(entry)
+
+
+def _candidates(start: int, end: int) -> List[FreedRegion]:
+    found: List[FreedRegion] = list(_freed_large)
+    for page in _pages(start, end - start):
+        found.extend(_freed_pages.get(page, ()))
+    return found
+
+
+def has_freed_history() -> bool:
+    """True if any freed region is remembered (a cheap pre-check)."""
+    return bool(_freed)
+
+
+def find_freed(address: int) -> Optional[FreedRegion]:
+    """The most recently freed region containing ``address``, or None."""
+    if not _freed:
+        return None
+    with _lock:
+        best = None
+        for entry in _candidates(address, address + 1):
+            if entry.start <= address < entry.start + max(entry.size, 1):
+                best = entry  # later entries are newer
+        return best
+
+
+# ptrbridge.new memory comes from its own allocator so that a freed block can
+# be held back (quarantined) while the freed-region history still names it:
+# a pointer into it is then certainly a use after free, never a new object
+# that happens to reuse the address.
+QUARANTINE_BYTES = 16 << 20
+QUARANTINE_BLOCKS = 1024
+_managed: Dict[int, RegionInfo] = {}  # start address -> region, for live ptrbridge.new blocks
+_quarantine: Deque[Tuple[int, int]] = deque()
+_quarantine_bytes = 0
+
+
+def _managed_alloc(size: int) -> Any:
+    ptr = lib.pb__untracked_calloc(size)
+    if ptr == ffi.NULL:
+        raise MemoryError(f"ptrbridge.new: cannot allocate {size} bytes")
+    return ptr
+
+
+def _managed_free(ptr: Any) -> None:
+    global _quarantine_bytes
+    address = address_of(ptr)
+    info = _managed.pop(address, None)
+    size = 0
+    if info is not None:
+        size = info.size
+        unregister(info, freed_at=caller_site())
+    with _lock:
+        _quarantine.append((address, size))
+        _quarantine_bytes += size
+        evicted = []
+        while len(_quarantine) > QUARANTINE_BLOCKS or _quarantine_bytes > QUARANTINE_BYTES:
+            old, old_size = _quarantine.popleft()
+            _quarantine_bytes -= old_size
+            evicted.append((old, old_size))
+    for old, old_size in evicted:
+        forget_freed(old, old_size)  # the memory may be reused from now on
+        lib.pb__untracked_free(ffi.cast("void *", old))
+
+
+_allocator = ffi.new_allocator(alloc=_managed_alloc, free=_managed_free, should_clear_after_alloc=False)
+
+
+def managed_extent(address: int) -> Optional[Tuple[int, int]]:
+    """``(start, size)`` of the live ``ptrbridge.new`` block starting at ``address``."""
+    info = _managed.get(address)
+    return None if info is None else (info.start, info.size)
+
+
+def new(ctype: Any, init: Any = None, ffi: Any = None) -> Any:
+    """``ffi.new(ctype, init)`` that ptrbridge knows about.
+
+    ``ctype`` is a C type string parsed by ``ffi`` (default: ptrbridge's own,
+    which knows the standard C types) or a cffi CType.  The result is zeroed
+    (or initialised from ``init``) like ``ffi.new``, and registered as
+    Python-owned memory: the checker recognises a struct field that points at
+    it, and after it is freed a pointer that still refers to it raises
+    :class:`~ptrbridge.UseAfterFreeError` naming where it was created and
+    freed.  Keep the result alive as long as C uses it (or pin it).
+    """
+    parser = ffi if ffi is not None else _default_ffi
+    ctype_obj = parser.typeof(ctype) if isinstance(ctype, str) else ctype
+    if ctype_obj.kind not in ("pointer", "array"):
+        raise TypeError(
+            f"ptrbridge.new: expected a pointer or array type, like ffi.new, not '{ctype_obj.cname}'"
+        )
+    cdata = _allocator(ctype_obj) if init is None else _allocator(ctype_obj, init)
+    address = address_of(cdata)
+    size = ffi_sizeof_target(cdata, ctype_obj)
+    info = register(lib.PB_REGION_MANAGED, address, size, describe(cdata, size), caller_site())
+    _managed[address] = info
+    return cdata
+
+
+def ffi_sizeof_target(cdata: Any, ctype_obj: Any) -> int:
+    """Bytes a pointer/array cdata made by ``ptrbridge.new`` refers to."""
+    if ctype_obj.kind == "array":
+        return int(_default_ffi.sizeof(cdata))
+    return int(_default_ffi.sizeof(ctype_obj.item))
+
+
+_default_ffi = ffi
