@@ -11,7 +11,7 @@ plus the registry's counters (:func:`stats`) and check levels like
 """
 from __future__ import annotations
 
-from .calls import CheckedLibrary, call_timeout, set_call_timeout, wrap
+from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
 from .capi import c_api, native_library_path
 from .cmem import CBuffer, cstring, free
 from .errors import (
@@ -37,6 +37,7 @@ from .handles import Handle, HandleTable, collect_handles, handle_value
 from .levels import check_level, checking, set_check_level
 from .ownership import new
 from .pinning import Pinner
+from .spans import Span
 from .stats import Stats, stats
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "PointerError",
     "PointerWarning",
     "ReleasedCallbackError",
+    "Span",
     "Stats",
     "UnpinnableError",
     "UseAfterFreeError",
@@ -81,12 +83,15 @@ __all__ = [
     "checking",
     "collect",
     "cstring",
+    "declare",
     "free",
     "handle_value",
     "native_library_path",
     "new",
     "set_call_timeout",
     "set_check_level",
+    "shutdown",
     "stats",
+    "unwrap",
     "wrap",
 ]

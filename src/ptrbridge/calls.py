@@ -45,6 +45,9 @@ from .ownership import has_freed_history as ownership_history
 
 __all__ = [
     "wrap",
+    "declare",
+    "unwrap",
+    "shutdown",
     "CheckedLibrary",
     "set_call_timeout",
     "call_timeout",
@@ -321,30 +324,7 @@ class CheckedLibrary:
         self._cache: Dict[str, Tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
         for name, convention in errcheck.items():
-            self.declare(name, errcheck=convention)
-
-    # -- configuration ---------------------------------------------------
-    def declare(self, name: str, *, errcheck: Optional[ErrorConvention] = None,
-                use_errno: Optional[bool] = None,
-                error_message: Optional[Callable[[Any], Any]] = None) -> None:
-        """Declare an error convention for one function.
-
-        ``errcheck`` is ``"negative"`` (result < 0 fails), ``"null"`` (NULL
-        fails), ``"nonzero"`` (anything but 0 fails) or a callable that returns
-        True for a failing result.  With ``use_errno`` a failure raises
-        ``OSError`` from the ``errno`` the call left (zeroed before the call,
-        read at once after it, so never stale); otherwise ``CError`` with the
-        result as ``code`` and the text of ``error_message(code)`` if given.
-        """
-        if isinstance(errcheck, str) and errcheck not in _CONVENTIONS:
-            _errcheck_fn(errcheck, False)  # raises the helpful ValueError
-        self._specs[name] = _Spec(
-            errcheck,
-            self._use_errno if use_errno is None else use_errno,
-            error_message or self._error_message,
-        )
-        with self._cache_lock:
-            self._cache.pop(name, None)
+            declare(self, name, errcheck=convention)
 
     # -- attribute access ------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -363,17 +343,10 @@ class CheckedLibrary:
             return raw
         return checked
 
+    # Every public name belongs to the library (libc has close(), others
+    # may have declare() or raw()): configuration is in module functions.
     def __dir__(self) -> List[str]:
-        return sorted(set(dir(self._lib)) | {"declare", "raw", "close"})
-
-    def raw(self, name: str) -> Any:
-        """The unchecked function (or attribute) ``name``."""
-        return getattr(self._lib, name)
-
-    def close(self) -> None:
-        """Stop the serial worker thread, if any (pending calls finish first)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        return sorted(dir(self._lib))
 
     def __repr__(self) -> str:
         return f"<ptrbridge.CheckedLibrary of {self._lib!r} threads={self._threads!r}>"
@@ -541,6 +514,46 @@ def _failure(name: str, result: Any, err: int, spec: _Spec) -> BaseException:
     return CError(f"ptrbridge: {name}() failed with result {code!r}{detail}", code, name)
 
 
+def declare(library: CheckedLibrary, name: str, *, errcheck: Optional[ErrorConvention] = None,
+            use_errno: Optional[bool] = None,
+            error_message: Optional[Callable[[Any], Any]] = None) -> None:
+    """Declare the error convention of one function of a wrapped library.
+
+    ``errcheck`` is ``"negative"`` (result < 0 fails), ``"null"`` (NULL
+    fails), ``"nonzero"`` (anything but 0 fails) or a callable that returns
+    True for a failing result.  With ``use_errno`` a failure raises
+    ``OSError`` from the ``errno`` the call left (zeroed before the call, read
+    at once after it, so never stale); otherwise ``CError`` with the result as
+    ``code`` and the text of ``error_message(code)`` if given.
+    """
+    if not isinstance(library, CheckedLibrary):
+        raise TypeError(f"ptrbridge.declare: expected a library from ptrbridge.wrap(), not {type(library).__name__}")
+    if errcheck is not None and not callable(errcheck) and errcheck not in _CONVENTIONS:
+        _errcheck_fn(errcheck, False)  # raises the helpful ValueError
+    library._specs[name] = _Spec(
+        errcheck,
+        library._use_errno if use_errno is None else use_errno,
+        error_message or library._error_message,
+    )
+    with library._cache_lock:
+        library._cache.pop(name, None)
+
+
+def unwrap(library: CheckedLibrary) -> Any:
+    """The raw library behind a wrapped one."""
+    if not isinstance(library, CheckedLibrary):
+        raise TypeError(f"ptrbridge.unwrap: expected a library from ptrbridge.wrap(), not {type(library).__name__}")
+    return library._lib
+
+
+def shutdown(library: CheckedLibrary) -> None:
+    """Stop a ``threads="serial"`` library's worker thread (pending calls finish first)."""
+    if not isinstance(library, CheckedLibrary):
+        raise TypeError(f"ptrbridge.shutdown: expected a library from ptrbridge.wrap(), not {type(library).__name__}")
+    if library._executor is not None:
+        library._executor.shutdown(wait=True)
+
+
 def wrap(lib: Any, ffi: Any = None, *, errcheck: Optional[Mapping[str, ErrorConvention]] = None,
          use_errno: bool = False, error_message: Optional[Callable[[Any], Any]] = None,
          threads: str = "free", max_concurrency: Optional[int] = None) -> CheckedLibrary:
@@ -548,9 +561,10 @@ def wrap(lib: Any, ffi: Any = None, *, errcheck: Optional[Mapping[str, ErrorConv
 
     ``lib`` is a cffi API-mode ``lib``, an ABI-mode ``ffi.dlopen`` result or a
     ``ctypes.CDLL``.  ``errcheck`` maps function names to an error convention
-    (see :meth:`CheckedLibrary.declare`); ``error_message(code)`` turns a
+    (see :func:`declare`); ``error_message(code)`` turns a
     failing result into text (e.g. ``sqlite3_errstr``); ``use_errno`` makes
-    failures raise ``OSError`` from ``errno``.
+    failures raise ``OSError`` from ``errno``.  :func:`declare` adds a
+    convention later, :func:`unwrap` gives back the raw library.
 
     ``threads`` is the thread model for libraries that are not thread-safe:
     ``"free"`` (default; calls run on the caller's thread, concurrently),

@@ -24,15 +24,16 @@ Python-owned memory is recognised, at check level 1, when it is:
 * kept alive by a ctypes argument's keep-alive records (``_objects``): a
   ``c_char_p`` field set to bytes, a ``POINTER`` field set to another ctypes
   instance;
-* a local variable of the calling function, or an item of a list, tuple or
-  dict held in one (owning cdata, ctypes instances, bytes, bytearray,
-  memoryview, array.array, numpy arrays): this is how a struct field set to
-  ``ffi.new(...)`` memory that the caller still holds is found.
+* a local variable of the calling function or of the two functions above it,
+  or an item of a list, tuple or dict held in one (owning cdata, ctypes
+  instances, bytes, bytearray, memoryview, array.array, numpy arrays): this is
+  how a struct field set to ``ffi.new(...)`` memory that the caller still
+  holds is found.
 
 Not recognised at level 1: Python memory reachable only through other
-objects (attributes of instances, globals), and the target of a struct field
-set from a temporary ``ffi.new(...)`` that was already freed.  Level 2 (the
-heap map) recognises every Python allocation.
+objects (attributes of instances, globals, locals further up the stack), and
+the target of a struct field set from a temporary ``ffi.new(...)`` that was
+already freed.  Level 2 (the heap map) recognises every Python allocation.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ _PTR_FORMAT = "Q" if PTR_SIZE == 8 else "I"
 MAX_DEPTH = 8
 MAX_SLOTS = 1 << 16
 MAX_LOCAL_OBJECTS = 512
+LOCAL_FRAMES = 3  # the caller and two frames above it
 HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
 
 _CType = type(ffi.typeof("int"))
@@ -291,8 +293,8 @@ class CallCheck:
 
         for i, arg in enumerate(self.args, 1):
             add(getattr(arg, "_obj", arg), f"argument {i}")  # ctypes.byref() wraps in _obj
-        frame = self._frame
-        if frame is not None:
+        frame, depth = self._frame, 0
+        while frame is not None and depth < LOCAL_FRAMES:
             for name, value in list(frame.f_locals.items()):
                 add(value, f"local variable '{name}'")
                 if isinstance(value, (list, tuple)):
@@ -301,6 +303,7 @@ class CallCheck:
                 elif isinstance(value, dict):
                     for key, item in list(value.items())[:MAX_LOCAL_OBJECTS]:
                         add(item, f"local variable '{name}[{key!r}]'")
+            frame, depth = frame.f_back, depth + 1
         self._known = known
         return known
 

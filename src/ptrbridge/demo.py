@@ -94,6 +94,74 @@ def c_memory(c: Any) -> None:
 
 
 @_section
+def rules(c: Any) -> None:
+    """Checked calls: each pointer rule broken, then the fixed version running clean."""
+    import ctypes
+    import os
+
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        struct iovec { void *iov_base; size_t iov_len; };
+        ssize_t writev(int fd, const struct iovec *iov, int iovcnt);
+        size_t strlen(const char *s);
+        int close(int fd);
+    """)
+    libc = ptrbridge.wrap(ffi.dlopen(None), errcheck={"writev": "negative", "close": "negative"},
+                          use_errno=True)
+    read_end, write_end = os.pipe()
+    try:
+        parts = [bytearray(b"hello "), bytearray(b"world")]
+        iov = ffi.new("struct iovec[2]")
+        for i, part in enumerate(parts):
+            iov[i].iov_base = ffi.from_buffer(part)
+            iov[i].iov_len = len(part)
+        print("  R1: an iovec[] whose iov_base fields point at unpinned bytearrays")
+        _show_error("libc.writev(fd, iov, 2)", lambda: libc.writev(write_end, iov, 2))
+        with ptrbridge.Pinner() as pinner:
+            for i, part in enumerate(parts):
+                iov[i].iov_base = pinner.pin(part)
+            n = libc.writev(write_end, iov, 2)
+            print(f"  fixed by pinning the bytearrays: writev wrote {n} bytes, "
+                  f"the pipe holds {os.read(read_end, 64)!r}")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+    class Person(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("age", ctypes.c_int)]
+
+    crt = ctypes.CDLL(None)
+    crt.strlen.argtypes = [ctypes.c_void_p]
+    crt.strlen.restype = ctypes.c_size_t
+    ct = ptrbridge.wrap(crt)
+    person = Person(b"Ada", 36)
+    print("  R1 with ctypes: a Structure whose c_char_p field holds an unpinned bytes")
+    _show_error("strlen(byref(person))", lambda: ct.strlen(ctypes.byref(person)))
+    copy = ptrbridge.cstring("Ada")
+    person.name = ctypes.cast(copy.address, ctypes.c_char_p)
+    print(f"  fixed by copying the name to C memory with cstring(): strlen -> "
+          f"{ct.strlen(ctypes.byref(person))} (reads the struct's first bytes)")
+
+    print("  use after free: a pointer kept after its ptrbridge.new owner was freed")
+    owner = ptrbridge.new("char[]", b"temporary")
+    dangling = ffi.cast("char *", owner)
+    del owner
+    _show_error("libc.strlen(dangling)", lambda: libc.strlen(dangling))
+    owner = ptrbridge.new("char[]", b"kept alive")
+    print(f"  fixed by keeping the owner alive: strlen -> {libc.strlen(ffi.cast('char *', owner))}")
+
+    print("  error conventions: errno read right after the call")
+    _show_error("libc.close(-1) declared errcheck='negative', use_errno=True", lambda: libc.close(-1))
+    span = ptrbridge.Span(bytearray(16))
+    print(f"  Span: bounds-checked pointers: {span!r}")
+    _show_error("span[8:32]", lambda: span[8:32])
+    span.release()
+    with ptrbridge.checking(0):
+        print(f"  at check level 0 a wrapped function is the raw one: "
+              f"{ct.strlen is crt.strlen}")
+
+
+@_section
 def c_api(c: Any) -> None:
     """The public C API: global pb_* symbols and the pb_api table."""
     api = ptrbridge.c_api()
