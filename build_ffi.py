@@ -2,7 +2,8 @@
 
 The cdef is read from the headers, between the ``PB_CDEF_BEGIN`` and
 ``PB_CDEF_END`` markers, so C declarations live in one place: the public
-``csrc/ptrbridge.h`` and the private ``csrc/pb_internal.h``.
+``csrc/ptrbridge.h`` first, then every other ``csrc/*.h`` that has such a
+block (private ``pb_*.h`` headers, one per concept), in name order.
 
 Run through setuptools: ``pip install .`` or ``pip install -e .`` (add ``-v``
 to see the compiler's output; the C code is kept free of warnings).
@@ -16,7 +17,10 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-HEADERS = ("ptrbridge.h", "pb_internal.h")
+PUBLIC_HEADER = CSRC / "ptrbridge.h"
+HEADERS = [PUBLIC_HEADER] + sorted(
+    p for p in CSRC.glob("*.h") if p != PUBLIC_HEADER and "PB_CDEF_BEGIN" in p.read_text(encoding="utf-8")
+)
 SOURCES = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.c"))
 
 _CDEF_BLOCK = re.compile(r"/\* PB_CDEF_BEGIN \*/(.*?)/\* PB_CDEF_END \*/", re.S)
@@ -33,10 +37,10 @@ def read_cdef(header: Path) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef("\n".join(read_cdef(CSRC / name) for name in HEADERS))
+ffibuilder.cdef("\n".join(read_cdef(header) for header in HEADERS))
 ffibuilder.set_source(
     "ptrbridge._native",
-    '#include "ptrbridge.h"\n#include "pb_internal.h"\n',
+    "".join(f'#include "{header.name}"\n' for header in HEADERS),
     sources=SOURCES,
     include_dirs=[str(CSRC)],
     extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-O2"],

@@ -14,17 +14,27 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, List, Optional
 
 from .errors import ConfigurationError
 
-__all__ = ["check_level", "set_check_level", "checking", "VALID_LEVELS", "ENV_VAR"]
+__all__ = ["check_level", "set_check_level", "checking", "add_level_listener", "VALID_LEVELS", "ENV_VAR"]
 
 ENV_VAR = "PTRBRIDGE_CHECK"
 VALID_LEVELS = (0, 1, 2)
 DEFAULT_LEVEL = 1
 
-_lock = threading.Lock()
+_lock = threading.RLock()
+_listeners: List[Callable[[int, int], None]] = []
+
+
+def add_level_listener(listener: Callable[[int, int], None]) -> None:
+    """Call ``listener(old, new)`` whenever the level changes (and once now, as ``(0, level)``
+    if the current level is above 0), so features of higher levels can switch on and off."""
+    with _lock:
+        _listeners.append(listener)
+        if _level:
+            listener(0, _level)
 
 
 def _validate(level: object, source: str) -> int:
@@ -65,7 +75,11 @@ def set_check_level(level: int) -> int:
     global _level
     new = _validate(level, "set_check_level()")
     with _lock:
-        old, _level = _level, new
+        old = _level
+        if old != new:
+            for listener in list(_listeners):
+                listener(old, new)  # switch features first: level-2 hooks before level 2 is seen
+        _level = new
     return old
 
 
