@@ -44,7 +44,7 @@ ffibuilder.set_source(
     sources=SOURCES,
     include_dirs=[str(CSRC)],
     extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-O2"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
     # pybuffer.c uses the full CPython API, so the module is not abi3.
     py_limited_api=False,
 )

@@ -65,6 +65,8 @@ static const struct pb_api api_table = {
     .region_add = pb_region_add,
     .region_remove = pb_region_remove,
     .region_find = pb_region_find,
+    .root_add = pb_root_add,
+    .root_remove = pb_root_remove,
 };
 
 PB_API const struct pb_api *pb_get_api(void)

@@ -1,5 +1,5 @@
 /*
- * pb_internal.h - private functions shared by csrc/*.c and the Python
+ * pb_internal.h - private functions shared by csrc/ C files and the Python
  * bindings.  Not part of the public C API: names start with `pb__` and may
  * change between releases.
  *

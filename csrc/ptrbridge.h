@@ -182,6 +182,54 @@ PB_API int pb_region_find(const void *addr, struct pb_region *out);
 PB_API size_t pb_region_count(int kind);
 
 /* ---------------------------------------------------------------------
+ * Roots: C memory the retained-pointer scanner (check level 2) examines
+ *
+ * The scanner always examines the live blocks of the tracked allocator.  A
+ * library that keeps state in memory of its own (a static table, a block
+ * from its own allocator) can register it so that pointers it keeps to
+ * Python memory are found too.
+ * ------------------------------------------------------------------- */
+
+/* Registers [addr, addr+size) as a root and stores its id in *id_out.  The
+ * memory must stay readable until pb_root_remove(id).  Returns PB_OK,
+ * PB_ERR_INVALID (NULL addr or id_out, overflow) or PB_ERR_NOMEM.
+ * Thread-safe. */
+PB_API int pb_root_add(const void *addr, size_t size, uint64_t *id_out);
+
+/* Unregisters a root.  Returns PB_OK or PB_ERR_NOT_FOUND.  Thread-safe. */
+PB_API int pb_root_remove(uint64_t id);
+
+/* ---------------------------------------------------------------------
+ * Allocator adapters: route a library's own allocations through the tracked
+ * allocator, so they are counted and scanned (check level 2).  Each has the
+ * exact signature the library expects; `opaque` arguments are ignored.
+ * All are thread-safe.
+ * ------------------------------------------------------------------- */
+
+/* zlib: z_stream.zalloc / z_stream.zfree (alloc_func / free_func). */
+PB_API void *pb_zlib_alloc(void *opaque, unsigned int items, unsigned int size);
+PB_API void pb_zlib_free(void *opaque, void *address);
+
+/* zstd: ZSTD_customMem.customAlloc / customFree. */
+PB_API void *pb_zstd_alloc(void *opaque, size_t size);
+PB_API void pb_zstd_free(void *opaque, void *address);
+
+/* sqlite3: the same layout as sqlite3_mem_methods, for
+ * sqlite3_config(SQLITE_CONFIG_MALLOC, pb_sqlite3_mem_methods()) before
+ * sqlite3_initialize().  Static storage. */
+struct pb_sqlite3_mem_methods {
+    void *(*xMalloc)(int size);
+    void (*xFree)(void *ptr);
+    void *(*xRealloc)(void *ptr, int size);
+    int (*xSize)(void *ptr);
+    int (*xRoundup)(int size);
+    int (*xInit)(void *app_data);
+    void (*xShutdown)(void *app_data);
+    void *pAppData;
+};
+PB_API const struct pb_sqlite3_mem_methods *pb_sqlite3_mem_methods(void);
+
+/* ---------------------------------------------------------------------
  * The function table (for code that prefers not to use global symbols)
  * ------------------------------------------------------------------- */
 
@@ -199,6 +247,8 @@ struct pb_api {
     int (*region_add)(const void *addr, size_t size, int kind, uint64_t *id_out);
     int (*region_remove)(uint64_t id);
     int (*region_find)(const void *addr, struct pb_region *out);
+    int (*root_add)(const void *addr, size_t size, uint64_t *id_out);
+    int (*root_remove)(uint64_t id);
 };
 
 /* Returns the process-wide function table.  Never NULL; static storage. */

@@ -11,9 +11,10 @@ plus the registry's counters (:func:`stats`) and check levels like
 """
 from __future__ import annotations
 
+from .allocators import CAllocator, c_allocator
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
 from .capi import c_api, native_library_path
-from .cmem import CBuffer, cstring, free
+from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
 from .errors import (
     AllocatorError,
     CallbackResultError,
@@ -37,6 +38,19 @@ from .handles import Handle, HandleTable, collect_handles, handle_value
 from .levels import check_level, checking, set_check_level
 from .ownership import new
 from .pinning import Pinner
+from .scanning import (
+    RetainedPointerError,
+    RetainedPointerWarning,
+    Retention,
+    add_root,
+    clear_violations,
+    remove_root,
+    scan,
+    set_on_violation,
+    unwatch_library,
+    violations,
+    watch_library,
+)
 from .spans import Span
 from .stats import Stats, stats
 
@@ -54,6 +68,21 @@ def collect() -> int:
 
 __all__ = [
     "AllocatorError",
+    "CAllocator",
+    "RetainedPointerError",
+    "RetainedPointerWarning",
+    "Retention",
+    "TypedCBuffer",
+    "add_root",
+    "c_allocator",
+    "clear_violations",
+    "cnew",
+    "remove_root",
+    "scan",
+    "set_on_violation",
+    "unwatch_library",
+    "violations",
+    "watch_library",
     "CBuffer",
     "CError",
     "CallTimeoutWarning",

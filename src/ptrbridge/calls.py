@@ -36,11 +36,12 @@ from types import CodeType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import levels
-from ._bindings import address_of, ffi
+from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
-from .checking import CallCheck, layout_of
+from . import scanning
+from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
-from .ownership import cdata_extent, describe
+from .ownership import RegionInfo, cdata_extent, describe, lookup, register, unregister
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -168,6 +169,8 @@ def _watch() -> None:
 
 
 def _describe_lent(arg: Any) -> str:
+    if isinstance(arg, Owner):
+        return arg.description
     extent = cdata_extent(arg) if isinstance(arg, ffi.CData) else None
     if extent is not None:
         return describe(arg, extent[1])
@@ -227,6 +230,12 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
                 count = max(1, (owner.end - address) // layout.size)
                 check.walk(argno, address, item, count, "Python")
                 return
+            block = int(lib.pb_alloc_size(ffi.cast("void *", address)))
+            if block:
+                # C memory from the tracked allocator (cnew, CBuffer): Python
+                # memory it points to is lent to this call (rule R2 after it).
+                check.walk(argno, address, item, max(1, block // layout.size), "C", lend=lent)
+                return
         check.check_address(argno, address)
         return
     if isinstance(arg, (list, tuple)):  # cffi builds a temporary array from it
@@ -267,6 +276,35 @@ def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -
 
 # ---------------------------------------------------------------------------
 # The checked function
+
+
+def _lend(lent: List[Any]) -> List[RegionInfo]:
+    """Level 2: record the lent arguments in the registry for the call's duration."""
+    regions = []
+    for obj in lent:
+        if isinstance(obj, Owner):  # Python memory reached through C memory
+            extent: Optional[Tuple[int, int]] = (obj.start, obj.size)
+            text = obj.description
+        else:
+            extent = object_extent(obj)
+            text = describe(obj, extent[1]) if extent is not None else ""
+        if extent is None:
+            continue
+        scanning.cancel(extent[0], extent[1])  # lent again: not a retained pointer any more
+        regions.append(register(2, extent[0], extent[1], text, "<in call>"))
+    return regions
+
+
+def _return_lent(regions: List[RegionInfo], function: str, frame: Any) -> None:
+    """Level 2: the call returned; C must not hold what it was lent unless it is pinned."""
+    site = frame_site(frame)
+    for region in regions:
+        unregister(region)
+        owner = lookup(region.start)
+        if owner is not None and owner.kind == "pinned":
+            continue
+        scanning.retire(region.start, region.size, region.description, function, site, "returned")
+    scanning.after_call()
 
 
 def _errcheck_fn(convention: ErrorConvention, is_pointer: bool) -> Callable[[Any], bool]:
@@ -460,6 +498,7 @@ class CheckedLibrary:
             if limit is not None:
                 limit.acquire()
             call_id = 0
+            regions = _lend(lent) if level == 2 and lent else None
             if lent:
                 if _watchdog is None:
                     _start_watchdog()
@@ -472,6 +511,8 @@ class CheckedLibrary:
                     del _inflight[call_id]
                 if limit is not None:
                     limit.release()
+            if regions is not None:
+                _return_lent(regions, name, frame)
             return finish(result, err, exc)
 
         _CHECKED_CODES.add(invoke.__code__)

@@ -347,12 +347,17 @@ class CallCheck:
             if freed is not None:
                 raise self._freed_error(argno, None, freed)
 
-    def walk(self, argno: int, address: int, ctype: Any, count: int, holder: str) -> None:
-        """Check ``count`` consecutive objects of ``ctype`` at ``address`` (memory known readable)."""
-        self._walk(argno, address, layout_of(ctype), count, "", holder, 0)
+    def walk(self, argno: int, address: int, ctype: Any, count: int, holder: str,
+             lend: Optional[List[Owner]] = None) -> None:
+        """Check ``count`` consecutive objects of ``ctype`` at ``address`` (memory known readable).
+
+        With ``lend`` (for C memory passed to C), an unpinned Python target is
+        not an R1 violation: it is lent to the call and appended to ``lend``.
+        """
+        self._walk(argno, address, layout_of(ctype), count, "", holder, 0, lend)
 
     def _walk(self, argno: int, address: int, layout: Optional[Layout], count: int, prefix: str,
-              holder: str, depth: int) -> None:
+              holder: str, depth: int, lend: Optional[List[Owner]] = None) -> None:
         if layout is None or not layout.slots or count <= 0 or depth > MAX_DEPTH:
             return
         key = (address, id(layout))
@@ -373,11 +378,15 @@ class CallCheck:
                         raise self._freed_error(argno, path, freed)
                     continue
                 if not owner.pinned:
-                    raise self._nested_error(argno, path, owner, holder)
+                    if lend is None:
+                        raise self._nested_error(argno, path, owner, holder)
+                    if owner not in lend:
+                        lend.append(owner)
+                    continue
                 pointee = layout_of(slot.pointee) if slot.pointee is not None else None
                 if pointee is not None and pointee.slots and pointee.size:
                     fits = max(1, (owner.end - value) // pointee.size)
-                    self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1)
+                    self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend)
 
 
 def caller_frame(depth: int) -> Any:

@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Any, Union
 
 from ._bindings import BufferBase, address_of, check, ffi, lib
+
+_ffi = ffi
 from .errors import UseAfterTransferError
 
-__all__ = ["CBuffer", "cstring", "free"]
+__all__ = ["CBuffer", "TypedCBuffer", "cnew", "cstring", "free"]
 
 _OWNED, _TRANSFERRED, _FREED = "owned", "transferred", "freed"
 
@@ -159,6 +161,48 @@ class CBuffer(BufferBase):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<ptrbridge.CBuffer {self._size} bytes at {self._address:#x} {self._state}>"
+
+
+class TypedCBuffer(CBuffer):
+    """A :class:`CBuffer` holding one C object of a known type; see :func:`cnew`."""
+
+    __slots__ = ("_ctype",)
+
+    _ctype: Any
+
+    @property
+    def c(self) -> Any:
+        """A typed cffi pointer to the object (``zs.c.next_in = ...``)."""
+        return self._ffi_cast()
+
+    def _ffi_cast(self) -> Any:
+        return ffi.cast(self._ctype, self._live("c"))
+
+    @property
+    def ctype(self) -> Any:
+        """The pointer type of :attr:`c`."""
+        return self._ctype
+
+
+def cnew(ctype: Any, ffi: Any = None) -> TypedCBuffer:
+    """Allocate one zeroed C object in tracked C memory and return it as a typed CBuffer.
+
+    ``ctype`` names the pointer type (``"z_stream *"``) or the object type
+    (``"z_stream"``), parsed by ``ffi`` (default: ptrbridge's own), or is a
+    cffi CType.  Unlike ``ffi.new`` the object is C memory: C may keep
+    pointers to it, and at check level 2 it is scanned for pointers it holds
+    to Python memory.  ``buf.c`` is the typed pointer.
+    """
+    parser = ffi if ffi is not None else _ffi
+    ct = parser.typeof(ctype) if isinstance(ctype, str) else ctype
+    pointer = ct if ct.kind == "pointer" else parser.typeof(parser.getctype(ct, "*"))
+    item = pointer.item
+    if item.kind in ("void", "function") or (item.kind in ("struct", "union") and item.fields is None):
+        raise TypeError(f"ptrbridge.cnew: cannot allocate '{item.cname}': its size is unknown")
+    size = parser.sizeof(item)
+    buf = TypedCBuffer._adopt(_allocate(size, zeroed=True), size)
+    buf._ctype = pointer
+    return buf  # type: ignore[return-value]
 
 
 def cstring(text: Union[str, bytes]) -> CBuffer:

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from . import levels, scanning
 from ._bindings import address_of, check, ffi, lib
 from .callsite import caller_site
 from .errors import UnpinnableError
@@ -272,6 +273,9 @@ def _managed_free(ptr: Any) -> None:
     if info is not None:
         size = info.size
         unregister(info, freed_at=caller_site())
+        if levels._level == 2:
+            # Looked for at the next scan; the block stays in quarantine until then.
+            scanning.retire(info.start, info.size, info.description, "ptrbridge.new", info.site, "freed")
     with _lock:
         _quarantine.append((address, size))
         _quarantine_bytes += size

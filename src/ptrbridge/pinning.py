@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
+from . import levels, scanning
 from ._bindings import ffi, lib
 from .callsite import caller_frame_location, format_location
 from .errors import PinLeakWarning
@@ -70,6 +71,7 @@ class Pinner:
                 return existing.pointer
         keeper, address, size = python_owned_extent(obj)
         location = caller_frame_location()
+        scanning.cancel(address, size)  # pinned now: C may hold it
         region = register(lib.PB_REGION_PINNED, address, size, describe(obj, size),
                           format_location(location))
         pin = _Pin(obj, keeper, ffi.cast("char *", address), region, location)
@@ -87,11 +89,22 @@ class Pinner:
         return pin is not None and pin.obj is obj
 
     def unpin(self) -> None:
-        """Release every pin of this Pinner.  C must not use the pointers afterwards."""
+        """Release every pin of this Pinner.  C must not use the pointers afterwards.
+
+        At check level 2 the unpinned memory is then scanned for (rule R2):
+        a pointer C still holds raises :class:`~ptrbridge.RetainedPointerError`
+        (or warns / collects, see :func:`ptrbridge.set_on_violation`).
+        """
         with self._lock:
             pins, self._pins = list(self._pins.values()), {}
         for pin in pins:
             _release(pin)
+        if pins and levels._level == 2:
+            for pin in pins:
+                region = pin.region
+                scanning.retire(region.start, region.size, region.description, "Pinner.pin",
+                                region.site, "unpinned")
+            scanning.scan_and_report()
 
     def __len__(self) -> int:
         return len(self._pins)

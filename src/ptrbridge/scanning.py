@@ -1,0 +1,336 @@
+"""Finding what C kept: rule R2 at check level 2.
+
+R2. C may not keep a pointer to Python-owned memory after the call returns,
+unless that memory is pinned for as long as C keeps it.
+
+Checking arguments cannot see a pointer C stores away.  At level 2 ptrbridge
+remembers the Python memory C no longer has the right to hold - lent to a
+call that has returned, unpinned, or freed - and scans C memory for words
+that point into it, conservatively (every aligned pointer-sized word), like
+Go's ``cgocheck=2``.  The roots scanned are:
+
+* every live block of the tracked allocator (``CBuffer``, ``cnew``,
+  ``pb_malloc``, and libraries routed through :func:`ptrbridge.c_allocator`);
+* regions registered with :func:`add_root` (or ``pb_root_add`` from C);
+* the writable data (.data/.bss) of libraries named with :func:`watch_library`.
+
+CPython's own heap is never scanned.  Scans run after checked calls (batched:
+the batch grows while scanning costs more than a tenth of the time between
+scans), at ``Pinner.unpin()``, when ``ptrbridge.new`` memory is freed, and on
+:func:`scan`.  A finding is a :class:`Retention`; :func:`set_on_violation`
+chooses whether automatic scans raise :class:`RetainedPointerError`, warn, or
+collect findings for :func:`violations`.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._bindings import address_of, check, ffi, lib
+from .errors import PointerError, PointerWarning
+
+__all__ = [
+    "Retention",
+    "RetainedPointerError",
+    "RetainedPointerWarning",
+    "scan",
+    "retire",
+    "cancel",
+    "set_on_violation",
+    "violations",
+    "clear_violations",
+    "add_root",
+    "remove_root",
+    "watch_library",
+    "unwatch_library",
+    "after_call",
+]
+
+FIX_HINT = (
+    "pin the object for as long as C keeps the pointer, copy it with ptrbridge.CBuffer, "
+    "or pass a ptrbridge.Handle instead"
+)
+_STATE_TEXT = {
+    "returned": "after the call returned",
+    "unpinned": "after it was unpinned",
+    "freed": "after the object was freed",
+}
+_ROOT_KINDS = {1: "allocation", 2: "root", 3: "library"}
+_MAX_FINDINGS = 4096
+
+
+class RetainedPointerError(PointerError, RuntimeError):
+    """Rule R2: C kept a pointer to Python memory it no longer had the right to hold.
+
+    ``retentions`` lists every finding of the scan that raised.
+    """
+
+    def __init__(self, message: str, retentions: List["Retention"]) -> None:
+        super().__init__(message)
+        self.retentions = retentions
+
+
+class RetainedPointerWarning(PointerWarning):
+    """A retention found by an automatic scan when ``set_on_violation("warn")``."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """One pointer C holds to Python memory it should not hold."""
+
+    description: str  # the Python object, e.g. "bytes(4096)"
+    function: str  # the call that lent it ("Pinner.pin" / "ptrbridge.new" for others)
+    lent_at: str  # Python file:line of that call
+    state: str  # "returned", "unpinned" or "freed"
+    root_kind: str  # "allocation", "root" or "library"
+    root: str  # where C holds it, readable
+    offset: int  # offset of the pointer inside the root
+    address: int  # the pointer value C holds
+    object_offset: int  # how far into the object it points
+
+    def __str__(self) -> str:
+        into = f" (+{self.object_offset})" if self.object_offset else ""
+        return (
+            f"ptrbridge: C kept a pointer to Python memory {_STATE_TEXT.get(self.state, self.state)} "
+            f"(R2): {self.description}{into} lent to {self.function}() at {self.lent_at} "
+            f"is still pointed to by {self.root} at offset {self.offset} "
+            f"(pointer {self.address:#x}) ({FIX_HINT})"
+        )
+
+
+@dataclass
+class _Target:
+    start: int
+    size: int
+    description: str
+    function: str
+    site: str
+    state: str
+
+
+_lock = threading.RLock()
+_targets: Dict[int, _Target] = {}
+_target_ids = itertools.count(1)
+_on_violation = "raise"
+_violations: List[Retention] = []
+_library_ids = itertools.count(1)
+_libraries: Dict[str, int] = {}
+_roots: Dict[int, Tuple[int, int]] = {}
+
+# Adaptive batching of automatic scans.
+_batch = 1
+_MAX_BATCH = 1024
+_calls_since_scan = 0
+_scan_due = False  # set when retired memory was freed: scan at the next opportunity
+_last_scan_end = time.perf_counter()
+
+
+def retire(start: int, size: int, description: str, function: str, site: str, state: str) -> None:
+    """Queue Python memory C must no longer hold; the next scan looks for it.
+
+    Freed memory makes the next automatic scan run regardless of the batch.
+    """
+    global _scan_due
+    with _lock:
+        if state == "freed":
+            _scan_due = True
+        target_id = next(_target_ids)
+        _targets[target_id] = _Target(start, size, description, function, site, state)
+        check(lib.pb__scan_retire(start, size, target_id), f"queueing {description} for the scan")
+
+
+def cancel(start: int, size: int) -> None:
+    """Drop queued targets overlapping this range: it is lent or pinned again, legitimately."""
+    if _targets:
+        lib.pb__scan_cancel(start, size)
+
+
+def _root_text(kind: int, root_id: int, base: int, size: int, offset: int) -> str:
+    if kind == 3:
+        obj = ffi.new("char **")
+        sym = ffi.new("char **")
+        sym_addr = ffi.new("uintptr_t *")
+        where = base + offset
+        if lib.pb__scan_describe_address(where, obj, sym, sym_addr):
+            library = os.path.basename(ffi.string(obj[0]).decode(errors="replace")) if obj[0] else "?"
+            if sym[0]:
+                name = ffi.string(sym[0]).decode(errors="replace")
+                delta = where - int(sym_addr[0])
+                return f"global '{name}'{f'+{delta}' if delta else ''} of {library}"
+            return f"the data segment of {library}"
+        return f"the data segment of library #{root_id}"
+    if kind == 2:
+        return f"registered root #{root_id} ({size} bytes at {base:#x})"
+    return f"C heap block {base:#x} ({size} bytes, tracked allocator)"
+
+
+def scan() -> List[Retention]:
+    """Scan now for every queued target and return the findings (does not raise).
+
+    The queue is emptied: each lent, unpinned or freed region is looked for
+    once, at the first scan after it was retired.
+    """
+    global _calls_since_scan, _last_scan_end, _scan_due
+    with _lock:
+        _scan_due = False
+        if not _targets:
+            _calls_since_scan = 0
+            return []
+        out = ffi.new("struct pb_finding[]", _MAX_FINDINGS)
+        scanned = ffi.new("uint64_t *")
+        total = lib.pb__scan_run(out, _MAX_FINDINGS, 0, scanned)
+        targets = dict(_targets)
+        _targets.clear()
+        _calls_since_scan = 0
+    found: List[Retention] = []
+    seen = set()
+    for i in range(min(total, _MAX_FINDINGS)):
+        f = out[i]
+        key = (int(f.target_id), int(f.root_kind), int(f.root_base), int(f.offset))
+        if key in seen:
+            continue
+        seen.add(key)
+        target = targets.get(int(f.target_id))
+        if target is None:
+            continue
+        found.append(
+            Retention(
+                description=target.description,
+                function=target.function,
+                lent_at=target.site,
+                state=target.state,
+                root_kind=_ROOT_KINDS.get(int(f.root_kind), "?"),
+                root=_root_text(int(f.root_kind), int(f.root_id), int(f.root_base), int(f.root_size),
+                                int(f.offset)),
+                offset=int(f.offset),
+                address=int(f.value),
+                object_offset=int(f.value) - target.start,
+            )
+        )
+    _last_scan_end = time.perf_counter()
+    return found
+
+
+def _report(found: List[Retention]) -> None:
+    if not found:
+        return
+    if _on_violation == "collect":
+        with _lock:
+            _violations.extend(found)
+    elif _on_violation == "warn":
+        for retention in found:
+            warnings.warn(str(retention), RetainedPointerWarning, stacklevel=3)
+    else:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RetainedPointerError(f"{found[0]}{more}", found)
+
+
+def scan_and_report() -> None:
+    """An automatic scan: findings go to the violation policy."""
+    _report(scan())
+
+
+def after_call() -> None:
+    """Called after a level-2 checked call retired its lent memory: scan when the batch is due."""
+    global _calls_since_scan, _batch
+    _calls_since_scan += 1
+    if _calls_since_scan < _batch and not _scan_due:
+        return
+    began = time.perf_counter()
+    idle = began - _last_scan_end
+    found = scan()
+    cost = time.perf_counter() - began
+    # Keep scanning under about a tenth of the run time: grow the batch when a
+    # scan costs more than that, shrink it back when scans are cheap.
+    if cost > idle * 0.1 and _batch < _MAX_BATCH:
+        _batch *= 2
+    elif cost < idle * 0.01 and _batch > 1:
+        _batch //= 2
+    _report(found)
+
+
+def set_on_violation(mode: str) -> str:
+    """What automatic scans do with findings: ``"raise"`` (default), ``"warn"`` or ``"collect"``.
+
+    Returns the previous mode.  ``"collect"`` gathers them for :func:`violations`.
+    """
+    global _on_violation
+    if mode not in ("raise", "warn", "collect"):
+        raise ValueError(
+            f"ptrbridge.set_on_violation: mode must be 'raise', 'warn' or 'collect', not {mode!r}"
+        )
+    old, _on_violation = _on_violation, mode
+    return old
+
+
+def violations() -> List[Retention]:
+    """Findings gathered while the mode was ``"collect"``."""
+    with _lock:
+        return list(_violations)
+
+
+def clear_violations() -> List[Retention]:
+    """Return and forget the gathered findings."""
+    with _lock:
+        found = list(_violations)
+        _violations.clear()
+        return found
+
+
+def add_root(address: Any, size: int) -> int:
+    """Register ``[address, address + size)`` of C memory as a scan root; returns its id.
+
+    The memory must stay readable until :func:`remove_root`.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"ptrbridge.add_root: size must be a non-negative int, not {size!r}")
+    addr = address_of(address)
+    out = ffi.new("uint64_t *")
+    check(lib.pb_root_add(ffi.cast("void *", addr), size, out), f"add_root({addr:#x}, {size})")
+    root_id = int(out[0])
+    _roots[root_id] = (addr, size)
+    return root_id
+
+
+def remove_root(root_id: int) -> None:
+    """Unregister a root added with :func:`add_root`."""
+    check(lib.pb_root_remove(root_id), f"remove_root({root_id})")
+    _roots.pop(root_id, None)
+
+
+def watch_library(name: str) -> int:
+    """Scan the writable data (.data/.bss) of the loaded library whose path contains ``name``.
+
+    Returns the number of segments watched; raises ``ValueError`` if no
+    loaded library matches.  Watching the same name twice is harmless.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("ptrbridge.watch_library: name must be a non-empty str")
+    with _lock:
+        if name in _libraries:
+            lib.pb__scan_unwatch_library(_libraries.pop(name))
+        lib_id = next(_library_ids)
+        segments = lib.pb__scan_watch_library(name.encode(), lib_id)
+        if segments < 0:
+            check(segments, f"watch_library({name!r})")
+        if segments == 0:
+            raise ValueError(
+                f"ptrbridge.watch_library: no loaded library's path contains {name!r} "
+                f"(load it first, e.g. with ffi.dlopen or ctypes.CDLL)"
+            )
+        _libraries[name] = lib_id
+        return int(segments)
+
+
+def unwatch_library(name: str) -> None:
+    """Stop scanning a library watched with :func:`watch_library`."""
+    with _lock:
+        lib_id = _libraries.pop(name, None)
+    if lib_id is None:
+        raise ValueError(f"ptrbridge.unwatch_library: {name!r} is not watched")
+    lib.pb__scan_unwatch_library(lib_id)
