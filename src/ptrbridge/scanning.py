@@ -49,6 +49,7 @@ __all__ = [
     "watch_library",
     "unwatch_library",
     "after_call",
+    "scan_freed_python_memory",
 ]
 
 FIX_HINT = (
@@ -214,6 +215,25 @@ def scan() -> List[Retention]:
         )
     _last_scan_end = time.perf_counter()
     return found
+
+
+def scan_freed_python_memory() -> List[Retention]:
+    """Scan for pointers into Python memory freed since the last call (level 2, heap map on).
+
+    C code that ptrbridge does not wrap (a C extension called directly) can
+    keep a pointer to a buffer it was given; once Python frees that buffer the
+    heap map remembers the block, and this scan finds the pointer.  Returns []
+    when the heap map is not installed.
+    """
+    try:
+        from . import heapmap  # the level-2 heap map; absent from builds without it
+    except ImportError:
+        return []
+    freed = heapmap.take_freed() if heapmap.installed() else []
+    for start, size in freed:
+        retire(start, size, f"Python memory block ({size} bytes)", "(not a checked call)",
+               "<freed Python memory>", "freed")
+    return scan() if freed else []
 
 
 def _report(found: List[Retention]) -> None:
