@@ -50,3 +50,21 @@ def build_cffi_module(name: str, cdef: str, source: str, outdir: Path,
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def build_extension(source: str, outdir: Path) -> Path:
+    """Compile tests/clib/<source> as a CPython extension module named ``_<stem>``.
+
+    Returns the path of the .so (named with the interpreter's EXT_SUFFIX);
+    ``pb_*`` symbols stay undefined and resolve from ptrbridge, which must be
+    imported before the extension.
+    """
+    import sysconfig
+
+    src = CLIB / source
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    out = Path(outdir) / f"_{src.stem}{suffix}"
+    include = sysconfig.get_paths()["include"]
+    cmd = ["gcc", *CFLAGS, f"-I{CSRC}", f"-I{include}", str(src), "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
