@@ -161,6 +161,53 @@ def rules(c: Any) -> None:
               f"{ct.strlen is crt.strlen}")
 
 
+_ZLIB_CDEF = """
+    typedef struct {
+        const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
+        unsigned char *next_out; unsigned int avail_out; unsigned long total_out;
+        const char *msg; void *state;
+        void *(*zalloc)(void *, unsigned int, unsigned int); void (*zfree)(void *, void *);
+        void *opaque; int data_type; unsigned long adler; unsigned long reserved;
+    } z_stream;
+    const char *zlibVersion(void);
+    int deflateInit_(z_stream *strm, int level, const char *version, int stream_size);
+    int deflate(z_stream *strm, int flush);
+    int deflateEnd(z_stream *strm);
+"""
+
+
+@_section
+def retained(c: Any) -> None:
+    """Level 2: finding the pointer C kept (R2) - zlib's next_in into a temporary."""
+    import os
+
+    ffi = cffi.FFI()
+    ffi.cdef(_ZLIB_CDEF)
+    raw = ffi.dlopen("libz.so.1")
+    z = ptrbridge.wrap(raw, errcheck={"deflateInit_": "nonzero"})
+    zs = ptrbridge.cnew("z_stream *", ffi=ffi)          # the stream in tracked C memory
+    ptrbridge.c_allocator().use_for_zlib(zs.c)           # zlib's own state too
+    z.deflateInit_(zs.c, 6, raw.zlibVersion(), ffi.sizeof("z_stream"))
+    out = ptrbridge.CBuffer(4096)
+    print(f"  z_stream and zlib's state are tracked: {ptrbridge.stats().live_blocks} live C blocks")
+
+    def step(chunk: bytes) -> None:
+        zs.c.next_in = ffi.from_buffer(chunk)            # BUG: zlib keeps next_in after deflate()
+        zs.c.avail_in = len(chunk)
+        zs.c.next_out = ffi.cast("unsigned char *", out.ptr)
+        zs.c.avail_out = len(out)
+        z.deflate(zs.c, 0)
+
+    with ptrbridge.checking(2):
+        _show_error("deflate() of a temporary input it cannot take in one call",
+                    lambda: step(os.urandom(1 << 18)))
+    zs.c.next_in, zs.c.avail_in = ffi.NULL, 0
+    raw.deflateEnd(zs.c)
+    zs.free()
+    out.free()
+    print(f"  after deflateEnd every block is freed again: live_blocks={ptrbridge.stats().live_blocks}")
+
+
 @_section
 def c_api(c: Any) -> None:
     """The public C API: global pb_* symbols and the pb_api table."""
