@@ -280,6 +280,11 @@ PB_API size_t pb_alloc_size(const void *ptr)
     return size;
 }
 
+size_t pb__alloc_block_size(uintptr_t addr)
+{
+    return pb_alloc_size((const void *)addr);
+}
+
 int pb__alloc_set_transferred(void *ptr, int on)
 {
     pthread_mutex_lock(&lock);

@@ -21,6 +21,9 @@ int pb__free_quiet(void *ptr);
  * when NULL is returned for a nonzero size. */
 void *pb__realloc_quiet(void *ptr, size_t size, int *status);
 
+/* pb_alloc_size taking an integer address (no pointer cast from Python). */
+size_t pb__alloc_block_size(uintptr_t addr);
+
 /* Marks a live block as handed to C (on=1) or taken back (on=0).  The
  * `transferred` counter follows; pb_free of a transferred block decrements
  * it.  Returns PB_OK or PB_ERR_NOT_OWNED. */
@@ -31,6 +34,11 @@ int pb__alloc_set_transferred(void *ptr, int on);
  * freed blocks can be held in quarantine before they are really freed. */
 void *pb__untracked_calloc(size_t size);
 void pb__untracked_free(void *ptr);
+
+/* pb_region_find without an out-parameter, for Python's hot path: returns
+ * (id << 2) | kind of the region containing addr (a pinned one preferred),
+ * or 0 if none. */
+uint64_t pb__region_lookup(uintptr_t addr);
 
 /* Allocates a handle slot and returns its token, or 0 when out of memory.
  * Called from Python only (the object lives in a Python dict). */

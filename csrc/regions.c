@@ -98,3 +98,11 @@ PB_API size_t pb_region_count(int kind)
     pthread_mutex_unlock(&lock);
     return n;
 }
+
+uint64_t pb__region_lookup(uintptr_t addr)
+{
+    struct pb_region found;
+    if (!pb_region_find((const void *)addr, &found))
+        return 0;
+    return (found.id << 2) | (uint64_t)found.kind;
+}

@@ -106,11 +106,11 @@ def _take_deferred(frame: Any) -> Optional[BaseException]:
 # R3 watchdog: report calls that hold lent memory for too long
 
 _timeout = 60.0
-# call id -> (function name, caller frame, lent objects).  Plain dict
-# operations (atomic under the GIL) keep the per-call cost low; the watchdog
-# thread stamps each entry the first time it sees it.
-_inflight: Dict[int, Tuple[str, Any, Tuple[Any, ...]]] = {}
-_call_ids = itertools.count(1)
+# The watchdog finds calls in flight from the threads' frames
+# (sys._current_frames): checked calls register nothing, they only take a
+# token that tells two calls from the same frame apart.
+_CALL_CODES: Set[CodeType] = set()
+_call_tokens = itertools.count(1)
 _watch_cond = threading.Condition()
 _watchdog: Optional[threading.Thread] = None
 timeout_listeners: List[Callable[[str], None]] = []  # called with each report (tests, tools)
@@ -138,30 +138,52 @@ def call_timeout() -> float:
     return _timeout
 
 
+def _calls_in_flight() -> Dict[Tuple[int, int, Any], Any]:
+    """(thread, frame id, call token) -> frame of every checked call running now."""
+    found = {}
+    for thread_id, frame in sys._current_frames().items():
+        while frame is not None:
+            if frame.f_code in _CALL_CODES:
+                token = frame.f_locals.get("call_token")
+                if token is not None:
+                    found[(thread_id, id(frame), token)] = frame
+            frame = frame.f_back
+    return found
+
+
+def _lent_arguments(args: Tuple[Any, ...]) -> List[str]:
+    held = []
+    for arg in args:
+        if isinstance(arg, (bytes, bytearray)) or object_extent(arg) is not None:
+            held.append(_describe_lent(arg))
+    return held
+
+
 def _watch() -> None:
-    first_seen: Dict[int, float] = {}
-    reported: Set[int] = set()
+    first_seen: Dict[Tuple[int, int, Any], float] = {}
+    reported: Set[Tuple[int, int, Any]] = set()
     while True:
         with _watch_cond:
             _watch_cond.wait(max(_timeout / 4, 0.005))
         now = time.monotonic()
-        current = list(_inflight.items())
-        live = {call_id for call_id, _ in current}
-        for call_id in list(first_seen):
-            if call_id not in live:
-                del first_seen[call_id]
-                reported.discard(call_id)
-        for call_id, (function, frame, lent) in current:
-            start = first_seen.setdefault(call_id, now)
-            if call_id in reported or now - start < _timeout:
+        live = _calls_in_flight()
+        for key in [k for k in first_seen if k not in live]:
+            del first_seen[key]
+            reported.discard(key)
+        for key, frame in live.items():
+            start = first_seen.setdefault(key, now)
+            if key in reported or now - start < _timeout:
                 continue
-            reported.add(call_id)
-            held = ", ".join(_describe_lent(arg) for arg in lent)
+            reported.add(key)
+            local = frame.f_locals
+            held = _lent_arguments(tuple(local.get("args", ())))
+            if not held:
+                continue  # R3 is about calls that hold Python memory
             message = (
                 f"ptrbridge: call holds lent Python memory longer than the call timeout "
-                f"({_timeout:g} s): {function}() called at {frame_site(frame)} has held {held} "
-                f"(R3: a C call that received Python memory must return; if C keeps the memory "
-                f"on purpose, pin it or copy it to a CBuffer)"
+                f"({_timeout:g} s): {local['call_token'][0]}() called at {frame_site(frame.f_back)} "
+                f"has held {', '.join(held)} (R3: a C call that received Python memory must "
+                f"return; if C keeps the memory on purpose, pin it or copy it to a CBuffer)"
             )
             warnings.warn(message, CallTimeoutWarning, stacklevel=1)
             for listener in list(timeout_listeners):
@@ -460,17 +482,19 @@ class CheckedLibrary:
                 raise _failure(name, result, err, spec)
             return result
 
-        def check_args(args: Tuple[Any, ...], frame: Any) -> List[Any]:
+        def check_args(args: Tuple[Any, ...]) -> List[Any]:
+            # Called from `checked`: the user's frame is two levels up.
             lent: List[Any] = []
             check: Optional[CallCheck] = None
             if is_ctypes:
                 for i, arg in enumerate(args):
-                    if type(arg) is int and not (arg and ownership_history()):
+                    kind = type(arg)
+                    if kind is int and not (arg and ownership_history()):
                         continue  # a raw address is checked only against freed memory
-                    if type(arg) in _PLAIN:
+                    if kind in _PLAIN:
                         continue
                     if check is None:
-                        check = CallCheck(name, frame, args)
+                        check = CallCheck(name, sys._getframe(2), args)
                     _check_ctypes_arg(check, i + 1, arg, lent)
                 return lent
             for i, param in plan:
@@ -484,38 +508,53 @@ class CheckedLibrary:
                 if arg is None:
                     continue
                 if check is None:
-                    check = CallCheck(name, frame, args)
+                    check = CallCheck(name, sys._getframe(2), args)
                 _check_cffi_arg(check, i + 1, arg, param, lent)
             return lent
 
-        def checked(*args: Any) -> Any:
-            level = levels._level
-            if level == 0 and not semantic:
-                return raw(*args)
-            frame = sys._getframe(1)
-            lent = check_args(args, frame) if level and checks_args else None
-            limit = lib_self._limit
-            if limit is not None:
-                limit.acquire()
-            call_id = 0
-            regions = _lend(lent) if level == 2 and lent else None
-            if lent:
-                if _watchdog is None:
-                    _start_watchdog()
-                call_id = next(_call_ids)
-                _inflight[call_id] = (name, frame, tuple(lent))
+        def run_level2(args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
+            regions = _lend(lent)
             try:
                 result, err, exc = dispatch(args)
             finally:
-                if call_id:
-                    del _inflight[call_id]
-                if limit is not None:
-                    limit.release()
-            if regions is not None:
                 _return_lent(regions, name, frame)
             return finish(result, err, exc)
 
+        if not semantic:
+            # The common case, kept lean: no error convention, no thread model.
+            def checked(*args: Any) -> Any:
+                if levels._level:
+                    call_token = (name, next(_call_tokens))  # noqa: F841 - read by the R3 watchdog
+                    if checks_args:
+                        lent = check_args(args)
+                        if lent and levels._level == 2:
+                            return run_level2(args, lent, sys._getframe(1))
+                result = raw(*args)
+                if _deferred:
+                    exc = _take_deferred(sys._getframe())
+                    if exc is not None:
+                        raise exc
+                return result
+        else:
+            def checked(*args: Any) -> Any:
+                level = levels._level
+                call_token = (name, next(_call_tokens))  # noqa: F841 - read by the R3 watchdog
+                lent = check_args(args) if level and checks_args else None
+                limit = lib_self._limit
+                if limit is not None:
+                    limit.acquire()
+                try:
+                    if level == 2 and lent:
+                        return run_level2(args, lent, sys._getframe(1))
+                    result, err, exc = dispatch(args)
+                finally:
+                    if limit is not None:
+                        limit.release()
+                return finish(result, err, exc)
+
         _CHECKED_CODES.add(invoke.__code__)
+        _CHECKED_CODES.add(checked.__code__)
+        _CALL_CODES.add(checked.__code__)
         checked.__name__ = name
         checked.__qualname__ = f"CheckedLibrary.{name}"
         checked.__doc__ = f"Checked call of the C function {name}()."
@@ -614,6 +653,7 @@ def wrap(lib: Any, ffi: Any = None, *, errcheck: Optional[Mapping[str, ErrorConv
     thread-bound state such as GL contexts).  ``max_concurrency=N`` bounds the
     calls in flight.
     """
+    _start_watchdog()
     if threads not in _THREAD_MODELS:
         raise ValueError(f"ptrbridge.wrap: threads must be one of {_THREAD_MODELS}, not {threads!r}")
     if max_concurrency is not None and (

@@ -40,14 +40,16 @@ from __future__ import annotations
 import ctypes
 import struct
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ._bindings import address_of, ffi
+from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
 from .errors import NestedPointerError, UseAfterFreeError
 from .ownership import (
     FreedRegion,
+    has_freed_history,
     cdata_extent,
     ctypes_extent,
     describe,
@@ -74,6 +76,13 @@ LOCAL_FRAMES = 3  # the caller and two frames above it
 HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
 
 _CType = type(ffi.typeof("int"))
+# Types whose objects never own Python memory C could point into: skipped
+# without further thought when looking through local variables.
+_NEVER_OWNING = frozenset({
+    int, float, complex, bool, str, type(None), type, types.FunctionType, types.ModuleType,
+    types.BuiltinFunctionType, types.MethodType, types.CodeType, types.FrameType, range, slice,
+    frozenset, set, property, staticmethod, classmethod,
+})
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _SimpleBase = ctypes._SimpleCData  # type: ignore[attr-defined]
 _CFuncPtrBase = ctypes.CFUNCTYPE(None).__mro__[1]
@@ -91,7 +100,7 @@ class Slot:
 class Layout:
     """The pointer slots of one C type, with a reader that extracts them in one step."""
 
-    __slots__ = ("ctype", "size", "slots", "_unpack", "span")
+    __slots__ = ("ctype", "size", "slots", "_unpack", "span", "_arrays")
 
     def __init__(self, ctype: Any, size: int, slots: Sequence[Slot]) -> None:
         unique: Dict[int, Slot] = {}
@@ -109,12 +118,35 @@ class Layout:
             pos = slot.offset + PTR_SIZE
         self.span = pos  # bytes that must be readable for the slots
         self._unpack = struct.Struct("".join(fmt)).unpack_from if ordered else None
+        self._arrays: Dict[int, Any] = {}  # count -> unpacker for arrays of this type
 
     def read(self, address: int) -> Tuple[int, ...]:
         """Values of every pointer slot of the object at ``address``."""
         if self._unpack is None:
             return ()
         return self._unpack(ffi.buffer(ffi.cast("char *", address), self.span))  # type: ignore[no-any-return]
+
+    def read_array(self, address: int, count: int) -> Tuple[int, ...]:
+        """Slot values of ``count`` consecutive objects at ``address``, element by element."""
+        if count == 1:
+            return self.read(address)
+        if self._unpack is None:
+            return ()
+        unpack = self._arrays.get(count)
+        if unpack is None:
+            fmt, pos = ["="], 0
+            for i in range(count):
+                for slot in self.slots:
+                    offset = i * self.size + slot.offset
+                    if offset > pos:
+                        fmt.append(f"{offset - pos}x")
+                    fmt.append(_PTR_FORMAT)
+                    pos = offset + PTR_SIZE
+            unpack = struct.Struct("".join(fmt)).unpack_from
+            if len(self._arrays) < 64:
+                self._arrays[count] = unpack
+        span = (count - 1) * self.size + self.span
+        return unpack(ffi.buffer(ffi.cast("char *", address), span))  # type: ignore[no-any-return]
 
 
 _layouts: Dict[Any, Layout] = {}
@@ -280,7 +312,7 @@ class CallCheck:
         seen: set = set()
 
         def add(obj: Any, origin: str) -> None:
-            if id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
+            if type(obj) in _NEVER_OWNING or id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
                 return
             seen.add(id(obj))
             extent = object_extent(obj)
@@ -296,11 +328,14 @@ class CallCheck:
         frame, depth = self._frame, 0
         while frame is not None and depth < LOCAL_FRAMES:
             for name, value in list(frame.f_locals.items()):
+                kind = type(value)
+                if kind in _NEVER_OWNING:
+                    continue
                 add(value, f"local variable '{name}'")
-                if isinstance(value, (list, tuple)):
+                if kind is list or kind is tuple:
                     for j, item in enumerate(value[:MAX_LOCAL_OBJECTS]):
                         add(item, f"local variable '{name}[{j}]'")
-                elif isinstance(value, dict):
+                elif kind is dict:
                     for key, item in list(value.items())[:MAX_LOCAL_OBJECTS]:
                         add(item, f"local variable '{name}[{key!r}]'")
             frame, depth = frame.f_back, depth + 1
@@ -314,6 +349,8 @@ class CallCheck:
             pinned = region.kind == "pinned"
             origin = f"{'pinned' if pinned else 'ptrbridge.new'} at {region.site}"
             return Owner(region.start, region.size, region.description, pinned, origin)
+        if lib.pb__alloc_block_size(address):
+            return None  # the start of a tracked C block: C memory
         for owner in self._local_owners():
             if owner.start <= address < owner.end or address == owner.start:
                 return owner
@@ -364,29 +401,37 @@ class CallCheck:
         if key in self._visited:
             return
         self._visited.add(key)
-        indexed = count > 1
-        for i in range(min(count, MAX_SLOTS)):
-            values = layout.read(address + i * layout.size)
-            for slot, value in zip(layout.slots, values):
-                if not value:
-                    continue
-                path = f"{prefix}[{i}]{slot.path}" if indexed else f"{prefix}{slot.path}"
-                owner = self.classify(value)
-                if owner is None:
+        count = min(count, MAX_SLOTS // len(layout.slots) or 1)
+        slots = layout.slots
+        width = len(slots)
+        for k, value in enumerate(layout.read_array(address, count)):
+            if not value:
+                continue
+            owner = self.classify(value)
+            if owner is None:
+                if has_freed_history():
                     freed = find_freed(value)
                     if freed is not None:
-                        raise self._freed_error(argno, path, freed)
-                    continue
-                if not owner.pinned:
-                    if lend is None:
-                        raise self._nested_error(argno, path, owner, holder)
-                    if owner not in lend:
-                        lend.append(owner)
-                    continue
-                pointee = layout_of(slot.pointee) if slot.pointee is not None else None
-                if pointee is not None and pointee.slots and pointee.size:
-                    fits = max(1, (owner.end - value) // pointee.size)
-                    self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend)
+                        raise self._freed_error(argno, _path(prefix, k, width, count, slots), freed)
+                continue
+            if not owner.pinned:
+                if lend is None:
+                    raise self._nested_error(argno, _path(prefix, k, width, count, slots), owner, holder)
+                if owner not in lend:
+                    lend.append(owner)
+                continue
+            slot = slots[k % width]
+            pointee = layout_of(slot.pointee) if slot.pointee is not None else None
+            if pointee is not None and pointee.slots and pointee.size:
+                fits = max(1, (owner.end - value) // pointee.size)
+                path = _path(prefix, k, width, count, slots)
+                self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend)
+
+
+def _path(prefix: str, k: int, width: int, count: int, slots: Tuple[Slot, ...]) -> str:
+    """The readable path of the k-th slot value of a walk (only built for messages)."""
+    element, index = divmod(k, width)
+    return f"{prefix}[{element}]{slots[index].path}" if count > 1 else f"{prefix}{slots[index].path}"
 
 
 def caller_frame(depth: int) -> Any:

@@ -175,10 +175,10 @@ def unregister(info: RegionInfo, freed_at: Optional[str] = None) -> None:
 
 def lookup(address: int) -> Optional[RegionInfo]:
     """The live region containing ``address`` (a pinned one if several), or None."""
-    out = ffi.new("struct pb_region *")
-    if not lib.pb_region_find(ffi.cast("void *", address), out):
+    if not _regions:
         return None
-    return _regions.get(int(out.id))
+    packed = lib.pb__region_lookup(address)
+    return _regions.get(packed >> 2) if packed else None
 
 
 def _pages(start: int, size: int) -> range:
