@@ -1,0 +1,317 @@
+"""The tracked C allocator and C memory from Python: CBuffer, cstring, cnew, free."""
+from __future__ import annotations
+
+import array
+import ctypes
+import gc
+from typing import Dict
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import ptrbridge
+from ptrbridge import CBuffer, DoubleFreeError, NotOwnedError, UseAfterTransferError
+from ptrbridge._bindings import ffi, lib
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+# --- the allocator ----------------------------------------------------------------
+
+def test_free_null_is_ok() -> None:
+    assert lib.pb_free(ffi.NULL) == lib.PB_OK
+
+
+def test_calloc_overflow_returns_null() -> None:
+    assert lib.pb_calloc(1 << 62, 1 << 8) == ffi.NULL
+
+
+def test_foreign_and_double_free_are_refused_and_reported(capfd: pytest.CaptureFixture) -> None:
+    foreign = libc.malloc(32)
+    try:
+        assert lib.pb_free(ffi.cast("void *", foreign)) == lib.PB_ERR_NOT_OWNED
+        err = capfd.readouterr().err
+        assert f"ptrbridge: pb_free: {foreign:#x} was not allocated by the ptrbridge allocator" in err
+    finally:
+        libc.free(foreign)
+    p = lib.pb_malloc(16)
+    assert lib.pb_free(p) == lib.PB_OK
+    assert lib.pb_free(p) == lib.PB_ERR_DOUBLE_FREE
+    assert "double free" in capfd.readouterr().err
+    assert lib.pb_realloc(p, 64) == ffi.NULL  # realloc of a freed block: refused too
+    assert "pb_realloc" in capfd.readouterr().err
+
+
+def test_foreach_enumerates_live_blocks() -> None:
+    blocks = {int(ffi.cast("uintptr_t", lib.pb_malloc(n))): n for n in (1, 10, 100)}
+    seen: Dict[int, int] = {}
+
+    @ffi.callback("int(void *, size_t, void *)")
+    def visit(ptr, size, ctx):  # type: ignore[no-untyped-def]
+        seen[int(ffi.cast("uintptr_t", ptr))] = size
+        return 0
+
+    try:
+        assert lib.pb_alloc_foreach(visit, ffi.NULL) == 0
+        for address, size in blocks.items():
+            assert seen[address] == size
+    finally:
+        for address in blocks:
+            lib.pb_free(ffi.cast("void *", address))
+    assert lib.pb_alloc_foreach(ffi.NULL, ffi.NULL) == lib.PB_ERR_INVALID
+
+
+class AllocatorModel(RuleBasedStateMachine):
+    """pb_malloc/calloc/realloc/free against a dict of address -> contents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks: Dict[int, bytes] = {}
+        self.freed: list = []
+        self.base = ptrbridge.stats()
+
+    def _stats(self) -> ptrbridge.Stats:
+        return ptrbridge.stats()
+
+    @rule(size=st.integers(0, 4096), fill=st.integers(0, 255))
+    def malloc(self, size: int, fill: int) -> None:
+        p = lib.pb_malloc(size)
+        assert p != ffi.NULL
+        ffi.memmove(p, bytes([fill]) * size, size)
+        self.blocks[int(ffi.cast("uintptr_t", p))] = bytes([fill]) * size
+
+    @rule(count=st.integers(0, 64), size=st.integers(0, 64))
+    def calloc(self, count: int, size: int) -> None:
+        p = lib.pb_calloc(count, size)
+        assert p != ffi.NULL
+        assert ffi.buffer(p, count * size)[:] == bytes(count * size)
+        self.blocks[int(ffi.cast("uintptr_t", p))] = bytes(count * size)
+
+    @precondition(lambda self: self.blocks)
+    @rule(data=st.data(), size=st.integers(1, 8192))
+    def realloc(self, data: st.DataObject, size: int) -> None:
+        address = data.draw(st.sampled_from(sorted(self.blocks)))
+        old = self.blocks.pop(address)
+        status = ffi.new("int *")
+        q = lib.pb__realloc_quiet(ffi.cast("void *", address), size, status)
+        assert q != ffi.NULL and status[0] == lib.PB_OK
+        kept = min(len(old), size)
+        assert ffi.buffer(q, kept)[:] == old[:kept]
+        ffi.memmove(q + kept, b"\x5a" * (size - kept), size - kept)
+        self.blocks[int(ffi.cast("uintptr_t", q))] = old[:kept] + b"\x5a" * (size - kept)
+
+    @precondition(lambda self: self.blocks)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        address = data.draw(st.sampled_from(sorted(self.blocks)))
+        contents = self.blocks.pop(address)
+        assert lib.pb_alloc_size(ffi.cast("void *", address)) == len(contents)
+        assert ffi.buffer(ffi.cast("char *", address), len(contents))[:] == contents
+        assert lib.pb__free_quiet(ffi.cast("void *", address)) == lib.PB_OK
+        self.freed.append(address)
+
+    @precondition(lambda self: self.freed)
+    @rule(data=st.data())
+    def double_free(self, data: st.DataObject) -> None:
+        address = data.draw(st.sampled_from(self.freed))
+        if address in self.blocks:  # the address was handed out again: no longer a double free
+            return
+        assert lib.pb__free_quiet(ffi.cast("void *", address)) == lib.PB_ERR_DOUBLE_FREE
+        assert lib.pb_alloc_size(ffi.cast("void *", address)) == 0
+
+    @rule(offset=st.integers(1, 15))
+    def interior_pointer_is_not_owned(self, offset: int) -> None:
+        for address, contents in self.blocks.items():
+            if len(contents) > offset:
+                status = lib.pb__free_quiet(ffi.cast("void *", address + offset))
+                assert status == lib.PB_ERR_NOT_OWNED
+                return
+
+    @invariant()
+    def counters(self) -> None:
+        now = self._stats()
+        assert now.live_blocks == self.base.live_blocks + len(self.blocks)
+        assert now.live_bytes == self.base.live_bytes + sum(map(len, self.blocks.values()))
+        assert now.allocations - now.frees == now.live_blocks
+        assert now.peak_bytes >= now.live_bytes
+
+    def teardown(self) -> None:
+        for address in self.blocks:
+            assert lib.pb__free_quiet(ffi.cast("void *", address)) == lib.PB_OK
+
+
+AllocatorModel.TestCase.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+test_allocator_model = AllocatorModel.TestCase
+
+
+def test_threads_allocate_and_free_concurrently() -> None:
+    import threading
+
+    base = ptrbridge.stats()
+
+    def work() -> None:
+        for i in range(20_000):
+            p = lib.pb_malloc(i % 257)
+            assert lib.pb_free(p) == lib.PB_OK
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    now = ptrbridge.stats()
+    assert now.live_blocks == base.live_blocks
+    assert now.allocations - base.allocations == 80_000 == now.frees - base.frees
+
+
+# --- CBuffer --------------------------------------------------------------------
+
+def test_cbuffer_zeroed_and_zero_copy() -> None:
+    buf = CBuffer(16)
+    assert len(buf) == 16 and buf.to_bytes() == bytes(16) and buf.state == "owned"
+    view = memoryview(buf)
+    view[0:4] = b"abcd"
+    assert ffi.buffer(buf.ptr, 4)[:] == b"abcd"  # same memory
+    buf.ptr[4] = b"e"
+    assert bytes(view[:5]) == b"abcde"
+    assert buf[0] == ord("a") and buf[1:3] == b"bc"
+    buf[5:7] = b"xy"
+    assert buf.to_bytes()[:7] == b"abcdexy"
+    view.release()
+    assert buf.address == int(ffi.cast("uintptr_t", buf.ptr))
+    assert "16 bytes" in repr(buf)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [b"bytes data", bytearray(b"bytearray"), memoryview(b"view"), array.array("i", [1, 2, 3]),
+     np.arange(5, dtype=np.int64), b""],
+    ids=["bytes", "bytearray", "memoryview", "array", "numpy", "empty"],
+)
+def test_copy_of_buffer_kinds(source: object) -> None:
+    expected = bytes(memoryview(source).cast("B"))  # type: ignore[arg-type]
+    buf = CBuffer.copy(source)
+    assert len(buf) == len(expected) and buf.to_bytes() == expected
+    assert ptrbridge.stats().live_blocks >= 1
+
+
+def test_copy_rejects_bad_sources() -> None:
+    with pytest.raises(TypeError, match="does not export a buffer"):
+        CBuffer.copy(42)
+    with pytest.raises(TypeError, match="not contiguous"):
+        CBuffer.copy(np.arange(10)[::2])
+
+
+@pytest.mark.parametrize("size, exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)])
+def test_bad_sizes(size: object, exc: type) -> None:
+    with pytest.raises(exc):
+        CBuffer(size)  # type: ignore[arg-type]
+
+
+def test_garbage_collection_frees_once() -> None:
+    base = ptrbridge.stats()
+    buf = CBuffer.copy(b"x" * 100)
+    assert ptrbridge.stats().live_bytes == base.live_bytes + 100
+    del buf
+    gc.collect()
+    now = ptrbridge.stats()
+    assert now.live_blocks == base.live_blocks and now.frees == base.frees + 1
+
+
+def test_explicit_free_and_with() -> None:
+    buf = CBuffer(8)
+    buf.free()
+    assert buf.state == "freed"
+    with pytest.raises(UseAfterTransferError, match="after its memory was freed"):
+        buf.to_bytes()
+    with pytest.raises(BufferError):
+        memoryview(buf)
+    with CBuffer(8) as scoped:
+        assert scoped.state == "owned"
+    assert scoped.state == "freed"
+
+
+def test_transfer_hands_ownership_to_c() -> None:
+    base = ptrbridge.stats()
+    buf = CBuffer.copy(b"payload")
+    raw = buf.transfer()
+    assert ffi.typeof(raw) is ffi.typeof("char *")
+    assert ffi.string(raw, 7) == b"payload"
+    assert ptrbridge.stats().transferred == base.transferred + 1
+    for use in (lambda: buf.ptr, buf.to_bytes, buf.transfer, buf.free, lambda: buf[0]):
+        with pytest.raises(UseAfterTransferError, match="transferred"):
+            use()
+    with pytest.raises(BufferError, match="transferred to C or freed"):
+        memoryview(buf)
+    del buf
+    gc.collect()  # Python must not free what C owns
+    assert ptrbridge.stats().transferred == base.transferred + 1
+    assert lib.pb_free(raw) == lib.PB_OK  # C frees it (e.g. in a delivery callback)
+    assert ptrbridge.stats().transferred == base.transferred
+    with pytest.raises(DoubleFreeError):
+        ptrbridge.free(raw)
+
+
+def test_transfer_refused_while_exported() -> None:
+    buf = CBuffer(8)
+    view = memoryview(buf)
+    with pytest.raises(BufferError, match="1 memoryview"):
+        buf.transfer()
+    with pytest.raises(BufferError):
+        buf.free()
+    view.release()
+    ptrbridge.free(buf.transfer())
+
+
+def test_free_by_address_and_errors() -> None:
+    # malloc the foreign block first: an address pb_free just gave back to the
+    # system could be handed out again and would read as a double free.
+    foreign = libc.malloc(8)
+    p = lib.pb_malloc(4)
+    ptrbridge.free(int(ffi.cast("uintptr_t", p)))
+    with pytest.raises(DoubleFreeError, match="double free"):
+        ptrbridge.free(p)
+    try:
+        with pytest.raises(NotOwnedError, match="not allocated by the ptrbridge allocator"):
+            ptrbridge.free(foreign)
+    finally:
+        libc.free(foreign)
+    with pytest.raises(TypeError):
+        ptrbridge.free("0x1234")  # type: ignore[arg-type]
+    buf = CBuffer(4)
+    ptrbridge.free(buf)
+    assert buf.state == "freed"
+
+
+# --- cstring and cnew -------------------------------------------------------------
+
+def test_cstring() -> None:
+    s = ptrbridge.cstring("héllo")
+    assert s.to_bytes() == "héllo".encode() + b"\0" and len(s) == 7
+    assert ffi.string(s.ptr) == "héllo".encode()
+    assert ptrbridge.cstring(b"raw").to_bytes() == b"raw\0"
+    with pytest.raises(ValueError, match="embedded NUL at offset 1"):
+        ptrbridge.cstring("a\0b")
+    with pytest.raises(TypeError):
+        ptrbridge.cstring(5)  # type: ignore[arg-type]
+
+
+def test_cnew_typed_c_memory() -> None:
+    import cffi
+
+    other = cffi.FFI()
+    other.cdef("struct point { int x, y; char *label; };")
+    pt = ptrbridge.cnew("struct point *", ffi=other)
+    assert len(pt) == other.sizeof("struct point")
+    pt.c.x, pt.c.y = 3, 4
+    assert (pt.c.x, pt.c.y, pt.c.label) == (3, 4, other.NULL)
+    assert ptrbridge.cnew("struct point", ffi=other).ctype == other.typeof("struct point *")
+    assert lib.pb_alloc_size(ffi.cast("void *", pt.address)) == len(pt)
+    with pytest.raises(TypeError, match="size is unknown"):
+        ptrbridge.cnew("void *")

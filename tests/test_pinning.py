@@ -1,0 +1,207 @@
+"""Pinner: pointers to Python buffers that stay valid while pinned."""
+from __future__ import annotations
+
+import array
+import ctypes
+import gc
+import mmap
+import subprocess
+import sys
+import warnings
+from typing import Any, Callable, Tuple
+
+import cffi
+import numpy as np
+import pytest
+
+import ptrbridge
+from ptrbridge import PinLeakWarning, Pinner, UnpinnableError
+from ptrbridge._bindings import ffi
+
+other_ffi = cffi.FFI()
+
+
+def _address(ptr: Any) -> int:
+    return int(ffi.cast("uintptr_t", ptr))
+
+
+def _buffer_address(obj: Any) -> int:
+    keeper = ffi.from_buffer(obj)
+    try:
+        return _address(keeper)
+    finally:
+        ffi.release(keeper)
+
+
+def _make_mmap() -> Tuple[Any, int, bytes]:
+    m = mmap.mmap(-1, 4096)
+    m[:5] = b"mmap!"
+    return m, _buffer_address(m), b"mmap!"
+
+
+KINDS: dict = {
+    "bytes": lambda: (lambda o: (o, _buffer_address(o), b"bytes"))(b"bytes data"),
+    "bytearray": lambda: (lambda o: (o, _buffer_address(o), b"bytea"))(bytearray(b"bytearray")),
+    "memoryview": lambda: (lambda o: (o, _buffer_address(o), b"view!"))(memoryview(bytearray(b"view!!"))),
+    "array": lambda: (lambda o: (o, o.buffer_info()[0], bytes(memoryview(o).cast("B"))[:5]))(
+        array.array("i", [7, 8, 9])),
+    "numpy": lambda: (lambda o: (o, o.ctypes.data, o.tobytes()[:5]))(np.arange(4, dtype=np.int32) + 65),
+    "mmap": _make_mmap,
+    "ffi.buffer": lambda: (lambda c: (ffi.buffer(c), _address(c), b"cffi!"))(ffi.new("char[]", b"cffi!")),
+    "ctypes": lambda: (lambda o: (o, ctypes.addressof(o), bytes(o)[:5]))((ctypes.c_char * 8)(*b"ctypes!!")),
+    "ffi.new": lambda: (lambda c: (c, _address(c), b"new!\0"))(ffi.new("char[]", b"new!")),
+    "other ffi.new": lambda: (lambda c: (c, _address(c), b"\x05\x00\x00\x00\x06"))(other_ffi.new("int[2]", [5, 6])),
+    "from_buffer": lambda: (lambda c: (c, _address(c), b"fromb"))(ffi.from_buffer(bytearray(b"frombuf"))),
+    "ptrbridge.new": lambda: (lambda c: (c, _address(c), b"pbnew"))(ptrbridge.new("char[]", b"pbnew")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_pin_every_buffer_kind(kind: str) -> None:
+    obj, address, head = KINDS[kind]()
+    with Pinner() as p:
+        ptr = p.pin(obj)
+        assert ffi.typeof(ptr) is ffi.typeof("char *")
+        assert _address(ptr) == address
+        assert ffi.buffer(ptr, len(head))[:] == head
+        assert p.is_pinned(obj) and len(p) == 1
+    assert not p.is_pinned(obj)
+    if kind == "mmap":
+        obj.close()  # possible again once unpinned
+
+
+def test_pinned_bytearray_cannot_be_resized_until_unpinned() -> None:
+    data = bytearray(b"grow me")
+    p = Pinner()
+    p.pin(data)
+    with pytest.raises(BufferError):
+        data.extend(b"!")
+    with pytest.raises(BufferError):
+        data.clear()
+    p.unpin()
+    data.extend(b"!")
+    assert data == b"grow me!"
+
+
+def test_pin_twice_counts_once() -> None:
+    base = ptrbridge.stats().live_pins
+    data = bytearray(4)
+    with Pinner() as p:
+        assert p.pin(data) == p.pin(data)
+        assert ptrbridge.stats().live_pins == base + 1 and len(p) == 1
+        p.pin(bytearray(4))
+        assert ptrbridge.stats().live_pins == base + 2
+    assert ptrbridge.stats().live_pins == base
+
+
+def test_two_pinners_pin_independently() -> None:
+    data = bytearray(4)
+    a, b = Pinner(), Pinner()
+    a.pin(data)
+    b.pin(data)
+    a.unpin()
+    with pytest.raises(BufferError):
+        data.append(1)  # still pinned by b
+    b.unpin()
+    data.append(1)
+
+
+def test_user_from_buffer_cdata_stays_usable_after_unpin() -> None:
+    source = bytearray(b"abc")
+    view = ffi.from_buffer(source)
+    with Pinner() as p:
+        p.pin(view)
+    assert ffi.buffer(view)[:] == b"abc"  # not released by the Pinner
+    ffi.release(view)
+
+
+def test_pinner_reusable_after_unpin() -> None:
+    p = Pinner()
+    p.pin(b"one")
+    p.unpin()
+    p.pin(b"two")
+    assert len(p) == 1
+    p.unpin()
+    assert "pins=0" in repr(p)
+
+
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        (42, "cannot pin int: it does not export a buffer"),
+        ([1, 2], "cannot pin list"),
+        ("text", "cannot pin str"),
+        (np.arange(10)[::2], "non-contiguous ndarray"),
+        (ffi.cast("char *", 0), "does not own its memory"),
+        (ffi.new("char[]", 4) + 1, "does not own its memory"),
+    ],
+    ids=["int", "list", "str", "strided numpy", "cast pointer", "derived pointer"],
+)
+def test_unpinnable_objects(obj: Any, match: str) -> None:
+    with pytest.raises(UnpinnableError, match=match) as info:
+        Pinner().pin(obj)
+    assert isinstance(info.value, TypeError)
+
+
+def test_garbage_collected_pinner_warns_and_unpins() -> None:
+    data = bytearray(16)
+    base = ptrbridge.stats().live_pins
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = Pinner()
+        p.pin(data)  # the line named in the warning
+        line = sys._getframe().f_lineno - 1
+        del p
+        gc.collect()
+    leaks = [w for w in caught if issubclass(w.category, PinLeakWarning)]
+    assert len(leaks) == 1
+    message = str(leaks[0].message)
+    assert "ptrbridge.Pinner: found leaking pinned pointer; forgot to call unpin()?" in message
+    assert "bytearray(16)" in message and f"test_pinning.py:{line}" in message
+    assert leaks[0].lineno == line
+    assert ptrbridge.stats().live_pins == base
+    data.extend(b"x")  # unpinned
+
+
+def test_leak_warning_is_an_error_under_w_error() -> None:
+    code = (
+        "import gc, ptrbridge\n"
+        "p = ptrbridge.Pinner(); p.pin(bytearray(8)); del p; gc.collect()\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "error::ptrbridge.PinLeakWarning", "-c", code],
+                          capture_output=True, text=True)
+    assert "PinLeakWarning" in proc.stderr and "forgot to call unpin()" in proc.stderr
+
+
+def test_warning_at_interpreter_exit() -> None:
+    code = (
+        "import ptrbridge\n"
+        "data = bytearray(32)\n"
+        "keep = ptrbridge.Pinner()\n"
+        "keep.pin(data)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "PinLeakWarning: ptrbridge.Pinner: found leaking pinned pointer; forgot to call unpin()?" in proc.stderr
+    assert "bytearray(32) pinned at <string>:4" in proc.stderr
+
+
+def test_pin_is_thread_safe() -> None:
+    import threading
+
+    base = ptrbridge.stats().live_pins
+    p = Pinner()
+    objects = [bytearray(8) for _ in range(200)]
+
+    def pin_all() -> None:
+        for obj in objects:
+            p.pin(obj)
+
+    threads = [threading.Thread(target=pin_all) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(p) == 200 and ptrbridge.stats().live_pins == base + 200
+    p.unpin()
+    assert len(p) == 0 and ptrbridge.stats().live_pins == base
