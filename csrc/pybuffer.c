@@ -8,8 +8,9 @@
  * C) while a memoryview still points at it: _detach() refuses with
  * BufferError, the way bytearray refuses to resize while exported.
  *
- * This is the only file that uses the CPython C API.  It is registered as
- * ptrbridge._native.BufferBase by pb__py_init().
+ * This is the only file that uses the CPython C API.  pb__py_init() registers
+ * the type as ptrbridge._native.BufferBase, and write_unraisable (reporting an
+ * exception through sys.unraisablehook) as ptrbridge._native.write_unraisable.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -141,6 +142,32 @@ static PyTypeObject BufferBaseType = {
     .tp_new = bb_new,
 };
 
+/* write_unraisable(exc, obj): report an exception the way CPython reports
+ * one it cannot raise (sys.unraisablehook), e.g. from a callback that C
+ * called outside any checked call. */
+static PyObject *write_unraisable(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *exc, *obj;
+    if (!PyArg_ParseTuple(args, "OO", &exc, &obj))
+        return NULL;
+    if (!PyExceptionInstance_Check(exc)) {
+        PyErr_SetString(PyExc_TypeError, "write_unraisable: exc must be an exception instance");
+        return NULL;
+    }
+    PyObject *tb = PyException_GetTraceback(exc); /* new reference or NULL */
+    Py_INCREF(exc);
+    Py_INCREF((PyObject *)Py_TYPE(exc));
+    PyErr_Restore((PyObject *)Py_TYPE(exc), exc, tb); /* steals all three */
+    PyErr_WriteUnraisable(obj);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef write_unraisable_def = {
+    "write_unraisable", write_unraisable, METH_VARARGS,
+    "Report an exception through sys.unraisablehook.",
+};
+
 int pb__py_init(void)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -162,6 +189,15 @@ int pb__py_init(void)
     }
     if (PyObject_SetAttrString(module, "BufferBase", (PyObject *)&BufferBaseType) < 0)
         goto out;
+    {
+        PyObject *fn = PyCFunction_New(&write_unraisable_def, NULL);
+        if (fn == NULL)
+            goto out;
+        int set = PyObject_SetAttrString(module, "write_unraisable", fn);
+        Py_DECREF(fn);
+        if (set < 0)
+            goto out;
+    }
     rc = 0;
 out:
     if (rc != 0)

@@ -12,6 +12,7 @@ plus the registry's counters (:func:`stats`) and check levels like
 from __future__ import annotations
 
 from .allocators import CAllocator, c_allocator
+from .callbacks import Callback, callback, extern_callback, live_callbacks
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
 from .capi import c_api, native_library_path
 from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
@@ -68,6 +69,10 @@ def collect() -> int:
 
 __all__ = [
     "AllocatorError",
+    "Callback",
+    "callback",
+    "extern_callback",
+    "live_callbacks",
     "CAllocator",
     "RetainedPointerError",
     "RetainedPointerWarning",
