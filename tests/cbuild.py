@@ -22,7 +22,7 @@ def build_shared(source: str, outdir: Path, libs: Sequence[str] = ()) -> Path:
     """
     src = CLIB / source
     out = Path(outdir) / f"lib{src.stem}.so"
-    cmd = ["gcc", *CFLAGS, f"-I{CSRC}", str(src), "-o", str(out), *[f"-l{lib}" for lib in libs]]
+    cmd = ["gcc", *CFLAGS, f"-I{CSRC}", f"-I{CLIB}", str(src), "-o", str(out), *[f"-l{lib}" for lib in libs]]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
@@ -38,7 +38,7 @@ def build_cffi_module(name: str, cdef: str, source: str, outdir: Path,
         name,
         source,
         libraries=list(libraries),
-        include_dirs=[str(CSRC)],
+        include_dirs=[str(CSRC), str(CLIB)],
         sources=[str(CLIB / s) for s in (extra_sources or ())],
         extra_compile_args=["-std=c11", "-Wall", "-Wextra"],
     )

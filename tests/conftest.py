@@ -45,3 +45,41 @@ def threads_lib(clib_dir: Path) -> Path:
 def uses_pb_lib(clib_dir: Path) -> Path:
     """tests/clib/uses_pb.c: calls the pb_* API by name and through struct pb_api."""
     return build_shared("uses_pb.c", clib_dir)
+
+
+CHECKED_HEADER = Path(__file__).parent / "clib" / "checked.h"
+CHECKED_CDEF = CHECKED_HEADER.read_text().split("/* CDEF_BEGIN */")[1].split("/* CDEF_END */")[0]
+
+
+@pytest.fixture(scope="session")
+def checked_so(clib_dir: Path) -> Path:
+    """tests/clib/checked.c as a shared library (for cffi ABI mode and ctypes)."""
+    return build_shared("checked.c", clib_dir)
+
+
+@pytest.fixture(scope="session")
+def abi(checked_so: Path):  # type: ignore[no-untyped-def]
+    """(ffi, raw lib) for checked.c in cffi ABI mode."""
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    return ffi, ffi.dlopen(str(checked_so))
+
+
+@pytest.fixture(scope="session")
+def api(clib_dir: Path):  # type: ignore[no-untyped-def]
+    """The compiled cffi API-mode module for checked.c, with an extern "Python" callback."""
+    from cbuild import build_cffi_module
+
+    cdef = CHECKED_CDEF + """
+        extern "Python" int py_square(int);
+        int sum_of_squares(int n);
+    """
+    source = """
+        #include "checked.h"
+        static int py_square(int);
+        int sum_of_squares(int n) { int s = 0; for (int i = 0; i < n; i++) s += py_square(i); return s; }
+    """
+    return build_cffi_module("_checked_api", cdef, source, clib_dir / "api", libraries=["pthread"],
+                             extra_sources=["checked.c"])

@@ -394,7 +394,7 @@ class CallCheck:
         self._walk(argno, address, layout_of(ctype), count, "", holder, 0, lend)
 
     def _walk(self, argno: int, address: int, layout: Optional[Layout], count: int, prefix: str,
-              holder: str, depth: int, lend: Optional[List[Owner]] = None) -> None:
+              holder: str, depth: int, lend: Optional[List[Owner]] = None, indexed: bool = False) -> None:
         if layout is None or not layout.slots or count <= 0 or depth > MAX_DEPTH:
             return
         key = (address, id(layout))
@@ -404,6 +404,7 @@ class CallCheck:
         count = min(count, MAX_SLOTS // len(layout.slots) or 1)
         slots = layout.slots
         width = len(slots)
+        indexed = indexed or count > 1  # what a pointer points to is shown as p->[i]
         for k, value in enumerate(layout.read_array(address, count)):
             if not value:
                 continue
@@ -412,11 +413,11 @@ class CallCheck:
                 if has_freed_history():
                     freed = find_freed(value)
                     if freed is not None:
-                        raise self._freed_error(argno, _path(prefix, k, width, count, slots), freed)
+                        raise self._freed_error(argno, _path(prefix, k, width, indexed, slots), freed)
                 continue
             if not owner.pinned:
                 if lend is None:
-                    raise self._nested_error(argno, _path(prefix, k, width, count, slots), owner, holder)
+                    raise self._nested_error(argno, _path(prefix, k, width, indexed, slots), owner, holder)
                 if owner not in lend:
                     lend.append(owner)
                 continue
@@ -424,14 +425,15 @@ class CallCheck:
             pointee = layout_of(slot.pointee) if slot.pointee is not None else None
             if pointee is not None and pointee.slots and pointee.size:
                 fits = max(1, (owner.end - value) // pointee.size)
-                path = _path(prefix, k, width, count, slots)
-                self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend)
+                path = _path(prefix, k, width, indexed, slots)
+                self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend,
+                           indexed=True)
 
 
-def _path(prefix: str, k: int, width: int, count: int, slots: Tuple[Slot, ...]) -> str:
+def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:
     """The readable path of the k-th slot value of a walk (only built for messages)."""
     element, index = divmod(k, width)
-    return f"{prefix}[{element}]{slots[index].path}" if count > 1 else f"{prefix}{slots[index].path}"
+    return f"{prefix}[{element}]{slots[index].path}" if indexed else f"{prefix}{slots[index].path}"
 
 
 def caller_frame(depth: int) -> Any:

@@ -1,0 +1,219 @@
+/*
+ * checked.c - C functions the checked-call tests call through cffi (ABI and
+ * API mode) and ctypes: structs with pointer fields in every shape, thread
+ * identity, a racy counter, a concurrency gate, a blocking read, callbacks.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checked.h"
+
+static int slen(const char *s)
+{
+    return s ? (int)strlen(s) : 0;
+}
+
+int person_name_len(const struct person *p)
+{
+    return p && p->name ? (int)strlen(p->name) : -1;
+}
+
+int person_by_value_len(struct person p)
+{
+    return p.name ? (int)strlen(p.name) : -1;
+}
+
+int names_total(const char **names, int n)
+{
+    int total = 0;
+    for (int i = 0; i < n; i++)
+        total += slen(names[i]);
+    return total;
+}
+
+int team_total(const struct person *team, int n)
+{
+    int total = 0;
+    for (int i = 0; i < n; i++)
+        total += slen(team[i].name);
+    return total;
+}
+
+int holder_total(const struct holder *h)
+{
+    int total = slen(h->who.name) + team_total(h->team, 2);
+    if (h->names)
+        total += names_total(h->names, h->count);
+    return total;
+}
+
+int list_total(const struct node *n)
+{
+    int total = 0;
+    for (; n; n = n->next)
+        total += slen(n->label);
+    return total;
+}
+
+int text_len(const char *s)
+{
+    return slen(s);
+}
+
+int add(int a, int b)
+{
+    return a + b;
+}
+
+int fail_with(int code)
+{
+    return code;
+}
+
+void *null_pointer(void)
+{
+    return NULL;
+}
+
+unsigned long thread_id(void)
+{
+    return (unsigned long)pthread_self();
+}
+
+/* A counter with a lost-update race unless calls are serialised. */
+static long counter;
+
+void counter_bump(int times)
+{
+    for (int i = 0; i < times; i++) {
+        long v = counter;
+        sched_yield();
+        counter = v + 1;
+    }
+}
+
+long counter_value(void)
+{
+    return counter;
+}
+
+void counter_reset(void)
+{
+    counter = 0;
+}
+
+/* A gate: callers wait inside until it opens; the most ever inside is kept. */
+static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
+static int gate_is_open, gate_inside, gate_most;
+
+void gate_reset(void)
+{
+    pthread_mutex_lock(&gate_lock);
+    gate_is_open = 0;
+    gate_inside = 0;
+    gate_most = 0;
+    pthread_mutex_unlock(&gate_lock);
+}
+
+void gate_pass(void)
+{
+    pthread_mutex_lock(&gate_lock);
+    gate_inside++;
+    if (gate_inside > gate_most)
+        gate_most = gate_inside;
+    pthread_cond_broadcast(&gate_cond);
+    while (!gate_is_open)
+        pthread_cond_wait(&gate_cond, &gate_lock);
+    gate_inside--;
+    pthread_mutex_unlock(&gate_lock);
+}
+
+/* Blocks until at least n callers are inside the gate. */
+void gate_wait_inside(int n)
+{
+    pthread_mutex_lock(&gate_lock);
+    while (gate_inside < n)
+        pthread_cond_wait(&gate_cond, &gate_lock);
+    pthread_mutex_unlock(&gate_lock);
+}
+
+void gate_open(void)
+{
+    pthread_mutex_lock(&gate_lock);
+    gate_is_open = 1;
+    pthread_cond_broadcast(&gate_cond);
+    pthread_mutex_unlock(&gate_lock);
+}
+
+int gate_most_inside(void)
+{
+    pthread_mutex_lock(&gate_lock);
+    int most = gate_most;
+    pthread_mutex_unlock(&gate_lock);
+    return most;
+}
+
+/* Reads into buf, blocking until the pipe has data (for the R3 watchdog). */
+long read_into(int fd, char *buf, long n)
+{
+    return (long)read(fd, buf, (size_t)n);
+}
+
+/* Calls fn(0..n-1); returns the sum, or the first negative result. */
+int call_each(int (*fn)(int), int n)
+{
+    int sum = 0;
+    for (int i = 0; i < n; i++) {
+        int r = fn(i);
+        if (r < 0)
+            return r;
+        sum += r;
+    }
+    return sum;
+}
+
+/* Calls fn(userdata, i) for i < n; returns the sum. */
+int call_with_userdata(int (*fn)(void *, int), void *userdata, int n)
+{
+    int sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += fn(userdata, i);
+    return sum;
+}
+
+/* Calls fn(arg) and returns the length of the string it returns (-1 for NULL). */
+int call_get_len(const char *(*fn)(int), int arg)
+{
+    const char *s = fn(arg);
+    return s ? (int)strlen(s) : -1;
+}
+
+struct thread_call {
+    int (*fn)(int);
+    int arg;
+    int result;
+};
+
+static void *thread_main(void *p)
+{
+    struct thread_call *c = p;
+    c->result = c->fn(c->arg);
+    return NULL;
+}
+
+/* Calls fn(arg) on a new C thread, outside any Python call, and returns its result. */
+int call_on_thread(int (*fn)(int), int arg)
+{
+    pthread_t t;
+    struct thread_call c = {fn, arg, 0};
+    if (pthread_create(&t, NULL, thread_main, &c) != 0)
+        return -1000;
+    pthread_join(t, NULL);
+    return c.result;
+}

@@ -1,0 +1,375 @@
+"""Rule R1 and use after free, through cffi (API and ABI mode) and ctypes."""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import cffi
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ptrbridge
+from ptrbridge import NestedPointerError, Pinner, UseAfterFreeError
+
+HINT = "(pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer)"
+THIS = os.path.basename(__file__)
+
+
+def _line() -> int:
+    return sys._getframe(1).f_lineno
+
+
+@pytest.fixture(params=["api", "abi"])
+def cffi_lib(request: pytest.FixtureRequest, api: Any, abi: Tuple[Any, Any]) -> Tuple[Any, Any]:
+    """(ffi, checked library) for both cffi modes."""
+    if request.param == "api":
+        return api.ffi, ptrbridge.wrap(api.lib)
+    ffi, raw = abi
+    return ffi, ptrbridge.wrap(raw)
+
+
+# --- cffi ---------------------------------------------------------------------------
+
+def test_struct_field_to_ffi_new_held_in_a_local(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    name = ffi.new("char[]", b"Grace")
+    person = ffi.new("struct person *")
+    person.name = name
+    line = _line() + 2
+    with pytest.raises(NestedPointerError) as info:
+        c.person_name_len(person)
+    message = str(info.value)
+    assert message.startswith("ptrbridge: argument 1 has Python pointer to unpinned Python pointer: ")
+    assert ".name -> cdata 'char[]'(6) (local variable 'name')" in message
+    assert f"in call to person_name_len() at {THIS}:{line}" in message
+    assert message.endswith(HINT)
+
+
+def test_struct_field_pinned_or_copied_is_accepted(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    name = ffi.new("char[]", b"Grace")
+    person = ffi.new("struct person *")
+    with Pinner() as p:
+        person.name = p.pin(name)
+        assert c.person_name_len(person) == 5
+    copy = ptrbridge.cstring("Hopper")
+    person.name = copy.ptr
+    assert c.person_name_len(person) == 6
+
+
+def test_ptrbridge_new_target_is_known_without_locals(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    person = ffi.new("struct person *")
+    holder = {"keep": ptrbridge.new("char[]", b"x", ffi=ffi)}
+    person.name = holder["keep"]
+
+    def helper_far_away(p: Any) -> None:
+        c.person_name_len(p)
+
+    with pytest.raises(NestedPointerError, match=r"\.name -> cdata 'char\[\]'\(2\) \(ptrbridge.new at "):
+        helper_far_away(person)
+
+
+def test_struct_by_value_is_walked(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    buf = bytearray(b"by value\0")
+    person = ffi.new("struct person *")
+    person.name = ffi.from_buffer(buf)
+    with pytest.raises(NestedPointerError, match=r"argument 1 .*: \.name -> bytearray\(9\)"):
+        c.person_by_value_len(person[0])
+    with Pinner() as p:
+        person.name = p.pin(buf)
+        assert c.person_by_value_len(person[0]) == 8
+
+
+def test_pointer_to_pointer_array(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    words = [ffi.new("char[]", b"ab"), ffi.new("char[]", b"cde")]
+    names = ffi.new("char *[]", words)
+    with pytest.raises(NestedPointerError, match=r"argument 1 .*: \[0\] -> cdata 'char\[\]'\(3\)"):
+        c.names_total(names, 2)
+    with Pinner() as p:
+        for w in words:
+            p.pin(w)
+        assert c.names_total(names, 2) == 5
+
+
+def test_list_argument_for_pointer_array(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    word = ffi.new("char[]", b"xyz")
+    with pytest.raises(NestedPointerError, match=r"argument 1 .*: \[1\] -> cdata"):
+        c.names_total([ffi.NULL, word], 2)
+    with Pinner() as p:
+        p.pin(word)
+        assert c.names_total([ffi.NULL, word], 2) == 3
+
+
+def test_array_of_structs_names_the_element(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    team = ffi.new("struct person[3]")
+    names = [ptrbridge.cstring("ok"), bytearray(b"bad\0")]
+    team[0].name = names[0].ptr
+    team[1].name = ffi.from_buffer(names[1])
+    with pytest.raises(NestedPointerError, match=r"\[1\]\.name -> bytearray\(4\)"):
+        c.team_total(team, 3)
+
+
+def test_nested_struct_union_and_pointer_to_pointer(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    h = ffi.new("struct holder *")
+    label = ffi.new("char[]", b"union")
+    h.v.text = label
+    with pytest.raises(NestedPointerError, match=r"\.v\.text -> cdata"):
+        c.holder_total(h)
+    h.v.text = ffi.NULL
+    inner = ffi.new("char[]", b"inner")
+    names = ffi.new("char *[1]", [inner])
+    with Pinner() as p:
+        h.names = ffi.cast("const char **", p.pin(names))  # the array is pinned, its element is not
+        h.count = 1
+        with pytest.raises(NestedPointerError, match=r"\.names->\[0\] -> cdata 'char\[\]'\(6\)") as info:
+            c.holder_total(h)
+        assert "has pinned Python pointer to unpinned Python pointer" in str(info.value)
+        p.pin(inner)
+        h.team[1].name = p.pin(ffi.new("char[]", b"mate"))
+        assert c.holder_total(h) == 5 + 4
+
+
+def test_linked_list_through_pinned_nodes(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    first, second = ffi.new("struct node *"), ffi.new("struct node *")
+    first.label = ptrbridge.cstring("a").ptr  # C memory (kept alive below)
+    keep = [ptrbridge.cstring("a"), ptrbridge.cstring("bb")]
+    first.label, second.label = keep[0].ptr, keep[1].ptr
+    first.next = second
+    with pytest.raises(NestedPointerError, match=r"\.next -> cdata 'struct node \*'"):
+        c.list_total(first)
+    with Pinner() as p:
+        first.next = ffi.cast("struct node *", p.pin(second))
+        assert c.list_total(first) == 3
+
+
+def test_c_memory_argument_lends_python_targets(cffi_lib: Tuple[Any, Any]) -> None:
+    """A struct in C memory pointing at Python memory: no R1 error (that is R2's business)."""
+    ffi, c = cffi_lib
+    person = ptrbridge.cnew("struct person *", ffi=ffi)
+    name = bytearray(b"lent\0")
+    person.c.name = ffi.from_buffer(name)
+    assert c.person_name_len(person.c) == 4
+
+
+def test_bytes_argument_is_lent_not_walked(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    assert c.text_len(b"hello") == 5
+    assert c.text_len(ffi.from_buffer(bytearray(b"hey\0"))) == 3
+    assert c.text_len(ffi.NULL) == 0
+
+
+def test_use_after_free_of_ptrbridge_new(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    owner = ptrbridge.new("char[]", b"gone", ffi=ffi); made = _line()  # noqa: E702
+    dangling = ffi.cast("char *", owner)
+    del owner; freed = _line()  # noqa: E702
+    with pytest.raises(UseAfterFreeError) as info:
+        c.text_len(dangling)
+    message = str(info.value)
+    assert message.startswith("ptrbridge: argument 1 is a pointer into freed Python memory: cdata 'char[]'(5)")
+    assert f"created at {THIS}:{made}, freed at {THIS}:{freed}" in message
+    person = ffi.new("struct person *")
+    person.name = dangling
+    with pytest.raises(UseAfterFreeError, match=r"argument 1 has pointer to freed Python memory: \.name -> "):
+        c.person_name_len(person)
+
+
+def test_level_zero_skips_checks(cffi_lib: Tuple[Any, Any]) -> None:
+    ffi, c = cffi_lib
+    name = ffi.new("char[]", b"off")
+    person = ffi.new("struct person *")
+    person.name = name
+    with ptrbridge.checking(0):
+        assert c.person_name_len(person) == 3
+
+
+# --- ctypes -----------------------------------------------------------------------
+
+class Person(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("age", ctypes.c_int)]
+
+
+class Node(ctypes.Structure):
+    pass
+
+
+Node._fields_ = [("next", ctypes.POINTER(Node)), ("label", ctypes.c_char_p)]
+
+
+@pytest.fixture
+def ct(checked_so: Path) -> Any:
+    lib = ctypes.CDLL(str(checked_so))
+    lib.person_name_len.argtypes = [ctypes.POINTER(Person)]
+    lib.list_total.argtypes = [ctypes.POINTER(Node)]
+    lib.text_len.argtypes = [ctypes.c_void_p]
+    return ptrbridge.wrap(lib)
+
+
+def test_ctypes_c_char_p_field_set_to_bytes(ct: Any) -> None:
+    person = Person(b"Ada", 36)
+    with pytest.raises(NestedPointerError, match=r"argument 1 .*: \.name -> bytes\(3\) \(kept alive by argument 1\)"):
+        ct.person_name_len(ctypes.byref(person))
+    with pytest.raises(NestedPointerError):
+        ct.person_name_len(ctypes.pointer(person))
+    with Pinner() as p:
+        p.pin(person._objects["0"])
+        assert ct.person_name_len(ctypes.byref(person)) == 3
+
+
+def test_ctypes_pointer_field_to_another_instance(ct: Any) -> None:
+    second = Node(None, None)
+    first = Node(ctypes.pointer(second), None)
+    with pytest.raises(NestedPointerError, match=r"\.next -> Node\(16\)"):
+        ct.list_total(ctypes.byref(first))
+    with Pinner() as p:
+        p.pin(second)
+        assert ct.list_total(ctypes.byref(first)) == 0
+
+
+def test_ctypes_raw_address_after_free(ct: Any) -> None:
+    owner = ptrbridge.new("char[]", b"raw")
+    address = int(ptrbridge._bindings.ffi.cast("uintptr_t", owner))
+    assert ct.text_len(address) == 3
+    del owner
+    with pytest.raises(UseAfterFreeError, match="is a pointer into freed Python memory"):
+        ct.text_len(address)
+
+
+# --- a reference model of R1 ---------------------------------------------------------
+
+TARGETS = ("null", "pinned", "unpinned", "cmem")
+_counter = [0]
+
+
+@st.composite
+def struct_types(draw: Any, depth: int = 0) -> List[Tuple[str, Any]]:
+    """Fields: ('ptr', target) | ('int', None) | ('array', [targets]) | ('struct', fields) | ('union', target)."""
+    n = draw(st.integers(1, 4))
+    fields: List[Tuple[str, Any]] = []
+    for _ in range(n):
+        kinds = ["ptr", "int", "array", "union"] + (["struct"] if depth < 2 else [])
+        kind = draw(st.sampled_from(kinds))
+        if kind == "ptr" or kind == "union":
+            fields.append((kind, draw(st.sampled_from(TARGETS))))
+        elif kind == "array":
+            fields.append((kind, draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3))))
+        elif kind == "struct":
+            fields.append((kind, draw(struct_types(depth + 1))))
+        else:
+            fields.append((kind, None))
+    return fields
+
+
+def _declare(fields: List[Tuple[str, Any]], decls: List[str]) -> str:
+    _counter[0] += 1
+    name = f"s{_counter[0]}"
+    members = []
+    for i, (kind, spec) in enumerate(fields):
+        if kind == "ptr":
+            members.append(f"char *f{i};")
+        elif kind == "int":
+            members.append(f"long f{i};")
+        elif kind == "array":
+            members.append(f"void *f{i}[{len(spec)}];")
+        elif kind == "union":
+            members.append(f"union {{ long n; char *p; }} f{i};")
+        else:
+            members.append(f"struct {_declare(spec, decls)} f{i};")
+    decls.append(f"struct {name} {{ {' '.join(members)} }};")
+    return name
+
+
+def _fill(ffi: Any, obj: Any, fields: List[Tuple[str, Any]], path: str, make: Any, expected: List[str]) -> None:
+    for i, (kind, spec) in enumerate(fields):
+        here = f"{path}.f{i}"
+        if kind == "ptr":
+            setattr(obj, f"f{i}", make(spec, here, expected))
+        elif kind == "union":
+            getattr(obj, f"f{i}").p = make(spec, f"{here}.p", expected)
+        elif kind == "array":
+            arr = getattr(obj, f"f{i}")
+            for j, target in enumerate(spec):
+                arr[j] = make(target, f"{here}[{j}]", expected)
+        elif kind == "struct":
+            _fill(ffi, getattr(obj, f"f{i}"), spec, here, make, expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=struct_types())
+def test_checker_against_reference_model(fields: List[Tuple[str, Any]]) -> None:
+    ffi = cffi.FFI()
+    decls: List[str] = []
+    top = _declare(fields, decls)
+    ffi.cdef("\n".join(decls))
+    obj = ffi.new(f"struct {top} *")
+    keep: List[Any] = []  # unpinned Python buffers, held in a local list
+    cmem: List[Any] = []
+    expected: List[str] = []  # paths the model says violate R1, in walk order
+    pinner = Pinner()
+
+    def make(target: str, path: str, found: List[str]) -> Any:
+        if target == "null":
+            return ffi.NULL
+        if target == "pinned":
+            return ffi.cast("char *", pinner.pin(bytearray(b"p\0")))
+        if target == "cmem":
+            cmem.append(ptrbridge.cstring("c"))
+            return ffi.cast("char *", cmem[-1].ptr)
+        keep.append(bytearray(b"u\0"))
+        found.append(path)
+        return ffi.cast("char *", ffi.from_buffer(keep[-1]))
+
+    try:
+        _fill(ffi, obj, fields, "", make, expected)
+        if expected:
+            with pytest.raises(NestedPointerError) as info:
+                _call_with_struct(ffi, obj, top)
+            reported = re.search(r"unpinned Python pointer: (\S+) -> ", str(info.value))
+            assert reported is not None
+            # the first violation in memory order is reported
+            assert reported.group(1) == _first_in_memory_order(ffi, obj, top, expected)
+        else:
+            _call_with_struct(ffi, obj, top)
+    finally:
+        pinner.unpin()
+
+
+def _call_with_struct(ffi: Any, obj: Any, top: str) -> None:
+    """Pass obj to a C function taking `struct top *` (memcmp-like no-op via cffi ABI)."""
+    sig = cffi.FFI()
+    sig.include(ffi)
+    sig.cdef(f"int memcmp(const struct {top} *a, const void *b, size_t n);")
+    c = ptrbridge.wrap(sig.dlopen(None))
+    c.memcmp(obj, obj, 0)
+
+
+def _first_in_memory_order(ffi: Any, obj: Any, top: str, paths: List[str]) -> str:
+    base = int(ffi.cast("uintptr_t", obj))
+    return min(paths, key=lambda path: _field_offset(ffi, obj, path, base))
+
+
+def _field_offset(ffi: Any, obj: Any, path: str, base: int) -> int:
+    parts = re.findall(r"\.(\w+)|\[(\d+)\]", path)
+    cur = obj[0]
+    owner = None
+    for name, index in parts:
+        owner = cur
+        cur = getattr(cur, name) if name else cur[int(index)]
+    last_name, last_index = parts[-1]
+    if last_name:
+        address = int(ffi.cast("uintptr_t", ffi.addressof(owner, last_name)))
+    else:
+        address = int(ffi.cast("uintptr_t", ffi.addressof(owner, int(last_index))))
+    return address - base
