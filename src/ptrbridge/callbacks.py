@@ -34,6 +34,7 @@ Both sides of the boundary::
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -127,7 +128,7 @@ class Callback:
                 args = self._resolve_userdata(args)
             result = fn(*args)
             if self.pointer_result and levels._level and result is not None:
-                self._check_result(result)
+                self._check_result(result, fn)
             return result
         except BaseException as exc:  # nothing may unwind through C frames
             _deliver(exc, self)
@@ -143,8 +144,13 @@ class Callback:
         items[index] = handle_value(token)  # InvalidHandleError for a bad token
         return tuple(items)
 
-    def _check_result(self, result: Any) -> None:
-        """R4: the pointer returned to C must not be unpinned Python-owned memory."""
+    def _check_result(self, result: Any, fn: Callable[..., Any]) -> None:
+        """R4: the pointer returned to C must not be unpinned Python-owned memory.
+
+        Besides the registry, the owners considered are the result itself, the
+        callback's closure variables, and the locals of the Python code that
+        made the C call (when C calls back on the same thread).
+        """
         extent = object_extent(result)
         if isinstance(result, ffi.CData) and extent is None:
             address = address_of(result)
@@ -157,7 +163,11 @@ class Callback:
             address = extent[0]
         else:
             return
-        owner = CallCheck(self.name, None, (result,)).classify(address) if address else None
+        known = (result,) + tuple(cell.cell_contents for cell in getattr(fn, "__closure__", None) or ()
+                                  if _cell_filled(cell))
+        # Frames: _check_result, _invoke, the trampoline; above them the C call.
+        frame = sys._getframe(3)
+        owner = CallCheck(self.name, frame, known).classify(address) if address else None
         if owner is None and extent is not None:  # the object itself is Python memory
             return self._fail(describe(result, extent[1]), "returned by")
         if owner is not None and not owner.pinned:
@@ -169,6 +179,14 @@ class Callback:
             f"(defined at {self.defined_at}) (pin it with ptrbridge.Pinner for as long as C uses "
             f"it, or return C memory from ptrbridge.CBuffer / ptrbridge.cstring)"
         )
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def _deliver(exc: BaseException, cb: Callback) -> None:

@@ -104,8 +104,10 @@ def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
         return address_of(obj), ffi.sizeof(ctype.item)
     if ctype.kind == "array":
         return address_of(obj), ffi.sizeof(obj)
-    # A struct or union value that refers to its owner, e.g. ffi.new("struct s *")[0].
-    return address_of(ffi.addressof(obj)), ffi.sizeof(obj)
+    if ctype.kind in ("struct", "union"):
+        # A struct or union value that refers to its owner, e.g. ffi.new("struct s *")[0].
+        return address_of(ffi.addressof(obj)), ffi.sizeof(obj)
+    return None  # e.g. a callback's function pointer: code, not data
 
 
 def ctypes_extent(obj: Any) -> Optional[Tuple[int, int]]:

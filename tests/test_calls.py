@@ -1,0 +1,251 @@
+"""ptrbridge.wrap: levels, pass-through, error conventions, errno, thread models, R3 watchdog."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import cffi
+import pytest
+
+import ptrbridge
+from ptrbridge import CError, NestedPointerError, Pinner, calls
+
+libc_ffi = cffi.FFI()
+libc_ffi.cdef("""
+    struct iovec { void *iov_base; size_t iov_len; };
+    ssize_t writev(int fd, const struct iovec *iov, int iovcnt);
+    int close(int fd);
+    int open(const char *path, int flags, ...);
+    char *getenv(const char *name);
+    const char *strerror(int errnum);
+    #define EBADF 9
+""")
+LIBC = libc_ffi.dlopen(None)
+
+
+def test_writev_with_iovecs_into_bytearrays() -> None:
+    libc = ptrbridge.wrap(LIBC, errcheck={"writev": "negative"}, use_errno=True)
+    read_end, write_end = os.pipe()
+    try:
+        parts = [bytearray(b"hello, "), bytearray(b"world")]
+        iov = libc_ffi.new("struct iovec[2]")
+        for i, part in enumerate(parts):
+            iov[i].iov_base = libc_ffi.from_buffer(part)
+            iov[i].iov_len = len(part)
+        with pytest.raises(NestedPointerError, match=r"argument 2 .*: \[0\]\.iov_base -> bytearray\(7\)"):
+            libc.writev(write_end, iov, 2)
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # the rejected call never reached C: nothing was written
+        os.set_blocking(read_end, True)
+        with Pinner() as p:
+            for i, part in enumerate(parts):
+                iov[i].iov_base = p.pin(part)
+            assert libc.writev(write_end, iov, 2) == 12
+        assert os.read(read_end, 64) == b"hello, world"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_level_zero_returns_the_raw_function(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    with ptrbridge.checking(0):
+        assert c.add is raw.add
+    assert c.add is not raw.add
+    assert c.add(2, 3) == 5
+    assert c.add.__name__ == "add" and c.add.__wrapped__ is raw.add
+
+
+def test_level_change_reaches_cached_functions(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    person_name_len = c.person_name_len  # fetched at level 1
+    name = ffi.new("char[]", b"x")
+    person = ffi.new("struct person *")
+    person.name = name
+    with ptrbridge.checking(0):
+        assert person_name_len(person) == 1
+    with pytest.raises(NestedPointerError):
+        person_name_len(person)
+
+
+def test_non_functions_pass_through(api: Any) -> None:
+    c = ptrbridge.wrap(api.lib)
+    with pytest.raises(AttributeError):
+        c.no_such_function
+    assert "add" in dir(c)
+    assert ptrbridge.unwrap(c) is api.lib
+    libc = ptrbridge.wrap(LIBC)
+    assert libc.EBADF == 9
+
+
+def test_wrap_rejects_bad_arguments(abi: Tuple[Any, Any]) -> None:
+    _, raw = abi
+    with pytest.raises(ValueError, match="threads must be one of"):
+        ptrbridge.wrap(raw, threads="parallel")
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_concurrency must be a positive int"):
+            ptrbridge.wrap(raw, max_concurrency=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown error convention 'zero'"):
+        ptrbridge.wrap(raw, errcheck={"add": "zero"})
+    with pytest.raises(TypeError, match="already wrapped"):
+        ptrbridge.wrap(ptrbridge.wrap(raw))
+    with pytest.raises(TypeError):
+        ptrbridge.declare(raw, "add", errcheck="negative")  # type: ignore[arg-type]
+
+
+# --- error conventions ------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["api", "abi", "ctypes"])
+def test_error_conventions(mode: str, api: Any, abi: Tuple[Any, Any], checked_so: Path) -> None:
+    if mode == "api":
+        lib = api.lib
+    elif mode == "abi":
+        lib = abi[1]
+    else:
+        lib = ctypes.CDLL(str(checked_so))
+        lib.null_pointer.restype = ctypes.c_void_p
+    c = ptrbridge.wrap(lib, errcheck={"fail_with": "negative", "null_pointer": "null"},
+                       error_message=lambda code: f"code {code} means trouble")
+    assert c.fail_with(0) == 0 and c.fail_with(7) == 7
+    with pytest.raises(CError, match=r"^ptrbridge: fail_with\(\) failed with result -3: code -3 means trouble$") as info:
+        c.fail_with(-3)
+    assert info.value.code == -3 and info.value.function == "fail_with"
+    with pytest.raises(CError, match=r"null_pointer\(\) failed"):
+        c.null_pointer()
+    ptrbridge.declare(c, "fail_with", errcheck="nonzero")
+    with pytest.raises(CError):
+        c.fail_with(7)
+    ptrbridge.declare(c, "fail_with", errcheck=lambda r: r == 42)
+    assert c.fail_with(7) == 7
+    with pytest.raises(CError):
+        c.fail_with(42)
+
+
+def test_broken_message_function_does_not_hide_the_failure(abi: Tuple[Any, Any]) -> None:
+    c = ptrbridge.wrap(abi[1], errcheck={"fail_with": "negative"}, error_message=lambda code: 1 / 0)
+    with pytest.raises(CError, match="error_message failed: ZeroDivisionError"):
+        c.fail_with(-1)
+
+
+def test_errno_cffi_is_fresh() -> None:
+    libc = ptrbridge.wrap(LIBC, errcheck={"close": "negative", "open": "negative"}, use_errno=True)
+    with pytest.raises(OSError) as info:
+        libc.close(-1)
+    assert info.value.errno == errno.EBADF and "from close()" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        libc.open(b"/nonexistent/ptrbridge", os.O_RDONLY)
+    # errno is still ENOENT from the failed open; a succeeding call must not see it
+    fd = libc.open(b"/dev/null", os.O_RDONLY)
+    libc.close(fd)
+
+
+def test_errno_ctypes_is_fresh() -> None:
+    crt = ctypes.CDLL(None)
+    crt.close.argtypes = [ctypes.c_int]
+    libc = ptrbridge.wrap(crt, errcheck={"close": "negative"}, use_errno=True)
+    with pytest.raises(OSError) as info:
+        libc.close(-1)
+    assert info.value.errno == errno.EBADF
+    fd = os.open("/dev/null", os.O_RDONLY)
+    assert libc.close(fd) == 0
+
+
+def test_errno_zero_failure_is_a_cerror() -> None:
+    libc = ptrbridge.wrap(LIBC, errcheck={"getenv": "null"}, use_errno=True)
+    with pytest.raises(CError, match="errno 0"):
+        libc.getenv(b"PTRBRIDGE_SURELY_UNSET_VARIABLE")
+
+
+# --- thread models ----------------------------------------------------------------
+
+def _run_threads(target: Any, n: int) -> None:
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_serial_runs_every_call_on_one_thread(abi: Tuple[Any, Any]) -> None:
+    c = ptrbridge.wrap(abi[1], threads="serial")
+    seen: List[int] = []
+    _run_threads(lambda: seen.extend(c.thread_id() for _ in range(20)), 4)
+    try:
+        assert len(seen) == 80 and len(set(seen)) == 1
+        assert seen[0] != abi[1].thread_id()  # not the caller's thread
+    finally:
+        ptrbridge.shutdown(c)
+
+
+def test_lock_serialises_a_racy_function(abi: Tuple[Any, Any]) -> None:
+    _, raw = abi
+    c = ptrbridge.wrap(raw, threads="lock")
+    raw.counter_reset()
+    _run_threads(lambda: [c.counter_bump(50) for _ in range(20)], 4)
+    assert raw.counter_value() == 4 * 20 * 50
+
+
+def test_max_concurrency_bounds_calls_in_flight(abi: Tuple[Any, Any]) -> None:
+    _, raw = abi
+    c = ptrbridge.wrap(raw, max_concurrency=2)
+    raw.gate_reset()
+    threads = [threading.Thread(target=c.gate_pass) for _ in range(5)]
+    for t in threads:
+        t.start()
+    raw.gate_wait_inside(2)  # two are in; the others wait for a slot in Python
+    raw.gate_open()
+    for t in threads:
+        t.join()
+    assert raw.gate_most_inside() == 2
+
+
+# --- R3 watchdog ------------------------------------------------------------------
+
+def test_watchdog_reports_a_call_that_holds_lent_memory(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    reported = threading.Event()
+    messages: List[str] = []
+
+    def listener(message: str) -> None:
+        messages.append(message)
+        reported.set()
+
+    read_end, write_end = os.pipe()
+    buffer = bytearray(64)
+    old = ptrbridge.set_call_timeout(0.05)
+    calls.timeout_listeners.append(listener)
+    result: List[int] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            worker = threading.Thread(target=lambda: result.append(c.read_into(read_end, ffi.from_buffer(buffer), 64)))
+            worker.start()
+            assert reported.wait(30), "the watchdog never reported the blocked call"
+            os.write(write_end, b"done")
+            worker.join()
+        assert result == [4] and bytes(buffer[:4]) == b"done"
+        assert "read_into() called at test_calls.py:" in messages[0]
+        assert "has held cdata 'char[]'(64)" in messages[0]
+        assert "R3: a C call that received Python memory must return" in messages[0]
+        assert any(issubclass(w.category, ptrbridge.CallTimeoutWarning) for w in caught)
+    finally:
+        calls.timeout_listeners.remove(listener)
+        ptrbridge.set_call_timeout(old)
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "1", None])
+def test_call_timeout_rejects(bad: object) -> None:
+    with pytest.raises(ValueError, match="seconds must be a positive number"):
+        ptrbridge.set_call_timeout(bad)  # type: ignore[arg-type]
+    assert ptrbridge.call_timeout() == 60.0
