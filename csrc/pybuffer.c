@@ -15,6 +15,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <string.h>
+
 #include "pb_internal.h"
 
 typedef struct {
@@ -23,6 +25,7 @@ typedef struct {
     Py_ssize_t size;
     int readonly;
     int detached;
+    int owns; /* frees ptr with pb_free when released or deallocated */
     Py_ssize_t exports;
     PyObject *weakreflist;
 } BufferBase;
@@ -50,6 +53,7 @@ static PyObject *bb_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->size = size;
     self->readonly = readonly;
     self->detached = 0;
+    self->owns = 0;
     self->exports = 0;
     self->weakreflist = NULL;
     return (PyObject *)self;
@@ -59,6 +63,8 @@ static void bb_dealloc(BufferBase *self)
 {
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->owns && self->ptr != NULL)
+        pb__free_quiet(self->ptr);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -83,6 +89,76 @@ static void bb_releasebuffer(BufferBase *self, Py_buffer *view)
     self->exports--;
 }
 
+/* The memory of a BufferBase made by _alloc/_copy belongs to it (tracked
+ * allocator) until _release_memory() frees it, _detach() gives it away, or
+ * the object is deallocated. */
+static PyObject *bb_adopt(PyTypeObject *type, char *ptr, Py_ssize_t size)
+{
+    BufferBase *self = (BufferBase *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        pb__free_quiet(ptr);
+        return NULL;
+    }
+    self->ptr = ptr;
+    self->size = size;
+    self->readonly = 0;
+    self->detached = 0;
+    self->owns = 1;
+    self->exports = 0;
+    self->weakreflist = NULL;
+    return (PyObject *)self;
+}
+
+static PyObject *bb_alloc(PyObject *cls, PyObject *arg)
+{
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "ptrbridge: buffer size must not be negative");
+        return NULL;
+    }
+    char *p = pb_calloc(1, (size_t)size);
+    if (p == NULL)
+        return PyErr_NoMemory();
+    return bb_adopt((PyTypeObject *)cls, p, size);
+}
+
+static PyObject *bb_copy(PyObject *cls, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_ANY_CONTIGUOUS) < 0)
+        return NULL;
+    char *p = pb_malloc((size_t)view.len);
+    if (p == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    memcpy(p, view.buf, (size_t)view.len);
+    Py_ssize_t size = view.len;
+    PyBuffer_Release(&view);
+    return bb_adopt((PyTypeObject *)cls, p, size);
+}
+
+static PyObject *bb_release_memory(BufferBase *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->exports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "ptrbridge: cannot free a CBuffer while %zd memoryview(s) or other exports "
+                     "still point at it; release them first",
+                     self->exports);
+        return NULL;
+    }
+    char *p = self->owns ? self->ptr : NULL;
+    self->owns = 0;
+    self->detached = 1;
+    self->ptr = NULL;
+    self->size = 0;
+    if (p != NULL)
+        pb__free_quiet(p);
+    Py_RETURN_NONE;
+}
+
 static PyObject *bb_detach(BufferBase *self, PyObject *unused)
 {
     (void)unused;
@@ -94,6 +170,7 @@ static PyObject *bb_detach(BufferBase *self, PyObject *unused)
         return NULL;
     }
     self->detached = 1;
+    self->owns = 0;
     self->ptr = NULL;
     self->size = 0;
     Py_RETURN_NONE;
@@ -111,15 +188,44 @@ static PyObject *bb_get_detached(BufferBase *self, void *closure)
     return PyBool_FromLong(self->detached);
 }
 
+static PyObject *bb_get_address(BufferBase *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromVoidPtr(self->ptr);
+}
+
+static PyObject *bb_get_owns(BufferBase *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->owns);
+}
+
+static Py_ssize_t bb_length(BufferBase *self)
+{
+    return self->size;
+}
+
+static PySequenceMethods bb_as_sequence = {
+    .sq_length = (lenfunc)bb_length,
+};
+
 static PyMethodDef bb_methods[] = {
     {"_detach", (PyCFunction)bb_detach, METH_NOARGS,
-     "Stop exporting the memory; BufferError while any export is alive."},
+     "Stop exporting the memory and give it up (to C); BufferError while any export is alive."},
+    {"_alloc", (PyCFunction)bb_alloc, METH_O | METH_CLASS,
+     "A new instance owning `size` zeroed bytes of tracked C memory."},
+    {"_copy", (PyCFunction)bb_copy, METH_O | METH_CLASS,
+     "A new instance owning a tracked C copy of a contiguous buffer."},
+    {"_release_memory", (PyCFunction)bb_release_memory, METH_NOARGS,
+     "Free owned memory now; BufferError while any export is alive."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef bb_getset[] = {
     {"_exports", (getter)bb_get_exports, NULL, "Number of live buffer exports.", NULL},
-    {"_detached", (getter)bb_get_detached, NULL, "True once _detach() succeeded.", NULL},
+    {"_detached", (getter)bb_get_detached, NULL, "True once the memory was given up.", NULL},
+    {"_address", (getter)bb_get_address, NULL, "Address of the memory (0 once given up).", NULL},
+    {"_owns", (getter)bb_get_owns, NULL, "True while the object owns (and will free) its memory.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -134,6 +240,7 @@ static PyTypeObject BufferBaseType = {
     .tp_basicsize = sizeof(BufferBase),
     .tp_dealloc = (destructor)bb_dealloc,
     .tp_as_buffer = &bb_as_buffer,
+    .tp_as_sequence = &bb_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Exports C memory through the buffer protocol (base of ptrbridge.CBuffer).",
     .tp_weaklistoffset = offsetof(BufferBase, weakreflist),

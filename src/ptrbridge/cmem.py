@@ -22,18 +22,15 @@ from .errors import UseAfterTransferError
 
 __all__ = ["CBuffer", "TypedCBuffer", "cnew", "cstring", "free"]
 
-_OWNED, _TRANSFERRED, _FREED = "owned", "transferred", "freed"
+_TRANSFERRED, _FREED = "transferred", "freed"
 
 
-def _allocate(size: int, *, zeroed: bool) -> int:
+def _check_size(size: object) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"ptrbridge.CBuffer: size must be an int, not {type(size).__name__}")
     if size < 0:
         raise ValueError(f"ptrbridge.CBuffer: size must not be negative, got {size}")
-    ptr = lib.pb_calloc(1, size) if zeroed else lib.pb_malloc(size)
-    if ptr == ffi.NULL:
-        raise MemoryError(f"ptrbridge.CBuffer: cannot allocate {size} bytes")
-    return address_of(ptr)
+    return size
 
 
 class CBuffer(BufferBase):  # type: ignore[misc]
@@ -43,54 +40,33 @@ class CBuffer(BufferBase):  # type: ignore[misc]
     buffer.  ``len(buf)`` is the size, ``memoryview(buf)`` is a zero-copy view,
     ``buf.ptr`` is a cffi ``char *`` for C.  The memory is freed when the
     CBuffer is garbage-collected (or by :meth:`free` / ``with``), unless it
-    was transferred to C.
+    was transferred to C.  (Allocation, copy and free are done by the C base
+    type, so a CBuffer costs about as much as a bytes object.)
     """
 
-    __slots__ = ("_address", "_size", "_state")
-
-    _address: int
-    _size: int
-    _state: str
+    __slots__ = ("_gone",)  # "transferred" or "freed" once the memory is given up
 
     def __new__(cls, size: int) -> "CBuffer":
-        return cls._adopt(_allocate(size, zeroed=True), size)
-
-    @classmethod
-    def _adopt(cls, address: int, size: int) -> "CBuffer":
-        self = BufferBase.__new__(cls, address, size)
-        self._address = address
-        self._size = size
-        self._state = _OWNED
-        return self  # type: ignore[no-any-return]
+        return cls._alloc(_check_size(size))  # type: ignore[no-any-return]
 
     @classmethod
     def copy(cls, data: Any) -> "CBuffer":
         """Copy any object exporting a contiguous buffer into new C memory."""
         try:
-            view = memoryview(data)
+            return cls._copy(data)  # type: ignore[no-any-return]
         except TypeError:
+            raise TypeError(f"ptrbridge.CBuffer.copy: {type(data).__name__} does not export a buffer") from None
+        except (BufferError, ValueError):  # exporters refuse non-contiguous requests either way
             raise TypeError(
-                f"ptrbridge.CBuffer.copy: {type(data).__name__} does not export a buffer"
+                f"ptrbridge.CBuffer.copy: {type(data).__name__} is not contiguous; copy it to bytes first"
             ) from None
-        with view:
-            if not view.contiguous:
-                raise TypeError(
-                    f"ptrbridge.CBuffer.copy: {type(data).__name__} is not contiguous; "
-                    f"copy it to bytes first"
-                )
-            size = view.nbytes
-            address = _allocate(size, zeroed=False)
-            if size:
-                ffi.memmove(ffi.cast("char *", address), view, size)
-        return cls._adopt(address, size)
 
     def _live(self, what: str) -> int:
-        if self._state != _OWNED:
+        if not self._owns:
             raise UseAfterTransferError(
-                f"ptrbridge: CBuffer.{what} after its memory was {self._state} "
-                f"({self._size} bytes at {self._address:#x}); C owns or freed it now"
+                f"ptrbridge: CBuffer.{what} after its memory was {self.state}; C owns or freed it now"
             )
-        return self._address
+        return self._address  # type: ignore[no-any-return]
 
     @property
     def ptr(self) -> Any:
@@ -105,14 +81,12 @@ class CBuffer(BufferBase):  # type: ignore[misc]
     @property
     def state(self) -> str:
         """``"owned"``, ``"transferred"`` or ``"freed"``."""
-        return self._state
-
-    def __len__(self) -> int:
-        return self._size
+        return "owned" if self._owns else getattr(self, "_gone", _FREED)
 
     def to_bytes(self) -> bytes:
         """A bytes copy of the contents."""
-        return bytes(ffi.buffer(ffi.cast("char *", self._live("to_bytes()")), self._size))
+        self._live("to_bytes()")
+        return bytes(self)
 
     def __getitem__(self, index: Union[int, slice]) -> Union[int, bytes]:
         self._live("__getitem__")
@@ -134,33 +108,28 @@ class CBuffer(BufferBase):  # type: ignore[misc]
         memoryview of it is alive.
         """
         address = self._live("transfer()")
-        self._detach()  # BufferError if exported
+        self._detach()  # BufferError if exported; the memory is no longer ours
+        self._gone = _TRANSFERRED
         check(lib.pb__alloc_set_transferred(ffi.cast("void *", address), 1),
               f"CBuffer.transfer() of {address:#x}")
-        self._state = _TRANSFERRED
         return ffi.cast("char *", address)
 
     def free(self) -> None:
         """Free the memory now (instead of at garbage collection)."""
-        address = self._live("free()")
-        self._detach()
-        self._state = _FREED
-        check(lib.pb__free_quiet(ffi.cast("void *", address)), f"CBuffer.free() of {address:#x}")
+        self._live("free()")
+        self._release_memory()  # BufferError if exported
+        self._gone = _FREED
 
     def __enter__(self) -> "CBuffer":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._state == _OWNED:
+        if self._owns:
             self.free()
 
-    def __del__(self) -> None:
-        if getattr(self, "_state", None) == _OWNED and lib is not None:
-            self._state = _FREED
-            lib.pb__free_quiet(ffi.cast("void *", self._address))
-
     def __repr__(self) -> str:
-        return f"<ptrbridge.CBuffer {self._size} bytes at {self._address:#x} {self._state}>"
+        where = f" at {self._address:#x}" if self._owns else ""
+        return f"<ptrbridge.{type(self).__name__} {len(self)} bytes{where} {self.state}>"
 
 
 class TypedCBuffer(CBuffer):
@@ -199,10 +168,9 @@ def cnew(ctype: Any, ffi: Any = None) -> TypedCBuffer:
     item = pointer.item
     if item.kind in ("void", "function") or (item.kind in ("struct", "union") and item.fields is None):
         raise TypeError(f"ptrbridge.cnew: cannot allocate '{item.cname}': its size is unknown")
-    size = parser.sizeof(item)
-    buf = TypedCBuffer._adopt(_allocate(size, zeroed=True), size)
+    buf = TypedCBuffer._alloc(parser.sizeof(item))
     buf._ctype = pointer
-    return buf  # type: ignore[return-value]
+    return buf  # type: ignore[no-any-return]
 
 
 def cstring(text: Union[str, bytes]) -> CBuffer:
@@ -221,9 +189,7 @@ def cstring(text: Union[str, bytes]) -> CBuffer:
         raise ValueError(
             f"ptrbridge.cstring: embedded NUL at offset {data.index(0)}; C would see a truncated string"
         )
-    buf = CBuffer._adopt(_allocate(len(data) + 1, zeroed=False), len(data) + 1)
-    ffi.memmove(ffi.cast("char *", buf._address), data + b"\0", len(data) + 1)
-    return buf
+    return CBuffer._copy(data + b"\0")  # type: ignore[no-any-return]
 
 
 def free(ptr: Any) -> None:
