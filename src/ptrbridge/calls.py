@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from types import CodeType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
@@ -65,6 +66,7 @@ _CFuncPtr = ctypes.CFUNCTYPE(None).__mro__[1]
 _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
+_PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
 
 # ---------------------------------------------------------------------------
 # Exceptions raised inside callbacks, re-raised when the checked call returns
@@ -110,7 +112,6 @@ _timeout = 60.0
 # (sys._current_frames): checked calls register nothing, they only take a
 # token that tells two calls from the same frame apart.
 _CALL_CODES: Set[CodeType] = set()
-_call_tokens = itertools.count(1)
 _watch_cond = threading.Condition()
 _watchdog: Optional[threading.Thread] = None
 timeout_listeners: List[Callable[[str], None]] = []  # called with each report (tests, tools)
@@ -383,10 +384,14 @@ class CheckedLibrary:
         self._limit = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self._cache: Dict[str, Tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
+        _libraries.add(self)
         for name, convention in errcheck.items():
             declare(self, name, errcheck=convention)
 
     # -- attribute access ------------------------------------------------
+    # The first access of a name builds its checked function and stores the
+    # right object for the current level in the instance dict, so later
+    # accesses are plain attribute lookups; a level change re-points them.
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
@@ -396,12 +401,14 @@ class CheckedLibrary:
             cached = (raw, self._build(name, raw))
             with self._cache_lock:
                 self._cache[name] = cached
-        raw, checked = cached
-        if checked is None:
-            return raw
-        if levels._level == 0 and not getattr(checked, "_ptrbridge_semantic", False):
-            return raw
-        return checked
+        current = _for_level(cached, levels._level)
+        self.__dict__[name] = current
+        return current
+
+    def _repoint(self, level: int) -> None:
+        with self._cache_lock:
+            for name, cached in self._cache.items():
+                self.__dict__[name] = _for_level(cached, level)
 
     # Every public name belongs to the library (libc has close(), others
     # may have declare() or raw()): configuration is in module functions.
@@ -520,15 +527,42 @@ class CheckedLibrary:
                 _return_lent(regions, name, frame)
             return finish(result, err, exc)
 
-        if not semantic:
-            # The common case, kept lean: no error convention, no thread model.
+        # Tokens tell the R3 watchdog one call from the next: (name, n) tuples made in C.
+        token_source = zip(itertools.repeat(name), itertools.count(1))
+        only = plan[0][0] if len(plan) == 1 and not is_ctypes else None
+
+        if not semantic and not checks_args:
+            # No pointer parameters: only exceptions from callbacks to re-raise.
+            def checked(*args: Any) -> Any:
+                result = raw(*args)
+                if _deferred:
+                    exc = _take_deferred(sys._getframe())
+                    if exc is not None:
+                        raise exc
+                return result
+        elif not semantic and only is not None:
+            # One pointer parameter: bytes or NULL for it needs no walk at level 1.
+            def checked(*args: Any) -> Any:
+                level = levels._level
+                if level:
+                    call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
+                    if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
+                        lent = check_args(args)
+                        if lent and level == 2:
+                            return run_level2(args, lent, sys._getframe(1))
+                result = raw(*args)
+                if _deferred:
+                    exc = _take_deferred(sys._getframe())
+                    if exc is not None:
+                        raise exc
+                return result
+        elif not semantic:
             def checked(*args: Any) -> Any:
                 if levels._level:
-                    call_token = (name, next(_call_tokens))  # noqa: F841 - read by the R3 watchdog
-                    if checks_args:
-                        lent = check_args(args)
-                        if lent and levels._level == 2:
-                            return run_level2(args, lent, sys._getframe(1))
+                    call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
+                    lent = check_args(args)
+                    if lent and levels._level == 2:
+                        return run_level2(args, lent, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
                     exc = _take_deferred(sys._getframe())
@@ -538,7 +572,7 @@ class CheckedLibrary:
         else:
             def checked(*args: Any) -> Any:
                 level = levels._level
-                call_token = (name, next(_call_tokens))  # noqa: F841 - read by the R3 watchdog
+                call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
                 lent = check_args(args) if level and checks_args else None
                 limit = lib_self._limit
                 if limit is not None:
@@ -554,13 +588,34 @@ class CheckedLibrary:
 
         _CHECKED_CODES.add(invoke.__code__)
         _CHECKED_CODES.add(checked.__code__)
-        _CALL_CODES.add(checked.__code__)
+        if checks_args or semantic:
+            _CALL_CODES.add(checked.__code__)
         checked.__name__ = name
         checked.__qualname__ = f"CheckedLibrary.{name}"
         checked.__doc__ = f"Checked call of the C function {name}()."
         checked.__wrapped__ = raw  # type: ignore[attr-defined]
         checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
         return checked
+
+
+def _for_level(cached: Tuple[Any, Any], level: int) -> Any:
+    """The raw function at level 0 (unless its wrapper changes behaviour), else the checked one."""
+    raw, checked = cached
+    if checked is None or (level == 0 and not checked._ptrbridge_semantic):
+        return raw
+    return checked
+
+
+_libraries: "weakref.WeakSet[CheckedLibrary]" = weakref.WeakSet()
+
+
+def _on_level_change(old: int, new: int) -> None:
+    if (old == 0) != (new == 0):
+        for library in list(_libraries):
+            library._repoint(new)
+
+
+levels.add_level_listener(_on_level_change)
 
 
 def _on_worker(lib_self: CheckedLibrary, invoke: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
@@ -617,6 +672,7 @@ def declare(library: CheckedLibrary, name: str, *, errcheck: Optional[ErrorConve
     )
     with library._cache_lock:
         library._cache.pop(name, None)
+        library.__dict__.pop(name, None)
 
 
 def unwrap(library: CheckedLibrary) -> Any:
