@@ -253,11 +253,16 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
                 count = max(1, (owner.end - address) // layout.size)
                 check.walk(argno, address, item, count, "Python")
                 return
-            block = int(lib.pb_alloc_size(ffi.cast("void *", address)))
+            block = int(lib.pb__alloc_block_size(address))
             if block:
                 # C memory from the tracked allocator (cnew, CBuffer): Python
                 # memory it points to is lent to this call (rule R2 after it).
                 check.walk(argno, address, item, max(1, block // layout.size), "C", lend=lent)
+                return
+        if levels._level == 2:
+            owner = check.classify(address)  # the heap map knows raw Python addresses
+            if owner is not None and not owner.pinned:
+                lent.append(owner)
                 return
         check.check_address(argno, address)
         return

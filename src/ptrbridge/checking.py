@@ -44,6 +44,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import heapmap, levels
 from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
 from .errors import NestedPointerError, UseAfterFreeError
@@ -354,6 +355,11 @@ class CallCheck:
         for owner in self._local_owners():
             if owner.start <= address < owner.end or address == owner.start:
                 return owner
+        if levels._level == 2:
+            block = heapmap.lookup(address)
+            if block is not None:
+                return Owner(block[0], block[1], f"Python memory block ({block[1]} bytes)", False,
+                             "found by the level-2 heap map")
         return None
 
     # -- messages --------------------------------------------------------

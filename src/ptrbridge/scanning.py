@@ -225,11 +225,12 @@ def scan_freed_python_memory() -> List[Retention]:
     heap map remembers the block, and this scan finds the pointer.  Returns []
     when the heap map is not installed.
     """
-    try:
-        from . import heapmap  # the level-2 heap map; absent from builds without it
-    except ImportError:
-        return []
+    from . import heapmap
+
     freed = heapmap.take_freed() if heapmap.installed() else []
+    # A block already reused (its memory is live again) may be pointed to
+    # legitimately now; the quarantine makes that rare for recent frees.
+    freed = [(start, size) for start, size in freed if heapmap.lookup(start) is None]
     for start, size in freed:
         retire(start, size, f"Python memory block ({size} bytes)", "(not a checked call)",
                "<freed Python memory>", "freed")
