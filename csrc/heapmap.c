@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "pb_heapmap.h"
+#include "pb_scan.h"
 
 #define SMALL_MAX 512
 #define SMALL_ALIGN 16
@@ -352,10 +353,42 @@ int pb__heapmap_uninstall(void)
     return rc;
 }
 
+static int find_locked(uintptr_t addr, uintptr_t *start, size_t *size);
+
 int pb__heapmap_find(uintptr_t addr, uintptr_t *start, size_t *size)
 {
-    int found = 0;
     lock();
+    int found = find_locked(addr, start, size);
+    unlock();
+    return found;
+}
+
+size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
+{
+    size_t n = 0;
+    lock();
+    while (freed_count > 0 && n < cap) {
+        uintptr_t start = freed[freed_head].start;
+        size_t size = freed[freed_head].size;
+        freed_head = (freed_head + 1) % FREED_RING;
+        freed_count--;
+        uintptr_t live_start;
+        size_t live_size;
+        if (find_locked(start, &live_start, &live_size))
+            continue; /* reused: the memory is live again */
+        if (pb__scan_retire(start, size, first_id + n) != PB_OK)
+            break;
+        starts[n] = start;
+        sizes[n] = size;
+        n++;
+    }
+    unlock();
+    return n;
+}
+
+static int find_locked(uintptr_t addr, uintptr_t *start, size_t *size)
+{
+    int found = 0;
     uintptr_t base = addr & ~(uintptr_t)(SMALL_ALIGN - 1);
     for (uintptr_t k = 0; k <= SMALL_MAX && k <= base && !found; k += SMALL_ALIGN) {
         struct entry *e = get(&blocks, base - k, 0, 0);
@@ -380,7 +413,6 @@ int pb__heapmap_find(uintptr_t addr, uintptr_t *start, size_t *size)
             }
         }
     }
-    unlock();
     return found;
 }
 

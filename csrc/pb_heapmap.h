@@ -40,6 +40,11 @@ size_t pb__heapmap_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint
 
 void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 
+/* Takes freed blocks (oldest first) and queues those not live again as
+ * retention-scan targets with ids first_id, first_id + 1, ...; their starts
+ * and sizes go to starts[]/sizes[].  Returns how many were queued (<= cap). */
+size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap);
+
 /* PB_CDEF_END */
 
 #endif /* PB_HEAPMAP_H */

@@ -116,6 +116,9 @@ class _Target:
 
 _lock = threading.RLock()
 _targets: Dict[int, _Target] = {}
+# Freed Python blocks queued in bulk: (first id, count, starts, sizes); their
+# _Target is made only if a finding names them.
+_freed_batches: List[Tuple[int, int, Any, Any]] = []
 _target_ids = itertools.count(1)
 _on_violation = "raise"
 _violations: List[Retention] = []
@@ -179,7 +182,7 @@ def scan() -> List[Retention]:
     global _calls_since_scan, _last_scan_end, _scan_due
     with _lock:
         _scan_due = False
-        if not _targets:
+        if not _targets and not _freed_batches:
             _calls_since_scan = 0
             return []
         out = ffi.new("struct pb_finding[]", _MAX_FINDINGS)
@@ -187,6 +190,7 @@ def scan() -> List[Retention]:
         total = lib.pb__scan_run(out, _MAX_FINDINGS, 0, scanned)
         targets = dict(_targets)
         _targets.clear()
+        batches, _freed_batches[:] = list(_freed_batches), []
         _calls_since_scan = 0
     found: List[Retention] = []
     seen = set()
@@ -196,7 +200,7 @@ def scan() -> List[Retention]:
         if key in seen:
             continue
         seen.add(key)
-        target = targets.get(int(f.target_id))
+        target = targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
         if target is None:
             continue
         found.append(
@@ -222,19 +226,34 @@ def scan_freed_python_memory() -> List[Retention]:
 
     C code that ptrbridge does not wrap (a C extension called directly) can
     keep a pointer to a buffer it was given; once Python frees that buffer the
-    heap map remembers the block, and this scan finds the pointer.  Returns []
-    when the heap map is not installed.
+    heap map holds the block in quarantine and remembers it, and this scan
+    finds the pointer.  Blocks whose memory is already live again are left
+    out.  Returns [] when the heap map is not installed.
     """
     from . import heapmap
 
-    freed = heapmap.take_freed() if heapmap.installed() else []
-    # A block already reused (its memory is live again) may be pointed to
-    # legitimately now; the quarantine makes that rare for recent frees.
-    freed = [(start, size) for start, size in freed if heapmap.lookup(start) is None]
-    for start, size in freed:
-        retire(start, size, f"Python memory block ({size} bytes)", "(not a checked call)",
-               "<freed Python memory>", "freed")
-    return scan() if freed else []
+    if not heapmap.installed():
+        return []
+    batch = 1 << 16
+    starts = ffi.new("uintptr_t[]", batch)
+    sizes = ffi.new("size_t[]", batch)
+    with _lock:
+        first = next(_target_ids)
+        queued = lib.pb__heapmap_retire_freed(first, starts, sizes, batch)
+        for _ in range(max(queued - 1, 0)):
+            next(_target_ids)  # the ids first .. first + queued - 1 are taken
+        _freed_batches.append((first, queued, starts, sizes))
+    return scan() if queued else []
+
+
+def _freed_target(batches: List[Tuple[int, int, Any, Any]], target_id: int) -> Optional[_Target]:
+    for first, count, starts, sizes in batches:
+        if first <= target_id < first + count:
+            i = target_id - first
+            size = int(sizes[i])
+            return _Target(int(starts[i]), size, f"Python memory block ({size} bytes)",
+                           "(not a checked call)", "<freed Python memory>", "freed")
+    return None
 
 
 def _report(found: List[Retention]) -> None:
