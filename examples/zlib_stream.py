@@ -138,7 +138,7 @@ def main() -> None:
     except ptrbridge.RetainedPointerError as exc:
         print("temporary input:", exc)
     finally:
-        d.stream.c.avail_in = 0  # do not let zlib read the freed input
+        d.stream.c.next_in, d.stream.c.avail_in = ffi.NULL, 0  # zlib must not read the freed input
         d.finish()
 
 

@@ -234,7 +234,7 @@ def test_watchdog_reports_a_call_that_holds_lent_memory(abi: Tuple[Any, Any]) ->
             worker.join()
         assert result == [4] and bytes(buffer[:4]) == b"done"
         assert "read_into() called at test_calls.py:" in messages[0]
-        assert "has held cdata 'char[]'(64)" in messages[0]
+        assert "has held bytearray(64)" in messages[0]
         assert "R3: a C call that received Python memory must return" in messages[0]
         assert any(issubclass(w.category, ptrbridge.CallTimeoutWarning) for w in caught)
     finally:

@@ -350,6 +350,11 @@ class CallCheck:
             pinned = region.kind == "pinned"
             origin = f"{'pinned' if pinned else 'ptrbridge.new'} at {region.site}"
             return Owner(region.start, region.size, region.description, pinned, origin)
+        edge = lookup(address - 1)
+        if edge is not None and edge.kind == "pinned" and address == edge.start + edge.size:
+            # One past the end of a pinned buffer, as C keeps end pointers
+            # (zlib's next_in after consuming everything): part of the pin.
+            return Owner(edge.start, edge.size, edge.description, True, f"pinned at {edge.site}")
         if lib.pb__alloc_block_size(address):
             return None  # the start of a tracked C block: C memory
         for owner in self._local_owners():

@@ -198,9 +198,11 @@ def retained(c: Any) -> None:
         zs.c.avail_out = len(out)
         z.deflate(zs.c, 0)
 
+    old_batch = ptrbridge.set_scan_batch(1)  # report at the very call
     with ptrbridge.checking(2):
         _show_error("deflate() of a temporary input it cannot take in one call",
                     lambda: step(os.urandom(1 << 18)))
+    ptrbridge.set_scan_batch(old_batch)
     zs.c.next_in, zs.c.avail_in = ffi.NULL, 0
     raw.deflateEnd(zs.c)
     zs.free()

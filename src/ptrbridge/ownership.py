@@ -13,6 +13,7 @@ was freed is reported instead of silently reading freed memory.
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 import weakref
 from collections import deque
@@ -82,8 +83,18 @@ _freed_pages: Dict[int, List[FreedRegion]] = {}
 _freed_large: List[FreedRegion] = []
 
 
+_FROM_BUFFER_SOURCE = re.compile(r" from '([^']+)' object>$")
+
+
 def describe(obj: Any, size: int) -> str:
-    """Short description of an object for messages: ``bytearray(4096)``."""
+    """Short description of an object for messages: ``bytearray(4096)``.
+
+    An ``ffi.from_buffer`` view is described by the object it views.
+    """
+    if isinstance(obj, _FROMBUF_TYPE):
+        source = _FROM_BUFFER_SOURCE.search(repr(obj))
+        if source is not None:
+            return f"{source.group(1)}({size})"
     if isinstance(obj, ffi.CData):
         return f"cdata '{ffi.typeof(obj).cname}'({size})"
     return f"{type(obj).__name__}({size})"

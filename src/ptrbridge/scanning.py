@@ -42,6 +42,7 @@ __all__ = [
     "retire",
     "cancel",
     "set_on_violation",
+    "set_scan_batch",
     "violations",
     "clear_violations",
     "add_root",
@@ -126,8 +127,9 @@ _library_ids = itertools.count(1)
 _libraries: Dict[str, int] = {}
 _roots: Dict[int, Tuple[int, int]] = {}
 
-# Adaptive batching of automatic scans.
+# Batching of automatic scans: adaptive unless fixed with set_scan_batch().
 _batch = 1
+_fixed_batch: Optional[int] = None
 _MAX_BATCH = 1024
 _calls_since_scan = 0
 _scan_due = False  # set when retired memory was freed: scan at the next opportunity
@@ -287,11 +289,29 @@ def after_call() -> None:
     cost = time.perf_counter() - began
     # Keep scanning under about a tenth of the run time: grow the batch when a
     # scan costs more than that, shrink it back when scans are cheap.
-    if cost > idle * 0.1 and _batch < _MAX_BATCH:
+    if _fixed_batch is not None:
+        _batch = _fixed_batch
+    elif cost > idle * 0.1 and _batch < _MAX_BATCH:
         _batch *= 2
     elif cost < idle * 0.01 and _batch > 1:
         _batch //= 2
     _report(found)
+
+
+def set_scan_batch(calls: Optional[int]) -> Optional[int]:
+    """Scan after every ``calls`` checked calls that lent memory (``None``: adaptive, the default).
+
+    Adaptive batching keeps scanning under about a tenth of the run time, so a
+    retention may be reported a few calls after the call that caused it (the
+    report still names that call).  ``1`` scans after every call: exact blame,
+    at a higher cost.  Returns the previous setting.
+    """
+    global _fixed_batch, _batch
+    if calls is not None and (isinstance(calls, bool) or not isinstance(calls, int) or calls < 1):
+        raise ValueError(f"ptrbridge.set_scan_batch: calls must be a positive int or None, not {calls!r}")
+    old, _fixed_batch = _fixed_batch, calls
+    _batch = calls if calls is not None else 1
+    return old
 
 
 def set_on_violation(mode: str) -> str:
