@@ -306,7 +306,8 @@ def _fill(ffi: Any, obj: Any, fields: List[Tuple[str, Any]], path: str, make: An
             _fill(ffi, getattr(obj, f"f{i}"), spec, here, make, expected)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 @given(fields=struct_types())
 def test_checker_against_reference_model(fields: List[Tuple[str, Any]]) -> None:
     ffi = cffi.FFI()

@@ -8,7 +8,7 @@ from typing import Dict
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -146,7 +146,9 @@ class AllocatorModel(RuleBasedStateMachine):
             assert lib.pb__free_quiet(ffi.cast("void *", address)) == lib.PB_OK
 
 
-AllocatorModel.TestCase.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+AllocatorModel.TestCase.settings = settings(max_examples=50, stateful_step_count=40, deadline=None,
+                                            derandomize=True, database=None,
+                                            suppress_health_check=list(HealthCheck))
 test_allocator_model = AllocatorModel.TestCase
 
 

@@ -275,8 +275,8 @@ class HandleModel(RuleBasedStateMachine):
 
 
 HandleModel.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    max_examples=60, stateful_step_count=40, deadline=None, derandomize=True, database=None,
+    suppress_health_check=list(HealthCheck),
 )
 test_handle_model = HandleModel.TestCase
 
