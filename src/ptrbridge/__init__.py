@@ -39,6 +39,7 @@ from .handles import Handle, HandleTable, collect_handles, handle_value
 from .levels import check_level, checking, set_check_level
 from .ownership import new
 from .pinning import Pinner
+from .quarantine import quarantine_enabled, set_quarantine
 from .scanning import (
     RetainedPointerError,
     RetainedPointerWarning,
@@ -86,6 +87,8 @@ __all__ = [
     "remove_root",
     "scan",
     "set_on_violation",
+    "set_quarantine",
+    "quarantine_enabled",
     "set_scan_batch",
     "unwatch_library",
     "violations",

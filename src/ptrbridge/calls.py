@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Uni
 from . import levels
 from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
-from . import scanning
+from . import quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
 from .ownership import RegionInfo, cdata_extent, describe, lookup, register, unregister
@@ -525,10 +525,18 @@ class CheckedLibrary:
             return lent
 
         def run_level2(args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
+            shadows = None
+            if quarantine._enabled and not is_ctypes:
+                args, shadows = quarantine.shadow_arguments(args, plan, name, frame)
             regions = _lend(lent)
             try:
                 result, err, exc = dispatch(args)
             finally:
+                if shadows:
+                    quarantine.finish(shadows)
+                    for _slot, _back, _keeper, shadow, size, text in shadows:
+                        # C must not keep the shadow either: look for it too.
+                        regions.append(register(2, shadow, size, text.split(" lent to ")[0], "<shadow>"))
                 _return_lent(regions, name, frame)
             return finish(result, err, exc)
 
