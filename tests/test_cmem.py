@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import array
-import ctypes
 import gc
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 import pytest
@@ -16,10 +15,6 @@ import ptrbridge
 from ptrbridge import CBuffer, DoubleFreeError, NotOwnedError, UseAfterTransferError
 from ptrbridge._bindings import ffi, lib
 
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 
 
 # --- the allocator ----------------------------------------------------------------
@@ -32,14 +27,28 @@ def test_calloc_overflow_returns_null() -> None:
     assert lib.pb_calloc(1 << 62, 1 << 8) == ffi.NULL
 
 
+def _foreign_block() -> Any:
+    """Memory ptrbridge never allocated, at an address pb_free cannot have seen (an mmap).
+
+    (A libc malloc block could reuse an address pb_free just gave back, which
+    the allocator would then call a double free.)
+    """
+    import mmap
+
+    return mmap.mmap(-1, 4096)
+
+
 def test_foreign_and_double_free_are_refused_and_reported(capfd: pytest.CaptureFixture) -> None:
-    foreign = libc.malloc(32)
+    region = _foreign_block()
+    view = ffi.from_buffer(region)
+    foreign = int(ffi.cast("uintptr_t", view))
     try:
         assert lib.pb_free(ffi.cast("void *", foreign)) == lib.PB_ERR_NOT_OWNED
         err = capfd.readouterr().err
         assert f"ptrbridge: pb_free: {foreign:#x} was not allocated by the ptrbridge allocator" in err
     finally:
-        libc.free(foreign)
+        ffi.release(view)
+        region.close()
     p = lib.pb_malloc(16)
     assert lib.pb_free(p) == lib.PB_OK
     assert lib.pb_free(p) == lib.PB_ERR_DOUBLE_FREE
@@ -272,9 +281,9 @@ def test_transfer_refused_while_exported() -> None:
 
 
 def test_free_by_address_and_errors() -> None:
-    # malloc the foreign block first: an address pb_free just gave back to the
-    # system could be handed out again and would read as a double free.
-    foreign = libc.malloc(8)
+    region = _foreign_block()
+    view = ffi.from_buffer(region)
+    foreign = int(ffi.cast("uintptr_t", view))
     p = lib.pb_malloc(4)
     ptrbridge.free(int(ffi.cast("uintptr_t", p)))
     with pytest.raises(DoubleFreeError, match="double free"):
@@ -283,7 +292,8 @@ def test_free_by_address_and_errors() -> None:
         with pytest.raises(NotOwnedError, match="not allocated by the ptrbridge allocator"):
             ptrbridge.free(foreign)
     finally:
-        libc.free(foreign)
+        ffi.release(view)
+        region.close()
     with pytest.raises(TypeError):
         ptrbridge.free("0x1234")  # type: ignore[arg-type]
     buf = CBuffer(4)
