@@ -41,6 +41,7 @@ struct root {
 static pthread_mutex_t target_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct target *targets;
 static size_t target_count, target_cap;
+static uint64_t target_generation; /* bumped on every change of the queue */
 
 static pthread_mutex_t root_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct root *roots;
@@ -84,6 +85,7 @@ int pb__scan_retire(uintptr_t start, size_t size, uint64_t id)
     if (end < start)
         end = UINTPTR_MAX;
     targets[target_count++] = (struct target){start, end, id};
+    target_generation++;
     pthread_mutex_unlock(&target_lock);
     return PB_OK;
 }
@@ -97,6 +99,7 @@ size_t pb__scan_cancel(uintptr_t start, size_t size)
         if (targets[i].start < end && start < targets[i].end) {
             targets[i] = targets[--target_count];
             dropped++;
+            target_generation++;
         } else {
             i++;
         }
@@ -259,11 +262,31 @@ static void set_bits(const struct index *ix, int on)
     }
 }
 
+/* The index of a scan that kept the queue, reused while the queue is
+ * unchanged (repeated scans for the same targets skip the sort).  Guarded by
+ * scan_lock. */
+static struct index cached;
+static uint64_t cached_generation = UINT64_MAX;
+
+static void free_index(struct index *ix);
+
 /* Builds the index from a copy of the queued targets.  Returns 0 or -1. */
 static int build_index(struct index *ix, int keep)
 {
     memset(ix, 0, sizeof *ix);
     pthread_mutex_lock(&target_lock);
+    if (keep && cached_generation == target_generation) {
+        *ix = cached;
+        pthread_mutex_unlock(&target_lock);
+        return 0;
+    }
+    uint64_t generation = target_generation;
+    if (cached_generation != UINT64_MAX) {
+        struct index old = cached;
+        cached_generation = UINT64_MAX;
+        memset(&cached, 0, sizeof cached);
+        free_index(&old);
+    }
     size_t n = target_count;
     struct target *t = n ? malloc(n * sizeof *t) : NULL;
     if (n && t == NULL) {
@@ -272,8 +295,10 @@ static int build_index(struct index *ix, int keep)
     }
     if (n)
         memcpy(t, targets, n * sizeof *t);
-    if (!keep)
+    if (!keep) {
         target_count = 0;
+        target_generation++;
+    }
     pthread_mutex_unlock(&target_lock);
     if (n == 0)
         return 0;
@@ -295,7 +320,19 @@ static int build_index(struct index *ix, int keep)
     ix->lo = t[0].start;
     ix->span = hi - t[0].start;
     set_bits(ix, 1);
+    if (keep) {
+        cached = *ix;
+        cached_generation = generation;
+    }
     return 0;
+}
+
+/* Releases an index after a scan, unless it is the cached one. */
+static void done_with_index(struct index *ix)
+{
+    if (cached_generation != UINT64_MAX && ix->t == cached.t)
+        return;
+    free_index(ix);
 }
 
 static void free_index(struct index *ix)
@@ -388,7 +425,7 @@ size_t pb__scan_run(struct pb_finding *out, size_t cap, int keep, uint64_t *byte
         struct block_ctx ctx = {&ix, &sink};
         pb_alloc_foreach(scan_block, &ctx);
     }
-    free_index(&ix);
+    done_with_index(&ix);
     pthread_mutex_unlock(&scan_lock);
     if (bytes)
         *bytes = sink.bytes;
@@ -402,7 +439,7 @@ size_t pb__scan_buffer(const void *base, size_t size)
     pthread_mutex_lock(&scan_lock);
     if (build_index(&ix, 1) == 0 && ix.n)
         scan_range(&ix, (uintptr_t)base, size, PB_ROOT_REGISTERED, 0, &sink);
-    free_index(&ix);
+    done_with_index(&ix);
     pthread_mutex_unlock(&scan_lock);
     return sink.found;
 }
