@@ -146,10 +146,21 @@ static struct entry *get(const struct table *t, uintptr_t key, int match_value, 
     }
 }
 
+static size_t forget_locked(uintptr_t start, int to_freed);
+
 static void record(void *p, size_t size)
 {
     uintptr_t start = (uintptr_t)p;
     lock();
+    struct entry *known = get(&blocks, start, 0, 0);
+    if (known != NULL && known->value == size) {
+        /* Seen already: pymalloc serves large object-domain requests from
+         * the raw domain, so both hooks see the same block. */
+        unlock();
+        return;
+    }
+    if (known != NULL)
+        forget_locked(start, 0);
     put(&blocks, start, size);
     if (size > SMALL_MAX)
         for (uintptr_t c = start >> CHUNK_SHIFT; c <= (start + size - 1) >> CHUNK_SHIFT; c++)

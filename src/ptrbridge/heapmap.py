@@ -4,15 +4,19 @@ At level 2 ptrbridge installs allocator hooks on CPython's raw, mem and object
 domains (``PyMem_SetAllocator``, the mechanism tracemalloc uses) that record
 every block allocated while they are on.  The checker then recognises any
 address inside a live Python block as Python-owned - a struct field or iovec
-set from a raw ``ffi.from_buffer``/``ffi.new``/ctypes address that ptrbridge
-never saw - and the retention scanner can look for pointers into Python
-blocks freed since the last look.
+set from a raw ``ffi.from_buffer`` or ctypes address of a bytes, bytearray
+or ctypes object that ptrbridge never saw - and the retention scanner can
+look for pointers into Python blocks freed since the last look.  Freed
+blocks are held in a bounded quarantine first, so their memory is not
+reused before that look.
 
 Blocks allocated before the hooks were installed are not in the map.  The
 hooks delegate to the allocators that were there before, so switching the
-level at run time is safe.  numpy array data (allocated through numpy's own
-``PyDataMem`` handler, plain malloc) is not covered: numpy arrays passed to C
-are still recognised through ptrbridge's other means.
+level at run time is safe.  Not covered, because it does not go through
+CPython's allocators: memory cffi's ``ffi.new`` allocates (cffi uses malloc
+directly; ``ptrbridge.new``, pins and local-variable discovery cover it) and
+numpy array data (numpy's own ``PyDataMem`` handler; no NEP 49 handler is
+installed yet).
 """
 from __future__ import annotations
 
