@@ -161,6 +161,63 @@ def rules(c: Any) -> None:
               f"{ct.strlen is crt.strlen}")
 
 
+@_section
+def callbacks_and_time(c: Any) -> None:
+    """Callbacks (exceptions across C, released callbacks) and R3 (a call that never returns)."""
+    import os
+    import threading
+
+    from . import calls
+
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        void qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *));
+        ssize_t read(int fd, void *buf, size_t n);
+    """)
+    libc = ptrbridge.wrap(ffi.dlopen(None))
+    numbers = ffi.new("int[4]", [3, 1, 4, 1])
+
+    def compare(a: Any, b: Any) -> int:
+        x, y = ffi.cast("int *", a)[0], ffi.cast("int *", b)[0]
+        if x == 4:
+            raise ValueError("the comparator found a 4")
+        return (x > y) - (x < y)
+
+    cmp = ptrbridge.callback(ffi, "int(const void *, const void *)", compare, error=0)
+    _show_error("qsort() whose Python comparator raises (C got 0, the call re-raises)",
+                lambda: libc.qsort(numbers, 4, 4, cmp.cdata))
+    cmp.release()
+    _show_error("qsort() through the released comparator (no crash)",
+                lambda: libc.qsort(numbers, 4, 4, cmp.cdata))
+    with ptrbridge.callback(ffi, "int(const void *, const void *)",
+                            lambda a, b: ffi.cast("int *", a)[0] - ffi.cast("int *", b)[0]) as good:
+        libc.qsort(numbers, 4, 4, good.cdata)
+    print(f"  a comparator that does not raise sorts: {list(numbers)}")
+
+    read_end, write_end = os.pipe()
+    reported = threading.Event()
+    calls.timeout_listeners.append(lambda message: (print(f"  R3 watchdog:\n    -> {message}"), reported.set()))
+    old = ptrbridge.set_call_timeout(0.2)
+    buf = bytearray(16)
+    try:
+        print("  R3: read() blocks on an empty pipe holding a lent bytearray (timeout 0.2 s)")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ptrbridge.CallTimeoutWarning)
+            reader = threading.Thread(target=lambda: libc.read(read_end, ffi.from_buffer(buf), 16))
+            reader.start()
+            reported.wait(10)
+            os.write(write_end, b"unblocked")
+            reader.join()
+        print(f"  the call returned once data arrived: {bytes(buf[:9])!r}")
+    finally:
+        calls.timeout_listeners.pop()
+        ptrbridge.set_call_timeout(old)
+        os.close(read_end)
+        os.close(write_end)
+
+
 _ZLIB_CDEF = """
     typedef struct {
         const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
@@ -208,6 +265,36 @@ def retained(c: Any) -> None:
     zs.free()
     out.free()
     print(f"  after deflateEnd every block is freed again: live_blocks={ptrbridge.stats().live_blocks}")
+
+
+_QUARANTINE_PROGRAM = """
+import cffi, ptrbridge
+ffi = cffi.FFI()
+ffi.cdef("typedef struct FILE FILE; FILE *fopen(const char *, const char *);"
+         "int setvbuf(FILE *, char *, int, size_t); int fputs(const char *, FILE *);")
+libc = ptrbridge.wrap(ffi.dlopen(None))
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(True)
+out = libc.fopen(b"/dev/null", b"w")
+libc.setvbuf(out, ffi.from_buffer(bytearray(4096)), 0, 4096)  # stdio keeps the buffer (R2)
+libc.fputs(b"this write lands in the buffer stdio kept", out)
+print("not reached")
+"""
+
+
+@_section
+def quarantine(c: Any) -> None:
+    """Quarantine: C using a pointer it kept becomes an explained crash (run in a child process)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _QUARANTINE_PROGRAM], capture_output=True, text=True,
+                          timeout=60)
+    print("  setvbuf() keeps a lent bytearray as the stdio buffer; the next fputs() writes into it")
+    report = [line for line in proc.stderr.splitlines() if line.startswith("ptrbridge:")]
+    print(f"  child exited with status {proc.returncode} (-11: SIGSEGV) and reported:")
+    for line in report:
+        print(f"    -> {line}")
 
 
 @_section
