@@ -171,6 +171,20 @@ static void record(void *p, size_t size)
     unlock();
 }
 
+/* Appends a freed block to the ring, dropping the oldest when full.  Lock held. */
+static void push_freed_locked(uintptr_t start, size_t size)
+{
+    size_t slot = (freed_head + freed_count) % FREED_RING;
+    if (freed_count == FREED_RING) {
+        freed_head = (freed_head + 1) % FREED_RING;
+        freed_dropped++;
+    } else {
+        freed_count++;
+    }
+    freed[slot].start = start;
+    freed[slot].size = size;
+}
+
 /* Forgets a block; returns its size (0 if unknown).  Lock held. */
 static size_t forget_locked(uintptr_t start, int to_freed)
 {
@@ -188,17 +202,8 @@ static size_t forget_locked(uintptr_t start, int to_freed)
     counters.frees++;
     counters.live_blocks--;
     counters.live_bytes -= size;
-    if (to_freed) {
-        size_t slot = (freed_head + freed_count) % FREED_RING;
-        if (freed_count == FREED_RING) {
-            freed_head = (freed_head + 1) % FREED_RING;
-            freed_dropped++;
-        } else {
-            freed_count++;
-        }
-        freed[slot].start = start;
-        freed[slot].size = size;
-    }
+    if (to_freed)
+        push_freed_locked(start, size);
     return size;
 }
 
@@ -240,15 +245,7 @@ static void *hook_realloc(void *ctx, void *ptr, size_t size)
     }
     if (ptr != NULL && q != ptr && old) {
         lock();
-        size_t slot = (freed_head + freed_count) % FREED_RING;
-        if (freed_count == FREED_RING) {
-            freed_head = (freed_head + 1) % FREED_RING;
-            freed_dropped++;
-        } else {
-            freed_count++;
-        }
-        freed[slot].start = (uintptr_t)ptr;
-        freed[slot].size = old;
+        push_freed_locked((uintptr_t)ptr, old); /* moved: the old block is freed */
         unlock();
     }
     record(q, size ? size : 1);

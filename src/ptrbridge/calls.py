@@ -104,6 +104,13 @@ def _take_deferred(frame: Any) -> Optional[BaseException]:
         return _deferred.pop(id(frame), None)
 
 
+def _raise_deferred(frame: Any) -> None:
+    """Raise the exception a callback stored for the checked call running in ``frame``, if any."""
+    exc = _take_deferred(frame)
+    if exc is not None:
+        raise exc
+
+
 # ---------------------------------------------------------------------------
 # R3 watchdog: report calls that hold lent memory for too long
 
@@ -549,9 +556,7 @@ class CheckedLibrary:
             def checked(*args: Any) -> Any:
                 result = raw(*args)
                 if _deferred:
-                    exc = _take_deferred(sys._getframe())
-                    if exc is not None:
-                        raise exc
+                    _raise_deferred(sys._getframe())
                 return result
         elif not semantic and only is not None:
             # One pointer parameter: bytes or NULL for it needs no walk at level 1.
@@ -565,9 +570,7 @@ class CheckedLibrary:
                             return run_level2(args, lent, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
-                    exc = _take_deferred(sys._getframe())
-                    if exc is not None:
-                        raise exc
+                    _raise_deferred(sys._getframe())
                 return result
         elif not semantic:
             def checked(*args: Any) -> Any:
@@ -578,9 +581,7 @@ class CheckedLibrary:
                         return run_level2(args, lent, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
-                    exc = _take_deferred(sys._getframe())
-                    if exc is not None:
-                        raise exc
+                    _raise_deferred(sys._getframe())
                 return result
         else:
             def checked(*args: Any) -> Any:
