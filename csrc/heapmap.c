@@ -449,3 +449,139 @@ void pb__heapmap_get_stats(struct pb_heapmap_stats *out)
     out->installed = installed;
     unlock();
 }
+
+/* ---- numpy (NEP 49) ---------------------------------------------------------
+ * The structs below mirror numpy's PyDataMem_Handler (version 1), so no numpy
+ * headers are needed at build time.  Arrays keep the handler capsule they were
+ * allocated with and free through it, so ours stays valid (static) forever and
+ * keeps delegating to the handler it wrapped, even after uninstall. */
+
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t new_size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} np_allocator;
+
+typedef struct {
+    char name[127];
+    uint8_t version;
+    np_allocator allocator;
+} np_handler;
+
+typedef PyObject *(*np_set_handler_fn)(PyObject *);
+typedef PyObject *(*np_get_handler_fn)(void);
+
+static np_handler *np_wrapped;       /* the handler ours delegates to */
+static PyObject *np_wrapped_capsule; /* kept alive for ever */
+static int np_installed;
+
+static void *np_malloc(void *ctx, size_t size)
+{
+    (void)ctx;
+    void *p = np_wrapped->allocator.malloc(np_wrapped->allocator.ctx, size);
+    if (p != NULL && installed)
+        record(p, size ? size : 1);
+    return p;
+}
+
+static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    (void)ctx;
+    void *p = np_wrapped->allocator.calloc(np_wrapped->allocator.ctx, nelem, elsize);
+    size_t total = nelem * elsize;
+    if (p != NULL && installed)
+        record(p, total != 0 ? total : 1);
+    return p;
+}
+
+static void *np_realloc(void *ctx, void *ptr, size_t new_size)
+{
+    (void)ctx;
+    if (ptr != NULL) {
+        lock();
+        forget_locked((uintptr_t)ptr, 0);
+        unlock();
+    }
+    void *q = np_wrapped->allocator.realloc(np_wrapped->allocator.ctx, ptr, new_size);
+    if (q != NULL && installed)
+        record(q, new_size ? new_size : 1);
+    return q;
+}
+
+static void np_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    if (ptr != NULL) {
+        lock();
+        forget_locked((uintptr_t)ptr, 1);
+        unlock();
+    }
+    np_wrapped->allocator.free(np_wrapped->allocator.ctx, ptr, size);
+}
+
+static np_handler np_ours = {
+    "ptrbridge_heapmap", 1, {NULL, np_malloc, np_calloc, np_realloc, np_free},
+};
+
+int pb__heapmap_numpy_install(void *set_handler, void *get_handler)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = -1;
+    PyObject *current = NULL, *ours = NULL, *old = NULL;
+    if (np_installed) {
+        rc = 1;
+        goto out;
+    }
+    current = ((np_get_handler_fn)get_handler)();
+    if (current == NULL)
+        goto out;
+    np_handler *h = PyCapsule_GetPointer(current, "mem_handler");
+    if (h == NULL)
+        goto out;
+    if (h == &np_ours) {
+        np_installed = 1;
+        rc = 1;
+        goto out;
+    }
+    if (np_wrapped_capsule == NULL) { /* wrap the first handler seen, for ever */
+        np_wrapped = h;
+        np_wrapped_capsule = current;
+        Py_INCREF(np_wrapped_capsule);
+    }
+    ours = PyCapsule_New(&np_ours, "mem_handler", NULL);
+    if (ours == NULL)
+        goto out;
+    old = ((np_set_handler_fn)set_handler)(ours);
+    if (old == NULL)
+        goto out;
+    np_installed = 1;
+    rc = 0;
+out:
+    if (rc < 0 && PyErr_Occurred())
+        PyErr_Print();
+    Py_XDECREF(current);
+    Py_XDECREF(ours);
+    Py_XDECREF(old);
+    PyGILState_Release(gil);
+    return rc;
+}
+
+int pb__heapmap_numpy_uninstall(void *set_handler)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = -1;
+    if (np_installed && np_wrapped_capsule != NULL) {
+        PyObject *old = ((np_set_handler_fn)set_handler)(np_wrapped_capsule);
+        if (old != NULL) {
+            Py_DECREF(old);
+            np_installed = 0;
+            rc = 0;
+        } else {
+            PyErr_Print();
+        }
+    }
+    PyGILState_Release(gil);
+    return rc;
+}

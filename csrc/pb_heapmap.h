@@ -40,6 +40,14 @@ size_t pb__heapmap_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint
 
 void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 
+/* numpy (NEP 49): wraps the current data-memory handler, got and set with
+ * numpy's PyDataMem_GetHandler/PyDataMem_SetHandler (passed in as function
+ * pointers from numpy's C-API table), so array data is indexed too.  Takes
+ * the GIL.  Returns 0, 1 if already installed, or -1 on error (a Python
+ * error is printed).  Uninstall restores the handler that was wrapped. */
+int pb__heapmap_numpy_install(void *set_handler, void *get_handler);
+int pb__heapmap_numpy_uninstall(void *set_handler);
+
 /* Takes freed blocks (oldest first) and queues those not live again as
  * retention-scan targets with ids first_id, first_id + 1, ...; their starts
  * and sizes go to starts[]/sizes[].  Returns how many were queued (<= cap). */

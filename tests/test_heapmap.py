@@ -130,3 +130,25 @@ def test_cffi_struct_field_from_raw_address_rejected_only_at_level_2() -> None:
         with pytest.raises(ptrbridge.NestedPointerError, match=r"\.p -> Python memory block"):
             c.memcmp(box, box, 0)
     assert libc.strcmp(b"a", b"a") == 0
+
+
+def test_numpy_data_through_the_nep49_handler() -> None:
+    import numpy as np
+
+    from numpy._core import multiarray
+
+    default = multiarray.get_handler_name()
+    with ptrbridge.checking(2):
+        assert heapmap.numpy_hooked() and multiarray.get_handler_name() == "ptrbridge_heapmap"
+        data = np.arange(50_000, dtype=np.int64)
+        found = heapmap.lookup(data.ctypes.data + 8 * 40_000)
+        assert found is not None and found[0] == data.ctypes.data and found[1] == data.nbytes
+        grown = data.copy()
+        grown.resize(100_000, refcheck=False)  # realloc through the handler
+        assert heapmap.lookup(grown.ctypes.data + 8 * 99_999) is not None
+        start = data.ctypes.data
+        heapmap.take_freed()
+        del data
+        assert any(s == start for s, _ in heapmap.take_freed())
+    assert not heapmap.numpy_hooked() and multiarray.get_handler_name() == default
+    del grown  # made under the handler, freed after: the handler still delegates
