@@ -129,3 +129,41 @@ def test_environment_turns_it_on() -> None:
     proc = subprocess.run([sys.executable, "-c", "import ptrbridge; print(ptrbridge.quarantine_enabled())"],
                           env=env, capture_output=True, text=True)
     assert proc.stdout.strip() == "True"
+
+
+def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:
+    import ctypes
+
+    crt = ctypes.CDLL(None)
+    crt.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    crt.memset.restype = ctypes.c_void_p
+    crt.strlen.argtypes = [ctypes.c_char_p]
+    crt.strlen.restype = ctypes.c_size_t
+    libc = ptrbridge.wrap(crt)
+    held = quarantine.held()
+    buf = (ctypes.c_char * 32)()
+    shadow = libc.memset(buf, 0x44, 31)  # returns the pointer it was given: the shadow
+    assert buf.value == b"D" * 31 and shadow != ctypes.addressof(buf)
+    assert libc.strlen(b"ctypes bytes") == 12
+    assert quarantine.held() >= min(held + 2, 16)
+
+
+KEEPER_CTYPES = """
+import ctypes, ptrbridge
+k = ctypes.CDLL({so!r})
+k.keep_global.argtypes = [ctypes.c_char_p]
+k.keeper_read.restype = ctypes.c_int
+w = ptrbridge.wrap(k)
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(True)
+ptrbridge.set_on_violation("collect")
+w.keep_global(b"ctypes lent")
+print("read", w.keeper_read(), flush=True)
+"""
+
+
+def test_ctypes_kept_pointer_is_caught(keeper_so: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", KEEPER_CTYPES.format(so=str(keeper_so))],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytes(12) lent to keep_global()" in proc.stderr

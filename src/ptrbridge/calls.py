@@ -533,8 +533,11 @@ class CheckedLibrary:
 
         def run_level2(args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
             shadows = None
-            if quarantine._enabled and not is_ctypes:
-                args, shadows = quarantine.shadow_arguments(args, plan, name, frame)
+            if quarantine._enabled:
+                if is_ctypes:
+                    args, shadows = quarantine.shadow_ctypes_arguments(args, params, name, frame)
+                else:
+                    args, shadows = quarantine.shadow_arguments(args, plan, name, frame)
             regions = _lend(lent)
             try:
                 result, err, exc = dispatch(args)

@@ -10,13 +10,15 @@ bounded FIFO.  A later access by C faults, and a SIGSEGV handler writes a
 report - the call that lent the buffer, the object, the faulting address -
 to stderr before the process dies of the signal as it would have.
 
-Covered: bytes, bytearray/buffer views (``ffi.from_buffer``) and owning
-cffi cdata passed as pointer arguments of cffi functions.  Not covered:
-ctypes calls, and Python memory reached through struct fields (the
-retention scan looks for those).
+Covered: bytes, buffer views (``ffi.from_buffer``) and owning cffi cdata
+passed as pointer arguments of cffi functions; bytes, ctypes arrays and
+``byref()``/pointer-passed ctypes instances passed to ctypes functions.  Not
+covered: structs passed by value (C gets a copy anyway) and Python memory
+reached through struct fields (the retention scan looks for those).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -24,7 +26,8 @@ from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
 from .ownership import cdata_extent, describe
 
-__all__ = ["set_quarantine", "quarantine_enabled", "shadow_arguments", "finish", "held", "ENV_VAR"]
+__all__ = ["set_quarantine", "quarantine_enabled", "shadow_arguments", "shadow_ctypes_arguments",
+           "finish", "held", "ENV_VAR"]
 
 ENV_VAR = "PTRBRIDGE_QUARANTINE"
 _TRUE = ("1", "true", "yes", "on")
@@ -80,13 +83,55 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
             continue
         keeper, address, size, writable = source
         text = f"{describe(args[i], size)} lent to {function}() at {site}"
-        out = ffi.new("uintptr_t *")
-        slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, text.encode("utf-8", "replace"), out)
-        if slot < 0:
+        lent = _lend_one(address, size, text)
+        if lent is None:
             continue  # no free shadow: pass the buffer itself, unquarantined
+        slot, shadow = lent
         target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
-        new_args[i] = ffi.cast(target, int(out[0]))
-        shadows.append((slot, address if writable else None, keeper, int(out[0]), size, text))
+        new_args[i] = ffi.cast(target, shadow)
+        shadows.append((slot, address if writable else None, keeper, shadow, size, text))
+    return tuple(new_args), shadows
+
+
+def _lend_one(address: int, size: int, text: str) -> Optional[Tuple[int, int]]:
+    """(slot, shadow address) of a new shadow, or None when no shadow is free."""
+    out = ffi.new("uintptr_t *")
+    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, text.encode("utf-8", "replace"), out)
+    return None if slot < 0 else (int(slot), int(out[0]))
+
+
+_CArgObject = type(ctypes.byref(ctypes.c_int()))
+_CTYPES_MEMORY = (ctypes.Array, ctypes.Structure, ctypes.Union)
+
+
+def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], function: str,
+                            frame: Any) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """The ctypes edition of :func:`shadow_arguments` (bytes, arrays, ``byref`` instances)."""
+    new_args = list(args)
+    shadows: List[Shadow] = []
+    site = frame_site(frame)
+    for i, arg in enumerate(args):
+        declared = argtypes[i] if i < len(argtypes) else None
+        obj = arg._obj if isinstance(arg, _CArgObject) else arg
+        if isinstance(obj, bytes):
+            keeper: Any = ffi.from_buffer(obj)
+            address, size, writable = address_of(keeper), len(obj) + 1, False
+        elif isinstance(obj, ctypes.Array) or (isinstance(obj, _CTYPES_MEMORY) and obj is not arg):
+            keeper, address, size, writable = obj, ctypes.addressof(obj), ctypes.sizeof(obj), True
+        else:
+            continue  # by-value structs and plain values: C gets a copy
+        text = f"{describe(obj, size)} lent to {function}() at {site}"
+        lent = _lend_one(address, size, text)
+        if lent is None:
+            continue  # no free shadow: pass the object itself, unquarantined
+        slot, shadow = lent
+        if isinstance(declared, type) and issubclass(declared, ctypes._Pointer):  # type: ignore[attr-defined]
+            new_args[i] = ctypes.cast(ctypes.c_void_p(shadow), declared)
+        elif declared is ctypes.c_char_p:
+            new_args[i] = ctypes.c_char_p(shadow)
+        else:
+            new_args[i] = ctypes.c_void_p(shadow)
+        shadows.append((slot, address if writable else None, keeper, shadow, size, text))
     return tuple(new_args), shadows
 
 
