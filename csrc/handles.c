@@ -210,3 +210,10 @@ void pb__handle_get_counts(uint64_t *live_out, uint64_t *high_water_out)
         *high_water_out = high_water;
     pthread_mutex_unlock(&lock);
 }
+
+size_t pb__handle_slot(uintptr_t token)
+{
+    if ((token >> TAG_SHIFT) != TAG_VALUE || (token & SLOT_MASK) == 0)
+        return SIZE_MAX;
+    return (size_t)(token & SLOT_MASK) - 1;
+}

@@ -44,6 +44,10 @@ uint64_t pb__region_lookup(uintptr_t addr);
  * Called from Python only (the object lives in a Python dict). */
 uintptr_t pb__handle_new(void);
 
+/* The slot index a token names (whatever its generation), or SIZE_MAX for a
+ * token that cannot be one of ours. */
+size_t pb__handle_slot(uintptr_t token);
+
 /* Deletes a handle from Python: like pb_handle_release but the token is not
  * queued for the Python side (the caller drops the object itself). */
 int pb__handle_delete(uintptr_t token);

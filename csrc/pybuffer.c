@@ -8,7 +8,7 @@
  * C) while a memoryview still points at it: _detach() refuses with
  * BufferError, the way bytearray refuses to resize while exported.
  *
- * This is the only file that uses the CPython C API.  pb__py_init() registers
+ * With pyhandles.c and heapmap.c, the files that use the CPython C API.  pb__py_init() registers
  * the type as ptrbridge._native.BufferBase, and write_unraisable (reporting an
  * exception through sys.unraisablehook) as ptrbridge._native.write_unraisable.
  */
@@ -18,6 +18,8 @@
 #include <string.h>
 
 #include "pb_internal.h"
+
+int pb__py_handles_init(PyObject *module); /* pyhandles.c */
 
 typedef struct {
     PyObject_HEAD
@@ -295,6 +297,8 @@ int pb__py_init(void)
         goto out;
     }
     if (PyObject_SetAttrString(module, "BufferBase", (PyObject *)&BufferBaseType) < 0)
+        goto out;
+    if (pb__py_handles_init(module) < 0)
         goto out;
     {
         PyObject *fn = PyCFunction_New(&write_unraisable_def, NULL);

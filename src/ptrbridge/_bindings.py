@@ -25,6 +25,8 @@ lib: Any = _native.lib
 if lib.pb__py_init() != 0:  # pragma: no cover - only on a broken build
     raise ImportError("ptrbridge: could not initialise the native module")
 BufferBase: Any = _native.BufferBase  # type: ignore[attr-defined]
+HandleBase: Any = _native.HandleBase  # type: ignore[attr-defined]
+native: Any = _native  # the CPython-API functions registered by pb__py_init
 write_unraisable: Any = _native.write_unraisable  # type: ignore[attr-defined]
 
 # Python loads extension modules with RTLD_LOCAL, which hides pb_* from

@@ -33,43 +33,24 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from ._bindings import ffi, lib
+from ._bindings import HandleBase, ffi, lib, native
 from .callsite import caller_site
 from .errors import HandleLimitError, InvalidHandleError
 
 __all__ = ["Handle", "HandleTable", "handle_value", "collect_handles"]
 
 _UINTPTR_MAX = (1 << (8 * ffi.sizeof("uintptr_t"))) - 1
-_TAKE_BATCH = 256
 
-# token -> (object, owning bounded table or None).  Dict operations are
-# atomic under the GIL; the C table decides which tokens are valid.
-_objects: Dict[int, Tuple[Any, Optional["HandleTable"]]] = {}
-# Count of tokens C released that Python has not dropped yet (a C atomic).
-_pending = lib.pb__handle_pending_counter()
-_drain_lock = threading.Lock()
+# The table of objects lives in C (csrc/pyhandles.c) next to the slot states
+# (csrc/handles.c): a lookup is an array read under the GIL, and handles C
+# released are dropped on a Python thread at the next handle operation.
 
 
 def collect_handles() -> int:
     """Drop the Python objects of handles that C released; return how many."""
-    if not _pending[0]:
-        return 0
-    dropped = 0
-    with _drain_lock:
-        buf = ffi.new("uintptr_t[]", _TAKE_BATCH)
-        while True:
-            n = lib.pb__handle_take_released(buf, _TAKE_BATCH)
-            for i in range(n):
-                entry = _objects.pop(int(buf[i]), None)
-                if entry is not None:
-                    dropped += 1
-                    if entry[1] is not None:
-                        entry[1]._forget(int(buf[i]))
-            if n < _TAKE_BATCH:
-                break
-    return dropped
+    return int(native.handles_drain())
 
 
 def _invalid(token: object, what: str = "") -> InvalidHandleError:
@@ -85,9 +66,12 @@ def _invalid(token: object, what: str = "") -> InvalidHandleError:
     return InvalidHandleError(f"ptrbridge: misuse of an invalid Handle{what}: {detail}")
 
 
+native.handles_init(_invalid)
+
+
 def _checked_token(token: object, what: str) -> int:
-    if isinstance(token, Handle):
-        return token._token
+    if isinstance(token, HandleBase):
+        return int(token)
     if (
         isinstance(token, bool)
         or not isinstance(token, int)
@@ -104,103 +88,42 @@ def handle_value(token: "int | Handle") -> Any:
     Raises :class:`~ptrbridge.InvalidHandleError` if the token is 0, forged,
     stale, deleted or released.
     """
-    tok = _checked_token(token, " in handle_value()")
-    if _pending[0]:
-        collect_handles()
-    entry = _objects.get(tok)
-    if entry is None:
-        raise _invalid(tok, " in handle_value()")
-    return entry[0]
+    return native.handle_lookup(_checked_token(token, " in handle_value()"), " in handle_value()")
 
 
-class Handle:
+class Handle(HandleBase):  # type: ignore[misc]
     """A nonzero integer token for a Python object, safe to give to C.
 
     ``Handle(obj)`` creates a handle in the default (unbounded) table;
-    :meth:`HandleTable.new` creates one in a bounded table.  ``int(h)`` is
-    the token.  Two ``Handle`` objects are equal when their tokens are.
+    :meth:`HandleTable.new` creates one in a bounded table.  ``int(h)`` and
+    ``h.token`` are the token; ``h.value()`` returns the object and
+    ``h.delete()`` deletes the handle (both raise
+    :class:`~ptrbridge.InvalidHandleError` once it was deleted or released by
+    C).  Two ``Handle`` objects are equal when their tokens are.
     """
 
-    __slots__ = ("_token",)
-
-    _token: int
-
-    def __init__(self, obj: Any) -> None:
-        if _pending[0]:
-            collect_handles()
-        token = lib.pb__handle_new()
-        if token == 0:
-            raise MemoryError("ptrbridge: Handle(): the handle table cannot grow")
-        _objects[token] = (obj, None)
-        self._token = token
+    __slots__ = ()
 
     @classmethod
     def from_token(cls, token: int) -> "Handle":
         """Return a :class:`Handle` for a live token (for example one C handed back)."""
         tok = _checked_token(token, " in Handle.from_token()")
-        if _pending[0]:
-            collect_handles()
-        if tok not in _objects:
-            raise _invalid(tok, " in Handle.from_token()")
-        h = cls.__new__(cls)
-        h._token = tok
-        return h
-
-    @property
-    def token(self) -> int:
-        """The nonzero integer token (same as ``int(h)``)."""
-        return self._token
-
-    def __int__(self) -> int:
-        return self._token
-
-    def __index__(self) -> int:
-        return self._token
-
-    def value(self) -> Any:
-        """Return the object; :class:`~ptrbridge.InvalidHandleError` if deleted or released."""
-        if _pending[0]:
-            collect_handles()
-        entry = _objects.get(self._token)
-        if entry is None:
-            raise _invalid(self._token, " in Handle.value()")
-        return entry[0]
-
-    def delete(self) -> None:
-        """Delete the handle; the token becomes invalid everywhere.
-
-        Raises :class:`~ptrbridge.InvalidHandleError` if it was already deleted
-        or released by C.
-        """
-        token = self._token
-        if lib.pb__handle_delete(token) != lib.PB_OK:
-            raise _invalid(token, " in Handle.delete() (double delete?)")
-        entry = _objects.pop(token, None)
-        if entry is not None and entry[1] is not None:
-            entry[1]._forget(token)
+        return native.handle_attach(cls, tok, " in Handle.from_token()")  # type: ignore[no-any-return]
 
     def is_valid(self) -> bool:
         """True while the handle has been neither deleted nor released."""
-        return bool(lib.pb_handle_is_valid(self._token))
+        return bool(lib.pb_handle_is_valid(self.token))
 
     def __enter__(self) -> "Handle":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if lib.pb_handle_is_valid(self._token):
+        if lib.pb_handle_is_valid(self.token):
             self.delete()
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Handle):
-            return self._token == other._token
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._token)
-
     def __repr__(self) -> str:
-        state = "live" if lib.pb_handle_is_valid(self._token) else "invalid"
-        return f"<ptrbridge.Handle {self._token:#x} {state}>"
+        state = "live" if lib.pb_handle_is_valid(self.token) else "invalid"
+        return f"<ptrbridge.Handle {self.token:#x} {state}>"
 
 
 class HandleTable:
@@ -227,19 +150,13 @@ class HandleTable:
 
     def new(self, obj: Any) -> Handle:
         """Create a handle for ``obj`` in this table."""
-        if _pending[0]:
-            collect_handles()
+        collect_handles()
         site = caller_site()
         with self._lock:
             if self.max_handles is not None and len(self._sites) >= self.max_handles:
                 raise self._limit_error()
-            token = lib.pb__handle_new()
-            if token == 0:
-                raise MemoryError("ptrbridge: HandleTable.new(): the handle table cannot grow")
-            self._sites[token] = site
-            _objects[token] = (obj, self)
-        h = Handle.__new__(Handle)
-        h._token = token
+            h: Handle = native.handle_new_owned(Handle, obj, self)
+            self._sites[int(h)] = site
         return h
 
     def _forget(self, token: int) -> None:
@@ -260,8 +177,7 @@ class HandleTable:
 
     def __len__(self) -> int:
         """Number of live handles of this table (after dropping C releases)."""
-        if _pending[0]:
-            collect_handles()
+        collect_handles()
         return len(self._sites)
 
     def __repr__(self) -> str:
