@@ -116,8 +116,7 @@ def _raise_deferred(frame: Any) -> None:
 
 _timeout = 60.0
 # The watchdog finds calls in flight from the threads' frames
-# (sys._current_frames): checked calls register nothing, they only take a
-# token that tells two calls from the same frame apart.
+# (sys._current_frames): checked calls register nothing.
 _CALL_CODES: Set[CodeType] = set()
 _watch_cond = threading.Condition()
 _watchdog: Optional[threading.Thread] = None
@@ -146,15 +145,13 @@ def call_timeout() -> float:
     return _timeout
 
 
-def _calls_in_flight() -> Dict[Tuple[int, int, Any], Any]:
-    """(thread, frame id, call token) -> frame of every checked call running now."""
+def _calls_in_flight() -> Dict[Tuple[int, int], Any]:
+    """(thread, frame id) -> frame of every checked call running now."""
     found = {}
     for thread_id, frame in sys._current_frames().items():
         while frame is not None:
             if frame.f_code in _CALL_CODES:
-                token = frame.f_locals.get("call_token")
-                if token is not None:
-                    found[(thread_id, id(frame), token)] = frame
+                found[(thread_id, id(frame))] = frame
             frame = frame.f_back
     return found
 
@@ -168,28 +165,32 @@ def _lent_arguments(args: Tuple[Any, ...]) -> List[str]:
 
 
 def _watch() -> None:
-    first_seen: Dict[Tuple[int, int, Any], float] = {}
-    reported: Set[Tuple[int, int, Any]] = set()
+    # (thread, frame id) -> (the call's argument tuple, first seen, reported).
+    # Holding the tuple keeps its identity from being reused, so a later
+    # call from the same frame address is told apart from this one.
+    seen: Dict[Tuple[int, int], List[Any]] = {}
     while True:
         with _watch_cond:
             _watch_cond.wait(max(_timeout / 4, 0.005))
         now = time.monotonic()
         live = _calls_in_flight()
-        for key in [k for k in first_seen if k not in live]:
-            del first_seen[key]
-            reported.discard(key)
+        for key in [k for k in seen if k not in live]:
+            del seen[key]
         for key, frame in live.items():
-            start = first_seen.setdefault(key, now)
-            if key in reported or now - start < _timeout:
-                continue
-            reported.add(key)
             local = frame.f_locals
-            held = _lent_arguments(tuple(local.get("args", ())))
+            args = local.get("args")
+            entry = seen.get(key)
+            if entry is None or entry[0] is not args:
+                seen[key] = entry = [args, now, False]
+            if entry[2] or now - entry[1] < _timeout:
+                continue
+            entry[2] = True
+            held = _lent_arguments(tuple(args or ()))
             if not held:
                 continue  # R3 is about calls that hold Python memory
             message = (
                 f"ptrbridge: call holds lent Python memory longer than the call timeout "
-                f"({_timeout:g} s): {local['call_token'][0]}() called at {frame_site(frame.f_back)} "
+                f"({_timeout:g} s): {local.get('name', '?')}() called at {frame_site(frame.f_back)} "
                 f"has held {', '.join(held)} (R3: a C call that received Python memory must "
                 f"return; if C keeps the memory on purpose, pin it or copy it to a CBuffer)"
             )
@@ -531,13 +532,15 @@ class CheckedLibrary:
                 _check_cffi_arg(check, i + 1, arg, param, lent)
             return lent
 
-        def run_level2(args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
+        def run_level2(function: str, args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
+            # `function` is passed (not read from the closure) so that every
+            # checked frame has `name` among its locals, for the R3 watchdog.
             shadows = None
             if quarantine._enabled:
                 if is_ctypes:
-                    args, shadows = quarantine.shadow_ctypes_arguments(args, params, name, frame)
+                    args, shadows = quarantine.shadow_ctypes_arguments(args, params, function, frame)
                 else:
-                    args, shadows = quarantine.shadow_arguments(args, plan, name, frame)
+                    args, shadows = quarantine.shadow_arguments(args, plan, function, frame)
             regions = _lend(lent)
             try:
                 result, err, exc = dispatch(args)
@@ -547,11 +550,9 @@ class CheckedLibrary:
                     for _slot, _back, _keeper, shadow, size, text in shadows:
                         # C must not keep the shadow either: look for it too.
                         regions.append(register(2, shadow, size, text.split(" lent to ")[0], "<shadow>"))
-                _return_lent(regions, name, frame)
+                _return_lent(regions, function, frame)
             return finish(result, err, exc)
 
-        # Tokens tell the R3 watchdog one call from the next: (name, n) tuples made in C.
-        token_source = zip(itertools.repeat(name), itertools.count(1))
         only = plan[0][0] if len(plan) == 1 and not is_ctypes else None
 
         if not semantic and not checks_args:
@@ -564,39 +565,36 @@ class CheckedLibrary:
         elif not semantic and only is not None:
             # One pointer parameter: bytes or NULL for it needs no walk at level 1.
             def checked(*args: Any) -> Any:
-                level = levels._level
+                level = _level
                 if level:
-                    call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
                     if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
                         lent = check_args(args)
                         if lent and level == 2:
-                            return run_level2(args, lent, sys._getframe(1))
+                            return run_level2(name, args, lent, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
                     _raise_deferred(sys._getframe())
                 return result
         elif not semantic:
             def checked(*args: Any) -> Any:
-                if levels._level:
-                    call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
+                if _level:
                     lent = check_args(args)
-                    if lent and levels._level == 2:
-                        return run_level2(args, lent, sys._getframe(1))
+                    if lent and _level == 2:
+                        return run_level2(name, args, lent, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
                     _raise_deferred(sys._getframe())
                 return result
         else:
             def checked(*args: Any) -> Any:
-                level = levels._level
-                call_token = next(token_source)  # noqa: F841 - read by the R3 watchdog
+                level = _level
                 lent = check_args(args) if level and checks_args else None
                 limit = lib_self._limit
                 if limit is not None:
                     limit.acquire()
                 try:
                     if level == 2 and lent:
-                        return run_level2(args, lent, sys._getframe(1))
+                        return run_level2(name, args, lent, sys._getframe(1))
                     result, err, exc = dispatch(args)
                 finally:
                     if limit is not None:
@@ -624,9 +622,12 @@ def _for_level(cached: Tuple[Any, Any], level: int) -> Any:
 
 
 _libraries: "weakref.WeakSet[CheckedLibrary]" = weakref.WeakSet()
+_level = levels.check_level()  # mirrors levels._level, kept current by _on_level_change
 
 
 def _on_level_change(old: int, new: int) -> None:
+    global _level
+    _level = new  # a module global is the cheapest read on the hot path
     if (old == 0) != (new == 0):
         for library in list(_libraries):
             library._repoint(new)
