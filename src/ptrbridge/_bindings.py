@@ -10,7 +10,7 @@ import ctypes
 import os
 from typing import Any, Dict, Type
 
-from . import _native
+from . import _native  # type: ignore[attr-defined]  # the compiled module
 from .errors import (
     AllocatorError,
     DoubleFreeError,

@@ -220,8 +220,9 @@ def callback(target: Any, signature: Any = None, fn: Optional[Callable[..., Any]
         restype = getattr(target, "_restype_", None)
         pointer = isinstance(restype, type) and issubclass(restype, _POINTER_RESTYPES + (_PointerBase,))
         _check_userdata(userdata, len(getattr(target, "_argtypes_", ()) or ()))
-        cb = Callback(fn, name or getattr(fn, "__qualname__", "callback"), error, userdata, pointer)
-        cb.cdata = target(lambda *args: cb._invoke(args))
+        cb = Callback(fn, str(name or getattr(fn, "__qualname__", "callback")), error, userdata, pointer)
+        proto: Any = target
+        cb.cdata = proto(lambda *args: cb._invoke(args))
         return _register(cb)
     if signature is None or fn is None or not callable(fn):
         raise TypeError("ptrbridge.callback: call callback(ffi, 'ret(args)', fn, ...) for cffi")
@@ -234,7 +235,7 @@ def callback(target: Any, signature: Any = None, fn: Optional[Callable[..., Any]
         error = 0
     elif error is None and pointer:
         error = target.NULL
-    cb = Callback(fn, name or getattr(fn, "__qualname__", "callback"), error, userdata, pointer)
+    cb = Callback(fn, str(name or getattr(fn, "__qualname__", "callback")), error, userdata, pointer)
     cb.cdata = target.callback(ctype, lambda *args: cb._invoke(args), error=error)
     return _register(cb)
 

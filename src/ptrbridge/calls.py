@@ -33,7 +33,7 @@ import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import levels
@@ -148,7 +148,8 @@ def call_timeout() -> float:
 def _calls_in_flight() -> Dict[Tuple[int, int], Any]:
     """(thread, frame id) -> frame of every checked call running now."""
     found = {}
-    for thread_id, frame in sys._current_frames().items():
+    for thread_id, top in sys._current_frames().items():
+        frame: Optional[FrameType] = top
         while frame is not None:
             if frame.f_code in _CALL_CODES:
                 found[(thread_id, id(frame))] = frame
@@ -289,7 +290,7 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
 
 
 def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -> None:
-    obj = arg._obj if isinstance(arg, _CArgObject) else arg
+    obj = getattr(arg, "_obj") if isinstance(arg, _CArgObject) else arg
     if isinstance(obj, (ctypes.Structure, ctypes.Union, ctypes.Array)):
         lent.append(obj)
         check.walk(argno, ctypes.addressof(obj), type(obj), 1, "Python")
@@ -437,11 +438,12 @@ class CheckedLibrary:
         if self._is_ctypes:
             if not isinstance(raw, _CFuncPtr):
                 return None
-            restype = raw.restype
+            fn: Any = raw
+            restype = fn.restype
             is_ptr = isinstance(restype, type) and issubclass(
                 restype, (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_wchar_p, _PointerBase)
             )
-            return list(raw.argtypes or ()), restype, is_ptr
+            return list(fn.argtypes or ()), restype, is_ptr
         try:
             ctype = ffi.typeof(raw)
         except (TypeError, ffi.error):
@@ -644,7 +646,7 @@ def _on_worker(lib_self: CheckedLibrary, invoke: Callable[..., Any], args: Tuple
 def _with_ctypes_errno(raw: Any) -> Any:
     """A copy of a ctypes function that saves errno (``use_errno=True``)."""
     proto = ctypes.CFUNCTYPE(raw.restype, *(raw.argtypes or ()), use_errno=True)
-    func = proto(ctypes.cast(raw, ctypes.c_void_p).value)
+    func: Any = proto(ctypes.cast(raw, ctypes.c_void_p).value or 0)
     if raw.argtypes is None:
         func.argtypes = None
     func.__name__ = raw.__name__

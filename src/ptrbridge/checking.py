@@ -222,12 +222,14 @@ def _ctypes_slots(t: type, base: int, path: str, out: List[Slot]) -> None:
                 continue
             name, ftype = field[0], field[1]
             _ctypes_slots(ftype, base + getattr(t, name).offset, f"{path}.{name}", out)
-    elif issubclass(t, ctypes.Array) and _has_slots(t._type_):  # type: ignore[attr-defined]
-        step = ctypes.sizeof(t._type_)  # type: ignore[attr-defined]
-        for i in range(t._length_):  # type: ignore[attr-defined]
+    elif issubclass(t, ctypes.Array) and _has_slots(t._type_):
+        item: Any = t._type_
+        length: int = getattr(t, "_length_")
+        step = ctypes.sizeof(item)
+        for i in range(length):
             if len(out) >= MAX_SLOTS:
                 return
-            _ctypes_slots(t._type_, base + i * step, f"{path}[{i}]", out)  # type: ignore[attr-defined]
+            _ctypes_slots(item, base + i * step, f"{path}[{i}]", out)
 
 
 def _sizeof(ctype: Any) -> int:

@@ -196,7 +196,11 @@ def callbacks_and_time(c: Any) -> None:
 
     read_end, write_end = os.pipe()
     reported = threading.Event()
-    calls.timeout_listeners.append(lambda message: (print(f"  R3 watchdog:\n    -> {message}"), reported.set()))
+    def show(message: str) -> None:
+        print(f"  R3 watchdog:\n    -> {message}")
+        reported.set()
+
+    calls.timeout_listeners.append(show)
     old = ptrbridge.set_call_timeout(0.2)
     buf = bytearray(16)
     try:

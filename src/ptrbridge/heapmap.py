@@ -49,14 +49,17 @@ def _numpy_handler_functions() -> Optional[Tuple[int, int]]:
     if version < (1, 22):
         return None  # no NEP 49 before numpy 1.22
     try:
-        from numpy._core import _multiarray_umath as umath  # numpy >= 2
+        from numpy._core import _multiarray_umath as umath  # type: ignore[attr-defined]  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype = ctypes.c_void_p
     get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
     table = (ctypes.c_void_p * (_PYDATAMEM_GET_HANDLER + 1)).from_address(get_pointer(umath._ARRAY_API, None))
-    return table[_PYDATAMEM_SET_HANDLER], table[_PYDATAMEM_GET_HANDLER]
+    set_handler, get_handler = table[_PYDATAMEM_SET_HANDLER], table[_PYDATAMEM_GET_HANDLER]
+    if not set_handler or not get_handler:
+        return None
+    return int(set_handler), int(get_handler)
 
 
 def _sync_numpy() -> None:

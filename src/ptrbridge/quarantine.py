@@ -112,7 +112,7 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
     site = frame_site(frame)
     for i, arg in enumerate(args):
         declared = argtypes[i] if i < len(argtypes) else None
-        obj = arg._obj if isinstance(arg, _CArgObject) else arg
+        obj = getattr(arg, "_obj") if isinstance(arg, _CArgObject) else arg
         if isinstance(obj, bytes):
             keeper: Any = ffi.from_buffer(obj)
             address, size, writable = address_of(keeper), len(obj) + 1, False

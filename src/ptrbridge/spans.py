@@ -29,6 +29,13 @@ class Span:
 
     __slots__ = ("_owner", "_keeper", "_base", "_extent", "_start", "_length")
 
+    _owner: Any
+    _keeper: Any  # the root Span, the from_buffer view, the CBuffer, or None once released
+    _base: int
+    _extent: int
+    _start: int
+    _length: int
+
     def __init__(self, owner: Any, offset: int = 0, length: Optional[int] = None) -> None:
         if isinstance(owner, Span):
             # A sub-span keeps its root span (which holds the export) alive.
