@@ -200,3 +200,15 @@ def test_extern_python_callback(api: Any) -> None:
     py_square.release()
     with pytest.raises(ReleasedCallbackError):
         c.sum_of_squares(2)
+
+
+def test_r4_on_a_c_thread_without_python_frames(cabi: Tuple[Any, Any], unraisable: List[Any]) -> None:
+    """C calls the callback from a thread of its own: the R4 check still runs, C gets NULL."""
+    ffi, c = cabi
+    keep = ffi.new("char[]", b"temporary")
+    with ptrbridge.callback(ffi, "const char *(int)", lambda i: keep) as cb:
+        assert c.call_get_len_on_thread(cb.cdata, 0) == -1
+    assert len(unraisable) == 1 and isinstance(unraisable[0].exc_value, CallbackResultError)
+    copy = ptrbridge.cstring("from C memory")
+    with ptrbridge.callback(ffi, "const char *(int)", lambda i: copy.ptr) as cb:
+        assert c.call_get_len_on_thread(cb.cdata, 0) == 13

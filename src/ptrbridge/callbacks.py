@@ -165,8 +165,11 @@ class Callback:
             return
         known = (result,) + tuple(cell.cell_contents for cell in getattr(fn, "__closure__", None) or ()
                                   if _cell_filled(cell))
-        # Frames: _check_result, _invoke, the trampoline; above them the C call.
-        frame = sys._getframe(3)
+        # Frames: _check_result, _invoke, the trampoline; above them the Python
+        # code that made the C call - none when C calls from a thread of its own.
+        frame: Any = sys._getframe(0)
+        for _ in range(3):
+            frame = frame.f_back if frame is not None else None
         owner = CallCheck(self.name, frame, known).classify(address) if address else None
         if owner is None and extent is not None:  # the object itself is Python memory
             return self._fail(describe(result, extent[1]), "returned by")

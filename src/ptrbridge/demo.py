@@ -163,8 +163,9 @@ def rules(c: Any) -> None:
 
 @_section
 def callbacks_and_time(c: Any) -> None:
-    """Callbacks (exceptions across C, released callbacks) and R3 (a call that never returns)."""
+    """Callbacks (exceptions across C, released callbacks, R4) and R3 (a call that never returns)."""
     import os
+    import sys
     import threading
 
     from . import calls
@@ -193,6 +194,38 @@ def callbacks_and_time(c: Any) -> None:
                             lambda a, b: ffi.cast("int *", a)[0] - ffi.cast("int *", b)[0]) as good:
         libc.qsort(numbers, 4, 4, good.cdata)
     print(f"  a comparator that does not raise sorts: {list(numbers)}")
+
+    # R4: a thread's start routine returns its result to C (pthread_join).
+    ffi.cdef("""
+        typedef unsigned long pthread_t;
+        int pthread_create(pthread_t *thread, void *attr, void *(*start)(void *), void *arg);
+        int pthread_join(pthread_t thread, void **result);
+    """)
+    reports = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda report: reports.append(report.exc_value)
+    try:
+        for label, make in (("a temporary ffi.new", lambda: ffi.new("char[]", b"result")),
+                            ("a cstring (C memory)", lambda: ptrbridge.cstring("result"))):
+            kept: List[Any] = []
+
+            def start(arg: Any, make: Any = make, kept: List[Any] = kept) -> Any:
+                value = make()
+                kept.append(value)
+                return value.ptr if isinstance(value, ptrbridge.CBuffer) else value
+
+            with ptrbridge.callback(ffi, "void *(void *)", start) as routine:
+                thread = ffi.new("pthread_t *")
+                out = ffi.new("void **")
+                libc.pthread_create(thread, ffi.NULL, routine.cdata, ffi.NULL)
+                libc.pthread_join(thread[0], out)
+            got = ffi.string(ffi.cast("char *", out[0])) if out[0] != ffi.NULL else None
+            print(f"  R4: a thread start routine returns {label}: C got {got!r}")
+            for exc in reports:
+                print(f"    -> {type(exc).__name__}: {exc}")
+            reports.clear()
+    finally:
+        sys.unraisablehook = old_hook
 
     read_end, write_end = os.pipe()
     reported = threading.Event()

@@ -217,3 +217,28 @@ int call_on_thread(int (*fn)(int), int arg)
     pthread_join(t, NULL);
     return c.result;
 }
+
+struct get_call {
+    const char *(*fn)(int);
+    int arg;
+    int len;
+};
+
+static void *get_thread_main(void *p)
+{
+    struct get_call *c = p;
+    const char *s = c->fn(c->arg);
+    c->len = s ? (int)strlen(s) : -1;
+    return NULL;
+}
+
+/* call_get_len on a new C thread: no Python frame below the callback. */
+int call_get_len_on_thread(const char *(*fn)(int), int arg)
+{
+    pthread_t t;
+    struct get_call c = {fn, arg, 0};
+    if (pthread_create(&t, NULL, get_thread_main, &c) != 0)
+        return -1000;
+    pthread_join(t, NULL);
+    return c.len;
+}

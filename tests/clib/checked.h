@@ -34,6 +34,7 @@ int call_each(int (*fn)(int), int n);
 int call_with_userdata(int (*fn)(void *, int), void *userdata, int n);
 int call_get_len(const char *(*fn)(int), int arg);
 int call_on_thread(int (*fn)(int), int arg);
+int call_get_len_on_thread(const char *(*fn)(int), int arg);
 /* CDEF_END */
 
 #endif
