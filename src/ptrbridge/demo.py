@@ -25,7 +25,7 @@ def _show_error(action: str, fn: Callable[[], Any]) -> None:
     except Exception as exc:  # the demo prints whatever the library raises
         print(f"  {action}\n    -> {type(exc).__name__}: {exc}")
     else:  # pragma: no cover - would mean the library failed to detect misuse
-        raise AssertionError(f"demo: {action} should have raised")
+        raise RuntimeError(f"demo: {action} should have raised, but ptrbridge let it through")
 
 
 @_section
