@@ -124,6 +124,7 @@ def compress(chunks: List[bytes], feed: Callable[[Deflater, bytes], None]) -> by
 def main() -> None:
     import os
 
+    ptrbridge.set_scan_batch(1)  # report at the call that lent the memory, not a few calls later
     chunks = [os.urandom(1 << 18) for _ in range(4)]  # incompressible: zlib cannot take it all at once
     with ptrbridge.Pinner() as pinner:
         good = compress(chunks, lambda d, c: d.feed_pinned(c, pinner))

@@ -335,6 +335,7 @@ def insert(destructor, data):
         sq.sqlite3_finalize(stmt[0])
 
 ptrbridge.set_check_level(2)
+ptrbridge.set_scan_batch(1)  # scan right after each call: exact blame, whatever the load
 insert(TRANSIENT, bytes(200))
 print("transient findings:", ptrbridge.scan())
 try:
