@@ -1,57 +1,150 @@
 /*
- * pb_heapmap.h - the Python heap map (check level 2): allocator hooks on the
- * raw, mem and object domains (PyMem_SetAllocator, as tracemalloc uses) that
- * delegate to the previous allocators and index every live block, so any
- * address can be classified as "inside a live Python block" and recently
- * freed blocks can be looked for by the retention scanner.
+ * pb_heapmap.h - the Python heap map (check level 2).
+ *
+ * Allocator hooks on CPython's raw, mem and object domains (PyMem_SetAllocator,
+ * the mechanism tracemalloc uses) and on numpy's default data-memory handler
+ * (NEP 49) delegate every call to the allocator that was installed before
+ * them and index every live block allocated while they record, so that any
+ * address can be classified as "inside a live Python block" (interior
+ * pointers included).  Freed blocks go to a bounded history (for
+ * use-after-free lookups and the retention scanner) and, optionally, to a
+ * per-domain quarantine that delays their reuse.
+ *
+ * Threading: every function here is thread-safe.  The raw domain is called
+ * without the GIL, so the index has its own lock (a spinlock; critical
+ * sections are a few hash-table operations).  The functions marked "takes
+ * the GIL" call PyGILState_Ensure themselves (cffi releases the GIL around
+ * calls), so they must not be called from a thread that holds the heap-map
+ * lock or from inside an allocator.
+ *
+ * Memory: the index's own memory comes from libc calloc/free, never from the
+ * hooked allocators.
  */
 #ifndef PB_HEAPMAP_H
 #define PB_HEAPMAP_H
 
 #include "ptrbridge.h"
 
+/* ---- C-only interface (for the retention scanner; not seen by cffi) ---- */
+
+/* Finds the live Python block that contains `addr` (any byte of it, not only
+ * its start).  Returns 1 and stores its first byte and size in *start and
+ * *size (either may be NULL), or 0 when `addr` is in no block the heap map
+ * knows (C memory, a Python block allocated before the hooks were installed,
+ * or the heap map is not installed).  Lock-free fast reject (global bounds,
+ * then a page bitmap) before the exact lookup under the lock.  Thread-safe,
+ * no GIL needed, never allocates. */
+int pb_heapmap_find(uintptr_t addr, uintptr_t *start, size_t *size);
+
+/* Checks that the hooks are still in the allocator chain (tracemalloc.stop()
+ * after tracemalloc was started before ptrbridge restores tracemalloc's saved
+ * allocators, which cuts the heap map out and would leave it stale).  If the
+ * heap map was cut out, its index is cleared and the hooks are installed
+ * again on top.  Returns 0 (fine, or not installed) or 1 (repaired).  Takes
+ * the GIL; call it once before a scan that relies on pb_heapmap_find. */
+int pb_heapmap_verify(void);
+
 /* PB_CDEF_BEGIN */
 
-struct pb_heapmap_stats {
-    uint64_t live_blocks;
-    uint64_t live_bytes;
-    uint64_t allocations; /* seen since the first install */
-    uint64_t frees;
-    uint64_t freed_pending; /* freed blocks not yet taken */
-    int installed;
+/* Allocator domains of the blocks in the heap map. */
+enum pb_heapmap_domain {
+    PB_HEAPMAP_RAW = 0,   /* PyMem_RawMalloc (may be called without the GIL) */
+    PB_HEAPMAP_MEM = 1,   /* PyMem_Malloc */
+    PB_HEAPMAP_OBJ = 2,   /* PyObject_Malloc (objects) */
+    PB_HEAPMAP_NUMPY = 3  /* numpy array data (NEP 49 default handler) */
 };
 
-/* Installs the hooks (takes the GIL itself).  Returns 0, or -1 if they are
- * installed already. */
+/* Result of a lookup: status 0 = not found, 1 = found (start, size, domain
+ * are set), 2 = found but the allocator chain changed since it was last
+ * checked: call pb__heapmap_verify() and look again. */
+struct pb_heapmap_block {
+    uintptr_t start;
+    uint64_t size;
+    int domain;
+    int status;
+};
+
+struct pb_heapmap_stats {
+    uint64_t live_blocks;        /* blocks in the index */
+    uint64_t live_bytes;
+    uint64_t allocations;        /* blocks entered since the first install */
+    uint64_t frees;              /* blocks removed (freed, or moved by realloc) */
+    uint64_t lookups;            /* pb_heapmap_find / lookup calls */
+    uint64_t untracked;          /* blocks not indexed for lack of memory */
+    uint64_t freed_history;      /* freed blocks remembered (<= PB_HEAPMAP_FREED_HISTORY) */
+    uint64_t freed_pending;      /* freed blocks not yet taken by the scanner */
+    uint64_t freed_dropped;      /* freed blocks forgotten before the scanner took them */
+    uint64_t held_blocks;        /* freed blocks held back from their allocator */
+    uint64_t held_bytes;
+    uint64_t index_bytes;        /* memory of the tables, rings and bitmap */
+    uint64_t shadow_leaves;      /* GiB regions with a shadow map (128 MiB reserved, 1/8 of
+                                    the memory Python uses in them touched) */
+    int installed;               /* 1 while recording */
+    int hooked;                  /* PyMem domains whose hook is in the chain (bit mask) */
+    int numpy;                   /* 1 while numpy's default handler is hooked */
+};
+
+/* Capacity of the freed-block history (the oldest entries are dropped). */
+#define PB_HEAPMAP_FREED_HISTORY 65536
+/* Most freed blocks held back per domain (pb__heapmap_set_hold), and the
+ * default hold: blocks and bytes per domain. */
+#define PB_HEAPMAP_HOLD_MAX 8192
+#define PB_HEAPMAP_HOLD_BLOCKS 1024
+#define PB_HEAPMAP_HOLD_BYTES 4194304
+
+/* Installs the hooks and starts recording (takes the GIL).  numpy's handler
+ * is hooked too if numpy is already imported.  Returns 0 (installed), 1
+ * (already installed) or PB_ERR_NOMEM. */
 int pb__heapmap_install(void);
 
-/* Removes the hooks and forgets the index (takes the GIL).  Returns 0, -1 if
- * not installed, or -2 if another allocator was installed on top of ours
- * (it must be removed first: uninstalling would cut it out of the chain). */
+/* Stops recording, releases quarantined blocks, clears the index and removes
+ * the hooks (takes the GIL).  Returns 0 (removed), 1 (was not installed) or
+ * 2 (recording stopped, but another hook - e.g. tracemalloc - was installed
+ * on top of ours, so ours stay in the chain passing every call through
+ * until they can be removed: removing them would cut the other one out). */
 int pb__heapmap_uninstall(void);
 
-/* The live block containing addr: 1 and *start, *size if found, else 0. */
-int pb__heapmap_find(uintptr_t addr, uintptr_t *start, size_t *size);
+/* pb_heapmap_verify for Python (takes the GIL).  0 or 1 (repaired). */
+int pb__heapmap_verify(void);
 
-/* Moves up to cap freed blocks (oldest first) into starts[]/sizes[] and
- * returns how many.  At most PB_HEAPMAP_FREED blocks are kept; older ones
- * are dropped (counted in *dropped). */
+/* Hooks numpy's default data-memory handler if numpy's core is imported
+ * (takes the GIL).  Returns 1 (hooked now or already), 0 (numpy is not
+ * imported, or the heap map is not installed) or -1 (numpy older than 1.22:
+ * no NEP 49 handlers). */
+int pb__heapmap_numpy_attach(void);
+
+/* The live block containing addr (see struct pb_heapmap_block).  No GIL. */
+struct pb_heapmap_block pb__heapmap_lookup(uintptr_t addr);
+
+/* The most recently freed block (among the last PB_HEAPMAP_FREED_HISTORY
+ * frees) that contained addr; status 0 if none, or if addr is inside a live
+ * block now (its memory was reused).  No GIL. */
+struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
+
+/* Moves up to cap freed blocks not yet taken (oldest first) into
+ * starts[]/sizes[] and returns how many.  *dropped (may be NULL) receives
+ * how many were dropped from the history before being taken, in total. */
 size_t pb__heapmap_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint64_t *dropped);
-
-void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
-
-/* numpy (NEP 49): wraps the current data-memory handler, got and set with
- * numpy's PyDataMem_GetHandler/PyDataMem_SetHandler (passed in as function
- * pointers from numpy's C-API table), so array data is indexed too.  Takes
- * the GIL.  Returns 0, 1 if already installed, or -1 on error (a Python
- * error is printed).  Uninstall restores the handler that was wrapped. */
-int pb__heapmap_numpy_install(void *set_handler, void *get_handler);
-int pb__heapmap_numpy_uninstall(void *set_handler);
 
 /* Takes freed blocks (oldest first) and queues those not live again as
  * retention-scan targets with ids first_id, first_id + 1, ...; their starts
  * and sizes go to starts[]/sizes[].  Returns how many were queued (<= cap). */
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap);
+
+/* Sets the hold of freed blocks (a quarantine, as memory sanitizers call
+ * it): up to max_blocks (<= PB_HEAPMAP_HOLD_MAX) freed blocks and max_bytes
+ * bytes per domain are held back from their allocator, oldest released
+ * first, so their memory is not reused before the retention scanner has
+ * looked for pointers into them.  0 turns it off.  Blocks held beyond a
+ * lowered limit are released by later frees of the same domain, or by
+ * uninstall.  Returns PB_OK or PB_ERR_INVALID. */
+int pb__heapmap_set_hold(size_t max_blocks, size_t max_bytes);
+
+/* A snapshot of the counters. */
+void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
+
+/* 1 while the hooks record, else 0.  Cheap. */
+int pb__heapmap_installed(void);
 
 /* PB_CDEF_END */
 

@@ -1,17 +1,29 @@
-"""The level-2 heap map: PyMem hooks that index every Python block."""
+"""The level-2 heap map: allocator hooks that index every Python block (ptrbridge.heapmap)."""
 from __future__ import annotations
 
+import array
+import contextlib
+import ctypes
+import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Tuple
 
 import cffi
 import pytest
 
 import ptrbridge
 from ptrbridge import heapmap
-from ptrbridge._bindings import ffi
+from ptrbridge._bindings import NATIVE_PATH, ffi
+from ptrbridge.testing import assert_no_growth
 
-
-def _address(obj: object) -> int:
+def data_address(obj: Any) -> int:
+    """Address of the first byte of a buffer's data."""
     view = ffi.from_buffer(obj)
     try:
         return int(ffi.cast("uintptr_t", view))
@@ -19,136 +31,689 @@ def _address(obj: object) -> int:
         ffi.release(view)
 
 
-def test_level_two_installs_and_leaving_removes() -> None:
+@pytest.fixture
+def hooked() -> Iterator[None]:
+    """The heap map recording for one test, with the default hold."""
+    assert heapmap.install() is True
+    try:
+        yield
+    finally:
+        heapmap.set_hold()
+        assert heapmap.uninstall() is True
     assert not heapmap.installed()
+
+
+# ---- installing and levels -------------------------------------------------------------
+
+
+def test_install_and_uninstall_report_whether_they_changed_anything() -> None:
+    assert not heapmap.installed()
+    assert heapmap.uninstall() is False
+    assert heapmap.install() is True
+    try:
+        assert heapmap.installed() and heapmap.install() is False
+        assert heapmap.stats().hooked_domains == ("raw", "mem", "object")
+    finally:
+        assert heapmap.uninstall() is True
+    assert heapmap.uninstall() is False
+    counters = heapmap.stats()
+    assert not counters.installed and counters.hooked_domains == ()
+    assert counters.live_blocks == 0 and counters.held_blocks == 0 and counters.freed_history == 0
+
+
+def test_level_two_installs_and_leaving_it_uninstalls() -> None:
+    assert ptrbridge.check_level() == 1 and not heapmap.installed()
     with ptrbridge.checking(2):
         assert heapmap.installed()
+        kept = bytearray(300)
+        assert heapmap.lookup(data_address(kept)) is not None
     assert not heapmap.installed()
-    assert heapmap.install() is True and heapmap.install() is False
-    assert heapmap.uninstall() is True and heapmap.uninstall() is False
-
-
-def test_interior_pointers_of_new_blocks() -> None:
-    with ptrbridge.checking(2):
-        small = bytearray(b"x" * 40)
-        large = bytearray(200_000)
-        import ctypes
-
-        ctypes_buf = (ctypes.c_char * 300)()
-        for obj, at in ((small, 39), (large, 150_000), (ctypes_buf, 299)):
-            start = _address(obj)
-            found = heapmap.lookup(start + at)
-            assert found is not None and found[0] <= start and start + at < found[0] + found[1]
-        assert heapmap.lookup(8) is None
-
-
-def test_freed_blocks_are_taken_once_and_not_live() -> None:
-    with ptrbridge.checking(2):
-        heapmap.take_freed()
-        data = bytes(range(200)) * 3
-        start = _address(data)
-        del data
-        freed = heapmap.take_freed()
-        assert any(s <= start < s + size for s, size in freed)
-        assert heapmap.lookup(start) is None  # held in quarantine, not reused yet
-        assert not any(s <= start < s + size for s, size in heapmap.take_freed())
-
-
-def test_blocks_cross_install_and_uninstall() -> None:
-    before = [bytearray(1000) for _ in range(100)]  # allocated without hooks
-    with ptrbridge.checking(2):
-        during = [bytearray(1000) for _ in range(100)]
-        del before  # freed while hooked: handed straight to the allocator
-    del during  # allocated hooked, freed unhooked: the same allocator takes them
+    assert heapmap.lookup(data_address(kept)) is None  # the map was cleared
+    old = ptrbridge.set_check_level(2)
+    try:
+        assert heapmap.installed()
+        ptrbridge.set_check_level(0)
+        assert not heapmap.installed()
+        ptrbridge.set_check_level(2)
+        assert heapmap.installed()
+    finally:
+        ptrbridge.set_check_level(old)
     assert not heapmap.installed()
 
 
-def test_threads_allocate_while_switching() -> None:
+def test_level_two_from_the_environment_installs_at_import() -> None:
+    code = "import ptrbridge; from ptrbridge import heapmap; print(heapmap.installed())"
+    for level, expected in (("2", "True"), ("1", "False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ, PTRBRIDGE_CHECK=level))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expected
+
+
+# ---- lookups ---------------------------------------------------------------------------
+
+
+def _bytearray(n: int) -> Tuple[Any, int, Callable[[Any, Tuple[int, int]], bool]]:
+    obj = bytearray(n)
+    return obj, data_address(obj), lambda o, b: b == (data_address(o), o.__alloc__())
+
+
+def _bytes(n: int) -> Tuple[Any, int, Callable[[Any, Tuple[int, int]], bool]]:
+    obj = bytes(bytearray(n))  # made at run time, not a constant of the code object
+    return obj, data_address(obj), lambda o, b: b == (id(o), sys.getsizeof(o))
+
+
+def _ctypes(n: int) -> Tuple[Any, int, Callable[[Any, Tuple[int, int]], bool]]:
+    obj = (ctypes.c_char * n)()
+    if n <= 16:  # small ctypes data is stored inside the object
+        return obj, ctypes.addressof(obj), lambda o, b: b[0] < ctypes.addressof(o) < b[0] + b[1]
+    return obj, ctypes.addressof(obj), lambda o, b: b == (ctypes.addressof(o), ctypes.sizeof(o))
+
+
+def _array(n: int) -> Tuple[Any, int, Callable[[Any, Tuple[int, int]], bool]]:
+    obj = array.array("B", bytes(n))
+    return obj, obj.buffer_info()[0], lambda o, b: b[0] == o.buffer_info()[0] and b[1] >= n
+
+
+def _from_buffer(n: int) -> Tuple[Any, int, Callable[[Any, Tuple[int, int]], bool]]:
+    owner = bytearray(n)
+    view = ffi.from_buffer(owner)
+    return (owner, view), int(ffi.cast("uintptr_t", view)), lambda o, b: b[0] == data_address(o[0])
+
+
+MAKERS = {"bytearray": _bytearray, "bytes": _bytes, "ctypes": _ctypes, "array": _array,
+          "ffi.from_buffer": _from_buffer}
+SIZES = [1, 8, 16, 17, 100, 496, 512, 513, 4096, 100_000, 3 << 20]
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+@pytest.mark.parametrize("n", SIZES)
+def test_every_byte_of_a_new_buffer_is_found_in_its_block(hooked: None, kind: str, n: int) -> None:
+    obj, data, exact = MAKERS[kind](n)
+    blocks = {heapmap.lookup(data + offset) for offset in {0, 1, n // 2, n - 1}}
+    assert len(blocks) == 1
+    block = blocks.pop()
+    assert block is not None, f"{kind}({n}) at {data:#x} not in the heap map"
+    start, size = block
+    assert start <= data and data + n <= start + size
+    assert exact(obj, block), (kind, n, block, data)
+    if isinstance(obj, tuple):
+        ffi.release(obj[1])
+
+
+def test_block_details_and_edges(hooked: None) -> None:
+    buf = bytearray(1000)
+    start = data_address(buf)
+    assert heapmap.lookup_block(start + 999) == heapmap.HeapBlock(start, 1001, "object")
+    assert heapmap.lookup(start - 1) != (start, 1001)  # the byte before belongs to someone else
+    assert heapmap.lookup(start + 1001) != (start, 1001)  # one past the end: not this block
+    small = bytearray(b"x" * 40)
+    assert heapmap.lookup_block(data_address(small)).domain == "object"
+    items = array.array("B", b"ab")
+    block = heapmap.lookup_block(items.buffer_info()[0])
+    assert block is not None and block.start == items.buffer_info()[0] and block.domain == "mem"
+
+
+@pytest.mark.parametrize("address", [0, 8, 4096, 2**47 + 16, 2**63, 2**64 - 1])
+def test_addresses_outside_the_python_heap_are_not_found(hooked: None, address: int) -> None:
+    assert heapmap.lookup(address) is None
+    assert heapmap.find_freed(address) is None
+
+
+@pytest.fixture
+def old_buffer() -> bytearray:
+    """A buffer allocated before the heap map is installed (list this fixture first)."""
+    return bytearray(2000)
+
+
+def test_c_memory_and_old_objects_are_not_found(old_buffer: bytearray, hooked: None) -> None:
+    cbuf = ptrbridge.CBuffer(256)  # the tracked C allocator: malloc, not Python's
+    try:
+        assert heapmap.lookup(data_address(cbuf) + 10) is None
+    finally:
+        cbuf.free()
+    assert heapmap.lookup(data_address(old_buffer)) is None  # allocated before install
+
+
+def test_ffi_new_memory_is_not_seen_by_allocator_hooks(hooked: None) -> None:
+    # cffi allocates ffi.new() memory with malloc itself, not through Python's
+    # allocators: level 1 (locals, ptrbridge.new, pins) recognises it instead.
+    owned = ffi.new("char[]", 100)
+    assert heapmap.lookup(int(ffi.cast("uintptr_t", owned))) is None
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, -(2**70)])
+def test_an_address_must_fit_in_a_pointer(bad: int) -> None:
+    with pytest.raises(ValueError, match=r"ptrbridge: heapmap\.lookup\(.*\): an address is an int in 0"):
+        heapmap.lookup(bad)
+    with pytest.raises(ValueError, match=r"ptrbridge: heapmap\.find_freed\(.*\): an address"):
+        heapmap.find_freed(bad)
+
+
+@pytest.mark.parametrize("bad", ["0x10", 1.5, None])
+def test_an_address_must_be_an_int(bad: object) -> None:
+    with pytest.raises(TypeError, match=r"ptrbridge: heapmap\.lookup\(\): expected an int address"):
+        heapmap.lookup(bad)  # type: ignore[arg-type]
+
+
+def test_realloc_moves_the_entry(hooked: None) -> None:
+    buf = bytearray(b"x" * 64)
+    before = data_address(buf)
+    buf.extend(bytes(200_000))  # PyObject_Realloc: moved to the raw domain
+    after = data_address(buf)
+    assert heapmap.lookup(after + 200_000) == (after, buf.__alloc__())
+    if after != before:
+        assert heapmap.lookup(before) != (before, 65)
+
+
+# ---- freed blocks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [30, 400, 5000, 1 << 20])
+def test_a_freed_block_leaves_the_map_and_enters_the_history(hooked: None, n: int) -> None:
+    heapmap.take_freed()
+    buf = bytearray(n)
+    start = data_address(buf)
+    block = heapmap.lookup(start)
+    assert block is not None
+    del buf
+    assert heapmap.lookup(start) is None  # held back: not reused yet
+    assert heapmap.find_freed(start + n - 1) == block
+    freed = heapmap.find_freed_block(start)
+    assert freed is not None and freed.domain == "object"  # large ones too: pymalloc passes them on
+    taken = heapmap.take_freed()
+    assert block in taken
+    assert block not in heapmap.take_freed()  # taken once
+    assert heapmap.find_freed(start) == block  # the history is kept
+
+
+def test_find_freed_prefers_the_live_block_and_the_latest_free(hooked: None) -> None:
+    heapmap.set_hold(0, 0)
+    first = bytearray(48)
+    start = data_address(first)
+    del first
+    assert heapmap.find_freed(start) == (start, 49)
+    reused = [bytearray(48) for _ in range(2000)]  # pymalloc hands the block out again
+    assert heapmap.lookup(start) is not None, "the freed block was not reused"
+    assert heapmap.find_freed(start) is None  # live again: not freed memory
+    del reused
+    latest = heapmap.find_freed(start)
+    assert latest is not None and latest[0] == start and heapmap.lookup(start) is None
+
+
+def test_never_freed_addresses_have_no_history(hooked: None) -> None:
+    live = bytearray(100)
+    assert heapmap.find_freed(data_address(live) + 5) is None
+
+
+def test_the_history_is_bounded(hooked: None) -> None:
+    first = bytearray(64)
+    start = data_address(first)
+    del first
+    assert heapmap.find_freed(start) is not None
+    for _ in range(3):  # well over the history's 65536 frees per path
+        junk = [bytes(bytearray(40)) for _ in range(70_000)]
+        del junk
+    counters = heapmap.stats()
+    assert counters.freed_history <= 2 * 65536
+    assert counters.freed_dropped > 0 and counters.freed_pending <= 2 * 65536
+    found = heapmap.find_freed(start)
+    assert found is None or found != (start, 65)  # forgotten, or a later block freed there
+    taken = heapmap.take_freed()
+    assert 65536 <= len(taken) <= 2 * 65536  # everything remembered, once
+
+
+def test_held_blocks_are_not_reused_and_are_released_on_uninstall() -> None:
+    heapmap.install()
+    try:
+        heapmap.set_hold(1000, 1 << 20)  # room for the 100 blocks below and incidental frees
+        doomed = [bytearray(32) for _ in range(50)]
+        addresses = {data_address(b) for b in doomed}
+        del doomed
+        counters = heapmap.stats()
+        assert counters.held_blocks >= 50 and counters.held_bytes >= 50 * 33
+        fresh = [bytearray(32) for _ in range(50)]
+        assert not addresses & {data_address(b) for b in fresh}
+        churn = [bytearray(32) for _ in range(1000)]  # pushes the held ones out, oldest first
+        del churn
+        assert heapmap.stats().held_blocks <= 1000 * len(heapmap.DOMAINS)  # the limit is per domain
+    finally:
+        heapmap.set_hold()
+        heapmap.uninstall()
+    assert heapmap.stats().held_blocks == 0 and heapmap.stats().held_bytes == 0
+    del fresh
+
+
+@pytest.mark.parametrize("blocks, nbytes", [(-1, 0), (0, -1), (8193, 1 << 20)])
+def test_set_hold_rejects_bad_limits(blocks: int, nbytes: int) -> None:
+    with pytest.raises(ValueError, match=r"ptrbridge: heapmap\.set_hold"):
+        heapmap.set_hold(blocks, nbytes)
+
+
+# ---- crossing install and uninstall ----------------------------------------------------
+
+
+def test_blocks_cross_install_and_uninstall_in_both_directions() -> None:
+    before = [bytearray(n) for n in (10, 600, 70_000) for _ in range(30)]
+    before_numbers = [[i] * 50 for i in range(200)]
+    heapmap.install()
+    try:
+        during = [bytearray(n) for n in (10, 600, 70_000) for _ in range(30)]
+        grown = [bytearray(10) for _ in range(30)]
+        del before, before_numbers  # allocated unhooked, freed hooked
+        for b in grown:
+            b.extend(bytes(5000))  # realloc of a hooked block
+    finally:
+        heapmap.uninstall()
+    for b in during:
+        b.extend(bytes(1000))  # realloc of a hooked block, unhooked
+    del during, grown  # allocated hooked, freed unhooked
+    gc.collect()
+
+
+def test_crossing_cycles_do_not_leak() -> None:
+    held: List[bytearray] = []
+
+    def cycle() -> None:
+        held.append(bytearray(256 << 10))  # allocated unhooked ...
+        heapmap.install()
+        held.append(bytearray(256 << 10))  # ... and hooked
+        del held[0]  # unhooked block freed hooked
+        heapmap.uninstall()
+        del held[0]  # hooked block freed unhooked
+
+    growth = assert_no_growth(cycle, n=200, max_bytes=16 << 20, warmup=5)
+    assert growth.calls == 200
+
+
+# ---- threads ---------------------------------------------------------------------------
+
+RAW_CHURN_C = r"""
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+void *PyMem_RawMalloc(size_t n);
+void *PyMem_RawCalloc(size_t n, size_t size);
+void *PyMem_RawRealloc(void *p, size_t n);
+void PyMem_RawFree(void *p);
+
+static atomic_int stop;
+static atomic_ulong total;
+static pthread_t threads[16];
+static int nthreads;
+
+static void *churn(void *arg) {
+    void *keep[64] = {0};
+    unsigned long n = (unsigned long)(size_t)arg * 7919;
+    while (!atomic_load(&stop)) {
+        size_t i = n % 64;
+        PyMem_RawFree(keep[i]);
+        switch (n % 4) {
+        case 0: keep[i] = PyMem_RawMalloc(1 + (n * 37) % 700); break;
+        case 1: keep[i] = PyMem_RawCalloc(1 + n % 50, 16); break;
+        case 2: keep[i] = PyMem_RawMalloc(70000 + n % 1000); break;
+        default: keep[i] = PyMem_RawRealloc(PyMem_RawMalloc(24), 24 + (n * 13) % 3000); break;
+        }
+        n++;
+    }
+    for (int i = 0; i < 64; i++) PyMem_RawFree(keep[i]);
+    atomic_fetch_add(&total, n);
+    return NULL;
+}
+
+int raw_churn_start(int k) {
+    atomic_store(&stop, 0);
+    atomic_store(&total, 0);
+    for (nthreads = 0; nthreads < k && nthreads < 16; nthreads++)
+        if (pthread_create(&threads[nthreads], NULL, churn, (void *)(size_t)nthreads) != 0) return -1;
+    return 0;
+}
+
+unsigned long raw_churn_stop(void) {
+    atomic_store(&stop, 1);
+    for (int i = 0; i < nthreads; i++) pthread_join(threads[i], NULL);
+    nthreads = 0;
+    return atomic_load(&total);
+}
+
+struct job { size_t size; void *ptr; };
+static void *alloc_job(void *arg) { struct job *j = arg; j->ptr = PyMem_RawMalloc(j->size); return NULL; }
+static void *free_job(void *arg) { struct job *j = arg; PyMem_RawFree(j->ptr); return NULL; }
+
+/* PyMem_RawMalloc/RawFree on a thread that never held the GIL. */
+void *raw_alloc_elsewhere(size_t size) {
+    struct job j = {size, NULL}; pthread_t t;
+    pthread_create(&t, NULL, alloc_job, &j); pthread_join(t, NULL);
+    return j.ptr;
+}
+void raw_free_elsewhere(void *p) {
+    struct job j = {0, p}; pthread_t t;
+    pthread_create(&t, NULL, free_job, &j); pthread_join(t, NULL);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def raw_churn(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A C library whose threads call PyMem_Raw* without the GIL."""
+    src = tmp_path_factory.mktemp("rawchurn") / "rawchurn.c"
+    src.write_text(RAW_CHURN_C)
+    so = src.with_suffix(".so")
+    subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-fPIC", "-shared", "-pthread",
+                    str(src), "-o", str(so)], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(so))
+    lib.raw_churn_start.argtypes = [ctypes.c_int]
+    lib.raw_churn_stop.restype = ctypes.c_ulong
+    lib.raw_alloc_elsewhere.argtypes = [ctypes.c_size_t]
+    lib.raw_alloc_elsewhere.restype = ctypes.c_void_p
+    lib.raw_free_elsewhere.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def test_raw_blocks_from_threads_without_the_gil(hooked: None, raw_churn: Any) -> None:
+    heapmap.take_freed()
+    for size in (24, 700, 100_000):
+        p = raw_churn.raw_alloc_elsewhere(size)
+        assert heapmap.lookup_block(p + size - 1) == heapmap.HeapBlock(p, size, "raw")
+        raw_churn.raw_free_elsewhere(p)
+        assert heapmap.lookup(p) is None or heapmap.lookup(p) != (p, size)
+        assert (p, size) in heapmap.take_freed()
+
+
+@contextlib.contextmanager
+def _installed() -> Iterator[None]:
+    heapmap.install()
+    try:
+        yield
+    finally:
+        heapmap.uninstall()
+
+
+def test_threads_allocate_while_the_map_is_switched(raw_churn: Any) -> None:
     stop = threading.Event()
-    errors: list = []
+    started = threading.Barrier(4)
+    errors: List[BaseException] = []
 
-    def churn() -> None:
+    def python_churn() -> None:
         try:
+            started.wait()
             while not stop.is_set():
-                junk = [bytes(i % 300) for i in range(200)]
-                del junk
+                junk = [bytes(bytearray(i % 700)) for i in range(300)]
+                grown = bytearray(10)
+                for _ in range(20):
+                    grown.extend(b"y" * 500)
+                del junk, grown
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=churn) for _ in range(3)]
+    threads = [threading.Thread(target=python_churn) for _ in range(3)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # the main thread gets the GIL back sooner from the churners
     for t in threads:
         t.start()
+    assert raw_churn.raw_churn_start(3) == 0
     try:
-        for _ in range(50):
-            with ptrbridge.checking(2):
-                pass
+        started.wait()
+        for i in range(60):
+            # Every sixth round switches the check level (and with it the other level-2
+            # features); the others switch the heap map alone.
+            with ptrbridge.checking(2) if i % 6 == 0 else _installed():
+                probe = bytearray(100 + i)
+                assert heapmap.lookup(data_address(probe) + 99) == (data_address(probe), 101 + i)
+                heapmap.find_freed(data_address(probe))
+                heapmap.take_freed()
+                if i % 10 == 0:
+                    heapmap.set_hold(i * 100, 1 << 20)
     finally:
+        heapmap.set_hold()
         stop.set()
         for t in threads:
             t.join()
-    assert not errors and not heapmap.installed()
+        sys.setswitchinterval(interval)
+        assert raw_churn.raw_churn_stop() > 0
+    assert not errors, errors
+    assert not heapmap.installed()
 
 
-def test_stats() -> None:
-    with ptrbridge.checking(2):
-        keep = [bytes(100) for _ in range(10)]
-        counters = heapmap.stats()
-        assert counters["installed"] == 1 and counters["live_blocks"] >= 10
-        del keep
+def test_lookups_from_many_threads_during_allocation(hooked: None) -> None:
+    keep = [bytearray(n) for n in (32, 400, 4000, 40_000) for _ in range(50)]
+    expected = [(data_address(b), b.__alloc__()) for b in keep]
+    stop = threading.Event()
+    errors: List[BaseException] = []
+
+    def look() -> None:
+        try:
+            for _ in range(50):
+                for start, size in expected:
+                    assert heapmap.lookup(start + size - 2) == (start, size)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def churn() -> None:
+        while not stop.is_set():
+            junk = [bytearray(i % 600) for i in range(500)]
+            del junk
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    lookers = [threading.Thread(target=look) for _ in range(3)]
+    for t in lookers:
+        t.start()
+    for t in lookers:
+        t.join()
+    stop.set()
+    churner.join()
+    assert not errors, errors
 
 
-def test_another_hook_on_top_blocks_uninstall() -> None:
-    import tracemalloc
+def test_fork_while_threads_allocate_does_not_deadlock_the_child() -> None:
+    code = textwrap.dedent("""
+        import os, sys, threading
+        import ptrbridge
+        from ptrbridge import heapmap
+        heapmap.install()
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                junk = [bytearray(i % 900) for i in range(200)]
+        threads = [threading.Thread(target=churn, daemon=True) for _ in range(2)]
+        for t in threads: t.start()
+        try:
+            for _ in range(20):
+                pid = os.fork()
+                if pid == 0:  # the child allocates (and so takes the heap map's lock)
+                    x = [bytes(bytearray(3000)) for _ in range(100)]
+                    os._exit(0 if all(heapmap.lookup(id(b)) == (id(b), sys.getsizeof(b)) for b in x) else 3)
+                _, status = os.waitpid(pid, 0)
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        finally:
+            stop.set()
+            for t in threads: t.join()
+        heapmap.uninstall()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
 
+
+# ---- other allocator hooks -------------------------------------------------------------
+
+
+def test_tracemalloc_on_top_keeps_working_after_uninstall() -> None:
     heapmap.install()
     tracemalloc.start()
     try:
-        with pytest.raises(ptrbridge.PointerError, match="another allocator hook"):
-            heapmap.uninstall()
+        assert heapmap.uninstall() is True  # recording stops; our hook stays, passing through
+        assert not heapmap.installed()
+        assert heapmap.stats().hooked_domains == ("raw", "mem", "object")
+        traced = bytearray(10_000)
+        assert tracemalloc.get_object_traceback(traced) is not None
+        assert heapmap.lookup(data_address(traced)) is None
+        assert heapmap.install() is True  # reuses the hook below tracemalloc
+        again = bytearray(10_000)
+        assert heapmap.lookup(data_address(again)) == (data_address(again), 10_001)
+        assert tracemalloc.get_object_traceback(again) is not None
     finally:
-        tracemalloc.stop()
+        tracemalloc.stop()  # puts our hook back on top
+    assert heapmap.lookup(data_address(again)) == (data_address(again), 10_001)
     assert heapmap.uninstall() is True
+    assert heapmap.stats().hooked_domains == ()
+    del traced, again
 
 
-def test_cffi_struct_field_from_raw_address_rejected_only_at_level_2() -> None:
+def test_being_cut_out_of_the_chain_is_noticed_and_repaired() -> None:
+    tracemalloc.start()
+    try:
+        heapmap.install()  # on top of tracemalloc
+        doomed = bytearray(3000)
+        start = data_address(doomed)
+        assert heapmap.lookup(start) == (start, 3001)
+    finally:
+        tracemalloc.stop()  # restores the allocators from before tracemalloc: ours is cut out
+    try:
+        del doomed  # a free the heap map does not see
+        assert heapmap.lookup(start) is None  # the stale entry is not reported: the map was repaired
+        assert heapmap.stats().hooked_domains == ("raw", "mem", "object")
+        fresh = bytearray(3000)
+        assert heapmap.lookup(data_address(fresh)) == (data_address(fresh), 3001)
+        assert heapmap.verify() is False
+    finally:
+        heapmap.uninstall()
+    del fresh
+
+
+# ---- the C interface -------------------------------------------------------------------
+
+
+def test_c_lookup_for_the_scanner(hooked: None) -> None:
+    native = ctypes.CDLL(NATIVE_PATH)
+    find = native.pb_heapmap_find
+    find.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    find.restype = ctypes.c_int
+    buf = bytearray(777)
+    start, size = ctypes.c_size_t(), ctypes.c_size_t()
+    assert find(data_address(buf) + 700, ctypes.byref(start), ctypes.byref(size)) == 1
+    assert (start.value, size.value) == (data_address(buf), 778)
+    assert find(8, ctypes.byref(start), ctypes.byref(size)) == 0
+    assert find(data_address(buf), None, None) == 1
+    native.pb_heapmap_verify.restype = ctypes.c_int
+    assert native.pb_heapmap_verify() == 0
+
+
+def test_counters(hooked: None) -> None:
+    before = heapmap.stats()
+    keep = [bytes(bytearray(100)) for _ in range(100)]
+    for b in keep:
+        heapmap.lookup(id(b))
+    after = heapmap.stats()
+    assert after.installed and after.live_blocks >= 100 and after.live_bytes >= 100 * 100
+    assert after.allocations - before.allocations >= 100
+    assert after.lookups - before.lookups >= 100
+    assert after.index_bytes > 0 and after.shadow_leaves >= 1 and after.untracked == 0
+    del keep
+    assert heapmap.stats().frees - after.frees >= 100
+
+
+# ---- the checker at level 2 ------------------------------------------------------------
+
+
+def test_a_raw_address_in_a_struct_is_python_owned_only_at_level_2() -> None:
     other = cffi.FFI()
-    other.cdef("struct box { char *p; }; int strcmp(const char *, const char *);")
+    other.cdef("struct box { char *p; }; int memcmp(const struct box *a, const void *b, size_t n);")
+    c = ptrbridge.wrap(other.dlopen(None))
 
     class Holder:
         pass
 
-    libc = ptrbridge.wrap(other.dlopen(None))
+    holder = Holder()
+    box = other.new("struct box *")
     with ptrbridge.checking(2):
-        holder = Holder()
-        holder.data = bytearray(b"hidden\0")
-        box = other.new("struct box *")
-        box.p = other.cast("char *", _address(holder.data))
-        strcmp_sig = cffi.FFI()
-        strcmp_sig.include(other)
-        strcmp_sig.cdef("int memcmp(const struct box *a, const void *b, size_t n);")
-        c = ptrbridge.wrap(strcmp_sig.dlopen(None))
+        holder.data = bytearray(b"hidden\0")  # reachable only through an attribute
+        box.p = other.cast("char *", data_address(holder.data))
         with pytest.raises(ptrbridge.NestedPointerError, match=r"\.p -> Python memory block"):
             c.memcmp(box, box, 0)
-    assert libc.strcmp(b"a", b"a") == 0
+    assert c.memcmp(box, box, 0) == 0  # level 1 does not know it
 
 
-def test_numpy_data_through_the_nep49_handler() -> None:
+# ---- numpy (NEP 49) --------------------------------------------------------------------
+
+
+def test_numpy_array_data_is_found(hooked: None) -> None:
     import numpy as np
 
-    from numpy._core import multiarray
+    assert heapmap.numpy_hooked()
+    data = np.arange(50_000, dtype=np.int64)
+    assert heapmap.lookup_block(data.ctypes.data + 8 * 40_000) == heapmap.HeapBlock(
+        data.ctypes.data, data.nbytes, "numpy")
+    small = np.zeros(3)
+    assert heapmap.lookup(small.ctypes.data + 23) == (small.ctypes.data, 24)
+    grown = data.copy()
+    grown.resize(100_000, refcheck=False)  # realloc through the handler
+    assert heapmap.lookup(grown.ctypes.data + 8 * 99_999) == (grown.ctypes.data, grown.nbytes)
+    start = data.ctypes.data
+    del data
+    assert heapmap.find_freed(start + 8) == (start, 400_000)
 
-    default = multiarray.get_handler_name()
-    with ptrbridge.checking(2):
-        assert heapmap.numpy_hooked() and multiarray.get_handler_name() == "ptrbridge_heapmap"
-        data = np.arange(50_000, dtype=np.int64)
-        found = heapmap.lookup(data.ctypes.data + 8 * 40_000)
-        assert found is not None and found[0] == data.ctypes.data and found[1] == data.nbytes
-        grown = data.copy()
-        grown.resize(100_000, refcheck=False)  # realloc through the handler
-        assert heapmap.lookup(grown.ctypes.data + 8 * 99_999) is not None
-        start = data.ctypes.data
-        heapmap.take_freed()
-        del data
-        assert any(s == start for s, _ in heapmap.take_freed())
-    assert not heapmap.numpy_hooked() and multiarray.get_handler_name() == default
-    del grown  # made under the handler, freed after: the handler still delegates
+
+def test_numpy_handler_is_transparent_and_covers_every_thread() -> None:
+    import numpy as np
+    from numpy._core import multiarray  # numpy >= 2; numpy 1.x: numpy.core.multiarray
+
+    name = multiarray.get_handler_name()
+    before = np.ones(1000)  # made with numpy's own handler
+    heapmap.install()
+    try:
+        assert multiarray.get_handler_name() == name  # the wrapper keeps numpy's name
+        made: List[Any] = []
+        worker = threading.Thread(target=lambda: made.append(np.ones(2000)))
+        worker.start()
+        worker.join()
+        assert heapmap.lookup(made[0].ctypes.data) == (made[0].ctypes.data, 16_000)
+        during = np.ones(1000)
+        del before  # numpy's block, freed through the wrapper
+    finally:
+        heapmap.uninstall()
+    assert not heapmap.numpy_hooked() and multiarray.get_handler_name() == name
+    del during, made  # made through the wrapper, freed without it
+
+
+def test_numpy_imported_after_install_is_hooked() -> None:
+    code = textwrap.dedent("""
+        import sys
+        from ptrbridge import heapmap
+        assert "numpy" not in sys.modules
+        heapmap.install()
+        import numpy as np
+        a = np.arange(10_000.0)
+        assert heapmap.numpy_hooked(), "not hooked"
+        assert heapmap.lookup(a.ctypes.data + 8) == (a.ctypes.data, a.nbytes), heapmap.lookup(a.ctypes.data)
+        heapmap.uninstall()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_module_import_has_no_side_effect_but_the_listener() -> None:
+    code = textwrap.dedent("""
+        import sys
+        import ptrbridge.heapmap as heapmap
+        from ptrbridge import levels
+        assert not heapmap.installed()
+        assert not any(type(f).__name__ == "_NumpyWatcher" for f in sys.meta_path)
+        assert heapmap._on_level_change in levels._listeners
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PTRBRIDGE_CHECK"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_bench_module_measures(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_heapmap.py"
+    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "heap map" in proc.stdout and "tracemalloc" in proc.stdout
