@@ -363,9 +363,10 @@ class CallCheck:
             if owner.start <= address < owner.end or address == owner.start:
                 return owner
         if levels._level == 2:
-            block = heapmap.lookup(address)
+            block = heapmap.lookup_block(address)
             if block is not None:
-                return Owner(block[0], block[1], f"Python memory block ({block[1]} bytes)", False,
+                return Owner(block.start, block.size,
+                             f"Python memory block ({block.size} bytes, {block.domain} allocator)", False,
                              "found by the level-2 heap map")
         return None
 

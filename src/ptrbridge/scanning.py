@@ -236,6 +236,7 @@ def scan_freed_python_memory() -> List[Retention]:
 
     if not heapmap.installed():
         return []
+    heapmap.verify()  # re-hooks if another allocator hook cut the map out of the chain
     batch = 1 << 16
     starts = ffi.new("uintptr_t[]", batch)
     sizes = ffi.new("size_t[]", batch)
