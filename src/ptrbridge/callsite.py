@@ -33,6 +33,21 @@ def caller_frame_location() -> Tuple[str, int]:
     return (frame.f_code.co_filename, frame.f_lineno)
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn`, called here, that names the user's frame.
+
+    Counted from the caller of this function: 1 is that caller itself, and each
+    frame inside this package adds one, so a warning raised deep in ptrbridge is
+    attributed to the innermost frame outside it.
+    """
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
 def format_location(location: Tuple[str, int]) -> str:
     """Render a location as ``file.py:12`` (the path shortened to its base name)."""
     filename, lineno = location

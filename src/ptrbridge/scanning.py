@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from .callsite import user_stacklevel
 from ._bindings import address_of, check, ffi, lib
 from .errors import PointerError, PointerWarning
 
@@ -267,7 +268,7 @@ def _report(found: List[Retention]) -> None:
             _violations.extend(found)
     elif _on_violation == "warn":
         for retention in found:
-            warnings.warn(str(retention), RetainedPointerWarning, stacklevel=3)
+            warnings.warn(str(retention), RetainedPointerWarning, stacklevel=user_stacklevel())
     else:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise RetainedPointerError(f"{found[0]}{more}", found)

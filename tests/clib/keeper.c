@@ -1,17 +1,37 @@
 /*
- * keeper.c - a careless C library for the retention tests: it keeps the
- * pointer it was given in a global, in a tracked heap block, or in a block
- * reached only through another block, and reads it later.  keep_copy() is
- * the correct variant: it copies the data.
+ * keeper.c - a careless C library for the retention tests (rule R2).
+ *
+ * Each keep_* function stores the pointer it was given somewhere C memory
+ * lives, and keeper_read() later reads through every pointer kept:
+ *
+ *   keep_global      in an exported global (`kept_global`, in .bss);
+ *   keep_heap        in a block from pb_malloc (the tracked allocator);
+ *   keep_indirect    in a pb_malloc block reached only through another one;
+ *   keep_registered  in a libc malloc block the library registers itself
+ *                    with pb_root_add (at offset 8 of a 16-byte record);
+ *   keep_copy        the correct variant: it copies the data.
+ *
+ * keeper_clear() forgets everything and frees what the library allocated.
+ * The keeper_*_block() functions tell the tests where each pointer is held.
+ * pb_* symbols resolve from ptrbridge, imported before this library loads.
  */
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ptrbridge.h"
 
+struct record {
+    uint64_t tag;
+    const char *data;
+};
+
 const char *kept_global;
-static const char **heap_holder;  /* a pb_malloc block holding the pointer */
-static const char ***outer_block; /* a block holding a block holding it */
+static const char **heap_holder;   /* a pb_malloc block holding the pointer */
+static const char ***outer_block;  /* a pb_malloc block holding a block holding it */
+static struct record *registered;  /* libc malloc, registered as a root */
+static uint64_t registered_root;
 static char *copied;
 
 void keep_global(const char *p)
@@ -21,8 +41,7 @@ void keep_global(const char *p)
 
 int keep_heap(const char *p)
 {
-    heap_holder = pb_malloc(sizeof *heap_holder);
-    if (heap_holder == NULL)
+    if (heap_holder == NULL && (heap_holder = pb_malloc(sizeof *heap_holder)) == NULL)
         return -1;
     *heap_holder = p;
     return 0;
@@ -30,26 +49,49 @@ int keep_heap(const char *p)
 
 int keep_indirect(const char *p)
 {
-    outer_block = pb_malloc(sizeof *outer_block);
-    if (outer_block == NULL)
-        return -1;
-    *outer_block = pb_malloc(sizeof **outer_block);
-    if (*outer_block == NULL)
-        return -1;
+    if (outer_block == NULL) {
+        if ((outer_block = pb_malloc(sizeof *outer_block)) == NULL)
+            return -1;
+        if ((*outer_block = pb_malloc(sizeof **outer_block)) == NULL) {
+            pb_free(outer_block);
+            outer_block = NULL;
+            return -1;
+        }
+    }
     **outer_block = p;
     return 0;
 }
 
+/* Returns PB_OK or the status of pb_root_add. */
+int keep_registered(const char *p)
+{
+    if (registered == NULL) {
+        if ((registered = malloc(sizeof *registered)) == NULL)
+            return PB_ERR_NOMEM;
+        registered->tag = 0x6b656570u;
+        int rc = pb_root_add(registered, sizeof *registered, &registered_root);
+        if (rc != PB_OK) {
+            free(registered);
+            registered = NULL;
+            return rc;
+        }
+    }
+    registered->data = p;
+    return PB_OK;
+}
+
 int keep_copy(const char *p, size_t n)
 {
-    copied = pb_malloc(n);
-    if (copied == NULL)
+    char *block = pb_malloc(n ? n : 1);
+    if (block == NULL)
         return -1;
-    memcpy(copied, p, n);
+    memcpy(block, p, n);
+    pb_free(copied);
+    copied = block;
     return 0;
 }
 
-/* Reads the first byte through every kept pointer (the use that goes wrong). */
+/* Sum of the first bytes read through every kept pointer (the later use). */
 int keeper_read(void)
 {
     int sum = 0;
@@ -57,11 +99,33 @@ int keeper_read(void)
         sum += (unsigned char)kept_global[0];
     if (heap_holder && *heap_holder)
         sum += (unsigned char)(*heap_holder)[0];
-    if (outer_block && *outer_block && **outer_block)
+    if (outer_block && **outer_block)
         sum += (unsigned char)(**outer_block)[0];
+    if (registered && registered->data)
+        sum += (unsigned char)registered->data[0];
     if (copied)
         sum += (unsigned char)copied[0];
     return sum;
+}
+
+uintptr_t keeper_heap_block(void)
+{
+    return (uintptr_t)heap_holder;
+}
+
+uintptr_t keeper_inner_block(void)
+{
+    return outer_block ? (uintptr_t)*outer_block : 0;
+}
+
+uintptr_t keeper_registered_block(void)
+{
+    return (uintptr_t)registered;
+}
+
+uint64_t keeper_registered_root(void)
+{
+    return registered ? registered_root : 0;
 }
 
 void keeper_clear(void)
@@ -70,10 +134,15 @@ void keeper_clear(void)
     if (outer_block) {
         pb_free(*outer_block);
         pb_free(outer_block);
+        outer_block = NULL;
     }
     pb_free(heap_holder);
-    pb_free(copied);
     heap_holder = NULL;
-    outer_block = NULL;
+    if (registered) {
+        pb_root_remove(registered_root);
+        free(registered);
+        registered = NULL;
+    }
+    pb_free(copied);
     copied = NULL;
 }
