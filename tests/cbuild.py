@@ -2,16 +2,40 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 TESTS = Path(__file__).resolve().parent
 CLIB = TESTS / "clib"
 CSRC = TESTS.parent / "csrc"
-CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-pthread", "-O1"]
+
+
+def sanitizer_flags() -> Tuple[List[str], List[str]]:
+    """Compile and link flags matching ``PTRBRIDGE_SANITIZE`` (see build_ffi.py), or none.
+
+    Under ``.ci/sanitize`` the C the tests compile is instrumented like csrc,
+    so a bug in a test library is reported too and not mistaken for one in
+    ptrbridge.
+    """
+    value = ",".join(n.strip() for n in os.environ.get("PTRBRIDGE_SANITIZE", "").split(",") if n.strip())
+    if not value:
+        return [], []
+    return [f"-fsanitize={value}", "-fno-omit-frame-pointer", "-g"], [f"-fsanitize={value}"]
+
+
+def sanitizer_env() -> Tuple[Dict[str, str], List[str], List[str]]:
+    """(environment, compile flags, link flags) for a build run in a subprocess."""
+    compile_flags, link_flags = sanitizer_flags()
+    return dict(os.environ), compile_flags, link_flags
+
+
+_SAN_COMPILE, _SAN_LINK = sanitizer_flags()
+CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-pthread", "-O1",
+          *_SAN_COMPILE, *_SAN_LINK]
 
 
 def build_shared(source: str, outdir: Path, libs: Sequence[str] = ()) -> Path:
@@ -40,7 +64,8 @@ def build_cffi_module(name: str, cdef: str, source: str, outdir: Path,
         libraries=list(libraries),
         include_dirs=[str(CSRC), str(CLIB)],
         sources=[str(CLIB / s) for s in (extra_sources or ())],
-        extra_compile_args=["-std=c11", "-Wall", "-Wextra"],
+        extra_compile_args=["-std=c11", "-Wall", "-Wextra", *_SAN_COMPILE],
+        extra_link_args=list(_SAN_LINK),
     )
     so = builder.compile(tmpdir=str(outdir))
     spec = importlib.util.spec_from_file_location(name, so)

@@ -11,10 +11,11 @@ plus the registry's counters (:func:`stats`) and check levels like
 """
 from __future__ import annotations
 
+from . import _support  # noqa: F401  # first: refuses unsupported interpreters (free-threaded builds)
 from .allocators import CAllocator, c_allocator
 from .callbacks import Callback, callback, extern_callback, live_callbacks
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
-from .capi import c_api, native_library_path
+from .capi import c_api, get_include, native_library_path
 from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
 from .errors import (
     AllocatorError,
@@ -124,6 +125,7 @@ __all__ = [
     "cstring",
     "declare",
     "free",
+    "get_include",
     "handle_value",
     "native_library_path",
     "new",
