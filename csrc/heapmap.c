@@ -98,7 +98,7 @@
 #define BITMAP_LEAF_WORDS (((size_t)1 << BITMAP_LEAF_PAGES_SHIFT) / 64)
 #define MIN_BITS 10                /* smallest hash table: 1024 slots */
 #define RING_MASK ((uint64_t)PB_HEAPMAP_FREED_HISTORY - 1)
-#define DOMAINS 4                  /* raw, mem, obj, numpy */
+#define DOMAINS 5                  /* raw, mem, obj, numpy, cffi */
 #define PYMEM_DOMAINS 3
 #define SIZE_SHIFT 61              /* table values: size | domain << 61 */
 #define SIZE_MASK (((uint64_t)1 << SIZE_SHIFT) - 1)
@@ -116,6 +116,7 @@ typedef _Atomic uint64_t counter_t;
 /* ---- lock ---------------------------------------------------------------- */
 
 static atomic_int spin;
+static atomic_uintptr_t spin_owner; /* pthread_self() of the holder, 0 when free */
 
 static inline void cpu_relax(void)
 {
@@ -146,16 +147,28 @@ static inline void lock(void)
 {
     if (UNLIKELY(atomic_exchange_explicit(&spin, 1, memory_order_acquire)))
         lock_slow();
+    atomic_store_explicit(&spin_owner, (uintptr_t)pthread_self(), memory_order_relaxed);
 }
 
 static inline void unlock(void)
 {
+    atomic_store_explicit(&spin_owner, 0, memory_order_relaxed);
     atomic_store_explicit(&spin, 0, memory_order_release);
+}
+
+/* 1 if this thread holds the lock (a re-entrant call must not take it). */
+static inline int lock_held_here(void)
+{
+    return atomic_load_explicit(&spin_owner, memory_order_relaxed) == (uintptr_t)pthread_self();
 }
 
 static void fork_prepare(void) { lock(); }
 static void fork_parent(void) { unlock(); }
-static void fork_child(void) { atomic_store_explicit(&spin, 0, memory_order_relaxed); }
+static void fork_child(void)
+{
+    atomic_store_explicit(&spin_owner, 0, memory_order_relaxed);
+    atomic_store_explicit(&spin, 0, memory_order_relaxed);
+}
 
 /* Counters written by one writer at a time (the GIL or the lock) and read by
  * anyone: a plain load and store, no read-modify-write. */
@@ -836,11 +849,16 @@ static atomic_uintptr_t probing_thread; /* pthread_self() of in_chain(), 0 other
 /* numpy's handler (declared below) */
 static void np_release(void *ptr, size_t size);
 
+/* The release function of held foreign blocks (pb_heapmap_release_block). */
+static _Atomic(void (*)(void *)) foreign_release;
+
 /* Frees a block through the allocator below the hook of `domain`. */
 static void release(int domain, void *ptr, size_t size)
 {
     if (domain == PB_HEAPMAP_NUMPY)
         np_release(ptr, size);
+    else if (domain == PB_HEAPMAP_CFFI)
+        atomic_load(&foreign_release)(ptr);
     else
         domains[domain].orig.free(domains[domain].orig.ctx, ptr);
 }
@@ -897,8 +915,10 @@ static int lock_cell_occupied(cell_t *cell, uintptr_t start, size_t size, int do
             table_block_remove(i);
         return 0;
     }
-    if (cell_size(v) == (size ? size : 1) && !is_gil_domain(domain))
-        return 1; /* already recorded by an inner call */
+    if (cell_size(v) == (size ? size : 1) && !is_gil_domain(domain) && !is_gil_domain(cell_domain(v))) {
+        cell_store(cell, cell_value(size, domain)); /* the same block, seen by an outer domain */
+        return 1;
+    }
     drop_stale_cell(cell, v);
     return 0;
 }
@@ -1749,6 +1769,75 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
         if (pb__scan_retire(starts[i], sizes[i], first_id + i) != PB_OK)
             return i;
     return n;
+}
+
+/* ---- foreign blocks (pb_heapmap_record_block, for the interposer) ------------------- */
+
+static inline int is_foreign_domain(int domain)
+{
+    return domain == PB_HEAPMAP_CFFI;
+}
+
+void pb_heapmap_record_block(void *ptr, size_t size, int domain)
+{
+    if (ptr == NULL || !is_foreign_domain(domain) || !atomic_load_explicit(&recording, memory_order_relaxed) ||
+        lock_held_here())
+        return;
+    lock_record((uintptr_t)ptr, size, domain); /* re-checks `recording` under the lock */
+}
+
+/* Forgets the foreign block that starts at p.  Lock held.  CPython's and
+ * numpy's blocks are left alone: only their hooks forget them. */
+static int foreign_forget_locked(uintptr_t p, struct forgotten *f)
+{
+    cell_t *cell = (p & (GRANULE - 1)) == 0 ? shadow_cell(p, 0) : NULL;
+    uint16_t v = cell != NULL ? cell_load(cell) : 0;
+    if (v != 0 && v != CELL_LARGE) {
+        if (!is_foreign_domain(cell_domain(v)))
+            return NOT_FOUND;
+    } else {
+        size_t i = table_find(&blocks, p);
+        if (i == SIZE_MAX || !is_foreign_domain((int)(blocks.slots[i].val >> SIZE_SHIFT)))
+            return NOT_FOUND;
+    }
+    return lock_forget(p, 0, f);
+}
+
+/* Forgets ptr and, with rel, holds it back.  1 if held; ev gets blocks the
+ * caller must release now. */
+static int foreign_free(void *ptr, void (*rel)(void *), struct evicted *ev)
+{
+    ev->n = 0;
+    if (ptr == NULL || !atomic_load_explicit(&recording, memory_order_relaxed) || lock_held_here())
+        return 0;
+    uintptr_t p = (uintptr_t)ptr;
+    struct forgotten f = {NOT_FOUND, 0, 0};
+    int hold = 0;
+    lock();
+    if (atomic_load_explicit(&recording, memory_order_relaxed) && foreign_forget_locked(p, &f) != NOT_FOUND) {
+        lock_ring_append(p, f.val);
+        if (rel != NULL && atomic_load_explicit(&q_max_blocks, memory_order_relaxed) != 0) {
+            void (*cur)(void *) = NULL;
+            if (atomic_compare_exchange_strong(&foreign_release, &cur, rel) || cur == rel)
+                hold = quarantine_put(&lock_held[PB_HEAPMAP_CFFI], ptr, (size_t)(f.val & SIZE_MASK), ev);
+        }
+    }
+    unlock();
+    return hold;
+}
+
+void pb_heapmap_forget_block(void *ptr)
+{
+    struct evicted ev;
+    foreign_free(ptr, NULL, &ev);
+}
+
+int pb_heapmap_release_block(void *ptr, void (*release_fn)(void *ptr))
+{
+    struct evicted ev;
+    int hold = foreign_free(ptr, release_fn, &ev);
+    release_evicted(PB_HEAPMAP_CFFI, &ev);
+    return hold;
 }
 
 /* ---- configuration and counters ---------------------------------------------------- */

@@ -51,8 +51,49 @@ enum pb_heapmap_domain {
     PB_HEAPMAP_RAW = 0,   /* PyMem_RawMalloc (may be called without the GIL) */
     PB_HEAPMAP_MEM = 1,   /* PyMem_Malloc */
     PB_HEAPMAP_OBJ = 2,   /* PyObject_Malloc (objects) */
-    PB_HEAPMAP_NUMPY = 3  /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_NUMPY = 3, /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_CFFI = 4,  /* foreign Python-owned blocks entered with pb_heapmap_record_block
+                             (memory _cffi_backend mallocs for ffi.new) */
+    PB_HEAPMAP_DOMAIN_CFFI = 4 /* the same, under the name the interposer uses */
 };
+
+/* Foreign Python-owned blocks: memory that Python objects own but that does
+ * not come from CPython's allocators or numpy's handler (the interposer in
+ * interpose.c sees _cffi_backend's malloc/free for ffi.new and calls these).
+ * A recorded block is like any other heap-map block: lookups find it, and
+ * its free enters the freed-block history (and, through
+ * pb_heapmap_release_block, the hold).
+ *
+ * All three are safe from any thread, with or without the GIL, never call
+ * Python or a hooked allocator, never block on anything but the heap map's
+ * own short spinlock, and are re-entrant-safe: a call made while the same
+ * thread holds the heap map's lock (impossible today: the heap map's own
+ * memory comes from libc and ptrbridge's module is never interposed) is
+ * ignored instead of deadlocking.  They do nothing while the heap map is not
+ * installed.  Ownership of the memory stays with the caller (except for a
+ * block pb_heapmap_release_block holds back).  No error codes: a block that
+ * cannot be indexed for lack of memory is counted in `untracked`. */
+
+/* Enters [ptr, ptr + size) (size 0 counts as 1) as a live block of `domain`,
+ * which must be PB_HEAPMAP_DOMAIN_CFFI (other domains are ignored: their
+ * blocks are recorded by the hooks).  A block already recorded at ptr is
+ * replaced (its free was not seen).  ptr == NULL is ignored. */
+PB_API void pb_heapmap_record_block(void *ptr, size_t size, int domain);
+
+/* Removes the foreign block that starts at ptr (its memory is about to be
+ * freed by the caller) and appends it to the freed-block history.  Blocks
+ * that were not entered with pb_heapmap_record_block (unknown addresses,
+ * CPython's blocks) are left alone.  ptr == NULL is ignored. */
+PB_API void pb_heapmap_forget_block(void *ptr);
+
+/* pb_heapmap_forget_block, plus the hold: returns 1 if the heap map took the
+ * block (it is held back and given to release(ptr) later: when
+ * pushed out of the hold, by set_hold, or by uninstall - from whichever
+ * thread does that, never with the heap map's lock held), or 0 if the caller
+ * must free ptr now (not a recorded block, the hold is off or full, or a
+ * different `release` than the first one seen for the domain).  release
+ * must be callable from any thread without the GIL (libc free is). */
+PB_API int pb_heapmap_release_block(void *ptr, void (*release)(void *ptr));
 
 /* Result of a lookup: status 0 = not found, 1 = found (start, size, domain
  * are set), 2 = found but the allocator chain changed since it was last

@@ -717,3 +717,137 @@ def test_bench_module_measures(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "heap map" in proc.stdout and "tracemalloc" in proc.stdout
+
+
+# ---- foreign blocks (the C API for the interposer) --------------------------------------
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+def test_a_recorded_foreign_block_is_found_and_its_free_enters_the_history(hooked: None) -> None:
+    from ptrbridge._bindings import lib
+
+    heapmap.take_freed()
+    for size in (24, 700, 100_000):
+        p = _libc.malloc(size)
+        try:
+            lib.pb_heapmap_record_block(ffi.cast("void *", p), size, lib.PB_HEAPMAP_DOMAIN_CFFI)
+            assert heapmap.lookup_block(p + size - 1) == heapmap.HeapBlock(p, size, "cffi")
+            assert heapmap.lookup_block(p + size) != heapmap.HeapBlock(p, size, "cffi")
+            lib.pb_heapmap_forget_block(ffi.cast("void *", p))
+            assert heapmap.lookup(p) is None
+            assert heapmap.find_freed_block(p + 1) == heapmap.HeapBlock(p, size, "cffi")
+            assert (p, size) in heapmap.take_freed()
+        finally:
+            _libc.free(p)
+
+
+def test_foreign_calls_leave_python_blocks_and_other_domains_alone(hooked: None) -> None:
+    from ptrbridge._bindings import lib
+
+    buf = bytearray(3000)
+    start = data_address(buf)
+    block = heapmap.lookup_block(start)
+    lib.pb_heapmap_forget_block(ffi.cast("void *", start))  # not a foreign block: ignored
+    assert heapmap.lookup_block(start) == block
+    p = _libc.malloc(64)
+    try:
+        lib.pb_heapmap_record_block(ffi.cast("void *", p), 64, lib.PB_HEAPMAP_RAW)  # not a foreign domain
+        assert heapmap.lookup(p) is None
+        lib.pb_heapmap_record_block(ffi.NULL, 64, lib.PB_HEAPMAP_DOMAIN_CFFI)
+        lib.pb_heapmap_forget_block(ffi.NULL)
+        lib.pb_heapmap_forget_block(ffi.cast("void *", p))  # never recorded
+        assert heapmap.find_freed(p) is None
+    finally:
+        _libc.free(p)
+
+
+def test_foreign_blocks_are_ignored_while_the_map_is_not_installed() -> None:
+    from ptrbridge._bindings import lib
+
+    assert not heapmap.installed()
+    p = _libc.malloc(64)
+    try:
+        lib.pb_heapmap_record_block(ffi.cast("void *", p), 64, lib.PB_HEAPMAP_DOMAIN_CFFI)
+        assert lib.pb_heapmap_release_block(ffi.cast("void *", p), ffi.NULL) == 0
+        with _installed():
+            assert heapmap.lookup(p) is None
+    finally:
+        _libc.free(p)
+
+
+def test_a_released_foreign_block_is_held_then_given_to_its_release_function() -> None:
+    from ptrbridge._bindings import lib
+
+    released: List[int] = []
+
+    @ffi.callback("void(void *)")
+    def release(ptr: Any) -> None:
+        released.append(int(ffi.cast("uintptr_t", ptr)))
+        _libc.free(int(ffi.cast("uintptr_t", ptr)))
+
+    heapmap.install()
+    try:
+        heapmap.set_hold(4, 1 << 20)
+        blocks = [_libc.malloc(128) for _ in range(6)]
+        for p in blocks:
+            lib.pb_heapmap_record_block(ffi.cast("void *", p), 128, lib.PB_HEAPMAP_DOMAIN_CFFI)
+        for p in blocks:
+            assert lib.pb_heapmap_release_block(ffi.cast("void *", p), release) == 1
+        assert released == blocks[:2]  # the hold keeps 4: the two oldest were pushed out
+        assert heapmap.find_freed_block(blocks[-1]) == heapmap.HeapBlock(blocks[-1], 128, "cffi")
+        assert lib.pb_heapmap_release_block(ffi.cast("void *", blocks[0]), release) == 0  # not recorded now
+    finally:
+        heapmap.set_hold()
+        heapmap.uninstall()
+    assert sorted(released) == sorted(blocks)  # uninstall gave the rest back
+
+
+RECORD_THREADS_C = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <stdatomic.h>
+void pb_heapmap_record_block(void *ptr, size_t size, int domain);
+void pb_heapmap_forget_block(void *ptr);
+int pb_heapmap_release_block(void *ptr, void (*release)(void *));
+static atomic_ulong done;
+static void *work(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 20000; i++) {
+        size_t n = 16 + (size_t)(i % 5000);
+        void *p = malloc(n);
+        pb_heapmap_record_block(p, n, 4);
+        if (i & 1) pb_heapmap_forget_block(p), free(p);
+        else if (!pb_heapmap_release_block(p, free)) free(p);
+    }
+    atomic_fetch_add(&done, 1);
+    return NULL;
+}
+unsigned long record_from_threads(int k) {
+    pthread_t t[8];
+    atomic_store(&done, 0);
+    for (int i = 0; i < k && i < 8; i++) pthread_create(&t[i], NULL, work, NULL);
+    for (int i = 0; i < k && i < 8; i++) pthread_join(t[i], NULL);
+    return atomic_load(&done);
+}
+"""
+
+
+def test_foreign_blocks_from_c_threads_without_the_gil(hooked: None, tmp_path: Path) -> None:
+    src = tmp_path / "recthreads.c"
+    src.write_text(RECORD_THREADS_C)
+    so = tmp_path / "librecthreads.so"
+    subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-fPIC", "-shared", "-pthread",
+                    str(src), "-o", str(so)], check=True, capture_output=True, text=True)
+    native = ctypes.CDLL(NATIVE_PATH, mode=ctypes.RTLD_GLOBAL)  # the pb_* symbols
+    assert native is not None
+    lib = ctypes.CDLL(str(so))
+    lib.record_from_threads.restype = ctypes.c_ulong
+    before = heapmap.stats()
+    assert lib.record_from_threads(4) == 4
+    after = heapmap.stats()
+    assert after.frees - before.frees >= 4 * 20000 - after.untracked
+    assert after.held_blocks <= before.held_blocks + heapmap.DEFAULT_HOLD_BLOCKS

@@ -73,7 +73,7 @@ __all__ = [
     "verify",
 ]
 
-DOMAINS: Sequence[str] = ("raw", "mem", "object", "numpy")
+DOMAINS: Sequence[str] = ("raw", "mem", "object", "numpy", "cffi")
 """Names of the allocator domains, indexed by the C ``enum pb_heapmap_domain``."""
 
 DEFAULT_HOLD_BLOCKS: int = lib.PB_HEAPMAP_HOLD_BLOCKS
