@@ -103,6 +103,8 @@ struct pb_heapmap_block {
     uint64_t size;
     int domain;
     int status;
+    uint64_t serial; /* freed blocks: the free's order, seq << 1 | path (0 = GIL path, 1 = locked
+                        path); exact order within a path, unique while the map is installed */
 };
 
 struct pb_heapmap_stats {
@@ -142,7 +144,8 @@ int pb__heapmap_install(void);
  * the hooks (takes the GIL).  Returns 0 (removed), 1 (was not installed) or
  * 2 (recording stopped, but another hook - e.g. tracemalloc - was installed
  * on top of ours, so ours stay in the chain passing every call through
- * until they can be removed: removing them would cut the other one out). */
+ * until they can be removed: removing them would cut the other one out;
+ * a later uninstall, or install, takes them out or reuses them). */
 int pb__heapmap_uninstall(void);
 
 /* pb_heapmap_verify for Python (takes the GIL).  0 or 1 (repaired). */
@@ -158,8 +161,9 @@ int pb__heapmap_numpy_attach(void);
 struct pb_heapmap_block pb__heapmap_lookup(uintptr_t addr);
 
 /* The most recently freed block (among the last PB_HEAPMAP_FREED_HISTORY
- * frees) that contained addr; status 0 if none, or if addr is inside a live
- * block now (its memory was reused).  No GIL. */
+ * frees of each path) that contained addr, with its serial; status 0 if
+ * none, or if addr is inside a live block now (its memory was reused).
+ * No GIL. */
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
 
 /* Moves up to cap freed blocks not yet taken (oldest first) into
@@ -176,12 +180,22 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
  * it): up to max_blocks (<= PB_HEAPMAP_HOLD_MAX) freed blocks and max_bytes
  * bytes per domain are held back from their allocator, oldest released
  * first, so their memory is not reused before the retention scanner has
- * looked for pointers into them.  0 turns it off.  Blocks held beyond a
- * lowered limit are released by later frees of the same domain, or by
- * uninstall.  Returns PB_OK or PB_ERR_INVALID. */
+ * looked for pointers into them.  0 turns it off.  Blocks held beyond the
+ * new limits are given back at once.  Takes the GIL.  Returns PB_OK or
+ * PB_ERR_INVALID. */
 int pb__heapmap_set_hold(size_t max_blocks, size_t max_bytes);
 
-/* A snapshot of the counters. */
+/* Whether held blocks are poisoned (filled with 0xDD, the whole pages inside
+ * blocks of a page or more made PROT_NONE until they are given back), so
+ * that a use after free misbehaves visibly instead of reading the old bytes.
+ * On by default; applies to blocks held from now on.  Returns the previous
+ * setting.  Thread-safe. */
+int pb__heapmap_set_poison(int on);
+
+/* Like pb__heapmap_take_freed, with each block's domain and serial (status 1). */
+size_t pb__heapmap_take_freed_blocks(struct pb_heapmap_block *out, size_t cap, uint64_t *dropped);
+
+/* A snapshot of the counters (takes the GIL, then the heap map's lock). */
 void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 
 /* 1 while the hooks record, else 0.  Cheap. */
