@@ -51,8 +51,49 @@ enum pb_heapmap_domain {
     PB_HEAPMAP_RAW = 0,   /* PyMem_RawMalloc (may be called without the GIL) */
     PB_HEAPMAP_MEM = 1,   /* PyMem_Malloc */
     PB_HEAPMAP_OBJ = 2,   /* PyObject_Malloc (objects) */
-    PB_HEAPMAP_NUMPY = 3  /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_NUMPY = 3, /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_CFFI = 4,  /* foreign Python-owned blocks entered with pb_heapmap_record_block
+                             (memory _cffi_backend mallocs for ffi.new) */
+    PB_HEAPMAP_DOMAIN_CFFI = 4 /* the same, under the name the interposer uses */
 };
+
+/* Foreign Python-owned blocks: memory that Python objects own but that does
+ * not come from CPython's allocators or numpy's handler (the interposer in
+ * interpose.c sees _cffi_backend's malloc/free for ffi.new and calls these).
+ * A recorded block is like any other heap-map block: lookups find it, and
+ * its free enters the freed-block history (and, through
+ * pb_heapmap_release_block, the hold).
+ *
+ * All three are safe from any thread, with or without the GIL, never call
+ * Python or a hooked allocator, never block on anything but the heap map's
+ * own short spinlock, and are re-entrant-safe: a call made while the same
+ * thread holds the heap map's lock (impossible today: the heap map's own
+ * memory comes from libc and ptrbridge's module is never interposed) is
+ * ignored instead of deadlocking.  They do nothing while the heap map is not
+ * installed.  Ownership of the memory stays with the caller (except for a
+ * block pb_heapmap_release_block holds back).  No error codes: a block that
+ * cannot be indexed for lack of memory is counted in `untracked`. */
+
+/* Enters [ptr, ptr + size) (size 0 counts as 1) as a live block of `domain`,
+ * which must be PB_HEAPMAP_DOMAIN_CFFI (other domains are ignored: their
+ * blocks are recorded by the hooks).  A block already recorded at ptr is
+ * replaced (its free was not seen).  ptr == NULL is ignored. */
+PB_API void pb_heapmap_record_block(void *ptr, size_t size, int domain);
+
+/* Removes the foreign block that starts at ptr (its memory is about to be
+ * freed by the caller) and appends it to the freed-block history.  Blocks
+ * that were not entered with pb_heapmap_record_block (unknown addresses,
+ * CPython's blocks) are left alone.  ptr == NULL is ignored. */
+PB_API void pb_heapmap_forget_block(void *ptr);
+
+/* pb_heapmap_forget_block, plus the hold: returns 1 if the heap map took the
+ * block (it is held back and given to release(ptr) later: when
+ * pushed out of the hold, by set_hold, or by uninstall - from whichever
+ * thread does that, never with the heap map's lock held), or 0 if the caller
+ * must free ptr now (not a recorded block, the hold is off or full, or a
+ * different `release` than the first one seen for the domain).  release
+ * must be callable from any thread without the GIL (libc free is). */
+PB_API int pb_heapmap_release_block(void *ptr, void (*release)(void *ptr));
 
 /* Result of a lookup: status 0 = not found, 1 = found (start, size, domain
  * are set), 2 = found but the allocator chain changed since it was last
@@ -62,6 +103,8 @@ struct pb_heapmap_block {
     uint64_t size;
     int domain;
     int status;
+    uint64_t serial; /* freed blocks: the free's order, seq << 1 | path (0 = GIL path, 1 = locked
+                        path); exact order within a path, unique while the map is installed */
 };
 
 struct pb_heapmap_stats {
@@ -101,7 +144,8 @@ int pb__heapmap_install(void);
  * the hooks (takes the GIL).  Returns 0 (removed), 1 (was not installed) or
  * 2 (recording stopped, but another hook - e.g. tracemalloc - was installed
  * on top of ours, so ours stay in the chain passing every call through
- * until they can be removed: removing them would cut the other one out). */
+ * until they can be removed: removing them would cut the other one out;
+ * a later uninstall, or install, takes them out or reuses them). */
 int pb__heapmap_uninstall(void);
 
 /* pb_heapmap_verify for Python (takes the GIL).  0 or 1 (repaired). */
@@ -117,8 +161,9 @@ int pb__heapmap_numpy_attach(void);
 struct pb_heapmap_block pb__heapmap_lookup(uintptr_t addr);
 
 /* The most recently freed block (among the last PB_HEAPMAP_FREED_HISTORY
- * frees) that contained addr; status 0 if none, or if addr is inside a live
- * block now (its memory was reused).  No GIL. */
+ * frees of each path) that contained addr, with its serial; status 0 if
+ * none, or if addr is inside a live block now (its memory was reused).
+ * No GIL. */
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
 
 /* Moves up to cap freed blocks not yet taken (oldest first) into
@@ -135,12 +180,22 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
  * it): up to max_blocks (<= PB_HEAPMAP_HOLD_MAX) freed blocks and max_bytes
  * bytes per domain are held back from their allocator, oldest released
  * first, so their memory is not reused before the retention scanner has
- * looked for pointers into them.  0 turns it off.  Blocks held beyond a
- * lowered limit are released by later frees of the same domain, or by
- * uninstall.  Returns PB_OK or PB_ERR_INVALID. */
+ * looked for pointers into them.  0 turns it off.  Blocks held beyond the
+ * new limits are given back at once.  Takes the GIL.  Returns PB_OK or
+ * PB_ERR_INVALID. */
 int pb__heapmap_set_hold(size_t max_blocks, size_t max_bytes);
 
-/* A snapshot of the counters. */
+/* Whether held blocks are poisoned (filled with 0xDD, the whole pages inside
+ * blocks of a page or more made PROT_NONE until they are given back), so
+ * that a use after free misbehaves visibly instead of reading the old bytes.
+ * On by default; applies to blocks held from now on.  Returns the previous
+ * setting.  Thread-safe. */
+int pb__heapmap_set_poison(int on);
+
+/* Like pb__heapmap_take_freed, with each block's domain and serial (status 1). */
+size_t pb__heapmap_take_freed_blocks(struct pb_heapmap_block *out, size_t cap, uint64_t *dropped);
+
+/* A snapshot of the counters (takes the GIL, then the heap map's lock). */
 void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 
 /* 1 while the hooks record, else 0.  Cheap. */
