@@ -16,6 +16,7 @@ from .allocators import CAllocator, c_allocator
 from .callbacks import Callback, callback, extern_callback, live_callbacks
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
 from .capi import c_api, get_include, native_library_path
+from .instrument import instrument, instrumented, uninstrument
 from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
 from .errors import (
     AllocatorError,
@@ -127,12 +128,15 @@ __all__ = [
     "free",
     "get_include",
     "handle_value",
+    "instrument",
+    "instrumented",
     "native_library_path",
     "new",
     "set_call_timeout",
     "set_check_level",
     "shutdown",
     "stats",
+    "uninstrument",
     "unwrap",
     "wrap",
 ]
