@@ -1,9 +1,9 @@
 /*
  * pb_quarantine.h - shadow copies for lent buffers (check level 2 with
- * quarantine on).  A buffer lent to a call is passed as a copy placed against
- * a guard page; after the call the copy is made inaccessible and kept in a
- * bounded FIFO, so a pointer C kept faults on its next use, and a SIGSEGV
- * handler explains which call lent which object.
+ * quarantine on, or one lend in N when sampling).  A buffer lent to a call is
+ * passed as a copy placed against a guard page; after the call the copy is
+ * made inaccessible and kept in a bounded FIFO, so a pointer C kept faults on
+ * its next use, and a SIGSEGV handler explains which call lent which object.
  */
 #ifndef PB_QUARANTINE_H
 #define PB_QUARANTINE_H
@@ -13,23 +13,41 @@
 /* PB_CDEF_BEGIN */
 
 /* Copies len bytes from src into a shadow whose last byte touches a guard
- * page, with `description` (copied; pre-formatted for the fault report).
- * Installs the fault handler on top if it is not.  Returns a slot number
- * (>= 0) and stores the shadow address in *shadow, or a negative PB_ERR_*
- * (PB_ERR_NOMEM when no slot is free).  Thread-safe. */
-int pb__quarantine_lend(const void *src, size_t len, const char *description, uintptr_t *shadow);
+ * page.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
+ * lending call's "file.py:12") and `stack` (the
+ * Python stack of the lending call, one "    #k file:line in name" line per
+ * frame) are copied into the slot (truncated to fixed sizes) for the fault
+ * report; the caller keeps ownership of all three.  Installs the fault
+ * handler on top if it is not, and an alternate signal stack on the calling
+ * thread if it has none.  Returns a slot number (>= 0) and stores the shadow
+ * address in *shadow, or a negative PB_ERR_*: PB_ERR_NOMEM when no slot is
+ * free, PB_ERR_INVALID for a NULL pointer argument.  Thread-safe. */
+int pb__quarantine_lend(const void *src, size_t len, const char *object, const char *function,
+                        const char *site, const char *stack, uintptr_t *shadow);
 
 /* Ends a lend: copies the shadow back to dst (if dst is not NULL), makes the
  * shadow inaccessible and puts it in the quarantine FIFO (evicting the
- * oldest).  Returns PB_OK or PB_ERR_INVALID.  Thread-safe. */
+ * oldest).  Returns PB_OK or PB_ERR_INVALID (not a lent slot).  Thread-safe. */
 int pb__quarantine_finish(int slot, void *dst);
 
-/* Number of shadows currently quarantined (inaccessible). */
+/* Number of shadows currently quarantined (inaccessible).  Thread-safe. */
 int pb__quarantine_held(void);
 
 /* Installs the fault handler on top (again) if another one replaced it;
- * returns 1 if it (re)installed, 0 if it already was on top. */
+ * returns 1 if it (re)installed, 0 if it already was on top.  Thread-safe. */
 int pb__quarantine_ensure_handler(void);
+
+/* Number of slots whose guard install failed and fell back to mprotect
+ * (for tests and the benchmark). */
+int pb__quarantine_fallbacks(void);
+
+/* Forces the mprotect fallback for every later close (1) or lets slots try
+ * MADV_GUARD_INSTALL first again (0).  For tests. */
+void pb__quarantine_force_mprotect(int on);
+
+/* Also writes every report to `fd` (-1: only stderr); the caller keeps
+ * the descriptor open.  Returns the previous one.  Thread-safe. */
+int pb__quarantine_set_log_fd(int fd);
 
 /* PB_CDEF_END */
 

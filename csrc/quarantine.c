@@ -1,27 +1,60 @@
 /*
  * quarantine.c - guard-paged shadow copies and the fault reporter.
  *
- * Shadows come from a pool of pre-faulted slots; a buffer larger than a pool
- * slot gets a mapping of its own (bounded in number).  The data is
- * right-aligned so its last byte touches a guard page.  After the call the
- * shadow is protected (MADV_GUARD_INSTALL where the kernel has it, mprotect
- * otherwise) and kept in a FIFO of QUARANTINE_DEPTH; the oldest is reopened
- * and reused.  Each slot is its own mapping region bounded by guard pages,
- * so the number of VMAs stays a small constant (well under vm.max_map_count).
+ * Layout.  Shadows come from a pool of pre-faulted slots; a buffer larger
+ * than a pool slot gets a mapping of its own (bounded in number and bytes).
+ * Every slot is one mapping: a leading guard page, the data area, a trailing
+ * guard page.  The copy is right-aligned so its last byte touches the
+ * trailing guard: C reading past the end while the buffer is lent faults at
+ * once (an overrun report).  After the call the pages that held the copy are
+ * closed (MADV_GUARD_INSTALL where the kernel has it, mprotect otherwise,
+ * decided and remembered per slot) and the slot waits in a FIFO of
+ * QUARANTINE_DEPTH; the oldest is reopened the way it was closed.  A slot is
+ * at most three VMAs, so the pool stays a few hundred VMAs, far below
+ * vm.max_map_count (65530 by default).
  *
- * The SIGSEGV/SIGBUS handler uses only async-signal-safe code: atomic loads
- * of fixed slot records, pre-formatted text and write(2).  It then chains to
- * the handler that was installed before it (SA_SIGINFO or plain), or for
- * SIG_DFL / SIG_IGN restores the default action and returns, so the faulting
- * access repeats and the process dies of the signal as it would have.
+ * The SIGSEGV/SIGBUS handler.  It uses only async-signal-safe code (atomic
+ * loads of fixed slot records, text formatted at lend time, write(2),
+ * sigaction, pthread_sigmask, raise), plus backtrace() and dladdr(): both are
+ * used by ASan and faulthandler-like tools in the same place; backtrace() is
+ * called once at install time so that it loads libgcc then, and dladdr() can
+ * only block if the fault hit during dlopen, with the process about to die.
+ *   - A fault on a shadow (quarantined, or the guard of a lent one) is ours:
+ *     a report in three parts (the access, where it was lent, where it was
+ *     released), one SUMMARY line, then the previous handler (so
+ *     faulthandler still prints the Python traceback), then the default
+ *     action: the process dies of the signal.
+ *   - Any other fault goes to the handler installed before ours exactly as
+ *     the kernel would have run it: its sa_mask (and the signal itself unless
+ *     SA_NODEFER) blocked while it runs, SA_RESETHAND honoured (it runs once,
+ *     then the default applies), SA_SIGINFO or plain; SIG_DFL re-raises with
+ *     the default action so the process dies of the right signal; SIG_IGN
+ *     ignores a sent signal (a real fault cannot be ignored: default).  No
+ *     state survives the call, so a handler that recovers (returns after
+ *     fixing the page, or siglongjmps out) gets every later fault too.
+ *   - A signal sent (not a fault) to a thread that is inside such a chained
+ *     call is the previous handler passing the signal on to *its* previous
+ *     one, which is ours when it was installed after us and we went back on
+ *     top (faulthandler does that): it gets the default action instead of
+ *     going round the cycle.  Threads are told apart by gettid in a small
+ *     lock-free table, no thread-local storage.
+ * An alternate signal stack is installed on each thread that lends (if it
+ * has none), so a fault on an exhausted stack is still reported; it is
+ * released when the thread exits.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <execinfo.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include "pb_internal.h"
@@ -30,8 +63,15 @@
 #define POOL_SLOTS 32
 #define POOL_SLOT_BYTES ((size_t)64 << 10)
 #define MAX_SLOTS 96
+#define DEDICATED_MAX_BYTES ((size_t)256 << 20) /* all dedicated shadows together */
 #define QUARANTINE_DEPTH 16
-#define DESC_MAX 384
+#define OBJECT_MAX 160
+#define FUNCTION_MAX 96
+#define STACK_MAX 1024
+#define SITE_MAX 256
+#define BACKTRACE_MAX 32
+#define CHAIN_THREADS 64
+#define ALTSTACK_BYTES ((size_t)64 << 10)
 
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102
@@ -40,17 +80,22 @@
 #define MADV_GUARD_REMOVE 103
 #endif
 
-enum { FREE = 0, LENT = 1, QUARANTINED = 2 };
+enum { FREE = 0, LENT = 1, QUARANTINED = 2, BROKEN = 3 };
+enum { OPEN = 0, CLOSED_GUARD = 1, CLOSED_MPROTECT = 2 };
 
 struct slot {
     _Atomic int state;
-    uintptr_t area; /* start of the data area (page aligned) */
-    size_t area_bytes; /* data area size; a guard page follows */
-    uintptr_t data; /* where the copy starts: area + area_bytes - len */
+    uintptr_t area;    /* start of the data area (page aligned); a guard page on each side */
+    size_t area_bytes; /* data area size */
+    uintptr_t data;    /* where the copy starts: area + area_bytes - len */
     size_t len;
-    int dedicated; /* own mapping, unmapped when evicted */
-    char desc[DESC_MAX];
-    size_t desc_len;
+    uintptr_t closed;  /* start of the closed range (to area + area_bytes) */
+    int how;           /* OPEN, CLOSED_GUARD or CLOSED_MPROTECT: how to reopen */
+    int dedicated;     /* own mapping, unmapped when evicted */
+    char object[OBJECT_MAX];
+    char function[FUNCTION_MAX];
+    char site[SITE_MAX];
+    char stack[STACK_MAX];
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -58,24 +103,50 @@ static struct slot slots[MAX_SLOTS];
 static int fifo[QUARANTINE_DEPTH];
 static int fifo_head, fifo_count;
 static size_t page;
+static size_t dedicated_bytes;
 static int pool_ready;
-static int use_guard_madvise = 1;
+static int try_guard = 1;      /* MADV_GUARD_INSTALL is tried first (a hint; slots record what worked) */
+static int forced_mprotect;
+static int fallbacks;
 
-static struct sigaction prev_segv, prev_bus;
-static volatile sig_atomic_t handler_installed;
-static volatile sig_atomic_t in_report;
+static struct sigaction prev_segv, prev_bus; /* what the kernel would run without us */
+static _Atomic int reporting;
 
-/* ---- async-signal-safe reporting ---------------------------------------- */
+struct chain_rec {
+    _Atomic pid_t tid;
+    _Atomic int depth;           /* chained calls in progress on this thread */
+    _Atomic uintptr_t frame;     /* a stack address in on_fault of the innermost one */
+    siginfo_t *_Atomic info;     /* the siginfo it was given */
+    _Atomic int nodefer;         /* the previous handler had SA_NODEFER */
+};
+static struct chain_rec chain_threads[CHAIN_THREADS];
 
-static void put(const char *s, size_t n)
+static pthread_key_t altstack_key;
+static pthread_once_t altstack_once = PTHREAD_ONCE_INIT;
+
+/* ---- async-signal-safe output ------------------------------------------- */
+
+static _Atomic int log_fd = -1; /* a second copy of every report (PTRBRIDGE_QUARANTINE_LOG) */
+
+static void put_fd(int fd, const char *s, size_t n)
 {
     while (n > 0) {
-        ssize_t w = write(STDERR_FILENO, s, n);
+        ssize_t w = write(fd, s, n);
+        if (w < 0 && errno == EINTR)
+            continue;
         if (w <= 0)
             return;
         s += w;
         n -= (size_t)w;
     }
+}
+
+static void put(const char *s, size_t n)
+{
+    put_fd(STDERR_FILENO, s, n);
+    int fd = atomic_load(&log_fd);
+    if (fd >= 0)
+        put_fd(fd, s, n);
 }
 
 static void put_str(const char *s)
@@ -96,7 +167,7 @@ static void put_hex(uintptr_t v)
     put(buf + i, sizeof buf - (size_t)i);
 }
 
-static void put_dec(size_t v)
+static void put_dec(uintmax_t v)
 {
     char buf[24];
     int i = (int)sizeof buf;
@@ -107,65 +178,394 @@ static void put_dec(size_t v)
     put(buf + i, sizeof buf - (size_t)i);
 }
 
-static void chain(int sig, siginfo_t *info, void *uctx)
+static void put_bytes(size_t n)
 {
-    struct sigaction *prev = sig == SIGBUS ? &prev_bus : &prev_segv;
-    if (prev->sa_flags & SA_SIGINFO) {
-        if (prev->sa_sigaction != NULL) {
-            prev->sa_sigaction(sig, info, uctx);
-            return;
-        }
-    } else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN && prev->sa_handler != NULL) {
-        prev->sa_handler(sig);
-        return;
+    put_dec(n);
+    put_str(n == 1 ? " byte" : " bytes");
+}
+
+static void copy_text(char *dst, size_t cap, const char *src)
+{
+    size_t n = strlen(src);
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+static pid_t current_tid(void)
+{
+    return (pid_t)syscall(SYS_gettid);
+}
+
+/* ---- chaining -------------------------------------------------------------- */
+
+static struct chain_rec *chain_record(pid_t tid, int claim)
+{
+    for (int i = 0; i < CHAIN_THREADS; i++)
+        if (atomic_load(&chain_threads[i].tid) == tid)
+            return &chain_threads[i];
+    if (!claim)
+        return NULL;
+    for (int i = 0; i < CHAIN_THREADS; i++) {
+        pid_t expected = 0;
+        if (atomic_compare_exchange_strong(&chain_threads[i].tid, &expected, tid))
+            return &chain_threads[i];
     }
-    /* Default (or ignored, which cannot apply to a real fault): let the
-     * access repeat with the default action, so the process dies of it. */
+    return NULL; /* table full: that thread is not cycle-protected */
+}
+
+static void chain_release(struct chain_rec *rec)
+{
+    if (rec != NULL && atomic_load(&rec->depth) == 0)
+        atomic_store(&rec->tid, 0);
+}
+
+/* The default action, now: the process dies of `sig` (or, for a fault whose
+ * signal is blocked, when the access repeats on return). */
+static void die_default(int sig)
+{
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
     sigaction(sig, &dfl, NULL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    raise(sig);
+}
+
+/* Runs the handler that was installed before ours as the kernel would have. */
+static void call_previous(int sig, siginfo_t *info, void *uctx, int sent)
+{
+    struct sigaction *rec = sig == SIGBUS ? &prev_bus : &prev_segv;
+    struct sigaction prev = *rec;
+    int siginfo = (prev.sa_flags & SA_SIGINFO) != 0;
+    if (!siginfo && prev.sa_handler == SIG_IGN) {
+        if (sent)
+            return; /* an ignored signal sent by kill(): nothing happens */
+        die_default(sig); /* the kernel does not let a fault be ignored */
+        return;
+    }
+    if ((siginfo && prev.sa_sigaction == NULL) || (!siginfo && prev.sa_handler == SIG_DFL)) {
+        die_default(sig);
+        return;
+    }
+    if (prev.sa_flags & SA_RESETHAND) {
+        /* One delivery, then the default action, as the kernel would do. */
+        memset(rec, 0, sizeof *rec);
+        rec->sa_handler = SIG_DFL;
+        sigemptyset(&rec->sa_mask);
+    }
+    sigset_t mask = prev.sa_mask, old;
+    if (!(prev.sa_flags & SA_NODEFER))
+        sigaddset(&mask, sig);
+    pthread_sigmask(SIG_BLOCK, &mask, &old);
+    pid_t tid = current_tid();
+    struct chain_rec *me = chain_record(tid, 1);
+    char here;
+    uintptr_t old_frame = 0;
+    siginfo_t *old_info = NULL;
+    int old_nodefer = 0;
+    if (me != NULL) {
+        old_frame = atomic_load(&me->frame);
+        old_info = atomic_load(&me->info);
+        old_nodefer = atomic_load(&me->nodefer);
+        atomic_store(&me->frame, (uintptr_t)&here);
+        atomic_store(&me->info, info);
+        atomic_store(&me->nodefer, (prev.sa_flags & SA_NODEFER) != 0);
+        atomic_fetch_add(&me->depth, 1);
+    }
+    if (siginfo)
+        prev.sa_sigaction(sig, info, uctx);
+    else
+        prev.sa_handler(sig);
+    /* Not reached if the handler siglongjmp'd out: see on_fault. */
+    if (me != NULL) {
+        atomic_store(&me->frame, old_frame);
+        atomic_store(&me->info, old_info);
+        atomic_store(&me->nodefer, old_nodefer);
+        atomic_fetch_sub(&me->depth, 1);
+        chain_release(me);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* ---- the report --------------------------------------------------------------- */
+
+static int fault_is_write(void *uctx)
+{
+#if defined(__x86_64__)
+    const ucontext_t *uc = uctx;
+    return (uc->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0; /* page-fault error code: W bit */
+#else
+    (void)uctx;
+    return -1; /* this CPU does not say (cheaply) */
+#endif
+}
+
+static uintptr_t fault_pc(void *uctx)
+{
+#if defined(__x86_64__)
+    const ucontext_t *uc = uctx;
+    return (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+#elif defined(__aarch64__)
+    const ucontext_t *uc = uctx;
+    return (uintptr_t)uc->uc_mcontext.pc;
+#else
+    (void)uctx;
+    return 0;
+#endif
+}
+
+static void put_frame(int n, uintptr_t pc)
+{
+    put_str("    #");
+    put_dec((uintmax_t)n);
+    put_str(" ");
+    put_hex(pc);
+    Dl_info dl;
+    if (dladdr((void *)pc, &dl) != 0) {
+        if (dl.dli_sname != NULL && dl.dli_saddr != NULL) {
+            put_str(" in ");
+            put_str(dl.dli_sname);
+            put_str("+");
+            put_hex(pc - (uintptr_t)dl.dli_saddr);
+        }
+        if (dl.dli_fname != NULL) {
+            put_str(" (");
+            put_str(dl.dli_fname);
+            put_str("+");
+            put_hex(pc - (uintptr_t)dl.dli_fbase);
+            put_str(")");
+        }
+    }
+    put_str("\n");
+}
+
+/* Prints the faulting thread's native stack from the faulting instruction;
+ * stores the innermost symbol name for the SUMMARY line. */
+static const char *base_name(const char *path)
+{
+    const char *b = path;
+    for (const char *p = path; *p; p++)
+        if (*p == '/')
+            b = p + 1;
+    return b;
+}
+
+static void put_backtrace(void *uctx, const char **where, const char **where_lib)
+{
+    void *frames[BACKTRACE_MAX];
+    int n = backtrace(frames, BACKTRACE_MAX);
+    uintptr_t pc = fault_pc(uctx);
+    int start = -1;
+    for (int i = 0; i < n; i++)
+        if ((uintptr_t)frames[i] == pc) {
+            start = i;
+            break;
+        }
+    int k = 0;
+    if (start < 0) { /* the unwinder did not cross the signal frame: at least the pc */
+        put_frame(k++, pc);
+        n = 0;
+        start = 0;
+    }
+    for (int i = start; i < n; i++)
+        put_frame(k++, (uintptr_t)frames[i]);
+    Dl_info dl;
+    if (pc && dladdr((void *)pc, &dl) != 0) {
+        if (dl.dli_sname != NULL)
+            *where = dl.dli_sname;
+        if (dl.dli_fname != NULL)
+            *where_lib = base_name(dl.dli_fname);
+    }
+}
+
+static struct slot *slot_of(uintptr_t a)
+{
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        struct slot *s = &slots[i];
+        int state = atomic_load_explicit(&s->state, memory_order_acquire);
+        if (state != LENT && state != QUARANTINED)
+            continue;
+        if (s->area == 0 || a < s->area - page || a >= s->area + s->area_bytes + page)
+            continue;
+        if (state == LENT && a >= s->area && a < s->area + s->area_bytes)
+            continue; /* open while lent: not a fault of ours */
+        if (state == QUARANTINED && a >= s->area && a < s->closed)
+            continue; /* below the closed pages: never part of the copy */
+        return s;
+    }
+    return NULL;
+}
+
+static void report(struct slot *s, int state, uintptr_t a, void *uctx)
+{
+    int write_access = fault_is_write(uctx);
+    const char *verb = write_access == 1 ? "wrote" : write_access == 0 ? "read" : "accessed";
+    const char *access = write_access == 1 ? "WRITE" : write_access == 0 ? "READ" : "ACCESS";
+    const char *kind;
+    uintptr_t end = s->data + s->len;
+    put_str("\n=================================================================\n");
+    if (state == LENT) {
+        kind = "overrun";
+        put_str("ptrbridge: C ");
+        put_str(verb);
+        if (a >= end) {
+            put_str(" past the end of ");
+            put_str(s->object);
+            put_str(" lent to ");
+            put_str(s->function);
+            put_str("(): ");
+            put_bytes((size_t)(a - end) + 1);
+            put_str(" beyond its end (at ");
+            put_str(s->site);
+            put_str(", caught by the quarantine's guard page)\n");
+        } else {
+            put_str(" before the start of ");
+            put_str(s->object);
+            put_str(" lent to ");
+            put_str(s->function);
+            put_str("(): ");
+            put_bytes((size_t)(s->data - a));
+            put_str(" before its start (at ");
+            put_str(s->site);
+            put_str(", caught by the quarantine's guard page)\n");
+        }
+    } else {
+        kind = "use-after-release";
+        put_str("ptrbridge: C used a pointer to Python memory after the call that lent it returned "
+                "(R2, caught by quarantine): ");
+        put_str(s->object);
+        put_str(" lent to ");
+        put_str(s->function);
+        put_str("() at ");
+        put_str(s->site);
+        put_str("\n");
+    }
+    /* 1. the access */
+    put_str(access);
+    put_str(" at ");
+    put_hex(a);
+    put_str(" by thread ");
+    put_dec((uintmax_t)current_tid());
+    put_str(" (pid ");
+    put_dec((uintmax_t)getpid());
+    put_str("):\n");
+    const char *where = NULL, *where_lib = NULL;
+    put_backtrace(uctx, &where, &where_lib);
+    put_str("\n");
+    put_hex(a);
+    if (a >= s->data && a < end) {
+        put_str(" is offset ");
+        put_dec((uintmax_t)(a - s->data));
+        put_str(" into it");
+    } else if (a >= end) {
+        put_str(" is ");
+        put_bytes((size_t)(a - end));
+        put_str(" past its end");
+    } else {
+        put_str(" is ");
+        put_bytes((size_t)(s->data - a));
+        put_str(" before its start");
+    }
+    put_str(" (");
+    put_str(s->object);
+    put_str(", shadow ");
+    put_hex(s->data);
+    put_str("-");
+    put_hex(end);
+    put_str(")\n\n");
+    /* 2. where it was lent */
+    put_str("lent to ");
+    put_str(s->function);
+    put_str("() by the Python call (innermost first):\n");
+    put_str(s->stack);
+    put_str("\n");
+    /* 3. where it was released */
+    if (state == LENT) {
+        put_str("still lent: the call to ");
+        put_str(s->function);
+        put_str("() has not returned; C went outside the buffer it was given.\n");
+    } else {
+        put_str("released when the call to ");
+        put_str(s->function);
+        put_str("() returned (the shadow was closed then).\n"
+                "C kept the pointer past the call: pin the object for its whole C lifetime, "
+                "copy it with ptrbridge.CBuffer, or pass a ptrbridge.Handle.\n");
+    }
+    put_str("\nSUMMARY: ptrbridge: ");
+    put_str(kind);
+    put_str(" (");
+    put_str(access);
+    put_str(") in ");
+    put_str(where != NULL ? where : "??");
+    if (where_lib != NULL) {
+        put_str(" (");
+        put_str(where_lib);
+        put_str(")");
+    }
+    put_str(" on ");
+    put_str(s->object);
+    put_str(" lent to ");
+    put_str(s->function);
+    put_str("() at ");
+    put_str(s->site);
+    put_str("\n=================================================================\n");
 }
 
 static void on_fault(int sig, siginfo_t *info, void *uctx)
 {
-    if (in_report) {
-        /* Entered again (a chained handler raised the signal anew): stop
-         * here and let the default action end the process. */
-        struct sigaction dfl;
-        memset(&dfl, 0, sizeof dfl);
-        dfl.sa_handler = SIG_DFL;
-        sigaction(sig, &dfl, NULL);
+    int saved_errno = errno;
+    int sent = info == NULL || info->si_code <= 0; /* kill, tgkill, sigqueue: not a fault */
+    pid_t tid = current_tid();
+    struct chain_rec *me = chain_record(tid, 0);
+    if (me != NULL && atomic_load(&me->depth) > 0) {
+        char here;
+        uintptr_t h = (uintptr_t)&here, outer = atomic_load(&me->frame);
+        if (h < outer && outer - h < ((uintptr_t)8 << 20)) {
+            /* Entered from inside the handler we chained to (the stack
+             * grows down).  Sent, or the same fault passed on by a direct
+             * call: it passes the signal on to its previous handler, which
+             * is us (it was installed after us and we went back on top), so
+             * the cycle ends in the default action.  A new fault inside a
+             * handler without SA_NODEFER: the kernel would kill the process. */
+            if (sent || info == atomic_load(&me->info) || !atomic_load(&me->nodefer)) {
+                die_default(sig);
+                errno = saved_errno;
+                return;
+            }
+        } else {
+            /* Not nested: the handler siglongjmp'd out of its chained call,
+             * which is no longer in progress. */
+            atomic_store(&me->depth, 0);
+            chain_release(me);
+        }
+    }
+    struct slot *s = sent ? NULL : slot_of((uintptr_t)info->si_addr);
+    if (s != NULL) {
+        int state = atomic_load_explicit(&s->state, memory_order_acquire);
+        int expected = 0;
+        if (!atomic_compare_exchange_strong(&reporting, &expected, 1)) {
+            /* Another thread is reporting and will end the process. */
+            struct timespec t = {1, 0};
+            for (;;)
+                nanosleep(&t, NULL);
+        }
+        report(s, state, (uintptr_t)info->si_addr, uctx);
+        call_previous(sig, info, uctx, sent); /* faulthandler adds the Python traceback */
+        die_default(sig);
+        errno = saved_errno;
         return;
     }
-    in_report = 1;
-    uintptr_t a = (uintptr_t)info->si_addr;
-    for (int i = 0; i < MAX_SLOTS; i++) {
-        struct slot *s = &slots[i];
-        if (atomic_load_explicit(&s->state, memory_order_acquire) != QUARANTINED)
-            continue;
-        if (a < s->area || a >= s->area + s->area_bytes + page)
-            continue;
-        put_str("\nptrbridge: C used a pointer to Python memory after the call that lent it returned "
-                "(R2, caught by quarantine): ");
-        put(s->desc, s->desc_len);
-        put_str("; faulting address ");
-        put_hex(a);
-        if (a >= s->data && a < s->data + s->len) {
-            put_str(" is offset ");
-            put_dec((size_t)(a - s->data));
-            put_str(" into it");
-        } else {
-            put_str(" is just outside it");
-        }
-        put_str(". C kept the pointer past the call: pin the object for its whole C lifetime, "
-                "copy it with ptrbridge.CBuffer, or pass a ptrbridge.Handle.\n");
-        break;
-    }
-    chain(sig, info, uctx);
+    call_previous(sig, info, uctx, sent);
+    errno = saved_errno;
 }
 
-/* ---- the handler ---------------------------------------------------------- */
+/* ---- the handler ------------------------------------------------------------ */
 
 static int handler_on_top(int sig)
 {
@@ -177,50 +577,166 @@ static int handler_on_top(int sig)
 
 int pb__quarantine_ensure_handler(void)
 {
+    static int warmed;
+    if (!warmed) {
+        void *frames[2];
+        backtrace(frames, 2); /* loads the unwinder now, not in the handler */
+        warmed = 1;
+    }
     int changed = 0;
     const int sigs[2] = {SIGSEGV, SIGBUS};
     for (int i = 0; i < 2; i++) {
         if (handler_on_top(sigs[i]))
             continue;
-        struct sigaction ours;
+        struct sigaction ours, before;
         memset(&ours, 0, sizeof ours);
         ours.sa_sigaction = on_fault;
         ours.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
         sigemptyset(&ours.sa_mask);
-        struct sigaction *prev = sigs[i] == SIGSEGV ? &prev_segv : &prev_bus;
-        sigaction(sigs[i], &ours, prev); /* whoever was on top is chained to */
+        if (sigaction(sigs[i], &ours, &before) != 0)
+            continue;
+        *(sigs[i] == SIGSEGV ? &prev_segv : &prev_bus) = before; /* whoever was on top is chained to */
         changed = 1;
     }
-    handler_installed = 1;
-    in_report = 0;
     return changed;
+}
+
+/* ---- alternate signal stacks ------------------------------------------------ */
+
+static int altstack_key_ok;
+static void *const altstack_foreign = (void *)&altstack_key_ok; /* marker: the thread had one */
+
+static void altstack_release(void *mem)
+{
+    if (mem == altstack_foreign)
+        return;
+    stack_t ss, cur;
+    if (sigaltstack(NULL, &cur) == 0 && cur.ss_sp == mem) {
+        memset(&ss, 0, sizeof ss);
+        ss.ss_flags = SS_DISABLE;
+        sigaltstack(&ss, NULL);
+    }
+    munmap(mem, ALTSTACK_BYTES);
+}
+
+static void altstack_key_init(void)
+{
+    altstack_key_ok = pthread_key_create(&altstack_key, altstack_release) == 0;
+}
+
+
+/* Gives the calling thread an alternate signal stack if it has none. */
+static void ensure_altstack(void)
+{
+    pthread_once(&altstack_once, altstack_key_init);
+    if (!altstack_key_ok || pthread_getspecific(altstack_key) != NULL)
+        return;
+    stack_t cur;
+    if (sigaltstack(NULL, &cur) != 0)
+        return;
+    if (!(cur.ss_flags & SS_DISABLE)) {
+        /* Someone else's (faulthandler's): keep it, remember not to look again. */
+        pthread_setspecific(altstack_key, altstack_foreign);
+        return;
+    }
+    void *mem = mmap(NULL, ALTSTACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return;
+    stack_t ss;
+    memset(&ss, 0, sizeof ss);
+    ss.ss_sp = mem;
+    ss.ss_size = ALTSTACK_BYTES;
+    if (sigaltstack(&ss, NULL) != 0 || pthread_setspecific(altstack_key, mem) != 0) {
+        munmap(mem, ALTSTACK_BYTES);
+        return;
+    }
 }
 
 /* ---- slots ------------------------------------------------------------------ */
 
-static int protect(struct slot *s, int closed)
+/* Closes [s->closed, area end).  Tries a guard region first (no VMA split),
+ * falls back to mprotect for this slot only.  Lock held. */
+static int close_slot(struct slot *s)
 {
-    void *addr = (void *)s->area;
-    if (use_guard_madvise) {
-        if (madvise(addr, s->area_bytes, closed ? MADV_GUARD_INSTALL : MADV_GUARD_REMOVE) == 0)
-            return 0;
-        use_guard_madvise = 0; /* kernel without guard regions: mprotect from now on */
+    void *addr = (void *)s->closed;
+    size_t n = s->area + s->area_bytes - s->closed;
+    if (n == 0) {
+        s->how = CLOSED_GUARD;
+        return 0;
     }
-    return mprotect(addr, s->area_bytes, closed ? PROT_NONE : PROT_READ | PROT_WRITE);
+    if (try_guard && !forced_mprotect) {
+        if (madvise(addr, n, MADV_GUARD_INSTALL) == 0) {
+            s->how = CLOSED_GUARD;
+            return 0;
+        }
+        if (errno == EINVAL)
+            try_guard = 0; /* the kernel has no guard regions: do not ask again */
+        fallbacks++;
+    }
+    if (mprotect(addr, n, PROT_NONE) == 0) {
+        s->how = CLOSED_MPROTECT;
+        return 0;
+    }
+    return -1;
 }
 
-/* Maps data area + guard page; returns the area start or 0.  Lock held. */
+/* Reopens a closed slot the way it was closed.  Lock held. */
+static int open_slot(struct slot *s)
+{
+    void *addr = (void *)s->closed;
+    size_t n = s->area + s->area_bytes - s->closed;
+    int rc = 0;
+    if (n == 0 || s->how == OPEN)
+        rc = 0;
+    else if (s->how == CLOSED_GUARD)
+        rc = madvise(addr, n, MADV_GUARD_REMOVE);
+    else
+        rc = mprotect(addr, n, PROT_READ | PROT_WRITE);
+    if (rc == 0)
+        s->how = OPEN;
+    return rc;
+}
+
+/* Maps guard + data area + guard; returns the area start or 0.  Lock held. */
 static uintptr_t map_area(size_t area_bytes)
 {
-    void *p = mmap(NULL, area_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t total = area_bytes + 2 * page;
+    char *p = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return 0;
-    if (mprotect((char *)p + area_bytes, page, PROT_NONE) != 0) {
-        munmap(p, area_bytes + page);
+    if (mprotect(p + page, area_bytes, PROT_READ | PROT_WRITE) != 0) {
+        munmap(p, total);
         return 0;
     }
-    memset(p, 0, area_bytes); /* pre-fault the pages */
-    return (uintptr_t)p;
+    memset(p + page, 0, area_bytes); /* pre-fault the pages */
+    return (uintptr_t)(p + page);
+}
+
+static void unmap_area(struct slot *s)
+{
+    munmap((void *)(s->area - page), s->area_bytes + 2 * page);
+    dedicated_bytes -= s->area_bytes;
+    s->area = 0;
+    s->area_bytes = 0;
+}
+
+static void at_fork_prepare(void)
+{
+    pthread_mutex_lock(&lock);
+}
+
+static void at_fork_parent(void)
+{
+    pthread_mutex_unlock(&lock);
+}
+
+static void at_fork_child(void)
+{
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < CHAIN_THREADS; i++) { /* other threads are gone */
+        atomic_store(&chain_threads[i].tid, 0);
+        atomic_store(&chain_threads[i].depth, 0);
+    }
 }
 
 static int init_pool(void)
@@ -230,12 +746,18 @@ static int init_pool(void)
     page = (size_t)sysconf(_SC_PAGESIZE);
     for (int i = 0; i < POOL_SLOTS; i++) {
         uintptr_t area = map_area(POOL_SLOT_BYTES);
-        if (area == 0)
+        if (area == 0) {
+            for (int j = 0; j < i; j++)
+                munmap((void *)(slots[j].area - page), slots[j].area_bytes + 2 * page);
             return -1;
+        }
         slots[i].area = area;
         slots[i].area_bytes = POOL_SLOT_BYTES;
+        slots[i].closed = area + POOL_SLOT_BYTES;
+        slots[i].how = OPEN;
         slots[i].dedicated = 0;
     }
+    pthread_atfork(at_fork_prepare, at_fork_parent, at_fork_child);
     pool_ready = 1;
     return 0;
 }
@@ -247,20 +769,26 @@ static void evict_one(void)
     fifo_head = (fifo_head + 1) % QUARANTINE_DEPTH;
     fifo_count--;
     struct slot *s = &slots[i];
-    atomic_store_explicit(&s->state, FREE, memory_order_release);
     if (s->dedicated) {
-        munmap((void *)s->area, s->area_bytes + page);
-        s->area = 0;
-        s->area_bytes = 0;
-    } else {
-        protect(s, 0);
+        atomic_store_explicit(&s->state, FREE, memory_order_release);
+        unmap_area(s);
+        return;
     }
+    if (open_slot(s) != 0) {
+        atomic_store_explicit(&s->state, BROKEN, memory_order_release); /* never lent again */
+        return;
+    }
+    s->closed = s->area + s->area_bytes;
+    atomic_store_explicit(&s->state, FREE, memory_order_release);
 }
 
-int pb__quarantine_lend(const void *src, size_t len, const char *description, uintptr_t *shadow)
+int pb__quarantine_lend(const void *src, size_t len, const char *object, const char *function,
+                        const char *site, const char *stack, uintptr_t *shadow)
 {
-    if ((src == NULL && len != 0) || shadow == NULL || description == NULL)
+    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
+        stack == NULL)
         return PB_ERR_INVALID;
+    ensure_altstack();
     pthread_mutex_lock(&lock);
     if (init_pool() != 0) {
         pthread_mutex_unlock(&lock);
@@ -281,17 +809,21 @@ int pb__quarantine_lend(const void *src, size_t len, const char *description, ui
     } else {
         size_t area_bytes = (len + page - 1) / page * page;
         for (int attempt = 0; attempt < 2 && found < 0; attempt++) {
-            for (int i = POOL_SLOTS; i < MAX_SLOTS; i++)
-                if (atomic_load(&slots[i].state) == FREE && slots[i].area == 0) {
-                    uintptr_t area = map_area(area_bytes);
-                    if (area != 0) {
-                        slots[i].area = area;
-                        slots[i].area_bytes = area_bytes;
-                        slots[i].dedicated = 1;
-                        found = i;
+            if (dedicated_bytes + area_bytes <= DEDICATED_MAX_BYTES) {
+                for (int i = POOL_SLOTS; i < MAX_SLOTS; i++)
+                    if (atomic_load(&slots[i].state) == FREE && slots[i].area == 0) {
+                        uintptr_t area = map_area(area_bytes);
+                        if (area != 0) {
+                            slots[i].area = area;
+                            slots[i].area_bytes = area_bytes;
+                            slots[i].how = OPEN;
+                            slots[i].dedicated = 1;
+                            dedicated_bytes += area_bytes;
+                            found = i;
+                        }
+                        break;
                     }
-                    break;
-                }
+            }
             if (found < 0 && fifo_count > 0)
                 evict_one();
         }
@@ -303,14 +835,13 @@ int pb__quarantine_lend(const void *src, size_t len, const char *description, ui
     struct slot *s = &slots[found];
     s->len = len;
     s->data = s->area + s->area_bytes - len;
+    s->closed = s->area + s->area_bytes;
     if (len)
         memcpy((void *)s->data, src, len);
-    size_t n = strlen(description);
-    if (n >= DESC_MAX)
-        n = DESC_MAX - 1;
-    memcpy(s->desc, description, n);
-    s->desc[n] = '\0';
-    s->desc_len = n;
+    copy_text(s->object, sizeof s->object, object);
+    copy_text(s->function, sizeof s->function, function);
+    copy_text(s->site, sizeof s->site, site);
+    copy_text(s->stack, sizeof s->stack, stack);
     atomic_store_explicit(&s->state, LENT, memory_order_release);
     *shadow = s->data;
     pthread_mutex_unlock(&lock);
@@ -331,7 +862,20 @@ int pb__quarantine_finish(int index, void *dst)
         memcpy(dst, (const void *)s->data, s->len);
     if (fifo_count == QUARANTINE_DEPTH)
         evict_one();
-    protect(s, 1);
+    s->closed = s->data & ~(uintptr_t)(page - 1); /* the pages that held the copy */
+    if (close_slot(s) != 0) {
+        /* Cannot close it: release it at once, unquarantined. */
+        s->closed = s->area + s->area_bytes;
+        s->how = OPEN;
+        if (s->dedicated) {
+            atomic_store_explicit(&s->state, FREE, memory_order_release);
+            unmap_area(s);
+        } else {
+            atomic_store_explicit(&s->state, FREE, memory_order_release);
+        }
+        pthread_mutex_unlock(&lock);
+        return PB_OK;
+    }
     atomic_store_explicit(&s->state, QUARANTINED, memory_order_release);
     fifo[(fifo_head + fifo_count) % QUARANTINE_DEPTH] = index;
     fifo_count++;
@@ -345,4 +889,24 @@ int pb__quarantine_held(void)
     int n = fifo_count;
     pthread_mutex_unlock(&lock);
     return n;
+}
+
+int pb__quarantine_fallbacks(void)
+{
+    pthread_mutex_lock(&lock);
+    int n = fallbacks;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+void pb__quarantine_force_mprotect(int on)
+{
+    pthread_mutex_lock(&lock);
+    forced_mprotect = on != 0;
+    pthread_mutex_unlock(&lock);
+}
+
+int pb__quarantine_set_log_fd(int fd)
+{
+    return atomic_exchange(&log_fd, fd < 0 ? -1 : fd);
 }

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Optional, Tuple
 
 import cffi
 import pytest
@@ -167,3 +167,519 @@ def test_ctypes_kept_pointer_is_caught(keeper_so: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
     assert "bytes(12) lent to keep_global()" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Signal handling that coexists with other SIGSEGV handlers
+
+@pytest.fixture(scope="module")
+def foreign_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shared("qforeign.c", tmp_path_factory.mktemp("qforeign"))
+
+
+SA_NODEFER = 0x40000000
+SA_RESETHAND = -0x80000000  # 0x80000000 as a C int
+
+FOREIGN = """
+import ctypes, sys, ptrbridge
+f = ctypes.CDLL({so!r})
+crt = ctypes.CDLL(None)
+crt.strlen.argtypes = [ctypes.c_char_p]
+crt.strlen.restype = ctypes.c_size_t
+libc = ptrbridge.wrap(crt)
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine({quarantine})
+if {order!r} == "before":
+    assert f.foreign_install({flags}) == 0
+libc.strlen(b"first lend")  # installs the quarantine's handler
+if {order!r} == "after":
+    assert f.foreign_install({flags}) == 0  # on top; the next lend puts ptrbridge back on top
+for i in range({rounds}):
+    assert libc.strlen(b"lend %d" % i) == len(b"lend %d" % i)
+    fixed = f.foreign_fault_fix(3)
+    print("fixed", fixed, flush=True)
+    jumped = f.foreign_fault_jump(2)
+print("done", fixed, jumped, "mask", f.foreign_mask_ok(), flush=True)
+{tail}
+"""
+
+
+def _foreign(so: Path, order: str, flags: int = 0, tail: str = "", rounds: int = 20,
+             quarantine_on: bool = True) -> subprocess.CompletedProcess:
+    code = FOREIGN.format(so=str(so), order=order, flags=flags, tail=tail, rounds=rounds,
+                          quarantine=quarantine_on)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("flags", [0, SA_NODEFER])
+def test_foreign_handler_recovers_from_its_own_faults_every_time(foreign_so: Path, order: str,
+                                                                  flags: int) -> None:
+    proc = _foreign(foreign_so, order, flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "done 60 40 mask 1" in proc.stdout  # 60 fixed faults, 40 siglongjmps, its sa_mask honoured
+    assert "ptrbridge" not in proc.stderr
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_fault_nobody_handles_dies_of_sigsegv(foreign_so: Path, order: str) -> None:
+    proc = _foreign(foreign_so, order, tail="f.foreign_null_write()\nprint('survived')")
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "done 60 40" in proc.stdout and "survived" not in proc.stdout
+    assert "ptrbridge" not in proc.stderr  # not ours: no report
+
+
+def test_sig_dfl_is_re_raised_without_a_foreign_handler(keeper_so: Path) -> None:
+    code = ("import ctypes, ptrbridge\n"
+            "crt = ctypes.CDLL(None); crt.strlen.argtypes = [ctypes.c_char_p]\n"
+            "libc = ptrbridge.wrap(crt); ptrbridge.set_check_level(2); ptrbridge.set_quarantine(True)\n"
+            "libc.strlen(b'installs the handler')\n"
+            "ctypes.string_at(16)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "ptrbridge" not in proc.stderr
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_sa_resethand_of_the_previous_handler_is_honoured(foreign_so: Path, order: str) -> None:
+    # SA_RESETHAND: the handler runs once, then the default action applies -
+    # with quarantine exactly as without it.
+    for quarantine_on in (False, True):
+        proc = _foreign(foreign_so, order, SA_RESETHAND, quarantine_on=quarantine_on)
+        assert proc.returncode == -signal.SIGSEGV, (quarantine_on, proc.stdout + proc.stderr)
+        assert proc.stdout.splitlines() == [], (quarantine_on, proc.stdout)  # 2nd fault of the 3 kills
+        assert "ptrbridge" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The buggy C library: overruns, kept pointers used later, pointers in structs
+
+@pytest.fixture(scope="module")
+def buggy_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shared("qbuggy.c", tmp_path_factory.mktemp("qbuggy"), libs=["z"])
+
+
+BUGGY = """
+import cffi, ctypes, sys, threading, ptrbridge
+ffi = cffi.FFI()
+ffi.cdef('''
+    struct iovec { void *iov_base; size_t iov_len; };
+    typedef struct z_stream_s {
+        const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
+        unsigned char *next_out; unsigned int avail_out; unsigned long total_out;
+        const char *msg; void *state; void *zalloc; void *zfree; void *opaque;
+        int data_type; unsigned long adler; unsigned long reserved;
+    } z_stream;
+    int produce(const unsigned char *p, size_t n, size_t extra);
+    int produce_before(const unsigned char *p, size_t before);
+    int produce_in_thread(const unsigned char *p);
+    void keep(const unsigned char *p);
+    int keep_in_context(const unsigned char *p);
+    void keep_iov(const struct iovec *iov, int n);
+    void keep_next_in(z_stream *s);
+    int first_byte(const unsigned char *p);
+    int use_kept(void);
+    int use_context(void);
+    int use_kept_in_thread(void);
+''')
+b = ptrbridge.wrap(ffi.dlopen(@SO@))
+ptrbridge.set_check_level(@LEVEL@)
+ptrbridge.set_quarantine(@QUARANTINE@)
+ptrbridge.set_on_violation("collect")  # let the program go on to the bad access
+@BODY@
+print("survived", flush=True)
+"""
+
+
+def _buggy(so: Path, body: str, level: int = 2, quarantine_on: str = "True",
+           env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    code = (BUGGY.replace("@SO@", repr(str(so))).replace("@LEVEL@", str(level))
+            .replace("@QUARANTINE@", quarantine_on).replace("@BODY@", textwrap.dedent(body)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def _summary(stderr: str) -> List[str]:
+    return [line for line in stderr.splitlines() if line.startswith("SUMMARY: ptrbridge:")]
+
+
+def test_overrun_while_lent_is_reported(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, """
+        data = bytearray(range(241))
+        print("sum", b.produce(ffi.from_buffer(data), 241, 0), flush=True)  # in bounds: fine
+        b.produce(ffi.from_buffer(data), 241, 4)                             # reads data[241..244]
+    """)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert f"sum {sum(range(241))}" in proc.stdout and "survived" not in proc.stdout
+    assert "C read past the end of bytearray(241) lent to produce(): 1 byte beyond its end" in proc.stderr
+    assert "still lent: the call to produce() has not returned" in proc.stderr
+    assert "in produce+" in proc.stderr and "libqbuggy.so" in proc.stderr  # the native frame
+    assert "<string>:" in proc.stderr and "in <module>" in proc.stderr  # the Python lending call
+    assert _summary(proc.stderr) == [
+        next(line for line in proc.stderr.splitlines() if line.startswith("SUMMARY"))]
+    assert "SUMMARY: ptrbridge: overrun (READ) in produce (libqbuggy.so) on bytearray(241)" in proc.stderr
+
+
+def test_overrun_distance_and_underrun(buggy_so: Path) -> None:
+    # A large buffer (a mapping of its own) whose size is a multiple of the page
+    # size starts on a page boundary: the leading guard catches underruns.
+    proc = _buggy(buggy_so, "b.produce_before(ffi.from_buffer(bytearray(1 << 17)), 3)")
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "C read before the start of bytearray(131072) lent to produce_before(): 3 bytes before its start" \
+        in proc.stderr
+
+
+def test_overrun_from_another_thread(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, "b.produce_in_thread(ffi.from_buffer(bytearray(8)))")
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "C read past the end of bytearray(8) lent to produce_in_thread(): 1 byte beyond its end" \
+        in proc.stderr
+    assert "in overrunner" not in proc.stderr or "libqbuggy.so" in proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("READ at "))
+    tid, pid = line.split("by thread ")[1].split(" (pid ")
+    assert tid != pid.rstrip("):")  # the C thread, not the main thread
+
+
+@pytest.mark.parametrize("use, keep", [("use_kept()", "keep"), ("use_context()", "keep_in_context"),
+                                       ("use_kept_in_thread()", "keep")])
+def test_kept_pointer_used_later(buggy_so: Path, use: str, keep: str) -> None:
+    proc = _buggy(buggy_so, f"""
+        def lend():
+            data = bytearray(b"lent for one call")
+            b.{keep}(ffi.from_buffer(data))
+        lend()
+        b.{use}
+    """)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert REPORT in proc.stderr
+    assert f"bytearray(17) lent to {keep}() at <string>:" in proc.stderr
+    assert "is offset 0 into it" in proc.stderr
+    assert "in lend\n" in proc.stderr and "in <module>\n" in proc.stderr  # the Python stack, two frames
+    assert f"released when the call to {keep}() returned" in proc.stderr
+    assert f"SUMMARY: ptrbridge: use-after-release (READ) in use_" in proc.stderr
+
+
+def test_iovec_base_reached_through_a_struct(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, """
+        iov = ptrbridge.CBuffer(2 * ffi.sizeof("struct iovec"))
+        v = ffi.cast("struct iovec *", iov.ptr)
+        first, second = b"first", bytearray(b"second buffer")
+        v[0].iov_base, v[0].iov_len = ffi.from_buffer(first), 5
+        v[1].iov_base, v[1].iov_len = ffi.from_buffer(second), 13
+        before = int(ffi.cast("uintptr_t", v[1].iov_base))
+        b.keep_iov(v, 2)
+        after = int(ffi.cast("uintptr_t", v[1].iov_base))
+        print("restored", before == after, flush=True)  # the slot points at the original again
+        b.use_kept()
+    """)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "restored True" in proc.stdout
+    assert "bytearray(13) lent to keep_iov() at <string>:" in proc.stderr
+    assert "SUMMARY: ptrbridge: use-after-release (READ) in use_kept" in proc.stderr
+
+
+def test_z_stream_next_in_reached_through_a_struct(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, """
+        zs = ptrbridge.cnew("z_stream *", ffi=ffi)
+        data = bytearray(b"input zlib would read")
+        zs.c.next_in = ffi.from_buffer(data)
+        zs.c.avail_in = len(data)
+        b.keep_next_in(zs.c)
+        b.use_kept()
+    """)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytearray(21) lent to keep_next_in() at <string>:" in proc.stderr
+
+
+def test_numpy_data_as_pointer(buggy_so: Path) -> None:
+    np = pytest.importorskip("numpy")
+    assert np is not None
+    code = textwrap.dedent(f"""
+        import ctypes, numpy as np, ptrbridge
+        lib = ctypes.CDLL({str(buggy_so)!r})
+        lib.keep_doubles.argtypes = [ctypes.POINTER(ctypes.c_double)]
+        lib.use_kept.restype = ctypes.c_int
+        w = ptrbridge.wrap(lib)
+        ptrbridge.set_check_level(2)
+        ptrbridge.set_quarantine(True)
+        ptrbridge.set_on_violation("collect")
+        arr = np.arange(8.0)
+        w.keep_doubles(arr.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
+        w.use_kept()
+        print("survived")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "ndarray(64) lent to keep_doubles() at <string>:" in proc.stderr
+
+
+def test_correct_twin_runs_clean(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, """
+        for i in range(100):
+            data = bytearray(b"%d" % i)
+            assert b.first_byte(ffi.from_buffer(data)) == data[0]
+            assert b.produce(ffi.from_buffer(data), len(data), 0) == sum(data)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "survived" in proc.stdout and "ptrbridge" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+def test_sampling_one_in_one_catches_at_level_1(buggy_so: Path) -> None:
+    env = dict(os.environ, PTRBRIDGE_QUARANTINE="1/1")
+    proc = _buggy(buggy_so, """
+        assert ptrbridge.quarantine_enabled()
+        b.keep(ffi.from_buffer(bytearray(b"sampled")))
+        b.use_kept()
+    """, level=1, quarantine_on="ptrbridge.quarantine_enabled()", env=env)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytearray(7) lent to keep() at <string>:" in proc.stderr
+
+
+def test_sampling_large_n_runs_correct_code_unchanged(buggy_so: Path) -> None:
+    proc = _buggy(buggy_so, """
+        ptrbridge.set_quarantine(sample=50)
+        total = 0
+        for i in range(2000):
+            data = bytearray(b"abc%d" % i)
+            total += b.produce(ffi.from_buffer(data), len(data), 0)
+        print("total", total, "held", ptrbridge.quarantine.held(), flush=True)
+    """, level=1)
+    assert proc.returncode == 0, proc.stderr
+    expected = sum(sum(b"abc%d" % i) for i in range(2000))
+    assert f"total {expected} " in proc.stdout
+    held = int(proc.stdout.split("held ")[1].split()[0])
+    assert 1 <= held <= 16  # some lends (about 40 of 2000) were quarantined, not all
+
+
+def test_sample_argument_is_validated() -> None:
+    with pytest.raises(ValueError):
+        ptrbridge.set_quarantine(sample=0)
+    with pytest.raises(ValueError):
+        ptrbridge.set_quarantine(sample=True)  # type: ignore[arg-type]
+    assert ptrbridge.quarantine_enabled() is False
+
+
+@pytest.mark.parametrize("value, expected", [("1", (True, 1)), ("1/1000", (True, 1000)), ("0", (False, 1)),
+                                             ("1/0", (False, 1)), ("1/x", (False, 1)), ("", (False, 1))])
+def test_environment_parsing(value: str, expected: Tuple[bool, int]) -> None:
+    assert quarantine._parse(value) == expected
+
+
+# ---------------------------------------------------------------------------
+# Correct programs behave identically with quarantine on
+
+ZLIB_CORRECT = '''
+import cffi, hashlib, sys, zlib as py_zlib, ptrbridge
+ffi = cffi.FFI()
+ffi.cdef("""
+    typedef struct z_stream_s {
+        const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
+        unsigned char *next_out; unsigned int avail_out; unsigned long total_out;
+        const char *msg; void *state; void *zalloc; void *zfree; void *opaque;
+        int data_type; unsigned long adler; unsigned long reserved;
+    } z_stream;
+    const char *zlibVersion(void);
+    int deflateInit_(z_stream *strm, int level, const char *version, int stream_size);
+    int deflate(z_stream *strm, int flush);
+    int deflateEnd(z_stream *strm);
+""")
+raw = ffi.dlopen("libz.so.1")
+z = ptrbridge.wrap(raw)
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(sys.argv[1] == "1")
+data = bytes(range(256)) * 300 + b"tail"
+version = raw.zlibVersion()
+
+# 1. Fully pinned: a Python-owned z_stream (zlib checks state->strm == strm), pinned buffers.
+pinner = ptrbridge.Pinner()
+zs = ffi.new("z_stream *")
+pinner.pin(zs)
+src, out = bytearray(data), bytearray(1 << 12)
+zs.next_in = ffi.cast("unsigned char *", pinner.pin(src))
+zs.avail_in = len(src)
+assert z.deflateInit_(zs, 6, version, ffi.sizeof("z_stream")) == 0
+pieces = []
+while True:
+    zs.next_out = ffi.cast("unsigned char *", pinner.pin(out))
+    zs.avail_out = len(out)
+    rc = z.deflate(zs, 4)
+    assert rc in (0, 1), rc
+    pieces.append(bytes(out[:len(out) - zs.avail_out]))
+    if rc == 1:
+        break
+z.deflateEnd(zs)
+pinner.unpin()
+pinned = b"".join(pieces)
+assert py_zlib.decompress(pinned) == data
+print("pinned", len(pieces), hashlib.sha256(pinned).hexdigest())
+
+# 2. A z_stream in C memory, input and output lent for one call (all consumed in it).
+ptrbridge.set_on_violation("collect")
+cs = ptrbridge.cnew("z_stream *", ffi=ffi)
+assert z.deflateInit_(cs.c, 6, version, ffi.sizeof("z_stream")) == 0
+big_out = bytearray(len(data) + 1024)
+cs.c.next_in = ffi.from_buffer(data)
+cs.c.avail_in = len(data)
+cs.c.next_out = ffi.from_buffer(big_out)
+cs.c.avail_out = len(big_out)
+start_in = int(ffi.cast("uintptr_t", cs.c.next_in))
+start_out = int(ffi.cast("uintptr_t", cs.c.next_out))
+assert z.deflate(cs.c, 4) == 1
+n = len(big_out) - cs.c.avail_out
+# next_in/next_out advanced inside the shadows end at the same offsets in the originals
+assert int(ffi.cast("uintptr_t", cs.c.next_in)) == start_in + len(data)
+assert int(ffi.cast("uintptr_t", cs.c.next_out)) == start_out + n
+z.deflateEnd(cs.c)
+assert py_zlib.decompress(bytes(big_out[:n])) == data
+print("lent", n, hashlib.sha256(bytes(big_out[:n])).hexdigest(), "held", ptrbridge.quarantine.held() > 0)
+# the level-2 scan sees next_in/next_out left in the C-memory z_stream either way: same findings
+print("findings", [type(v).__name__ for v in ptrbridge.violations()])
+'''
+
+SQLITE_CORRECT = '''
+import cffi, hashlib, sys, ptrbridge
+ffi = cffi.FFI()
+ffi.cdef("""
+    typedef struct sqlite3 sqlite3; typedef struct sqlite3_stmt sqlite3_stmt;
+    int sqlite3_open(const char *filename, sqlite3 **db);
+    int sqlite3_close(sqlite3 *db);
+    int sqlite3_exec(sqlite3 *db, const char *sql, void *cb, void *arg, char **err);
+    int sqlite3_prepare_v2(sqlite3 *db, const char *sql, int n, sqlite3_stmt **stmt, const char **tail);
+    int sqlite3_bind_text(sqlite3_stmt *stmt, int i, const char *text, int n, void (*destructor)(void *));
+    int sqlite3_bind_blob(sqlite3_stmt *stmt, int i, const void *data, int n, void (*destructor)(void *));
+    int sqlite3_step(sqlite3_stmt *stmt);
+    int sqlite3_reset(sqlite3_stmt *stmt);
+    int sqlite3_finalize(sqlite3_stmt *stmt);
+    const unsigned char *sqlite3_column_text(sqlite3_stmt *stmt, int i);
+    int sqlite3_column_bytes(sqlite3_stmt *stmt, int i);
+    const void *sqlite3_column_blob(sqlite3_stmt *stmt, int i);
+""")
+s = ptrbridge.wrap(ffi.dlopen("libsqlite3.so.0"))
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(sys.argv[1] == "1")
+TRANSIENT = ffi.cast("void (*)(void *)", -1)  # sqlite copies the value
+pdb = ffi.new("sqlite3 **")
+assert s.sqlite3_open(b":memory:", pdb) == 0
+db = pdb[0]
+assert s.sqlite3_exec(db, b"create table t(k text, v blob)", ffi.NULL, ffi.NULL, ffi.NULL) == 0
+pst = ffi.new("sqlite3_stmt **")
+assert s.sqlite3_prepare_v2(db, b"insert into t values(?, ?)", -1, pst, ffi.NULL) == 0
+for i in range(300):
+    key, blob = b"key-%d" % i, bytearray(b"%d" % (i * i)) * 3
+    assert s.sqlite3_bind_text(pst[0], 1, key, len(key), TRANSIENT) == 0
+    assert s.sqlite3_bind_blob(pst[0], 2, ffi.from_buffer(blob), len(blob), TRANSIENT) == 0
+    assert s.sqlite3_step(pst[0]) == 101
+    s.sqlite3_reset(pst[0])
+s.sqlite3_finalize(pst[0])
+assert s.sqlite3_prepare_v2(db, b"select k, v from t order by k", -1, pst, ffi.NULL) == 0
+rows = []
+while s.sqlite3_step(pst[0]) == 100:
+    k = ffi.string(s.sqlite3_column_text(pst[0], 0))
+    v = ffi.buffer(s.sqlite3_column_blob(pst[0], 1), s.sqlite3_column_bytes(pst[0], 1))[:]
+    rows.append((k, v))
+s.sqlite3_finalize(pst[0])
+s.sqlite3_close(db)
+print(len(rows), rows[0], rows[-1], hashlib.sha256(repr(rows).encode()).hexdigest())
+'''
+
+WRITEV_CORRECT = '''
+import cffi, os, sys, tempfile, ptrbridge
+ffi = cffi.FFI()
+ffi.cdef("struct iovec { void *iov_base; size_t iov_len; }; long writev(int fd, const struct iovec *iov, int n);")
+libc = ptrbridge.wrap(ffi.dlopen(None))
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(sys.argv[1] == "1")
+ptrbridge.set_on_violation("collect")  # the iovec array in C memory keeps its pointers: reported either way
+fd, path = tempfile.mkstemp()
+iov = ptrbridge.CBuffer(3 * ffi.sizeof("struct iovec"))
+v = ffi.cast("struct iovec *", iov.ptr)
+for i in range(50):
+    parts = [b"alpha%d " % i, bytearray(b"beta "), b"gamma\\n"]
+    views = [ffi.from_buffer(p) for p in parts]
+    for j, (p, view) in enumerate(zip(parts, views)):
+        v[j].iov_base, v[j].iov_len = view, len(p)
+    assert libc.writev(fd, v, 3) == sum(map(len, parts))
+os.close(fd)
+with open(path, "rb") as f:
+    content = f.read()
+print(content.count(b"beta"), len(content), content[:30], len(ptrbridge.violations()) > 0)
+os.unlink(path)
+'''
+
+
+@pytest.mark.parametrize("program", [ZLIB_CORRECT, SQLITE_CORRECT, WRITEV_CORRECT], ids=["zlib", "sqlite3", "writev"])
+def test_correct_program_is_unchanged_under_quarantine(program: str) -> None:
+    runs = [subprocess.run([sys.executable, "-c", program, flag], capture_output=True, text=True, timeout=120)
+            for flag in ("0", "1")]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "ptrbridge" not in proc.stderr and "Warning" not in proc.stderr
+    off, on = (proc.stdout.replace("held False", "held True") for proc in runs)
+    assert off == on
+    if program is ZLIB_CORRECT:
+        assert "held True" in runs[1].stdout  # quarantine really lent shadows through the C-memory z_stream
+
+
+def test_numpy_program_unchanged_under_quarantine(buggy_so: Path) -> None:
+    pytest.importorskip("numpy")
+    program = textwrap.dedent("""
+        import ctypes, sys, numpy as np, ptrbridge
+        crt = ctypes.CDLL(None)
+        crt.memcpy.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double), ctypes.c_size_t]
+        crt.memcpy.restype = ctypes.c_void_p
+        libc = ptrbridge.wrap(crt)
+        ptrbridge.set_check_level(2)
+        ptrbridge.set_quarantine(sys.argv[1] == "1")
+        src, dst = np.arange(1000.0), np.zeros(1000)
+        P = ctypes.POINTER(ctypes.c_double)
+        for _ in range(20):
+            libc.memcpy(dst.ctypes.data_as(P), src.ctypes.data_as(P), src.nbytes)
+            src += 1
+        print(dst.sum(), ptrbridge.quarantine.held() > 0)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", program, flag], capture_output=True, text=True, timeout=120)
+            for flag in ("0", "1")]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    assert runs[0].stdout.split()[0] == runs[1].stdout.split()[0] == str(sum(range(1000)) + 19000.0)
+    assert runs[1].stdout.split()[1] == "True"  # the numpy pointers were shadowed, written back
+
+
+def test_mprotect_fallback_still_catches_and_reuses_slots(keeper_so: Path) -> None:
+    body = """
+        from ptrbridge._bindings import lib as native
+        native.pb__quarantine_force_mprotect(1)
+        for i in range(100):
+            k.keep_copy(b"x" * (i % 40 + 1), i % 40 + 1)  # slots closed with mprotect, reopened the same way
+        native.pb__quarantine_force_mprotect(0)
+        for i in range(40):
+            k.keep_copy(b"y" * 5, 5)  # the guard-region slots and the mprotect ones mix in the FIFO
+        native.pb__quarantine_force_mprotect(1)
+        k.keep_global(b"caught anyway")
+    """
+    proc = _run(keeper_so, body)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytes(14) lent to keep_global()" in proc.stderr
+
+
+def test_report_log_becomes_findings(buggy_so: Path, tmp_path: Path) -> None:
+    log = tmp_path / "quarantine.log"
+    env = dict(os.environ, PTRBRIDGE_QUARANTINE_LOG=str(log))
+    proc = _buggy(buggy_so, """
+        b.keep(ffi.from_buffer(bytearray(b"kept past the call")))
+        b.use_kept()
+    """, env=env)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    text = log.read_text()
+    assert text.strip() and text.strip() in proc.stderr  # the same report, in the file too
+    found = quarantine.findings_from_report(text)
+    assert len(found) == 1
+    finding = found[0]
+    assert (finding.kind, finding.severity, finding.object, finding.object_size, finding.function) == (
+        "use-after-release", "error", "bytearray(18)", 18, "keep")
+    assert finding.lent_at is not None and finding.lent_at.startswith("<string>:")
+    assert finding.extra == {"access": "READ"} and "use_kept" in (finding.holder or "")
+    assert quarantine.findings_from_report("no report here") == []

@@ -303,6 +303,11 @@ def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -
             if owner is not None:
                 check.walk(argno, target, obj._type_, max(1, (owner.end - target) // layout.size), "Python")
                 return
+        if target and levels._level == 2:
+            owner = check.classify(target)  # numpy's data_as(): Python memory lent to the call
+            if owner is not None and not owner.pinned:
+                lent.append(owner)
+                return
         check.check_address(argno, target)
     elif isinstance(obj, ctypes.c_void_p):
         check.check_address(argno, obj.value or 0)
@@ -599,9 +604,9 @@ class CheckedLibrary:
             shadows = None
             if quarantine._enabled:
                 if is_ctypes:
-                    args, shadows = quarantine.shadow_ctypes_arguments(args, params, function, frame)
+                    args, shadows = quarantine.shadow_ctypes_arguments(args, params, function, frame, lent)
                 else:
-                    args, shadows = quarantine.shadow_arguments(args, plan, function, frame)
+                    args, shadows = quarantine.shadow_arguments(args, plan, function, frame, lent)
             regions = _lend(lent)
             try:
                 result, err, exc = dispatch(args)
@@ -612,6 +617,18 @@ class CheckedLibrary:
                         # C must not keep the shadow either: look for it too.
                         regions.append(register(2, shadow, size, text.split(" lent to ")[0], "<shadow>"))
                 _return_lent(regions, function, frame)
+            return finish(result, err, exc)
+
+        def run_sampled(function: str, args: Tuple[Any, ...], frame: Any) -> Any:
+            # Level 1 with quarantine sampling: this lend was drawn (one in N).
+            if is_ctypes:
+                args, shadows = quarantine.shadow_ctypes_arguments(args, params, function, frame, (), True)
+            else:
+                args, shadows = quarantine.shadow_arguments(args, plan, function, frame, (), True)
+            try:
+                result, err, exc = dispatch(args)
+            finally:
+                quarantine.finish(shadows)
             return finish(result, err, exc)
 
         only = plan[0][0] if len(plan) == 1 and not is_ctypes else None
@@ -636,6 +653,8 @@ class CheckedLibrary:
                         lent = check_args(args)
                         if lent and level == 2:
                             return run_level2(name, args, lent, sys._getframe().f_back)
+                    if level == 1 and quarantine._enabled and quarantine.due():
+                        return run_sampled(name, args, sys._getframe().f_back)
                 result = raw(*args)
                 if _deferred and not record:
                     _raise_deferred(sys._getframe())
@@ -648,6 +667,8 @@ class CheckedLibrary:
                     lent = check_args(args)
                     if lent and _level == 2:
                         return run_level2(name, args, lent, sys._getframe().f_back)
+                    if lent and quarantine._enabled and quarantine.due():
+                        return run_sampled(name, args, sys._getframe().f_back)
                 result = raw(*args)
                 if _deferred and not record:
                     _raise_deferred(sys._getframe())
@@ -664,6 +685,8 @@ class CheckedLibrary:
                 try:
                     if level == 2 and lent:
                         return run_level2(name, args, lent, sys._getframe().f_back)
+                    if lent and quarantine._enabled and quarantine.due():
+                        return run_sampled(name, args, sys._getframe().f_back)
                     result, err, exc = dispatch(args)
                 finally:
                     if limit is not None:

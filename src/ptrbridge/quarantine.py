@@ -1,53 +1,191 @@
-"""Quarantine: lend buffers as guard-paged shadow copies (check level 2) - a simulated moving collector.
+"""Quarantine: lend byte buffers as guard-paged shadow copies - a simulated moving collector.
 
 CPython never moves objects, so a pointer C keeps to a lent buffer usually
 "works" until the object is freed or reused, and the bug shows up far away.
-With ``PTRBRIDGE_QUARANTINE=1`` (or :func:`set_quarantine`) at check level 2,
-a buffer passed directly to a checked cffi function is passed as a shadow
-copy placed against a guard page; after the call the data is copied back
-(writable buffers only), the shadow is made inaccessible and kept in a
-bounded FIFO.  A later access by C faults, and a SIGSEGV handler writes a
-report - the call that lent the buffer, the object, the faulting address -
-to stderr before the process dies of the signal as it would have.
+With ``PTRBRIDGE_QUARANTINE=1`` (or :func:`set_quarantine`), a byte buffer
+lent to a checked call is passed as a shadow copy placed against a guard
+page; after the call the data is copied back (writable buffers only), the
+shadow is made inaccessible and kept in a bounded FIFO.  A later access by C
+faults, and a SIGSEGV handler writes an ASan-style report (the access with
+the native backtrace, the Python stack of the lending call, where it was
+released, a ``SUMMARY:`` line) to stderr before the process dies of the
+signal as it would have.  C reading past the end of a buffer while it is
+still lent hits the guard page and is reported as an overrun.
 
-Covered: bytes, buffer views (``ffi.from_buffer``) and owning cffi cdata
-passed as pointer arguments of cffi functions; bytes, ctypes arrays and
-``byref()``/pointer-passed ctypes instances passed to ctypes functions.  Not
-covered: structs passed by value (C gets a copy anyway) and Python memory
-reached through struct fields (the retention scan looks for those).
+``PTRBRIDGE_QUARANTINE=1/N`` (or ``set_quarantine(sample=N)``) quarantines one
+lend in N, chosen at random, like GWP-ASan: cheap enough for production, and
+a lend that is not chosen is passed as it is.  Quarantine acts at check level
+2 on every checked call, and at level 1 on the sampled ones.
+
+What is shadowed is exactly the memory C treats as bytes:
+
+* passed directly: ``bytes``, ``ffi.from_buffer`` views (bytearray, buffer
+  exports), owning cdata arrays/pointers of primitive items (``char[]``,
+  ``uint8_t[]``, ``int32_t[]``...); with ctypes, ``bytes``, ctypes arrays of
+  simple types, ``byref()``/``pointer()`` of simple instances and ``POINTER``
+  arguments to simple types whose target is a known Python buffer (numpy's
+  ``arr.ctypes.data_as(...)``);
+* reached through pointer slots of struct and array arguments in C memory
+  (``iov_base``, ``z_stream.next_in``, ``msg_iov[i].iov_base``): the slot is
+  pointed at the shadow for the call and translated back afterwards, so a
+  pointer C advanced inside the shadow ends at the same offset in the original.
+
+Never moved: structs, unions, arrays of pointers, anything pinned (C may keep
+a pinned buffer: that is what pinning is for) and anything whose address C
+may keep as identity (a ``z_stream``: zlib checks ``state->strm == strm``).
 """
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+import random
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._bindings import address_of, ffi, lib
-from .callsite import frame_site
-from .ownership import cdata_extent, describe
+from .callsite import _is_internal, frame_site
+from .checking import Owner, layout_of, object_extent
+from .findings import Finding, record
+from .ownership import cdata_extent, describe, lookup
 
-__all__ = ["set_quarantine", "quarantine_enabled", "shadow_arguments", "shadow_ctypes_arguments",
-           "finish", "held", "ENV_VAR"]
+__all__ = ["set_quarantine", "quarantine_enabled", "quarantine_sample", "shadow_arguments",
+           "shadow_ctypes_arguments", "finish", "held", "due", "findings_from_report", "record_report",
+           "set_report_log", "ENV_VAR", "LOG_ENV_VAR"]
 
 ENV_VAR = "PTRBRIDGE_QUARANTINE"
+LOG_ENV_VAR = "PTRBRIDGE_QUARANTINE_LOG"  # a file that gets a copy of every fault report
 _TRUE = ("1", "true", "yes", "on")
-_enabled = os.environ.get(ENV_VAR, "").strip().lower() in _TRUE
+STACK_FRAMES = 8  # Python frames of the lending call kept for the report
+_MAX_FIXUP_DEPTH = 3  # struct -> array of structs -> buffer (msghdr.msg_iov[i].iov_base)
 
-Shadow = Tuple[int, Optional[int], Any, int, int, str]  # slot, copy-back address, keeper, shadow, size, text
+# slot, copy-back address, keeper (object, slot fixups), shadow, size, text
+Shadow = Tuple[int, Optional[int], Any, int, int, str]
+Fixup = Tuple[int, int, int, int]  # slot address, shadow start, size, original start
 
 
-def set_quarantine(on: bool) -> bool:
-    """Turn quarantine on or off (it acts at check level 2); returns the previous setting."""
-    global _enabled
+def _parse(text: str) -> Tuple[bool, int]:
+    """(enabled, sample) from the environment: ``1``, ``true``..., or ``1/N``."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True, 1
+    if value.startswith("1/"):
+        try:
+            n = int(value[2:])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return True, n
+    return False, 1
+
+
+_enabled, _sample = _parse(os.environ.get(ENV_VAR, ""))
+_log_path = os.environ.get(LOG_ENV_VAR)
+_rng = random.Random()
+_countdown = 1
+
+
+def _reset_countdown() -> None:
+    global _countdown
+    # Geometric-like gaps with mean N, as GWP-ASan draws its sampling interval.
+    _countdown = 1 if _sample == 1 else _rng.randint(1, 2 * _sample - 1)
+
+
+_reset_countdown()
+
+
+def set_quarantine(on: bool = True, *, sample: Optional[int] = None) -> bool:
+    """Turn quarantine on or off; ``sample=N`` quarantines one lend in N.  Returns the previous on/off.
+
+    ``set_quarantine(True)`` (``sample=1``) shadows every lend at check level 2;
+    ``set_quarantine(sample=1000)`` one lend in 1000 at random, at levels 1 and 2.
+    """
+    global _enabled, _sample
     if not isinstance(on, bool):
         raise TypeError(f"ptrbridge.set_quarantine: expected a bool, not {type(on).__name__}")
+    if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < 1):
+        raise ValueError(f"ptrbridge.set_quarantine: sample must be an int >= 1 (one lend in N), not {sample!r}")
     old, _enabled = _enabled, on
+    if sample is not None:
+        _sample = sample
+    elif on:
+        _sample = 1
+    _reset_countdown()
     return old
 
 
 def quarantine_enabled() -> bool:
-    """True if lent buffers are passed as shadows at check level 2."""
+    """True if lent buffers are passed as shadows (all of them, or one in :func:`quarantine_sample`)."""
     return _enabled
+
+
+def quarantine_sample() -> int:
+    """N of "one lend in N" (1: every lend)."""
+    return _sample
+
+
+def due() -> bool:
+    """Whether the next lend is quarantined (always at ``sample=1``; one in N at random otherwise)."""
+    global _countdown
+    if _sample == 1:
+        return True
+    _countdown -= 1  # a lost update between threads only shifts the sample
+    if _countdown > 0:
+        return False
+    _reset_countdown()
+    return True
+
+
+def _always() -> bool:
+    return True
+
+
+_log_fd: Optional[int] = None
+
+
+def set_report_log(path: Optional[str]) -> None:
+    """Append a copy of every fault report to ``path`` (None: stderr only).
+
+    The process dies of the signal right after a report, so this file is how a
+    parent (the harness, a test runner) gets the report as findings: pass its
+    text to :func:`record_report`.  ``PTRBRIDGE_QUARANTINE_LOG`` sets it at import.
+    """
+    global _log_fd
+    new = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644) if path else -1
+    old = lib.pb__quarantine_set_log_fd(new)
+    if _log_fd is not None and old == _log_fd:
+        os.close(old)
+    _log_fd = new if new >= 0 else None
+
+
+_SUMMARY = re.compile(r"^SUMMARY: ptrbridge: (use-after-release|overrun) \((\w+)\) in (.*?) on (.*) lent to "
+                      r"(\w+)\(\) at (.*)$", re.M)
+_OBJECT_SIZE = re.compile(r"\((\d+)\)$")
+_RULE = "="* 65
+
+
+def findings_from_report(text: str) -> List[Finding]:
+    """The quarantine reports in ``text`` (a dead process's stderr or report log) as findings."""
+    out: List[Finding] = []
+    for block in text.split(_RULE):
+        match = _SUMMARY.search(block)
+        if match is None:
+            continue
+        kind, access, where, obj, function, site = match.groups()
+        size = _OBJECT_SIZE.search(obj)
+        state = "lent" if kind == "overrun" else "returned"
+        out.append(Finding(kind, "error", "R2" if kind == "use-after-release" else "overrun",
+                           block.strip(), object=obj, object_size=int(size.group(1)) if size else None,
+                           function=function, lent_at=site, holder=f"C code in {where}", state=state,
+                           extra={"access": access}))
+    return out
+
+
+def record_report(text: str) -> int:
+    """Record every quarantine report in ``text`` with :func:`ptrbridge.findings.record`; returns how many."""
+    found = findings_from_report(text)
+    for finding in found:
+        record(finding)
+    return len(found)
 
 
 def held() -> int:
@@ -55,87 +193,307 @@ def held() -> int:
     return int(lib.pb__quarantine_held())
 
 
+# ---------------------------------------------------------------------------
+# The Python stack of the lending call, formatted cheaply at lend time (the
+# signal handler can only copy bytes).
+
+_frame_lines: Dict[Tuple[Any, int], str] = {}
+
+
+def _stack_text(frame: Any) -> bytes:
+    lines: List[str] = []
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    while frame is not None and len(lines) < STACK_FRAMES:
+        code = frame.f_code
+        key = (code, frame.f_lineno)
+        text = _frame_lines.get(key)
+        if text is None:
+            text = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}\n"
+            if len(_frame_lines) < 4096:
+                _frame_lines[key] = text
+        lines.append(f"    #{len(lines)} {text}")
+        frame = frame.f_back
+    return "".join(lines).encode("utf-8", "replace")
+
+
+def _lend_context(frame: Any) -> Tuple[bytes, str]:
+    """(Python stack text, call site) of the lending call."""
+    return _stack_text(frame), frame_site(frame)
+
+
+def _lend_one(address: int, size: int, obj_text: str, function: str, site: str,
+              stack: bytes) -> Optional[Tuple[int, int]]:
+    """(slot, shadow address) of a new shadow, or None when no shadow is free."""
+    out = ffi.new("uintptr_t *")
+    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, obj_text.encode("utf-8", "replace"),
+                                   function.encode("utf-8", "replace"), site.encode("utf-8", "replace"),
+                                   stack, out)
+    return None if slot < 0 else (int(slot), int(out[0]))
+
+
+def _pinned(address: int) -> bool:
+    region = lookup(address)
+    return region is not None and region.kind == "pinned"
+
+
+# ---------------------------------------------------------------------------
+# cffi
+
+_BYTE_ITEM_KINDS = ("primitive",)
+
+
 def _source(arg: Any) -> Optional[Tuple[Any, int, int, bool]]:
-    """(keeper, address, size, writable) of a directly passed Python buffer, or None."""
-    if isinstance(arg, bytes):
+    """(keeper, address, size, writable) of a directly passed byte buffer, or None."""
+    if type(arg) is bytes:
         # cffi passes bytes as a NUL-terminated char *: the shadow keeps the NUL.
         keeper = ffi.from_buffer(arg)
         return keeper, address_of(keeper), len(arg) + 1, False
     if isinstance(arg, ffi.CData):
+        ctype = ffi.typeof(arg)
+        if ctype.kind not in ("pointer", "array") or ctype.item.kind not in _BYTE_ITEM_KINDS:
+            return None  # a struct (identity), an array of pointers, void *, a function
         extent = cdata_extent(arg)
-        if extent is None or ffi.typeof(arg).kind not in ("pointer", "array"):
+        if extent is None or _pinned(extent[0]):
             return None
         return arg, extent[0], extent[1], True
     return None
 
 
+def _collect_fixups(address: int, ctype: Any, count: int, owners: Sequence[Owner], depth: int,
+                    found: List[Tuple[int, Owner]], seen: set) -> None:
+    """Pointer slots of ``count`` objects of ``ctype`` at ``address`` that point into a lent owner."""
+    layout = layout_of(ctype)
+    if layout is None or not layout.slots or depth > _MAX_FIXUP_DEPTH or (address, id(layout)) in seen:
+        return
+    seen.add((address, id(layout)))
+    slots = layout.slots
+    width = len(slots)
+    for k, value in enumerate(layout.read_array(address, min(count, 4096 // width or 1))):
+        if not value:
+            continue
+        element, index = divmod(k, width)
+        slot = slots[index]
+        slot_address = address + element * layout.size + slot.offset
+        pointee = slot.pointee
+        pointee_kind = getattr(pointee, "kind", None) if pointee is not None else "void"
+        if pointee_kind in ("primitive", "void"):
+            for owner in owners:
+                if owner.start <= value <= owner.start + owner.size:
+                    found.append((slot_address, owner))
+                    break
+            continue
+        if pointee_kind in ("struct", "union", "array"):
+            # Follow into C memory (or pinned Python memory) that holds more slots.
+            size = int(lib.pb__alloc_block_size(value))
+            step = ffi.sizeof(pointee) if pointee_kind != "array" or pointee.length is not None else 0
+            if step and (size or _pinned(value)):
+                n = max(1, size // step) if size else 1
+                _collect_fixups(value, pointee, n, owners, depth + 1, found, seen)
+
+
 def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
-                     frame: Any) -> Tuple[Tuple[Any, ...], List[Shadow]]:
-    """Replace directly passed buffers by shadows; returns the new arguments and what to finish."""
+                     frame: Any, lent: Sequence[Any] = (), sampled: bool = False
+                     ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """Replace lent byte buffers by shadows; returns the new arguments and what to :func:`finish`.
+
+    ``lent`` is what the argument check found lent through C memory
+    (:class:`~ptrbridge.checking.Owner` records): those buffers are shadowed
+    in place, through the pointer slots that reach them.  ``sampled``: the
+    caller already drew this call (:func:`due`), shadow every buffer of it.
+    """
+    draw = _always if sampled else due
     new_args = list(args)
     shadows: List[Shadow] = []
-    site = frame_site(frame)
+    ctx: Optional[Tuple[bytes, str]] = None
+    owners = [o for o in lent if isinstance(o, Owner) and not o.pinned]
     for i, param in params:
         if i >= len(args):
             break
-        source = _source(args[i])
+        arg = args[i]
+        source = _source(arg)
         if source is None:
+            if owners and isinstance(arg, ffi.CData):
+                if ctx is None:
+                    ctx = _lend_context(frame)
+                _shadow_through_slots(arg, owners, function, ctx, shadows, draw)
+            continue
+        if not draw():
             continue
         keeper, address, size, writable = source
-        text = f"{describe(args[i], size)} lent to {function}() at {site}"
-        lent = _lend_one(address, size, text)
-        if lent is None:
+        if ctx is None:
+            ctx = _lend_context(frame)
+        obj_text = describe(arg, size)
+        lent_one = _lend_one(address, size, obj_text, function, ctx[1], ctx[0])
+        if lent_one is None:
             continue  # no free shadow: pass the buffer itself, unquarantined
-        slot, shadow = lent
+        slot, shadow = lent_one
         target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
         new_args[i] = ffi.cast(target, shadow)
-        shadows.append((slot, address if writable else None, keeper, shadow, size, text))
+        text = f"{obj_text} lent to {function}() at {ctx[1]}"
+        shadows.append((slot, address if writable else None, (keeper, ()), shadow, size, text))
     return tuple(new_args), shadows
 
 
-def _lend_one(address: int, size: int, text: str) -> Optional[Tuple[int, int]]:
-    """(slot, shadow address) of a new shadow, or None when no shadow is free."""
-    out = ffi.new("uintptr_t *")
-    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, text.encode("utf-8", "replace"), out)
-    return None if slot < 0 else (int(slot), int(out[0]))
+def _shadow_through_slots(arg: Any, owners: Sequence[Owner], function: str, ctx: Tuple[bytes, str],
+                          shadows: List[Shadow], draw: Callable[[], bool]) -> None:
+    """Shadow the lent buffers that pointer slots of a struct argument reach; repoint the slots."""
+    ctype = ffi.typeof(arg)
+    if ctype.kind not in ("pointer", "array") or ctype.item.kind not in ("struct", "union", "array"):
+        return
+    address = address_of(arg)
+    step = ffi.sizeof(ctype.item) if ctype.item.kind != "array" or ctype.item.length is not None else 0
+    if not address or not step:
+        return
+    extent = cdata_extent(arg)
+    block = extent[1] if extent is not None else int(lib.pb__alloc_block_size(address))
+    count = max(1, block // step) if block else 1
+    found: List[Tuple[int, Owner]] = []
+    _collect_fixups(address, ctype.item, count, owners, 0, found, set())
+    by_owner: Dict[Tuple[int, int], List[int]] = {}
+    for slot_address, owner in found:
+        by_owner.setdefault((owner.start, owner.size), []).append(slot_address)
+    for (start, size), slot_addresses in by_owner.items():
+        if not draw():
+            continue
+        owner = next(o for o in owners if o.start == start and o.size == size)
+        lent_one = _lend_one(start, size, owner.description, function, ctx[1], ctx[0])
+        if lent_one is None:
+            continue
+        slot, shadow = lent_one
+        fixups: List[Fixup] = []
+        for slot_address in slot_addresses:
+            cell = ffi.cast("uintptr_t *", slot_address)
+            cell[0] = shadow + (int(cell[0]) - start)
+            fixups.append((slot_address, shadow, size, start))
+        text = f"{owner.description} lent to {function}() at {ctx[1]}"
+        shadows.append((slot, start, (None, tuple(fixups)), shadow, size, text))
 
+
+# ---------------------------------------------------------------------------
+# ctypes
 
 _CArgObject = type(ctypes.byref(ctypes.c_int()))
-_CTYPES_MEMORY = (ctypes.Array, ctypes.Structure, ctypes.Union)
+_SimpleCData = ctypes._SimpleCData  # type: ignore[attr-defined]
+_PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
+_POINTER_SIMPLE = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_wchar_p)
+
+
+def _simple(t: Any) -> bool:
+    """A ctypes simple type that is not itself a pointer (c_char, c_uint8, c_double...)."""
+    return isinstance(t, type) and issubclass(t, _SimpleCData) and not issubclass(t, _POINTER_SIMPLE)
+
+
+def _byte_array(t: Any) -> bool:
+    while isinstance(t, type) and issubclass(t, ctypes.Array):
+        t = t._type_
+    return _simple(t)
+
+
+def _pointer_target(ptr: Any, lent: Sequence[Any]) -> Optional[Tuple[Any, int, int, int]]:
+    """(keeper, start, size, offset) of the Python buffer a POINTER(simple) points into, or None.
+
+    The buffer is the one the pointer keeps alive (numpy's ``data_as`` keeps
+    the array in ``_arr``, ``ctypes.cast`` in ``_objects``) or one the argument
+    check found lent (an :class:`~ptrbridge.checking.Owner`).
+    """
+    target = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+    if not target:
+        return None
+    candidates: List[Any] = []
+    arr = getattr(ptr, "_arr", None)  # numpy's arr.ctypes.data_as() keeps the array here
+    if arr is not None:
+        candidates.append(arr)
+    kept = getattr(ptr, "_objects", None)
+    stack: List[Any] = [kept] if kept else []
+    while stack and len(candidates) < 16:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif item is not None:
+            candidates.append(item)
+            inner = getattr(item, "_objects", None)
+            if inner:
+                stack.append(inner)
+    for obj in candidates:
+        if isinstance(obj, (ctypes.Structure, ctypes.Union)) or (
+            isinstance(obj, ctypes.Array) and not _byte_array(type(obj))
+        ):
+            continue
+        extent = object_extent(obj)
+        if extent is not None and extent[0] <= target < extent[0] + extent[1]:
+            if _pinned(extent[0]):
+                return None
+            return obj, extent[0], extent[1], target - extent[0]
+    for owner in lent:
+        if isinstance(owner, Owner) and not owner.pinned and owner.start <= target < owner.start + owner.size:
+            return owner, owner.start, owner.size, target - owner.start
+    return None
 
 
 def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], function: str,
-                            frame: Any) -> Tuple[Tuple[Any, ...], List[Shadow]]:
-    """The ctypes edition of :func:`shadow_arguments` (bytes, arrays, ``byref`` instances)."""
+                            frame: Any, lent: Sequence[Any] = (), sampled: bool = False
+                            ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """The ctypes edition of :func:`shadow_arguments`."""
+    draw = _always if sampled else due
     new_args = list(args)
     shadows: List[Shadow] = []
-    site = frame_site(frame)
+    ctx: Optional[Tuple[bytes, str]] = None
     for i, arg in enumerate(args):
         declared = argtypes[i] if i < len(argtypes) else None
         obj = getattr(arg, "_obj") if isinstance(arg, _CArgObject) else arg
-        if isinstance(obj, bytes):
+        offset = 0
+        if type(obj) is bytes:
             keeper: Any = ffi.from_buffer(obj)
             address, size, writable = address_of(keeper), len(obj) + 1, False
-        elif isinstance(obj, ctypes.Array) or (isinstance(obj, _CTYPES_MEMORY) and obj is not arg):
+        elif isinstance(obj, ctypes.Array) and _byte_array(type(obj)):
             keeper, address, size, writable = obj, ctypes.addressof(obj), ctypes.sizeof(obj), True
+        elif isinstance(obj, _SimpleCData) and obj is not arg and _simple(type(obj)):
+            keeper, address, size, writable = obj, ctypes.addressof(obj), ctypes.sizeof(obj), True
+        elif isinstance(obj, _PointerBase) and _simple(obj._type_):
+            found = _pointer_target(obj, lent)
+            if found is None:
+                continue
+            keeper, address, size, offset = found
+            writable = True
         else:
-            continue  # by-value structs and plain values: C gets a copy
-        text = f"{describe(obj, size)} lent to {function}() at {site}"
-        lent = _lend_one(address, size, text)
-        if lent is None:
+            continue  # structs (identity), by-value values, raw addresses: not moved
+        if _pinned(address) or not draw():
+            continue
+        if ctx is None:
+            ctx = _lend_context(frame)
+        if isinstance(keeper, Owner):
+            obj_text = keeper.description
+        else:
+            obj_text = describe(keeper if isinstance(obj, _PointerBase) else obj, size)
+        lent_one = _lend_one(address, size, obj_text, function, ctx[1], ctx[0])
+        if lent_one is None:
             continue  # no free shadow: pass the object itself, unquarantined
-        slot, shadow = lent
-        if isinstance(declared, type) and issubclass(declared, ctypes._Pointer):  # type: ignore[attr-defined]
-            new_args[i] = ctypes.cast(ctypes.c_void_p(shadow), declared)
+        slot, shadow = lent_one
+        where = shadow + offset
+        if isinstance(declared, type) and issubclass(declared, _PointerBase):
+            new_args[i] = ctypes.cast(ctypes.c_void_p(where), declared)
+        elif isinstance(obj, _PointerBase) and declared is None:
+            new_args[i] = ctypes.cast(ctypes.c_void_p(where), type(obj))
         elif declared is ctypes.c_char_p:
-            new_args[i] = ctypes.c_char_p(shadow)
+            new_args[i] = ctypes.c_char_p(where)
         else:
-            new_args[i] = ctypes.c_void_p(shadow)
-        shadows.append((slot, address if writable else None, keeper, shadow, size, text))
+            new_args[i] = ctypes.c_void_p(where)
+        text = f"{obj_text} lent to {function}() at {ctx[1]}"
+        shadows.append((slot, address if writable else None, (keeper, ()), shadow, size, text))
     return tuple(new_args), shadows
 
 
 def finish(shadows: List[Shadow]) -> None:
-    """After the call: copy writable data back and quarantine the shadows."""
-    for slot, copy_back, _keeper, _shadow, _size, _text in shadows:
+    """After the call: translate repointed slots back, copy writable data back, quarantine the shadows."""
+    for slot, copy_back, keeper, _shadow, _size, _text in shadows:
+        for slot_address, shadow, size, start in keeper[1]:
+            cell = ffi.cast("uintptr_t *", slot_address)
+            value = int(cell[0])
+            if shadow <= value <= shadow + size:
+                cell[0] = start + (value - shadow)  # C advanced it inside the shadow: same offset
         lib.pb__quarantine_finish(slot, ffi.cast("void *", copy_back) if copy_back else ffi.NULL)
+
+
+if _log_path:
+    set_report_log(_log_path)
