@@ -75,6 +75,7 @@ struct pbk_batch *pbk_batch_new(struct pbk_producer *p, int kind, uint32_t n,
         r[i].latency_us = -1;
         r[i].partition = -1;
         r[i].err = 0;
+        r[i].payload = NULL;
         r[i].batch = b;
     }
     pthread_mutex_lock(&p->lock);
@@ -130,6 +131,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     r->partition = m->partition;
     r->offset = m->err ? -1 : m->offset;
     r->latency_us = rd_kafka_message_latency(m);
+    r->payload = NULL; /* librdkafka is done with it */
     count_down(r->batch, 1);
 }
 
@@ -151,7 +153,9 @@ int pbk_produce(rd_kafka_topic_t *rkt, int32_t partition, struct pbk_batch *b,
     }
     for (uint32_t i = start; i < b->n; i++) {
         char *payload = payloads != NULL ? payloads[i] : cursor;
+        r[i].payload = payload;
         if (rd_kafka_produce(rkt, partition, 0, payload, lens[i], NULL, 0, &r[i]) != 0) {
+            r[i].payload = NULL;
             *next = i;
             return (int)rd_kafka_last_error();
         }
@@ -163,12 +167,18 @@ int pbk_produce(rd_kafka_topic_t *rkt, int32_t partition, struct pbk_batch *b,
 }
 
 int pbk_produce_one(rd_kafka_topic_t *rkt, int32_t partition, struct pbk_batch *b,
-                    uint32_t index, char *payload, size_t len)
+                    uint32_t index, char *payload, size_t len, uint32_t *next)
 {
+    *next = index;
     if (index >= b->n)
         return RD_KAFKA_RESP_ERR__INVALID_ARG;
-    if (rd_kafka_produce(rkt, partition, 0, payload, len, NULL, 0, &pbk_batch_results(b)[index]) != 0)
+    struct pbk_result *r = &pbk_batch_results(b)[index];
+    r->payload = payload;
+    if (rd_kafka_produce(rkt, partition, 0, payload, len, NULL, 0, r) != 0) {
+        r->payload = NULL;
         return (int)rd_kafka_last_error();
+    }
+    *next = index + 1;
     return 0;
 }
 
@@ -180,6 +190,7 @@ void pbk_batch_abandon(struct pbk_batch *b, uint32_t from, int32_t err)
     for (uint32_t i = from; i < b->n; i++) {
         r[i].err = err;
         r[i].offset = -1;
+        r[i].payload = NULL;
     }
     count_down(b, b->n - from);
 }

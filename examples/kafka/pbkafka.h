@@ -41,12 +41,15 @@ enum pbk_kind {
     PBK_PIN = 3      /* nothing in C: Python unpins on drain */
 };
 
-/* The delivery report of one message (32 bytes; Python reads the array). */
+/* The delivery report of one message (40 bytes; Python reads the array). */
 struct pbk_result {
     int64_t offset;          /* offset in the partition, -1 if not delivered */
     int64_t latency_us;      /* rd_kafka_message_latency(): produce() to report */
     int32_t partition;       /* partition the message went to */
     int32_t err;             /* rd_kafka_resp_err_t, 0 = delivered */
+    void *payload;           /* the payload while librdkafka holds it, NULL after the
+                                report: kept in tracked C memory on purpose, so that
+                                ptrbridge's level-2 scan sees what librdkafka holds */
     struct pbk_batch *batch; /* the batch this slot belongs to */
 };
 
@@ -99,9 +102,10 @@ int pbk_produce(rd_kafka_topic_t *rkt, int32_t partition, struct pbk_batch *b,
                 uint32_t start, char **payloads, const size_t *lens, uint32_t *next);
 
 /* Produces message `index` of `b` from `payload` (zero-copy, msgflags 0).
- * Returns 0 or librdkafka's error (the message was not enqueued). */
+ * Returns 0 and sets *next to index + 1, or returns librdkafka's error (the
+ * message was not enqueued) and sets *next to index. */
 int pbk_produce_one(rd_kafka_topic_t *rkt, int32_t partition, struct pbk_batch *b,
-                    uint32_t index, char *payload, size_t len);
+                    uint32_t index, char *payload, size_t len, uint32_t *next);
 
 /* Marks messages from..n-1 of `b`, never enqueued, as failed with `err`, as
  * if their delivery reports had arrived.  Then no message of b is left in C

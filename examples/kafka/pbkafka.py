@@ -47,6 +47,7 @@ __all__ = ["Producer", "Batch", "KafkaError", "DeliveryError", "ProducerError", 
 
 STRATEGIES = ("copy", "handle", "pin")
 _DRAIN_MAX = 256
+_SLOT_Q = 5  # struct pbk_result is 5 int64 words: offset, latency, partition|err, payload, batch
 _COPY_JOIN_LIMIT = 4096  # average payload size up to which payloads are joined, then copied once
 
 Payload = Union[bytes, bytearray, memoryview]
@@ -118,22 +119,22 @@ class Batch:
     @property
     def offsets(self) -> List[int]:
         """Offset of each message (-1 where it failed)."""
-        return self._column("q", 0, 4)
+        return self._column("q", 0, _SLOT_Q)
 
     @property
     def latencies_us(self) -> List[int]:
         """Microseconds from ``rd_kafka_produce`` to the delivery report, per message."""
-        return self._column("q", 1, 4)
+        return self._column("q", 1, _SLOT_Q)
 
     @property
     def partitions(self) -> List[int]:
         """Partition of each message."""
-        return self._column("i", 4, 8)
+        return self._column("i", 4, 2 * _SLOT_Q)
 
     @property
     def error_codes(self) -> List[int]:
         """librdkafka error code of each message (0 = delivered)."""
-        return self._column("i", 5, 8)
+        return self._column("i", 5, 2 * _SLOT_Q)
 
     @property
     def errors(self) -> List[Optional[KafkaError]]:
@@ -177,7 +178,8 @@ class Producer:
     default the producer runs against librdkafka's in-process mock cluster
     (``test.mock.num.brokers=1``) with the topic created with ``partitions``
     partitions; pass ``mock=False`` and ``bootstrap.servers`` for a real
-    cluster.  ``max_inflight`` bounds the batches in flight.
+    cluster.  ``max_inflight`` bounds the batches in flight.  ``checked=True``
+    makes the produce calls ``ptrbridge.wrap``-checked calls (slower; for tests).
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class Producer:
         mock: bool = True,
         partitions: int = 4,
         max_inflight: int = 4096,
+        checked: bool = False,
         cache_dir: Optional[Path] = None,
     ) -> None:
         if strategy not in STRATEGIES:
@@ -198,6 +201,9 @@ class Producer:
         module = load(cache_dir)
         self._ffi: Any = module.ffi
         self._lib: Any = module.lib
+        # checked=True: produce through ptrbridge.wrap(lib), so every call is checked
+        # (rules R1-R3; at level 2 the C memory is scanned for what C kept)
+        self._call: Any = ptrbridge.wrap(module.lib) if checked else module.lib
         self.strategy = strategy
         self.topic = topic
         self.max_inflight = max_inflight
@@ -209,6 +215,8 @@ class Producer:
         self._drain_buf = self._ffi.new("struct pbk_batch *[]", _DRAIN_MAX)
         self._next = self._ffi.new("uint32_t *")
         self._errors: Dict[int, KafkaError] = {}
+        self._slot_size = self._ffi.sizeof("struct pbk_result")
+        assert self._slot_size == 8 * _SLOT_Q
         self._closed = False
         self._rk: Any = self._ffi.NULL
         self._rkt: Any = self._ffi.NULL
@@ -314,11 +322,18 @@ class Producer:
         if pinner is not None:
             self._pinners[b.id] = pinner
         size = len(memoryview(payload).cast("B"))
-        while True:
-            err = lib.pbk_produce_one(self._rkt, partition, b, 0, pointer, size)
-            if err != lib.RD_KAFKA_RESP_ERR__QUEUE_FULL:
-                break
-            self.poll(0.001)
+        call, nxt = self._call, self._next
+        nxt[0] = 0
+        try:
+            while True:
+                err = call.pbk_produce_one(self._rkt, partition, b, 0, pointer, size, nxt)
+                if err != lib.RD_KAFKA_RESP_ERR__QUEUE_FULL:
+                    break
+                self.poll(0.001)
+        except BaseException:
+            # raised before C ran, or (checked calls) after it returned: *next says which
+            lib.pbk_batch_abandon(b, nxt[0], lib.RD_KAFKA_RESP_ERR__FAIL)
+            raise
         if err:
             lib.pbk_batch_abandon(b, 0, err)
             self._drain()
@@ -391,20 +406,24 @@ class Producer:
                 self.poll(0.001)
 
     def _enqueue(self, b: Any, partition: int, pointers: Any, lens: Any) -> None:
-        lib, nxt = self._lib, self._next
-        start = 0
-        while True:
-            err = lib.pbk_produce(self._rkt, partition, b, start, pointers, lens, nxt)
-            if err == 0:
-                return
-            start = nxt[0]
-            if err == lib.RD_KAFKA_RESP_ERR__QUEUE_FULL:
-                lib.rd_kafka_poll(self._rk, 1)  # serve delivery reports, then retry
+        lib, call, nxt = self._lib, self._call, self._next
+        nxt[0] = 0
+        try:
+            while True:
+                err = call.pbk_produce(self._rkt, partition, b, nxt[0], pointers, lens, nxt)
+                if err == 0:
+                    return
+                if err != lib.RD_KAFKA_RESP_ERR__QUEUE_FULL:
+                    break
+                lib.rd_kafka_poll(self._rk, 1)  # serve delivery reports, then retry from *next
                 self._drain()
-                continue
-            lib.pbk_batch_abandon(b, start, err)  # the rest fail with librdkafka's error
-            self._drain()
-            return
+        except BaseException:
+            # raised before C ran, or (checked calls) after it returned: the messages
+            # from *next on were not enqueued and will get no report
+            lib.pbk_batch_abandon(b, nxt[0], lib.RD_KAFKA_RESP_ERR__FAIL)
+            raise
+        lib.pbk_batch_abandon(b, nxt[0], err)  # the rest fail with librdkafka's error
+        self._drain()
 
     # -- delivery ------------------------------------------------------------
 
@@ -425,7 +444,7 @@ class Producer:
                 pinner = self._pinners.pop(b.id, None)
                 if pinner is not None:
                     pinner.unpin()  # C has reported every message: librdkafka dropped the pointers
-                batch._raw = memoryview(bytes(ffi.buffer(lib.pbk_batch_results(b), 32 * b.n)))
+                batch._raw = memoryview(bytes(ffi.buffer(lib.pbk_batch_results(b), self._slot_size * b.n)))
                 batch.failed = b.failed
                 batch.done = True
                 if b.release_status != 0:

@@ -163,7 +163,7 @@ def layout_of(ctype: Any) -> Optional[Layout]:
         return None
     if isinstance(ctype, _CType):
         if ctype.kind in ("void", "function") or (
-            ctype.kind in ("struct", "union") and ctype.fields is None
+            ctype.kind in ("struct", "union") and _opaque(ctype)
         ):
             return None
         if ctype.kind == "array" and ctype.length is None:
@@ -182,6 +182,20 @@ def layout_of(ctype: Any) -> Optional[Layout]:
     layout = Layout(ctype, size, slots[:MAX_SLOTS])
     _layouts[ctype] = layout
     return layout
+
+
+def _opaque(ctype: Any) -> bool:
+    """True for a struct or union of unknown layout.
+
+    Checked with ``sizeof``, not ``.fields``: reading ``.fields`` of an opaque
+    struct of a compiled (API-mode) cffi module aborts the process in cffi
+    builds with C assertions enabled (cffi 2.1.1 here).
+    """
+    try:
+        ffi.sizeof(ctype)
+    except ffi.error:
+        return True
+    return False
 
 
 def _has_slots(ctype: Any) -> bool:
