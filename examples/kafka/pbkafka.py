@@ -35,6 +35,7 @@ text); :meth:`Batch.result` raises :class:`DeliveryError`.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -114,7 +115,9 @@ class Batch:
     def _column(self, fmt: str, start: int, step: int) -> List[int]:
         if self._raw is None:
             raise RuntimeError("pbkafka: batch not delivered yet; call Producer.flush() or poll()")
-        return self._raw.cast(fmt)[start::step].tolist()
+        raw: Any = self._raw
+        view = raw.cast(fmt)
+        return list(view[start::step].tolist())
 
     @property
     def offsets(self) -> List[int]:
@@ -354,11 +357,13 @@ class Producer:
         ffi, lib = self._ffi, self._lib
         while lib.pbk_inflight(self._p) >= self.max_inflight:
             self.poll(0.001)
-        lens = ffi.new("size_t[]", [len(x) for x in payloads])
+        sizes = list(map(len, payloads))
+        lens = ffi.new("size_t[]", sizes)
         pointers: Any = ffi.NULL
+        keepalive: Any = None  # what backs `pointers` until the produce calls return
         pinner: Optional[ptrbridge.Pinner] = None
         if self._kind == lib.PBK_COPY:
-            if sum(len(x) for x in payloads) <= _COPY_JOIN_LIMIT * n:
+            if sum(sizes) <= _COPY_JOIN_LIMIT * n:
                 buf = ptrbridge.CBuffer.copy(b"".join(payloads))
             else:
                 buf = _copy_into_one(payloads)
@@ -367,11 +372,12 @@ class Producer:
             if b == ffi.NULL:
                 ptrbridge.free(block)
         elif self._kind == lib.PBK_HANDLE:
-            for x in payloads:
-                _check_immutable(x)
+            if not all(type(x) is bytes for x in payloads):
+                for x in payloads:
+                    _check_immutable(x)
             keep = tuple(payloads)  # the Handle keeps the payloads alive until C releases it
             handle = self._new_handle(keep)
-            pointers = ffi.new("char *[]", [ffi.from_buffer(x) for x in keep])
+            pointers, keepalive = _bytes_pointers(ffi, keep, fast=self._call is lib)
             b = lib.pbk_batch_new(self._p, self._kind, n, ffi.NULL, int(handle))
             if b == ffi.NULL:
                 handle.delete()
@@ -394,6 +400,7 @@ class Producer:
         if pinner is not None:
             self._pinners[b.id] = pinner
         self._enqueue(b, partition, pointers, lens)
+        del keepalive
         return batch
 
     def _new_handle(self, obj: Any) -> ptrbridge.Handle:
@@ -437,7 +444,7 @@ class Producer:
         total = 0
         problems: List[str] = []
         while True:
-            k = lib.pbk_drain(self._p, buf, _DRAIN_MAX)
+            k = int(lib.pbk_drain(self._p, buf, _DRAIN_MAX))
             for i in range(k):
                 b = buf[i]
                 batch = self._batches.pop(b.id)
@@ -514,6 +521,38 @@ class Producer:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.inflight} batches in flight"
         return f"<pbkafka.Producer strategy={self.strategy!r} topic={self.topic!r} {state}>"
+
+
+def _bytes_data_offset() -> Optional[int]:
+    """Offset of a bytes object's data from its id() in CPython (None elsewhere)."""
+    if sys.implementation.name != "cpython":
+        return None
+    import cffi
+
+    ffi = cffi.FFI()
+    probes = [b"probe-%d" % i for i in range(4)]
+    offsets = {int(ffi.cast("uintptr_t", ffi.from_buffer(p))) - id(p) for p in probes}
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+_BYTES_OFFSET = _bytes_data_offset()
+
+
+def _bytes_pointers(ffi: Any, payloads: Sequence[Payload], fast: bool = True) -> Tuple[Any, Any]:
+    """A ``char **`` to the payloads' data, zero-copy, and the array behind it.
+
+    ``ffi.from_buffer`` costs about 0.3-0.6 us a payload; for exact ``bytes``
+    in CPython the data is at a fixed offset from the object's address, so
+    the array is built from ``id()`` (about 0.04 us a payload).  The caller
+    keeps the payloads alive (here: the Handle).  ``fast=False`` uses
+    ``from_buffer`` (what checked calls can follow).
+    """
+    if _BYTES_OFFSET is None or not fast:
+        array = ffi.new("char *[]", [ffi.from_buffer(x) for x in payloads])
+        return array, array
+    offset = _BYTES_OFFSET
+    addresses = ffi.new("uintptr_t[]", [id(x) + offset for x in payloads])
+    return ffi.cast("char **", addresses), addresses
 
 
 def _check_immutable(payload: object) -> None:
