@@ -167,6 +167,18 @@ def test_handle_strategy_refuses_mutable_payloads(kafka_cache: Path, baseline: A
             p.produce_batch([b"ok", memoryview(b"abc")])
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_bad_payload_leaves_nothing_behind(strategy: str, kafka_cache: Path, baseline: Any) -> None:
+    with producer(strategy, kafka_cache) as p:
+        with pytest.raises(TypeError):
+            p.produce_batch([b"fine", b"also fine", 42])  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            p.produce(object())  # type: ignore[arg-type]
+        assert p.inflight == 0
+        assert p.produce_batch([b"after"]).n == 1
+        p.flush()
+
+
 def test_pinned_payload_cannot_be_resized_while_librdkafka_holds_it(kafka_cache: Path, baseline: Any) -> None:
     payload = bytearray(b"resizable")
     with producer("pin", kafka_cache, config={"message.timeout.ms": 60000}) as p:

@@ -222,6 +222,7 @@ class Producer:
         assert self._slot_size == 8 * _SLOT_Q
         self._closed = False
         self._rk: Any = self._ffi.NULL
+        self.mock_cluster: Any = self._ffi.NULL
         self._rkt: Any = self._ffi.NULL
         self._p = self._lib.pbk_producer_new()
         if self._p == self._ffi.NULL:
@@ -314,7 +315,7 @@ class Producer:
                 handle.delete()
         else:
             pinner = ptrbridge.Pinner()
-            pointer = pinner.pin(payload)
+            pointer = pinner.pin(payload)  # UnpinnableError (a TypeError) leaves nothing pinned
             b = lib.pbk_batch_new(self._p, self._kind, 1, ffi.NULL, 0)
             if b == ffi.NULL:
                 pinner.unpin()
@@ -383,12 +384,16 @@ class Producer:
                 handle.delete()
         else:
             pinner = ptrbridge.Pinner()
-            pin_many = getattr(pinner, "pin_many", None)
-            if pin_many is not None:
-                pinned = pin_many(payloads)
-            else:
-                pin = pinner.pin
-                pinned = [pin(x) for x in payloads]
+            try:
+                pin_many = getattr(pinner, "pin_many", None)  # the batch form, where ptrbridge has it
+                if pin_many is not None:
+                    pinned = pin_many(payloads)
+                else:
+                    pin = pinner.pin
+                    pinned = [pin(x) for x in payloads]
+            except BaseException:
+                pinner.unpin()  # e.g. UnpinnableError for one payload: give back the others
+                raise
             pointers = ffi.new("char *[]", pinned)
             b = lib.pbk_batch_new(self._p, self._kind, n, ffi.NULL, 0)
             if b == ffi.NULL:
