@@ -299,7 +299,11 @@ static void inner_pages(const struct held_block *b, uintptr_t *first, uintptr_t 
 void hm_poison_block(struct held_block *b)
 {
     b->prot = 0;
-    if (!atomic_load_explicit(&hm_poison, memory_order_relaxed))
+    /* The index records a 0-byte request as 1 byte (so its address is found),
+     * but that byte may not be the block's: PYTHONMALLOC=debug (-X dev) below
+     * the hook keeps its guard bytes right after a 0-byte request.  A 1-byte
+     * block is never poisoned, so nothing outside a request is written. */
+    if (b->size <= 1 || !atomic_load_explicit(&hm_poison, memory_order_relaxed))
         return;
     uintptr_t p = (uintptr_t)b->ptr, end = p + b->size, first, last;
     inner_pages(b, &first, &last);

@@ -445,8 +445,8 @@ static HOT int quarantine_swap(struct quarantine *q, void *ptr, size_t size, con
         struct held_block old = q->q[q->head];
         size_t bytes = q->bytes - old.size + size;
         if (LIKELY(bytes <= atomic_load_explicit(&hm_hold_max_bytes, memory_order_relaxed))) {
-            if (atomic_load_explicit(&hm_poison, memory_order_relaxed))
-                memset(ptr, POISON_BYTE, size);
+            if (size > 1 && atomic_load_explicit(&hm_poison, memory_order_relaxed))
+                memset(ptr, POISON_BYTE, size); /* see hm_poison_block on size 1 */
             q->q[(q->head + q->count) & HOLD_MASK] = b;
             q->head = (q->head + 1) & HOLD_MASK;
             q->bytes = bytes;
