@@ -31,6 +31,9 @@ from .errors import (
     PointerError,
     PointerWarning,
     ReleasedCallbackError,
+    RootError,
+    RootTypeError,
+    StaleRootWarning,
     UnpinnableError,
     UseAfterFreeError,
     UseAfterTransferError,
@@ -54,6 +57,7 @@ from .scanning import (
     violations,
     watch_library,
 )
+from . import interposition
 from .spans import Span
 from .stats import Stats, stats
 
@@ -111,6 +115,10 @@ __all__ = [
     "PointerError",
     "PointerWarning",
     "ReleasedCallbackError",
+    "RootError",
+    "RootTypeError",
+    "StaleRootWarning",
+    "interposition",
     "Span",
     "Stats",
     "UnpinnableError",
