@@ -22,6 +22,16 @@ In one run:
    with quarantine, when the library has it).  Target: level 2 <= 2x level 1.
 3. The heap map's cost (bench/bench_heapmap.py's ``measure(quick)``), when
    that benchmark is present.
+4. The malloc-family interposer (level 2), with tests/clib/holder.c (plain
+   libc malloc) compiled into a temporary directory:
+   a. an interposed malloc+free pair of 64 bytes vs the same loop unpatched,
+      interleaved (target: <= 40 ns extra per pair);
+   b. a C-heavy loop - sqlite3 inserts through cffi, sqlite's own malloc -
+      at level 2 (interposer and heap map on, no wrap) vs level 0
+      (target: <= 1.5x);
+   c. a scan of 1 GiB (256 MiB with --quick) of interposed heap - 64 KiB
+      blocks from the library's malloc, mostly non-pointer data - with
+      100 000 targets, next to memcpy (target: >= 50% of memcpy).
 """
 from __future__ import annotations
 
@@ -313,16 +323,155 @@ def bench_heapmap(quick: bool) -> None:
                          "PASS" if figures["passed"] else "MISS"))
 
 
+# --- 4. the interposer ------------------------------------------------------------
+
+PAIR_TARGET_NS = 40.0
+CHEAVY_TARGET = 1.5
+
+
+def _holder() -> Any:
+    import cffi
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="ptrbridge-bench-")) / "libholder.so"
+    subprocess.run(["gcc", "-std=c11", "-O2", "-fPIC", "-shared", "-pthread", str(REPO / "tests/clib/holder.c"),
+                    "-o", str(out)], check=True)
+    hffi = cffi.FFI()
+    hffi.cdef("uint64_t holder_loop(size_t n, size_t size); void *holder_alloc(size_t); void holder_free(void *);")
+    return hffi, hffi.dlopen(str(out))
+
+
+def bench_interposer(quick: bool) -> None:
+    from ptrbridge import interposition
+
+    hffi, holder = _holder()
+    old_level = ptrbridge.set_check_level(0)
+    print("4. malloc-family interposer", flush=True)
+    # a. pair cost: the same library, patched and not, interleaved.
+    n = 200_000 if quick else 1_000_000
+    rounds = 5 if quick else 9
+    best = {"plain": float("inf"), "interposed": float("inf")}
+    for _ in range(rounds):
+        for mode in best:
+            if mode == "interposed":
+                interposition.enable()
+            began = time.perf_counter()
+            holder.holder_loop(n, 64)
+            best[mode] = min(best[mode], (time.perf_counter() - began) / n * 1e9)
+            if mode == "interposed":
+                interposition.disable()
+    extra = best["interposed"] - best["plain"]
+    mark = verdict(extra, PAIR_TARGET_NS)
+    print(f"   a. malloc+free pair (64 bytes): {best['plain']:.1f} ns plain, {best['interposed']:.1f} ns "
+          f"interposed: +{extra:.1f} ns  target <= {PAIR_TARGET_NS:.0f} ns: {mark}", flush=True)
+    verdicts.append((f"interposed malloc+free pair: +{extra:.1f} ns", mark))
+
+    # b. sqlite inserts with sqlite's own malloc, level 2 vs level 0.
+    import cffi
+
+    sq = cffi.FFI()
+    sq.cdef("""typedef struct sqlite3 sqlite3; typedef struct sqlite3_stmt sqlite3_stmt;
+        int sqlite3_open(const char *, sqlite3 **); int sqlite3_close(sqlite3 *);
+        int sqlite3_exec(sqlite3 *, const char *, void *, void *, char **);
+        int sqlite3_prepare_v2(sqlite3 *, const char *, int, sqlite3_stmt **, const char **);
+        int sqlite3_bind_blob(sqlite3_stmt *, int, const void *, int, void (*)(void *));
+        int sqlite3_bind_int(sqlite3_stmt *, int, int);
+        int sqlite3_step(sqlite3_stmt *); int sqlite3_reset(sqlite3_stmt *); int sqlite3_finalize(sqlite3_stmt *);""")
+    s3 = sq.dlopen("libsqlite3.so.0")
+    transient = sq.cast("void (*)(void *)", -1)
+    rows = 2_000 if quick else 10_000
+    blob = os.urandom(200)
+
+    def inserts() -> None:
+        db = sq.new("sqlite3 **")
+        assert s3.sqlite3_open(b":memory:", db) == 0
+        assert s3.sqlite3_exec(db[0], b"create table t(n int, b blob)", sq.NULL, sq.NULL, sq.NULL) == 0
+        assert s3.sqlite3_exec(db[0], b"begin", sq.NULL, sq.NULL, sq.NULL) == 0
+        stmt = sq.new("sqlite3_stmt **")
+        assert s3.sqlite3_prepare_v2(db[0], b"insert into t values (?, ?)", -1, stmt, sq.NULL) == 0
+        for i in range(rows):
+            s3.sqlite3_bind_int(stmt[0], 1, i)
+            s3.sqlite3_bind_blob(stmt[0], 2, blob, 200, transient)
+            s3.sqlite3_step(stmt[0])
+            s3.sqlite3_reset(stmt[0])
+        s3.sqlite3_finalize(stmt[0])
+        s3.sqlite3_exec(db[0], b"commit", sq.NULL, sq.NULL, sq.NULL)
+        s3.sqlite3_close(db[0])
+
+    times = {0: float("inf"), 2: float("inf")}
+    for _ in range(rounds):
+        for level in times:
+            ptrbridge.set_check_level(level)
+            times[level] = min(times[level], _best(inserts, 1))
+    ptrbridge.set_check_level(0)
+    ratio = times[2] / times[0]
+    mark = verdict(ratio, CHEAVY_TARGET)
+    print(f"   b. sqlite3 inserts ({rows:,} rows, own malloc): level 0 {times[0] * 1e3:.1f} ms, level 2 "
+          f"{times[2] * 1e3:.1f} ms: {ratio:.2f}x  target <= {CHEAVY_TARGET}x: {mark}", flush=True)
+    verdicts.append((f"sqlite inserts at level 2 with the interposer: {ratio:.2f}x level 0", mark))
+
+    # c. scanning interposed heap.
+    size = (256 if quick else 1024) * MiB
+    interposition.enable()
+    blocks = [holder.holder_alloc(BLOCK) for _ in range(size // BLOCK)]
+    try:
+        rng = random.Random(7)
+        targets_mem = ffi.new("char[]", REGION)
+        region = int(ffi.cast("uintptr_t", targets_mem))
+        pattern = _pattern("non-pointer", region, rng)
+        view = memoryview(pattern)
+        for i, block in enumerate(blocks):
+            off = (i * BLOCK) % MiB
+            hffi.memmove(block, view[off:off + BLOCK], BLOCK)
+        _queue_targets(region, 100_000)
+        scanned = ffi.new("uint64_t *")
+        lib.pb__scan_interposed_only(scanned)  # builds the index
+        copy_size = 256 * MiB
+        src = ctypes.create_string_buffer(copy_size)
+        dst = ctypes.create_string_buffer(copy_size)
+        ctypes.memset(dst, 1, copy_size)
+        scan_s = copy_s = float("inf")
+        for _ in range(3 if quick else 5):
+            began = time.perf_counter()
+            lib.pb__scan_interposed_only(scanned)
+            scan_s = min(scan_s, time.perf_counter() - began)
+            began = time.perf_counter()
+            ctypes.memmove(dst, src, copy_size)
+            copy_s = min(copy_s, time.perf_counter() - began)
+        _drop_targets()
+        gbs = scanned[0] / scan_s / 1e9
+        copy = copy_size / copy_s / 1e9
+        ratio = gbs / copy
+        mark = verdict(ratio, SCAN_TARGET, higher_is_better=True)
+        print(f"   c. scan of {scanned[0] / MiB:.0f} MiB of interposed heap ({len(blocks):,} blocks), 100 000 "
+              f"targets: {gbs:.2f} GB/s = {ratio:.0%} of memcpy ({copy:.1f} GB/s)  target >= "
+              f"{SCAN_TARGET:.0%}: {mark}", flush=True)
+        verdicts.append((f"scan of interposed heap, 100 000 targets: {ratio:.0%} of memcpy", mark))
+    finally:
+        for block in blocks:
+            holder.holder_free(block)
+        interposition.disable()
+        ptrbridge.set_check_level(old_level)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 MiB of roots, fewer rounds")
+    parser.add_argument("--only", choices=("scan", "zlib", "heapmap", "interposer"), default=None,
+                        help="run one section only")
     args = parser.parse_args()
     print(f"ptrbridge {ptrbridge.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"check level {ptrbridge.check_level()}")
-    bench_scan(args.quick)
-    _count_scans()
-    bench_zlib(args.quick)
-    bench_heapmap(args.quick)
+    if args.only in (None, "scan"):
+        bench_scan(args.quick)
+    if args.only in (None, "zlib"):
+        _count_scans()
+        bench_zlib(args.quick)
+    if args.only in (None, "heapmap"):
+        bench_heapmap(args.quick)
+    if args.only in (None, "interposer"):
+        bench_interposer(args.quick)
     print("summary:")
     for text, mark in verdicts:
         print(f"   {mark}  {text}")

@@ -19,7 +19,25 @@
 enum pb_root_kind {
     PB_ROOT_ALLOCATION = 1, /* a live block of the tracked allocator */
     PB_ROOT_REGISTERED = 2, /* a region added with pb_root_add / ptrbridge.add_root */
-    PB_ROOT_LIBRARY = 3     /* the writable data (.data/.bss) of a watched library */
+    PB_ROOT_LIBRARY = 3,    /* the writable data (.data/.bss) of a library (watched,
+                               or any non-system one at level 2: root_id 0) */
+    PB_ROOT_INTERPOSED = 4  /* a block an unmodified library got from malloc & co
+                               (root_id: return address of the allocating call) */
+};
+
+/* Why a root was skipped by a scan (pb__scan_stale). */
+enum pb_stale_reason {
+    PB_STALE_UNREADABLE = 1, /* (partly) unmapped or unreadable: skipped where so */
+    PB_STALE_UNLOADED = 2    /* a watched library's segment after dlclose: skipped */
+};
+
+struct pb_stale_root {
+    int root_kind;
+    int reason;      /* enum pb_stale_reason */
+    uint64_t root_id;
+    uintptr_t base;
+    size_t size;
+    size_t readable; /* bytes that could be read */
 };
 
 struct pb_finding {
@@ -62,9 +80,33 @@ void pb__scan_unwatch_library(uint64_t id);
 int pb__scan_describe_address(uintptr_t addr, const char **object, const char **symbol,
                               uintptr_t *symbol_addr);
 
+/* Load base (dlpi_addr) of the loaded object with a PT_LOAD segment
+ * containing addr, or 0. */
+uintptr_t pb__scan_object_base(uintptr_t addr);
+
 /* Benchmark/test entry: scans [base, base+size) as one root against the
- * queued targets without emptying the queue; returns the number of hits. */
+ * queued targets without emptying the queue; returns the number of hits.
+ * The memory must be readable. */
 size_t pb__scan_buffer(const void *base, size_t size);
+
+/* The same through the fault-proof reader: [base, base+size) may be (partly)
+ * unmapped.  Benchmark/test entry. */
+size_t pb__scan_buffer_safe(const void *base, size_t size);
+
+/* Scans only the interposed roots (blocks and non-system globals) against
+ * the queued targets, keeping the queue; *bytes gets the bytes read.
+ * Benchmark entry. */
+size_t pb__scan_interposed_only(uint64_t *bytes);
+
+/* 1 if every byte of [addr, addr+size) can be read now, else 0 (never
+ * faults).  Used to validate pb_root_add / ptrbridge.add_root. */
+int pb__scan_readable(uintptr_t addr, size_t size);
+
+/* Roots the last scan found unreadable or unloaded: copies up to cap of them
+ * (at most 256 are kept) and returns how many there were; *stale_blocks
+ * (may be NULL) gets the number of interposed blocks that could not be read
+ * (freed by code that is not interposed and unmapped since). */
+size_t pb__scan_stale(struct pb_stale_root *out, size_t cap, uint64_t *stale_blocks);
 
 /* PB_CDEF_END */
 

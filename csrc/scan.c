@@ -6,17 +6,41 @@
  * (outside [lowest target, highest target]) and most of the rest by a
  * page-granular bitmap (a page number hashed into 2^20 bits); only then is
  * the sorted target array binary-searched.  Roots are the live blocks of the
- * tracked allocator, regions registered with pb_root_add, and the writable
- * segments of watched libraries.  CPython's own heap is never a root.
+ * tracked allocator, regions registered with pb_root_add, the writable
+ * segments of watched libraries and, with the interposer on (level 2), the
+ * blocks unmodified libraries allocate with malloc and the writable segments
+ * of every non-system library.  CPython's own heap is never a root.
+ *
+ * Fault-proof reads.  A root can become unmapped after it was added (the
+ * CBuffer under it freed, munmap, dlclose of a watched library, a block an
+ * interposed library allocated and unpatched code freed).  Every root but
+ * the tracked allocator's own blocks (live while its lock is held) is read
+ * through process_vm_readv on our own pid into a 256 KiB scratch buffer
+ * that stays in cache: the kernel copies what is mapped and readable and
+ * stops at the first page that is not, so a bad root costs a short read,
+ * never a SIGSEGV, and no signal handler is needed (nothing to chain, no
+ * interference with faulthandler, quarantine guard pages or the program's
+ * own handlers; PROT_NONE guard pages fail the same way).  Small blocks go
+ * up to 1024 per system call (one iovec each).  Where process_vm_readv is
+ * not allowed (seccomp, ENOSYS), each scan snapshots /proc/self/maps and
+ * reads only roots inside readable mappings (safe against anything but an
+ * unmap racing the scan itself).  A root that cannot be read in full is
+ * skipped where unreadable and reported as stale (pb__scan_stale).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
+#include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
+#include "pb_heapmap.h"
+#include "pb_interpose.h"
 #include "pb_internal.h"
 #include "pb_scan.h"
 
@@ -66,10 +90,45 @@ struct sink {
     uint64_t bytes;
 };
 
+/* Roots found unreadable by the last scan (guarded by scan_lock). */
+#define STALE_MAX 256
+static struct pb_stale_root stale[STALE_MAX];
+static size_t stale_count;
+static uint64_t stale_blocks_last;
+
+static void note_stale(int kind, uint64_t id, uintptr_t base, size_t size, size_t readable, int reason)
+{
+    if (stale_count < STALE_MAX)
+        stale[stale_count] = (struct pb_stale_root){kind, reason, id, base, size, readable};
+    stale_count++;
+}
+
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&scan_lock);
+    pthread_mutex_lock(&root_lock);
+    pthread_mutex_lock(&target_lock);
+}
+
+static void fork_release(void)
+{
+    pthread_mutex_unlock(&target_lock);
+    pthread_mutex_unlock(&root_lock);
+    pthread_mutex_unlock(&scan_lock);
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void)
+{
+    pthread_atfork(fork_prepare, fork_release, fork_release);
+}
+
 /* ---- targets ---------------------------------------------------------- */
 
 int pb__scan_retire(uintptr_t start, size_t size, uint64_t id)
 {
+    pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&target_lock);
     if (target_count == target_cap) {
         size_t cap = target_cap ? target_cap * 2 : 256;
@@ -137,10 +196,142 @@ static int add_root(uintptr_t base, size_t size, int kind, uint64_t id, const ch
     return PB_OK;
 }
 
+/* ---- fault-proof reads ------------------------------------------------ */
+
+#define CHUNK ((size_t)256 * 1024)
+#define MAX_IOV 1024
+
+static int pvr_state; /* 0 untried, 1 works, -1 not allowed (use the maps snapshot) */
+
+struct range {
+    uintptr_t lo, hi;
+};
+
+/* Readable mappings of the last /proc/self/maps snapshot (fallback mode). */
+static struct range *maps;
+static size_t maps_n;
+
+static void snapshot_maps(void)
+{
+    free(maps);
+    maps = NULL;
+    maps_n = 0;
+    FILE *f = fopen("/proc/self/maps", "re");
+    if (f == NULL)
+        return;
+    size_t cap = 0;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || perms[0] != 'r')
+            continue;
+        if (strstr(line, "[vvar") != NULL) /* readable in name only */
+            continue;
+        if (maps_n == cap) {
+            size_t ncap = cap ? cap * 2 : 256;
+            struct range *r = realloc(maps, ncap * sizeof *r);
+            if (r == NULL)
+                break;
+            maps = r;
+            cap = ncap;
+        }
+        if (maps_n && maps[maps_n - 1].hi == lo)
+            maps[maps_n - 1].hi = hi;
+        else
+            maps[maps_n++] = (struct range){lo, hi};
+    }
+    fclose(f);
+}
+
+/* Bytes readable from addr on, up to len, by the maps snapshot. */
+static size_t maps_readable(uintptr_t addr, size_t len)
+{
+    size_t lo = 0, hi = maps_n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (maps[mid].hi <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == maps_n || maps[lo].lo > addr)
+        return 0;
+    size_t avail = maps[lo].hi - addr;
+    return avail < len ? avail : len;
+}
+
+/* Copies remote iovecs into buf.  Returns bytes copied (they are contiguous
+ * in buf and stop at the first unreadable byte), or (size_t)-1 when
+ * process_vm_readv cannot be used at all. */
+static size_t safe_copy(void *buf, size_t len, const struct iovec *remote, size_t nremote)
+{
+    if (pvr_state < 0)
+        return (size_t)-1;
+    struct iovec local = {buf, len};
+    ssize_t n = process_vm_readv(getpid(), &local, 1, remote, (unsigned long)nremote, 0);
+    if (n >= 0) {
+        pvr_state = 1;
+        return (size_t)n;
+    }
+    if (errno == EFAULT || errno == ENOMEM)
+        return 0;
+    if (pvr_state == 0 && (errno == ENOSYS || errno == EPERM || errno == EACCES)) {
+        pvr_state = -1;
+        return (size_t)-1;
+    }
+    return 0;
+}
+
+/* Bytes of [addr, addr+len) readable from addr on, probing one byte per page. */
+static size_t probe_readable(uintptr_t addr, size_t len)
+{
+    long pagesize = sysconf(_SC_PAGESIZE);
+    size_t done = 0;
+    char sink[MAX_IOV];
+    while (done < len) {
+        struct iovec remote[MAX_IOV];
+        size_t n = 0;
+        uintptr_t p = addr + done;
+        while (n < MAX_IOV && done < len) {
+            remote[n].iov_base = (void *)p;
+            remote[n].iov_len = 1;
+            n++;
+            uintptr_t next = (p | (uintptr_t)(pagesize - 1)) + 1;
+            size_t step = next - p;
+            done = step >= len - done ? len : done + step;
+            p = next;
+        }
+        size_t got = safe_copy(sink, n, remote, n);
+        if (got == (size_t)-1) {
+            snapshot_maps();
+            return maps_readable(addr, len);
+        }
+        if (got < n) {
+            uintptr_t bad = (uintptr_t)remote[got].iov_base;
+            return bad - addr;
+        }
+    }
+    return len;
+}
+
+int pb__scan_readable(uintptr_t addr, size_t size)
+{
+    if (addr == 0 || size > UINTPTR_MAX - addr)
+        return 0;
+    if (size == 0)
+        return 1;
+    pthread_mutex_lock(&scan_lock);
+    size_t ok = probe_readable(addr, size);
+    pthread_mutex_unlock(&scan_lock);
+    return ok == size;
+}
+
 PB_API int pb_root_add(const void *addr, size_t size, uint64_t *id_out)
 {
     if (addr == NULL || id_out == NULL || size > UINTPTR_MAX - (uintptr_t)addr)
         return PB_ERR_INVALID;
+    pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&root_lock);
     uint64_t id = next_root_id++;
     int rc = add_root((uintptr_t)addr, size, PB_ROOT_REGISTERED, id, NULL);
@@ -205,6 +396,7 @@ int pb__scan_watch_library(const char *name, uint64_t id)
 {
     if (name == NULL || name[0] == '\0')
         return PB_ERR_INVALID;
+    pthread_once(&atfork_once, register_atfork);
     struct watch_ctx ctx = {name, id, 0, PB_OK};
     pthread_mutex_lock(&root_lock);
     dl_iterate_phdr(watch_one, &ctx);
@@ -231,6 +423,32 @@ int pb__scan_describe_address(uintptr_t addr, const char **object, const char **
     *symbol = info.dli_sname;
     *symbol_addr = (uintptr_t)info.dli_saddr;
     return 1;
+}
+
+struct base_ctx {
+    uintptr_t addr, base;
+};
+
+static int base_one(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    struct base_ctx *c = data;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+        if (ph->p_type == PT_LOAD && c->addr >= lo && c->addr - lo < ph->p_memsz) {
+            c->base = info->dlpi_addr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+uintptr_t pb__scan_object_base(uintptr_t addr)
+{
+    struct base_ctx c = {addr, 0};
+    dl_iterate_phdr(base_one, &c);
+    return c.base;
 }
 
 /* ---- the index -------------------------------------------------------- */
@@ -362,16 +580,15 @@ static const struct target *lookup(const struct index *ix, uintptr_t w)
     return best;
 }
 
-static void scan_range(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
-                       struct sink *sink)
+/* Tests the words of src[0..len) (a copy of, or the memory at, the aligned
+ * address addr) against the index; a hit is reported in root coordinates. */
+static void scan_words(const struct index *ix, const char *src, size_t len, uintptr_t addr, uintptr_t base,
+                       size_t size, int kind, uint64_t root_id, struct sink *sink)
 {
-    uintptr_t p = (base + sizeof(uintptr_t) - 1) & ~(uintptr_t)(sizeof(uintptr_t) - 1);
-    uintptr_t end = base + size;
     uintptr_t lo = ix->lo, span = ix->span;
-    sink->bytes += size;
-    for (; p + sizeof(uintptr_t) <= end; p += sizeof(uintptr_t)) {
+    for (size_t k = 0; k + sizeof(uintptr_t) <= len; k += sizeof(uintptr_t)) {
         uintptr_t w;
-        memcpy(&w, (const void *)p, sizeof w);
+        memcpy(&w, src + k, sizeof w);
         if (w - lo >= span)
             continue;
         size_t bit = (size_t)((w >> PAGE_SHIFT) & BITMAP_MASK);
@@ -387,11 +604,145 @@ static void scan_range(const struct index *ix, uintptr_t base, size_t size, int 
             f->root_id = root_id;
             f->root_base = base;
             f->root_size = size;
-            f->offset = (size_t)(p - base);
+            f->offset = (size_t)(addr + k - base);
             f->value = w;
         }
         sink->found++;
     }
+}
+
+static inline uintptr_t align_up(uintptr_t p)
+{
+    return (p + sizeof(uintptr_t) - 1) & ~(uintptr_t)(sizeof(uintptr_t) - 1);
+}
+
+/* Scans memory known to be live (the tracked allocator's blocks, under its
+ * lock) in place. */
+static void scan_range(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
+                       struct sink *sink)
+{
+    uintptr_t p = align_up(base), end = base + size;
+    sink->bytes += size;
+    if (end > p)
+        scan_words(ix, (const char *)p, end - p, p, base, size, kind, root_id, sink);
+}
+
+static char *scratch; /* CHUNK bytes, guarded by scan_lock */
+
+/* Scans a root that may be (partly) unmapped.  Returns the bytes that could
+ * not be read (0: all of it was). */
+static size_t read_range_safe(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
+                              struct sink *sink)
+{
+    long pagesize = sysconf(_SC_PAGESIZE);
+    uintptr_t p = align_up(base), end = base + size;
+    size_t missing = 0;
+    if (end <= p)
+        return 0;
+    if (pvr_state < 0) {
+        while (p < end) {
+            size_t ok = maps_readable(p, end - p);
+            if (ok) {
+                scan_words(ix, (const char *)p, ok, p, base, size, kind, root_id, sink);
+                p += ok;
+            } else {
+                uintptr_t next = (p | (uintptr_t)(pagesize - 1)) + 1;
+                uintptr_t stop = next < end ? next : end;
+                missing += stop - p;
+                p = stop;
+            }
+        }
+        return missing;
+    }
+    while (p < end) {
+        size_t want = end - p < CHUNK ? end - p : CHUNK;
+        struct iovec remote = {(void *)p, want};
+        size_t got = safe_copy(scratch, want, &remote, 1);
+        if (got == (size_t)-1) { /* not allowed after all: the maps snapshot */
+            snapshot_maps();
+            return missing + read_range_safe(ix, p, end - p, kind, root_id, sink);
+        }
+        if (got)
+            scan_words(ix, scratch, got, p, base, size, kind, root_id, sink);
+        p += got;
+        if (got < want) { /* skip the unreadable page */
+            uintptr_t next = (p | (uintptr_t)(pagesize - 1)) + 1;
+            uintptr_t stop = next < end ? next : end;
+            missing += stop - p;
+            p = stop;
+        }
+    }
+    return missing;
+}
+
+static size_t scan_range_safe(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
+                              struct sink *sink)
+{
+    size_t missing = read_range_safe(ix, base, size, kind, root_id, sink);
+    sink->bytes += size - (missing < size ? missing : size);
+    return missing;
+}
+
+/* Scans interposed blocks (a snapshot: any may have been freed since),
+ * many per system call.  Returns how many could not be read. */
+static size_t scan_blocks_safe(const struct index *ix, const struct pb_iblock *b, size_t n, struct sink *sink)
+{
+    size_t bad = 0, i = 0;
+    while (i < n) {
+        if (b[i].python || b[i].size < sizeof(uintptr_t)) {
+            i++;
+            continue;
+        }
+        if (b[i].size >= CHUNK / 4 || pvr_state < 0) {
+            if (scan_range_safe(ix, b[i].ptr, b[i].size, PB_ROOT_INTERPOSED, b[i].caller, sink))
+                bad++;
+            i++;
+            continue;
+        }
+        struct iovec remote[MAX_IOV];
+        size_t which[MAX_IOV];
+        size_t k = 0, total = 0;
+        while (i < n && k < MAX_IOV) {
+            const struct pb_iblock *x = &b[i];
+            if (x->python || x->size < sizeof(uintptr_t)) {
+                i++;
+                continue;
+            }
+            uintptr_t a = align_up(x->ptr);
+            size_t len = (x->ptr + x->size - a) & ~(size_t)(sizeof(uintptr_t) - 1);
+            if (x->size >= CHUNK / 4 || total + len > CHUNK)
+                break;
+            remote[k].iov_base = (void *)a;
+            remote[k].iov_len = len;
+            which[k++] = i++;
+            total += len;
+        }
+        if (k == 0)
+            continue;
+        size_t got = safe_copy(scratch, total, remote, k);
+        if (got == (size_t)-1) {
+            snapshot_maps();
+            i = which[0];
+            continue; /* pvr_state < 0 now: one by one through the snapshot */
+        }
+        size_t off = 0;
+        for (size_t j = 0; j < k; j++) {
+            const struct pb_iblock *x = &b[which[j]];
+            size_t len = remote[j].iov_len;
+            size_t have = got > off ? (got - off < len ? got - off : len) : 0;
+            if (have)
+                scan_words(ix, scratch + off, have, (uintptr_t)remote[j].iov_base, x->ptr, x->size,
+                           PB_ROOT_INTERPOSED, x->caller, sink);
+            if (have < len) { /* this block is unreadable: go on after it */
+                bad++;
+                i = which[j] + 1;
+                break;
+            }
+            sink->bytes += x->size;
+            off += len;
+        }
+    }
+    return bad;
 }
 
 struct block_ctx {
@@ -406,6 +757,39 @@ static int scan_block(void *ptr, size_t size, void *data)
     return 0;
 }
 
+struct segment_ctx {
+    const struct index *ix;
+    struct sink *sink;
+};
+
+static void scan_segment(uintptr_t base, size_t size, const char *path, void *data)
+{
+    (void)path;
+    struct segment_ctx *c = data;
+    size_t missing = scan_range_safe(c->ix, base, size, PB_ROOT_LIBRARY, 0, c->sink);
+    if (missing)
+        note_stale(PB_ROOT_LIBRARY, 0, base, size, size - missing, PB_STALE_UNREADABLE);
+}
+
+static void scan_interposed(const struct index *ix, struct sink *sink)
+{
+    pb__interpose_refresh();
+    struct segment_ctx sc = {ix, sink};
+    pb__interpose_foreach_segment(scan_segment, &sc);
+    size_t n = pb__interpose_blocks(NULL, 0);
+    if (n == 0)
+        return;
+    size_t cap = n + n / 8 + 64;
+    struct pb_iblock *b = malloc(cap * sizeof *b);
+    if (b == NULL)
+        return;
+    n = pb__interpose_blocks(b, cap);
+    if (n > cap)
+        n = cap;
+    stale_blocks_last = scan_blocks_safe(ix, b, n, sink);
+    free(b);
+}
+
 size_t pb__scan_run(struct pb_finding *out, size_t cap, int keep, uint64_t *bytes)
 {
     struct sink sink = {out, out ? cap : 0, 0, 0};
@@ -417,13 +801,33 @@ size_t pb__scan_run(struct pb_finding *out, size_t cap, int keep, uint64_t *byte
             *bytes = 0;
         return 0;
     }
+    stale_count = 0;
+    stale_blocks_last = 0;
     if (ix.n) {
+        if (scratch == NULL && (scratch = malloc(CHUNK)) == NULL) {
+            done_with_index(&ix);
+            pthread_mutex_unlock(&scan_lock);
+            if (bytes)
+                *bytes = 0;
+            return 0;
+        }
+        if (pvr_state < 0)
+            snapshot_maps();
         pthread_mutex_lock(&root_lock);
-        for (size_t i = 0; i < root_count; i++)
-            scan_range(&ix, roots[i].base, roots[i].size, roots[i].kind, roots[i].id, &sink);
+        for (size_t i = 0; i < root_count; i++) {
+            const struct root *r = &roots[i];
+            if (r->kind == PB_ROOT_LIBRARY && !pb__interpose_is_loaded(r->base, r->size)) {
+                note_stale(r->kind, r->id, r->base, r->size, 0, PB_STALE_UNLOADED);
+                continue; /* dlclose'd: whatever is mapped there now is not the library */
+            }
+            size_t missing = scan_range_safe(&ix, r->base, r->size, r->kind, r->id, &sink);
+            if (missing)
+                note_stale(r->kind, r->id, r->base, r->size, r->size - missing, PB_STALE_UNREADABLE);
+        }
         pthread_mutex_unlock(&root_lock);
         struct block_ctx ctx = {&ix, &sink};
         pb_alloc_foreach(scan_block, &ctx);
+        scan_interposed(&ix, &sink);
     }
     done_with_index(&ix);
     pthread_mutex_unlock(&scan_lock);
@@ -442,4 +846,47 @@ size_t pb__scan_buffer(const void *base, size_t size)
     done_with_index(&ix);
     pthread_mutex_unlock(&scan_lock);
     return sink.found;
+}
+
+size_t pb__scan_buffer_safe(const void *base, size_t size)
+{
+    struct sink sink = {NULL, 0, 0, 0};
+    struct index ix;
+    pthread_mutex_lock(&scan_lock);
+    if ((scratch != NULL || (scratch = malloc(CHUNK)) != NULL) && build_index(&ix, 1) == 0) {
+        if (ix.n)
+            scan_range_safe(&ix, (uintptr_t)base, size, PB_ROOT_REGISTERED, 0, &sink);
+        done_with_index(&ix);
+    }
+    pthread_mutex_unlock(&scan_lock);
+    return sink.found;
+}
+
+size_t pb__scan_interposed_only(uint64_t *bytes)
+{
+    struct sink sink = {NULL, 0, 0, 0};
+    struct index ix;
+    pthread_mutex_lock(&scan_lock);
+    if ((scratch != NULL || (scratch = malloc(CHUNK)) != NULL) && build_index(&ix, 1) == 0) {
+        if (ix.n)
+            scan_interposed(&ix, &sink);
+        done_with_index(&ix);
+    }
+    pthread_mutex_unlock(&scan_lock);
+    if (bytes)
+        *bytes = sink.bytes;
+    return sink.found;
+}
+
+size_t pb__scan_stale(struct pb_stale_root *out, size_t cap, uint64_t *stale_blocks)
+{
+    pthread_mutex_lock(&scan_lock);
+    size_t n = stale_count < STALE_MAX ? stale_count : STALE_MAX;
+    for (size_t i = 0; i < n && i < cap; i++)
+        out[i] = stale[i];
+    if (stale_blocks)
+        *stale_blocks = stale_blocks_last;
+    size_t total = stale_count;
+    pthread_mutex_unlock(&scan_lock);
+    return total;
 }

@@ -341,7 +341,14 @@ def test_watch_library_twice_is_harmless_and_unwatch_stops_it(k: Any, keeper_raw
     ptrbridge.unwatch_library("libkeeper")
     try:
         k.keep_global(data)
-        assert ptrbridge.scan() == []  # the global is not a root any more
+        (r,) = ptrbridge.scan()  # still found: at level 2 every non-system library's globals are roots
+        assert r.root == "global 'kept_global' of libkeeper.so"
+        ptrbridge.interposition.disable()
+        try:
+            k.keep_global(data)
+            assert ptrbridge.scan() == []  # without the interposer the global is not a root any more
+        finally:
+            ptrbridge.interposition.enable()
     finally:
         ptrbridge.watch_library("libkeeper")  # for the fixture's unwatch
 
@@ -405,9 +412,9 @@ def test_add_root_invalid_arguments(level2: None) -> None:
     for bad in (-1, True, 1.0, "8"):
         with pytest.raises(ValueError, match="ptrbridge.add_root: size must be a non-negative int"):
             ptrbridge.add_root(0x1000, bad)  # type: ignore[arg-type]
-    with pytest.raises(ptrbridge.PointerError, match=r"add_root\(0x0, 8\)"):
+    with pytest.raises(ptrbridge.RootError, match=r"add_root: \[0x0, \+8\) is not a valid address range"):
         ptrbridge.add_root(0, 8)
-    with pytest.raises(ptrbridge.PointerError, match=r"add_root\(0x[0-9a-f]+, \d+\)"):
+    with pytest.raises(ptrbridge.RootError, match=r"add_root: \[0x[0-9a-f]+, \+8\) is not a valid"):
         ptrbridge.add_root(UINTPTR_MAX - 3, 8)  # wraps around the address space
 
 
@@ -672,7 +679,9 @@ report["transient_step"] = step_and_finalize(stmt)
 static = bytes(range(200, 0, -1))
 stmt = prepare(b"insert into t values (2, ?)")
 sq.sqlite3_bind_blob(stmt, 1, static, len(static), STATIC)  # BUG: lent for the call only
-report["static"] = retentions(ptrbridge.scan())
+found = ptrbridge.scan()
+report["static"] = retentions(found)
+report["static_roots"] = [r.root for r in found]
 report["static_step"] = step_and_finalize(stmt)  # `static` is still alive: the read is safe here
 
 # SQLITE_STATIC with the bytes pinned (allowed), then unpinned before the step (R2).
@@ -735,11 +744,23 @@ def test_sqlite_static_blob_is_reported_transient_is_clean(tmp_path: Path) -> No
     assert report["tracked_blocks_after_shutdown"] == 0
 
 
-def test_sqlite_without_the_allocator_is_not_scanned(tmp_path: Path) -> None:
-    """The control: sqlite's own malloc is not a root, so the same bug goes unseen."""
+def test_sqlite_without_the_allocator_is_seen_through_the_interposer(tmp_path: Path) -> None:
+    """sqlite's own malloc, with no allocator routing: at level 2 the interposer makes its
+    statement a root, so the same bug is found, named by the sqlite function that allocated it."""
     report = _run_sqlite_program(tmp_path, "plain")
     assert report["tracked_blocks_after_open"] == 0
-    assert report["static"] == [] and report["unpinned"] == [] and report["stored_intact"] is True
+    bind_line = _line_of_text(SQLITE_PROGRAM, "# BUG: lent for the call only")
+    assert report["static"], "SQLITE_STATIC pointer held by sqlite's own malloc'd statement was not found"
+    for r in report["static"]:
+        assert r == {"description": "bytes(200)", "function": "sqlite3_bind_blob",
+                     "lent_at": f"sqlite_r2.py:{bind_line}", "state": "returned", "root_kind": "interposed",
+                     "object_offset": 0}
+    for root in report["static_roots"]:
+        assert re.fullmatch(r"a \d+-byte block allocated by (\w+\(\) in libsqlite3\.so\.0|a static function at "
+                            r"libsqlite3\.so\.0\+0x[0-9a-f]+ \(the library is stripped\)), at offset \d+", root), root
+    assert report["transient"] == [] and report["pinned"] == []
+    assert report["unpinned"] and all(r["root_kind"] == "interposed" for r in report["unpinned"])
+    assert report["stored_intact"] is True
 
 
 def _line_of_text(text: str, marker: str) -> int:

@@ -33,6 +33,9 @@ from .errors import (
     PointerError,
     PointerWarning,
     ReleasedCallbackError,
+    RootError,
+    RootTypeError,
+    StaleRootWarning,
     UnpinnableError,
     UseAfterFreeError,
     UseAfterTransferError,
@@ -56,6 +59,7 @@ from .scanning import (
     violations,
     watch_library,
 )
+from . import interposition
 from .spans import Span
 from .stats import Stats, stats
 
@@ -114,6 +118,10 @@ __all__ = [
     "PointerError",
     "PointerWarning",
     "ReleasedCallbackError",
+    "RootError",
+    "RootTypeError",
+    "StaleRootWarning",
+    "interposition",
     "Span",
     "Stats",
     "UnpinnableError",

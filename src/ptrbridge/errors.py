@@ -98,6 +98,16 @@ class CError(PointerError, RuntimeError):
         self.function = function
 
 
+class RootError(PointerError, ValueError):
+    """A scan root given to :func:`ptrbridge.add_root` is not readable memory (unmapped, partly
+    unmapped, or out of the address range)."""
+
+
+class RootTypeError(PointerError, TypeError):
+    """:func:`ptrbridge.add_root` was given something that is not an address (an int or a cffi
+    pointer)."""
+
+
 class PointerWarning(RuntimeWarning):
     """Base class of every warning ptrbridge emits."""
 
@@ -108,3 +118,9 @@ class PinLeakWarning(PointerWarning):
 
 class CallTimeoutWarning(PointerWarning):
     """Rule R3: a checked call has held lent Python memory longer than the call timeout."""
+
+
+class StaleRootWarning(PointerWarning):
+    """A scan skipped a root that is no longer readable (freed or unmapped after
+    :func:`ptrbridge.add_root`, or a watched library unloaded): remove it with
+    :func:`ptrbridge.remove_root`."""

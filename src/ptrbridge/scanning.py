@@ -12,9 +12,20 @@ Go's ``cgocheck=2``.  The roots scanned are:
 * every live block of the tracked allocator (``CBuffer``, ``cnew``,
   ``pb_malloc``, and libraries routed through :func:`ptrbridge.c_allocator`);
 * regions registered with :func:`add_root` (or ``pb_root_add`` from C);
-* the writable data (.data/.bss) of libraries named with :func:`watch_library`.
+* the writable data (.data/.bss) of libraries named with :func:`watch_library`;
+* at level 2, with the interposer (:mod:`ptrbridge.interposition`): every block
+  an unmodified library got from ``malloc`` & co, and the writable data of
+  every non-system library.
 
-CPython's own heap is never scanned.  Scans run after checked calls (batched:
+CPython's own heap is never scanned.  Roots are read fault-proof: one that
+became unmapped (its CBuffer freed, ``munmap``, a watched library unloaded)
+is skipped and reported once with a :class:`~ptrbridge.StaleRootWarning`.
+
+Every finding is also recorded as a :class:`ptrbridge.findings.Finding`:
+``retained-live`` when C still points into memory it was lent that is still
+alive, ``retained-freed`` when it points into Python memory freed since
+(severity ``"portability"`` for both: C may never use the pointer again; the
+harness decides what fails).  Scans run after checked calls (batched:
 the batch grows while scanning costs more than a tenth of the time between
 scans), at ``Pinner.unpin()``, when ``ptrbridge.new`` memory is freed, and on
 :func:`scan`.  A finding is a :class:`Retention`; :func:`set_on_violation`
@@ -24,16 +35,17 @@ collect findings for :func:`violations`.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
+from . import findings as _findings
 from .callsite import user_stacklevel
 from ._bindings import address_of, check, ffi, lib
-from .errors import PointerError, PointerWarning
+from .errors import PointerError, PointerWarning, RootError, RootTypeError, StaleRootWarning
 
 __all__ = [
     "Retention",
@@ -52,6 +64,8 @@ __all__ = [
     "unwatch_library",
     "after_call",
     "scan_freed_python_memory",
+    "stale_roots",
+    "LENT_HISTORY",
 ]
 
 FIX_HINT = (
@@ -63,7 +77,7 @@ _STATE_TEXT = {
     "unpinned": "after it was unpinned",
     "freed": "after the object was freed",
 }
-_ROOT_KINDS = {1: "allocation", 2: "root", 3: "library"}
+_ROOT_KINDS = {1: "allocation", 2: "root", 3: "library", 4: "interposed"}
 _MAX_FINDINGS = 4096
 
 
@@ -90,19 +104,46 @@ class Retention:
     function: str  # the call that lent it ("Pinner.pin" / "ptrbridge.new" for others)
     lent_at: str  # Python file:line of that call
     state: str  # "returned", "unpinned" or "freed"
-    root_kind: str  # "allocation", "root" or "library"
-    root: str  # where C holds it, readable
+    root_kind: str  # "allocation", "root", "library" or "interposed"
+    root: str  # where C holds it, in words
     offset: int  # offset of the pointer inside the root
     address: int  # the pointer value C holds
     object_offset: int  # how far into the object it points
+    object_size: Optional[int] = None  # size of the Python memory pointed into
 
     def __str__(self) -> str:
         into = f" (+{self.object_offset})" if self.object_offset else ""
+        if self.function.startswith("("):  # not lent by a checked call: the call is not known
+            lent = " (given to C by a call ptrbridge did not check)"
+        else:
+            lent = f" lent to {self.function}() at {self.lent_at}"
         return (
             f"ptrbridge: C kept a pointer to Python memory {_STATE_TEXT.get(self.state, self.state)} "
-            f"(R2): {self.description}{into} lent to {self.function}() at {self.lent_at} "
-            f"is still pointed to by {self.root} at offset {self.offset} "
+            f"(R2): {self.description}{into}{lent} "
+            f"is still pointed to by {self.root}{'' if ', at offset' in self.root else f' at offset {self.offset}'} "
             f"(pointer {self.address:#x}) ({FIX_HINT})"
+        )
+
+    @property
+    def kind(self) -> str:
+        """The finding kind: ``"retained-freed"`` (into freed memory) or ``"retained-live"``."""
+        return "retained-freed" if self.state == "freed" else "retained-live"
+
+    def to_finding(self) -> "_findings.Finding":
+        """This retention as a structured :class:`ptrbridge.findings.Finding`."""
+        return _findings.Finding(
+            kind=self.kind,
+            severity="portability",
+            rule="R2",
+            message=f"{self}\nSUMMARY: ptrbridge: {self.kind} {self.description} held by C in {self.root}",
+            object=self.description,
+            object_size=self.object_size,
+            function=self.function,
+            lent_at=self.lent_at,
+            holder=self.root,
+            state=self.state,
+            extra={"root_kind": self.root_kind, "offset": self.offset, "address": self.address,
+                   "object_offset": self.object_offset},
         )
 
 
@@ -137,6 +178,30 @@ _scan_due = False  # set when retired memory was freed: scan at the next opportu
 _last_scan_end = time.perf_counter()
 
 
+LENT_HISTORY = 65536
+"""How many lent regions keep their provenance (the call that lent them, file:line) after the
+scan that looked for them, so a pointer found later into the freed object still names the call."""
+# start -> (size, description, function, site), oldest first.
+_lent: "OrderedDict[int, Tuple[int, str, str, str]]" = OrderedDict()
+
+
+def _remember_lend(start: int, size: int, description: str, function: str, site: str) -> None:
+    _lent.pop(start, None)
+    _lent[start] = (size, description, function, site)
+    while len(_lent) > LENT_HISTORY:
+        _lent.popitem(last=False)
+
+
+def _lent_inside(start: int, size: int) -> Optional[_Target]:
+    """The most recent lend of memory inside [start, start + size), as a freed target."""
+    end = start + max(size, 1)
+    for lent_start in reversed(_lent):
+        lsize, description, function, site = _lent[lent_start]
+        if start <= lent_start < end or lent_start <= start < lent_start + max(lsize, 1):
+            return _Target(start, size, description, function, site, "freed")
+    return None
+
+
 def retire(start: int, size: int, description: str, function: str, site: str, state: str) -> None:
     """Queue Python memory C must no longer hold; the next scan looks for it.
 
@@ -146,6 +211,8 @@ def retire(start: int, size: int, description: str, function: str, site: str, st
     with _lock:
         if state == "freed":
             _scan_due = True
+        elif function and not function.startswith("("):
+            _remember_lend(start, size, description, function, site)
         target_id = next(_target_ids)
         _targets[target_id] = _Target(start, size, description, function, site, state)
         check(lib.pb__scan_retire(start, size, target_id), f"queueing {description} for the scan")
@@ -158,22 +225,51 @@ def cancel(start: int, size: int) -> None:
 
 
 def _root_text(kind: int, root_id: int, base: int, size: int, offset: int) -> str:
+    from . import interposition
+
+    if kind == 4:
+        return interposition.describe_block_holder(base, size, root_id, offset)
     if kind == 3:
-        obj = ffi.new("char **")
-        sym = ffi.new("char **")
-        sym_addr = ffi.new("uintptr_t *")
-        where = base + offset
-        if lib.pb__scan_describe_address(where, obj, sym, sym_addr):
-            library = os.path.basename(ffi.string(obj[0]).decode(errors="replace")) if obj[0] else "?"
-            if sym[0]:
-                name = ffi.string(sym[0]).decode(errors="replace")
-                delta = where - int(sym_addr[0])
-                return f"global '{name}'{f'+{delta}' if delta else ''} of {library}"
-            return f"the data segment of {library}"
-        return f"the data segment of library #{root_id}"
+        return f"{interposition.describe_data(base + offset)}"
     if kind == 2:
         return f"registered root #{root_id} ({size} bytes at {base:#x})"
     return f"C heap block {base:#x} ({size} bytes, tracked allocator)"
+
+
+_warned_stale: Set[Tuple[str, int]] = set()
+
+
+def stale_roots() -> List[Tuple[str, int, int, int, str]]:
+    """Roots the last scan skipped: (kind, id, base, size, reason) with reason ``"unreadable"``
+    (unmapped or freed since it was added) or ``"unloaded"`` (a watched library after dlclose)."""
+    cap = 256
+    out = ffi.new("struct pb_stale_root[]", cap)
+    n = min(lib.pb__scan_stale(out, cap, ffi.NULL), cap)
+    reasons = {1: "unreadable", 2: "unloaded"}
+    return [(_ROOT_KINDS.get(int(r.root_kind), "?"), int(r.root_id), int(r.base), int(r.size),
+             reasons.get(int(r.reason), "?")) for r in out[0:n]]
+
+
+def _warn_stale() -> None:
+    for kind, root_id, base, size, reason in stale_roots():
+        if kind == "root":
+            key = ("root", root_id)
+            what = f"registered root #{root_id} ({size} bytes at {base:#x})"
+            fix = "remove it with ptrbridge.remove_root() before freeing its memory"
+        elif root_id:
+            key = ("library", root_id)
+            name = next((n for n, i in _libraries.items() if i == root_id), f"#{root_id}")
+            what = f"watched library {name!r} segment {base:#x} ({size} bytes)"
+            fix = "unwatch it with ptrbridge.unwatch_library() before unloading it"
+        else:
+            continue  # an automatic library root: forgotten at the next refresh
+        if key in _warned_stale:
+            continue
+        _warned_stale.add(key)
+        warnings.warn(
+            f"ptrbridge.scan: skipped {what}: it is {reason} now ({fix})",
+            StaleRootWarning, stacklevel=user_stacklevel(),
+        )
 
 
 def scan() -> List[Retention]:
@@ -196,16 +292,32 @@ def scan() -> List[Retention]:
         batches, _freed_batches[:] = list(_freed_batches), []
         _calls_since_scan = 0
     found: List[Retention] = []
-    seen = set()
+    # One place in memory is one finding, even when two roots cover it (a registered
+    # root inside an interposed block, a watched library's segment) or two targets
+    # do (memory lent by a call and freed since: reported as freed, naming the call).
+    by_place: Dict[int, Tuple[Any, _Target]] = {}
     for i in range(min(total, _MAX_FINDINGS)):
         f = out[i]
-        key = (int(f.target_id), int(f.root_kind), int(f.root_base), int(f.offset))
-        if key in seen:
-            continue
-        seen.add(key)
+        place = int(f.root_base) + int(f.offset)
         target = targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
         if target is None:
             continue
+        if target.state == "freed":
+            if _live_again(int(f.value), target.start):
+                continue  # the address belongs to a live block now (the freed one was reused)
+            if target.function.startswith("("):
+                target = _lent_inside(target.start, target.size) or target
+        prior = by_place.get(place)
+        if prior is not None:
+            old = prior[1]
+            if target.state == "freed" and old.state != "freed":
+                named = old if target.function.startswith("(") else target
+                target = _Target(target.start, target.size, named.description, named.function, named.site,
+                                 "freed")
+            elif not (old.state == "freed" and target.state == "freed" and old.function.startswith("(")):
+                continue
+        by_place[place] = (f, target)
+    for place, (f, target) in by_place.items():
         found.append(
             Retention(
                 description=target.description,
@@ -218,10 +330,26 @@ def scan() -> List[Retention]:
                 offset=int(f.offset),
                 address=int(f.value),
                 object_offset=int(f.value) - target.start,
+                object_size=target.size,
             )
         )
+    for retention in found:
+        _findings.record(retention.to_finding())
+    _warn_stale()
     _last_scan_end = time.perf_counter()
     return found
+
+
+def _live_again(address: int, freed_start: int) -> bool:
+    """Whether ``address`` belongs to live memory that is not the freed Python block reused by
+    Python: a live interposed C block (libc gave the memory to C since), or a live Python block
+    carved differently (C may legitimately point into either now)."""
+    out = ffi.new("struct pb_iblock *")
+    for probe in (address, address - 1):  # inside a live block, or one past its end (a consumed next_in)
+        if lib.pb__interpose_find(probe, out) and not (out.python and int(out.ptr) == freed_start):
+            return True
+    block = lib.pb__heapmap_lookup(address)
+    return block.status == 1 and int(block.start) != freed_start
 
 
 def scan_freed_python_memory() -> List[Retention]:
@@ -235,19 +363,38 @@ def scan_freed_python_memory() -> List[Retention]:
     """
     from . import heapmap
 
-    if not heapmap.installed():
-        return []
-    heapmap.verify()  # re-hooks if another allocator hook cut the map out of the chain
+    queued = _retire_freed_cffi()
+    if heapmap.installed():
+        heapmap.verify()  # re-hooks if another allocator hook cut the map out of the chain
+        batch = 1 << 16
+        starts = ffi.new("uintptr_t[]", batch)
+        sizes = ffi.new("size_t[]", batch)
+        with _lock:
+            first = next(_target_ids)
+            n = lib.pb__heapmap_retire_freed(first, starts, sizes, batch)
+            for _ in range(max(n - 1, 0)):
+                next(_target_ids)  # the ids first .. first + n - 1 are taken
+            _freed_batches.append((first, n, starts, sizes))
+        queued += n
+    return scan() if queued else []
+
+
+def _retire_freed_cffi() -> int:
+    """Queue the ffi.new blocks (_cffi_backend's, seen by the interposer) freed since last time."""
     batch = 1 << 16
     starts = ffi.new("uintptr_t[]", batch)
     sizes = ffi.new("size_t[]", batch)
+    n = lib.pb__interpose_take_freed(starts, sizes, batch, ffi.NULL)
     with _lock:
-        first = next(_target_ids)
-        queued = lib.pb__heapmap_retire_freed(first, starts, sizes, batch)
-        for _ in range(max(queued - 1, 0)):
-            next(_target_ids)  # the ids first .. first + queued - 1 are taken
-        _freed_batches.append((first, queued, starts, sizes))
-    return scan() if queued else []
+        for i in range(n):
+            start, size = int(starts[i]), int(sizes[i])
+            target = _lent_inside(start, size) or _Target(
+                start, size, f"ffi.new memory ({size} bytes)", "(not a checked call)",
+                "<freed cffi memory>", "freed")
+            target_id = next(_target_ids)
+            _targets[target_id] = target
+            check(lib.pb__scan_retire(start, size, target_id), "queueing freed ffi.new memory for the scan")
+    return int(n)
 
 
 def _freed_target(batches: List[Tuple[int, int, Any, Any]], target_id: int) -> Optional[_Target]:
@@ -347,11 +494,30 @@ def clear_violations() -> List[Retention]:
 def add_root(address: Any, size: int) -> int:
     """Register ``[address, address + size)`` of C memory as a scan root; returns its id.
 
-    The memory must stay readable until :func:`remove_root`.
+    ``address`` is an int or a cffi pointer/array.  The whole region must be
+    readable now (:class:`~ptrbridge.RootError` otherwise, a ``ValueError``);
+    if it stops being readable later (freed, unmapped) scans skip it and warn
+    once with :class:`~ptrbridge.StaleRootWarning`.  Remove it with
+    :func:`remove_root` before freeing it.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"ptrbridge.add_root: size must be a non-negative int, not {size!r}")
+    if isinstance(address, bool) or not isinstance(address, (int, ffi.CData)):
+        raise RootTypeError(
+            f"ptrbridge.add_root: address must be an int or a cffi pointer, not {type(address).__name__}"
+        )
+    if isinstance(address, ffi.CData) and ffi.typeof(address).kind not in ("pointer", "array"):
+        raise RootTypeError(
+            f"ptrbridge.add_root: address must be a cffi pointer or array, not {ffi.typeof(address).cname}"
+        )
     addr = address_of(address)
+    if addr <= 0 or addr + size > 1 << 64:
+        raise RootError(f"ptrbridge.add_root: [{addr:#x}, +{size}) is not a valid address range")
+    if not lib.pb__scan_readable(addr, size):
+        raise RootError(
+            f"ptrbridge.add_root: [{addr:#x}, +{size}) is not readable memory (unmapped or partly "
+            f"unmapped): register only memory C owns and keeps mapped"
+        )
     out = ffi.new("uint64_t *")
     check(lib.pb_root_add(ffi.cast("void *", addr), size, out), f"add_root({addr:#x}, {size})")
     root_id = int(out[0])

@@ -1,0 +1,110 @@
+/*
+ * pb_interpose.h - private interface of the malloc-family interposer
+ * (interpose.c), used at check level 2.
+ *
+ * The interposer rewrites the GOT entries of malloc, calloc, realloc,
+ * reallocarray, free, posix_memalign, aligned_alloc, memalign, valloc,
+ * strdup and strndup in every loaded non-system shared object (no
+ * LD_PRELOAD, no rebuild), so every block those libraries allocate is known
+ * with its size and the return address of the allocating call.  It also
+ * rewrites dlopen/dlclose in every object but libc and the loader, so
+ * libraries loaded later are patched as they load and forgotten as they
+ * unload.  The interposed blocks and the writable segments (.data/.bss) of
+ * the non-system objects are scan roots (scan.c).
+ *
+ * System objects, never patched for the malloc family and whose globals
+ * are not roots: the main executable (CPython), libpython, CPython's own
+ * extension modules (lib-dynload), libc and its companions (libm, libpthread,
+ * libdl, librt, libutil, libresolv, libgcc_s), the loader, the vDSO, libffi,
+ * numpy's core (its array data is Python memory, seen by the heap map) and
+ * ptrbridge's own module.  _cffi_backend is patched separately: its blocks
+ * (ffi.new) are Python memory, recorded as such and never roots.
+ */
+#ifndef PB_INTERPOSE_H
+#define PB_INTERPOSE_H
+
+#include "ptrbridge.h"
+
+/* PB_CDEF_BEGIN */
+
+/* Classes of loaded objects (pb__interpose_object). */
+enum pb_object_class {
+    PB_OBJ_PATCHED = 0, /* malloc family interposed, globals scanned */
+    PB_OBJ_SYSTEM = 1,  /* only dlopen/dlclose interposed */
+    PB_OBJ_CFFI = 2,    /* _cffi_backend: blocks recorded as Python memory */
+    PB_OBJ_SKIPPED = 3  /* never touched (libc, the loader, ptrbridge, vDSO) */
+};
+
+/* One interposed block (pb__interpose_blocks). */
+struct pb_iblock {
+    uintptr_t ptr;
+    size_t size;
+    uintptr_t caller; /* return address of the allocating call */
+    int python;       /* 1: Python memory (_cffi_backend, ffi.new) */
+};
+
+struct pb_interpose_stats {
+    uint64_t objects_patched;  /* objects whose malloc family is interposed */
+    uint64_t slots_patched;    /* GOT entries rewritten (all kinds) */
+    uint64_t live_blocks;      /* blocks in the table */
+    uint64_t live_bytes;
+    uint64_t python_blocks;    /* of which Python memory (_cffi_backend) */
+    uint64_t allocations;      /* interposed allocations since enabled */
+    uint64_t frees;            /* frees of blocks the table knew */
+    uint64_t foreign_frees;    /* frees of blocks it never saw (straight to libc) */
+    uint64_t rewalks;          /* times the loaded-object list was re-read */
+    int enabled;
+};
+
+/* Patches every loaded object (see above) and starts recording.  Returns 0
+ * (enabled), 1 (already enabled) or PB_ERR_NOMEM.  Thread-safe; takes no
+ * GIL. */
+int pb__interpose_enable(void);
+
+/* Restores every GOT entry it rewrote (in objects still loaded) and forgets
+ * the table.  The hook functions stay valid for ever (a pointer to one kept
+ * by C keeps working, as plain libc).  Returns 0 or 1 (was not enabled). */
+int pb__interpose_disable(void);
+
+/* Re-reads the loaded objects if any was loaded or unloaded since the last
+ * look (dl_iterate_phdr's adds/subs counters): patches new ones, forgets
+ * unloaded ones.  Cheap when nothing changed.  Returns 1 if it re-read. */
+int pb__interpose_refresh(void);
+
+/* Copies up to cap blocks of the table into out[] and returns the number of
+ * live blocks (may exceed cap).  Thread-safe. */
+size_t pb__interpose_blocks(struct pb_iblock *out, size_t cap);
+
+/* The live interposed block containing addr: fills *out and returns 1, or 0. */
+int pb__interpose_find(uintptr_t addr, struct pb_iblock *out);
+
+/* Loaded object number i (in dl_iterate_phdr order at the last refresh):
+ * its path (static storage until the next refresh; "" for the executable)
+ * and class.  Returns 0 past the end. */
+int pb__interpose_object(size_t i, const char **path, int *klass, uintptr_t *base);
+
+void pb__interpose_get_stats(struct pb_interpose_stats *out);
+
+/* Moves up to cap Python blocks (_cffi_backend, i.e. ffi.new memory) freed
+ * since the last take into starts[]/sizes[] (oldest first) and returns how
+ * many; *dropped (may be NULL) gets how many were overwritten unseen (the
+ * ring holds 65536).  Thread-safe. */
+size_t pb__interpose_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint64_t *dropped);
+
+/* The class the interposer gives an object path (see the list above). */
+int pb__interpose_classify(const char *path);
+
+/* PB_CDEF_END */
+
+/* ---- C only: scan.c's view ---- */
+
+/* Calls visit(base, size, path, ctx) for each writable PT_LOAD segment of
+ * each loaded PB_OBJ_PATCHED object, under the interposer's object lock.
+ * Does nothing when not enabled.  Returns the number of segments. */
+size_t pb__interpose_foreach_segment(void (*visit)(uintptr_t base, size_t size, const char *path, void *ctx),
+                                     void *ctx);
+
+/* 1 if [base, base+size) lies inside a PT_LOAD segment of a loaded object. */
+int pb__interpose_is_loaded(uintptr_t base, size_t size);
+
+#endif /* PB_INTERPOSE_H */

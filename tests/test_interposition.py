@@ -1,0 +1,595 @@
+"""Level 2 sees C's own memory: GOT interposition of the malloc family, globals, fault-proof scans.
+
+Everything that patches GOT entries or could crash runs in a subprocess, so a
+bug kills that child (asserted: exit status and text), never pytest.  The
+programs under tests/clib are plain C written the naive way (libc malloc,
+statics, a thread of their own), with a correct twin for each bug.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+import ptrbridge
+from ptrbridge import interposition
+
+from cbuild import build_extension, build_shared
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+@pytest.fixture(scope="module")
+def holder_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shared("holder.c", tmp_path_factory.mktemp("holder"))
+
+
+@pytest.fixture(scope="module")
+def cext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cext")
+    build_extension("cextkeep.c", out)
+    return out
+
+
+def _child(code: str, env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    code = "import os\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, HOLDER_CDEF=HOLDER_CDEF, **env), timeout=timeout, cwd=REPO)
+
+
+HOLDER_CDEF = """
+    void set_prefix(const char *); void set_prefix_copy(const char *); size_t prefix_len(void);
+    void clear_prefix(void);
+    struct ctx; struct ctx *ctx_new(void); void ctx_keep(struct ctx *, const char *);
+    void ctx_keep_copy(struct ctx *, const char *, size_t); size_t ctx_len(const struct ctx *);
+    void ctx_free(struct ctx *);
+    int worker_start(const unsigned char *, size_t); int worker_start_copy(const unsigned char *, size_t);
+    uint64_t worker_finish(void); void worker_free(void);
+    uint64_t holder_loop(size_t n, size_t size);
+    void *holder_alloc(size_t); void *holder_calloc(size_t); void holder_free(void *);
+    int holder_start_churn(void); void holder_stop_churn(void);
+"""
+
+
+# --- issue 8: add_root validation and fault-proof scans ---------------------------
+
+def test_add_root_rejects_what_is_not_an_address() -> None:
+    for bad in ("x", b"x", 1.5, None, True, [1]):
+        with pytest.raises(ptrbridge.RootTypeError, match="ptrbridge.add_root: address must be an int or a cffi "
+                                                          "pointer") as info:
+            ptrbridge.add_root(bad, 16)
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ptrbridge.PointerError)
+    ffi = ptrbridge._bindings.ffi
+    with pytest.raises(ptrbridge.RootTypeError, match="not int"):
+        ptrbridge.add_root(ffi.cast("int", 5), 16)
+
+
+def test_add_root_rejects_unmapped_and_partly_unmapped_memory() -> None:
+    import mmap
+
+    with pytest.raises(ptrbridge.RootError, match=r"add_root: \[0x1000, \+16\) is not readable memory") as info:
+        ptrbridge.add_root(0x1000, 16)
+    assert isinstance(info.value, ValueError)
+    page = mmap.PAGESIZE
+    m = mmap.mmap(-1, 2 * page)
+    ffi = ptrbridge._bindings.ffi
+    base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    rid = ptrbridge.add_root(base, 2 * page)  # mapped: accepted
+    ptrbridge.remove_root(rid)
+    import cffi
+
+    cffi_ = cffi.FFI()
+    cffi_.cdef("void *mmap(void *, size_t, int, int, int, long); int munmap(void *, size_t);")
+    libc = cffi_.dlopen(None)
+    p2 = libc.mmap(cffi_.NULL, 2 * page, 3, 0x22, -1, 0)
+    base2 = int(cffi_.cast("uintptr_t", p2))
+    assert libc.munmap(cffi_.cast("void *", base2 + page), page) == 0  # the second page goes
+    with pytest.raises(ptrbridge.RootError, match="not readable memory"):
+        ptrbridge.add_root(base2, 2 * page)
+    rid = ptrbridge.add_root(base2, page)  # the first page alone is fine
+    ptrbridge.remove_root(rid)
+    libc.munmap(p2, page)
+
+
+STALE_PROGRAM = """
+import sys, warnings
+import cffi
+import ptrbridge
+from ptrbridge._bindings import lib
+ptrbridge.set_check_level(2)
+ptrbridge.set_scan_batch(1_000_000)
+ffi = cffi.FFI()
+ffi.cdef("void *mmap(void *, size_t, int, int, int, long); int munmap(void *, size_t); "
+         "int mprotect(void *, size_t, int);")
+libc = ffi.dlopen(None)
+target = bytearray(64)
+taddr = int(ffi.cast("uintptr_t", ffi.from_buffer(target)))
+case = sys.argv[1]
+if case == "munmap":
+    p = libc.mmap(ffi.NULL, 8192, 3, 0x22, -1, 0)
+    ffi.cast("uintptr_t *", p)[0] = taddr
+    rid = ptrbridge.add_root(p, 8192)
+    libc.munmap(p, 8192)
+elif case == "partly":
+    p = libc.mmap(ffi.NULL, 8192, 3, 0x22, -1, 0)
+    ffi.cast("uintptr_t *", p)[0] = taddr
+    rid = ptrbridge.add_root(p, 8192)
+    libc.munmap(ffi.cast("char *", p) + 4096, 4096)
+    print("at", hex(int(ffi.cast("uintptr_t", p))))
+elif case == "guard":
+    p = libc.mmap(ffi.NULL, 4096, 3, 0x22, -1, 0)
+    rid = ptrbridge.add_root(p, 4096)
+    libc.mprotect(p, 4096, 0)  # PROT_NONE, like a guard page
+elif case == "cbuffer":
+    buf = ptrbridge.CBuffer(1 << 22)  # big enough for libc to munmap it on free
+    rid = ptrbridge.add_root(buf.ptr, len(buf))
+    buf.free()
+ptrbridge.scanning.retire(taddr, 64, "bytearray(64)", "f", "x.py:1", "returned")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    found = ptrbridge.scan()
+    found += ptrbridge.scan()
+print("found", [r.root for r in found])
+print("stale", ptrbridge.scanning.stale_roots())
+print("warnings", [(w.category.__name__, str(w.message)) for w in caught])
+"""
+
+
+@pytest.mark.parametrize("case", ["munmap", "partly", "guard", "cbuffer"])
+def test_a_root_unmapped_after_add_root_is_skipped_and_reported_never_a_crash(case: str,
+                                                                             tmp_path: Path) -> None:
+    script = tmp_path / "stale.py"
+    script.write_text(STALE_PROGRAM)
+    proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    # The readable part of a partly unmapped root is still scanned (the pointer is on its first page).
+    assert out["found"] == ("[]" if case != "partly" else f"['registered root #1 (8192 bytes at {out['at']})']")
+    assert "'root'" in out["stale"] and "'unreadable'" in out["stale"], out
+    warned = eval(out["warnings"])  # list of (category, message) printed by the child
+    assert [c for c, _ in warned] == ["StaleRootWarning"], warned  # once, not once per scan
+    assert re.search(r"skipped registered root #\d+ \(\d+ bytes at 0x[0-9a-f]+\): it is unreadable now "
+                     r"\(remove it with ptrbridge.remove_root\(\) before freeing its memory\)", warned[0][1])
+
+
+def test_a_partly_unmapped_root_is_still_scanned_where_readable(tmp_path: Path) -> None:
+    code = """
+    import cffi
+    import ptrbridge
+    from ptrbridge._bindings import lib
+    ffi = cffi.FFI()
+    ffi.cdef("void *mmap(void *, size_t, int, int, int, long); int munmap(void *, size_t);")
+    libc = ffi.dlopen(None)
+    target = bytearray(64)
+    taddr = int(ffi.cast("uintptr_t", ffi.from_buffer(target)))
+    p = libc.mmap(ffi.NULL, 3 * 4096, 3, 0x22, -1, 0)
+    words = ffi.cast("uintptr_t *", p)
+    words[0] = taddr            # page 0
+    words[2 * 512 + 3] = taddr  # page 2
+    libc.munmap(ffi.cast("char *", p) + 4096, 4096)  # page 1 goes
+    lib.pb__scan_retire(taddr, 64, 7)
+    print(lib.pb__scan_buffer_safe(p, 3 * 4096))
+    """
+    proc = _child(code, {})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2"]
+
+
+def test_watched_library_after_dlclose_is_skipped_not_read(holder_lib: Path) -> None:
+    code = f"""
+    import warnings
+    import cffi, ptrbridge
+    from ptrbridge._bindings import ffi as pffi, lib as plib
+    ptrbridge.set_check_level(2)
+    ffi = cffi.FFI()
+    ffi.cdef("void set_prefix(const char *);")
+    h = ffi.dlopen({str(holder_lib)!r})
+    ptrbridge.watch_library("libholder")
+    ffi.dlclose(h)
+    target = bytearray(64)
+    ptrbridge.scanning.retire(int(pffi.cast("uintptr_t", pffi.from_buffer(target))), 64, "t", "f", "x:1",
+                              "returned")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print(ptrbridge.scan())
+    print(ptrbridge.scanning.stale_roots())
+    print([str(w.message) for w in caught])
+    """
+    proc = _child(code, {})
+    assert proc.returncode == 0, proc.stderr
+    found, stale, warned = proc.stdout.splitlines()
+    assert found == "[]"
+    assert "'unloaded'" in stale
+    assert "watched library 'libholder'" in warned and "unloaded now" in warned
+    assert "unwatch it with ptrbridge.unwatch_library() before unloading it" in warned
+
+
+def test_fork_while_c_threads_hold_the_scan_and_interposer_locks(holder_lib: Path) -> None:
+    """A C thread allocating through the interposer and one adding roots while the main thread forks:
+    every child must be able to allocate, scan and add roots (no lock inherited held)."""
+    code = f"""
+    import os, threading, time
+    import cffi, ptrbridge
+    ptrbridge.set_check_level(2)
+    ffi = cffi.FFI()
+    ffi.cdef(os.environ["HOLDER_CDEF"])
+    h = ffi.dlopen({str(holder_lib)!r})
+    assert h.holder_start_churn() == 0
+    stop = threading.Event()
+    buf = ptrbridge.CBuffer(64)
+    def roots():
+        while not stop.is_set():
+            ptrbridge.remove_root(ptrbridge.add_root(buf.ptr, 64))
+    t = threading.Thread(target=roots)
+    t.start()
+    stuck = 0
+    for i in range(20):
+        pid = os.fork()
+        if pid == 0:
+            h.holder_loop(100, 64)
+            ptrbridge.remove_root(ptrbridge.add_root(buf.ptr, 64))
+            ptrbridge.scan()
+            os._exit(0)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+                break
+            if time.monotonic() > deadline:
+                stuck += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+    stop.set()
+    t.join()
+    h.holder_stop_churn()
+    print("stuck", stuck)
+    """
+    proc = _child(code, {}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["stuck", "0"]
+
+
+# --- the interposer itself ----------------------------------------------------------
+
+def test_interposer_patches_a_library_loaded_later_and_restores_every_entry(holder_lib: Path) -> None:
+    code = f"""
+    import ctypes
+    import cffi, ptrbridge
+    from ptrbridge import interposition as ip
+    ptrbridge.set_check_level(2)
+    before = ip.stats()
+    h = ctypes.CDLL({str(holder_lib)!r})   # loaded after level 2: patched by the dlopen hook
+    h.holder_alloc.restype = ctypes.c_void_p
+    h.holder_free.argtypes = [ctypes.c_void_p]
+    kinds = {{o.path.rsplit('/', 1)[-1]: o.klass for o in ip.objects()}}
+    p = h.holder_alloc(100)
+    block = ip.find_block(p + 10)
+    print("block", block[0] == p, block[1], ip.describe_code(block[2] - 1))
+    h.holder_free(ctypes.c_void_p(p))
+    print("after_free", ip.find_block(p))
+    print("classes", kinds["libholder.so"], kinds["libc.so.6"], kinds.get("libpython3.11.so.1.0", "system"))
+    ptrbridge.set_check_level(1)
+    st = ip.stats()
+    print("off", st.enabled, st.slots_patched, st.live_blocks)
+    q = h.holder_alloc(100)           # libc again: nothing recorded, nothing breaks
+    print("unrecorded", ip.find_block(q))
+    h.holder_free(ctypes.c_void_p(q))
+    ptrbridge.set_check_level(2)
+    print("again", ip.stats().objects_patched >= 1, ip.find_block(0) is None)
+    """
+    proc = _child(code, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines["block"] == "True 100 holder_alloc() in libholder.so"
+    assert lines["after_free"] == "None"
+    assert lines["classes"] == "patched skipped system"
+    assert lines["off"] == "False 0 0"
+    assert lines["unrecorded"] == "None"
+    assert lines["again"] == "True True"
+
+
+def test_blocks_freed_by_code_that_is_not_interposed_never_break_a_scan(holder_lib: Path) -> None:
+    """A block a patched library allocates and CPython (not patched) frees stays in the table; the
+    memory goes back to libc (big blocks are unmapped): the scan reads it fault-proof."""
+    code = f"""
+    import ctypes
+    import ptrbridge
+    from ptrbridge import interposition as ip
+    from ptrbridge._bindings import ffi, lib
+    ptrbridge.set_check_level(2)
+    h = ctypes.CDLL({str(holder_lib)!r})
+    h.holder_alloc.restype = ctypes.c_void_p
+    libc = ctypes.CDLL(None)
+    libc.free.argtypes = [ctypes.c_void_p]
+    ptrs = [h.holder_alloc(n) for n in (64, 1 << 20, 1 << 22)]
+    for p in ptrs:
+        libc.free(p)       # straight to libc: the table still has them
+    target = bytearray(64)
+    ptrbridge.scanning.retire(int(ffi.cast("uintptr_t", ffi.from_buffer(target))), 64, "t", "f", "x:1",
+                              "returned")
+    print(len(ptrbridge.scan()))
+    st = ffi.new("uint64_t *")
+    lib.pb__scan_stale(ffi.NULL, 0, st)
+    print(st[0] >= 1)
+    """
+    proc = _child(code, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["0", "True"]
+
+
+def test_threads_allocating_through_the_interposer_while_scanning(holder_lib: Path) -> None:
+    code = f"""
+    import threading
+    import cffi, ptrbridge
+    from ptrbridge import interposition as ip
+    ptrbridge.set_check_level(2)
+    ffi = cffi.FFI()
+    ffi.cdef(os.environ["HOLDER_CDEF"])
+    h = ffi.dlopen({str(holder_lib)!r})
+    def work():
+        for _ in range(50):
+            h.holder_loop(2000, 48)   # cffi releases the GIL: real concurrency
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads: t.start()
+    target = bytearray(64)
+    from ptrbridge._bindings import ffi as pffi, lib as plib
+    for i in range(50):
+        ptrbridge.scanning.retire(int(pffi.cast("uintptr_t", pffi.from_buffer(target))), 64, "t", "f", "x:1",
+                                  "returned")
+        ptrbridge.scan()
+    for t in threads: t.join()
+    st = ip.stats()
+    print(st.allocations >= 400_000, st.frees >= 400_000, st.live_blocks < 1000)
+    """
+    proc = _child(code, {}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "True"]
+
+
+def test_static_function_and_static_variable_names_come_from_the_symtab(holder_lib: Path) -> None:
+    code = f"""
+    import cffi, ptrbridge
+    from ptrbridge import interposition as ip
+    ptrbridge.set_check_level(2)
+    ffi = cffi.FFI()
+    ffi.cdef(os.environ["HOLDER_CDEF"])
+    h = ffi.dlopen({str(holder_lib)!r})
+    data = bytes(64)
+    assert h.worker_start(data, 64) == 0      # the job is calloc'd by the static function start()
+    job = [b for b in ip.blocks() if not b[3] and ip.describe_code(b[2] - 1).startswith("start()")]
+    print(len(job), ip.describe_code(job[0][2] - 1))
+    h.worker_finish(); h.worker_free()
+    """
+    proc = _child(code, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "1 start() in libholder.so"
+
+
+def test_system_library_list_is_documented() -> None:
+    assert interposition.SYSTEM_OBJECTS and all(isinstance(s, str) for s in interposition.SYSTEM_OBJECTS)
+    classify = ptrbridge._bindings.lib.pb__interpose_classify
+    cases = {"": 1, "/lib/x86_64-linux-gnu/libc.so.6": 3, "/lib64/ld-linux-x86-64.so.2": 3,
+             "/usr/lib/libm.so.6": 1, "/x/lib/libpython3.11.so.1.0": 1,
+             "/x/lib/python3.11/lib-dynload/_ctypes.cpython-311.so": 1,
+             "/x/site-packages/_cffi_backend.cpython-311.so": 2, "/usr/lib/libz.so.1": 0,
+             "/usr/lib/libsqlite3.so.0": 0, "/x/numpy/_core/_multiarray_umath.cpython-311.so": 1}
+    for path, klass in cases.items():
+        assert classify(path.encode()) == klass, path
+
+
+# --- programs run unchanged under `python -m ptrbridge run --check 2` ---------------
+
+PROGRAM = r'''
+"""A program written the naive way: C keeps pointers to Python memory (mode in argv[1])."""
+import gc, os, sys
+import cffi
+
+MODE = sys.argv[1]
+ffi = cffi.FFI()
+ffi.cdef(os.environ["HOLDER_CDEF"])
+lib = ffi.dlopen(os.environ["HOLDER_LIB"])
+
+
+def label(name):
+    return f"[{name}] ".encode() * 8   # a new bytes each time, freed when the call returns
+
+
+if MODE == "static":
+    lib.set_prefix(label("app"))
+elif MODE == "static-twin":
+    lib.set_prefix_copy(label("app"))
+elif MODE in ("ctx", "ctx-twin"):
+    ctx = lib.ctx_new()
+    data = label("ctx")
+    if MODE == "ctx":
+        lib.ctx_keep(ctx, data)
+    else:
+        lib.ctx_keep_copy(ctx, data, len(data))
+    del data
+elif MODE in ("thread", "thread-twin"):
+    start = lib.worker_start if MODE == "thread" else lib.worker_start_copy
+    start(bytes(range(256)) * 4, 1024)
+    print("sum", lib.worker_finish())
+elif MODE in ("sqlite", "sqlite-twin"):
+    sq = cffi.FFI()
+    sq.cdef("""typedef struct sqlite3 sqlite3; typedef struct sqlite3_stmt sqlite3_stmt;
+        int sqlite3_open(const char *, sqlite3 **); int sqlite3_exec(sqlite3 *, const char *, void *, void *, char **);
+        int sqlite3_prepare_v2(sqlite3 *, const char *, int, sqlite3_stmt **, const char **);
+        int sqlite3_bind_blob(sqlite3_stmt *, int, const void *, int, void (*)(void *));
+        int sqlite3_step(sqlite3_stmt *); int sqlite3_reset(sqlite3_stmt *);""")
+    s = sq.dlopen("libsqlite3.so.0")
+    db = sq.new("sqlite3 **")
+    assert s.sqlite3_open(b":memory:", db) == 0
+    assert s.sqlite3_exec(db[0], b"create table t(b blob)", sq.NULL, sq.NULL, sq.NULL) == 0
+    stmt = sq.new("sqlite3_stmt **")
+    assert s.sqlite3_prepare_v2(db[0], b"insert into t values (?)", -1, stmt, sq.NULL) == 0
+    how = sq.cast("void (*)(void *)", 0 if MODE == "sqlite" else -1)  # SQLITE_STATIC / SQLITE_TRANSIENT
+    s.sqlite3_bind_blob(stmt[0], 1, bytes([7]) * 300, 300, how)   # the bytes dies after the call
+    assert s.sqlite3_step(stmt[0]) == 101
+    s.sqlite3_reset(stmt[0])     # the statement is kept for reuse, with its binding
+elif MODE in ("zlib-ffi-new", "zlib-ffi-new-twin", "zlib-calloc", "zlib-calloc-twin"):
+    z = cffi.FFI()
+    z.cdef("""typedef struct z_stream_s { const unsigned char *next_in; unsigned avail_in; unsigned long total_in;
+        unsigned char *next_out; unsigned avail_out; unsigned long total_out; const char *msg; void *state;
+        void *zalloc; void *zfree; void *opaque; int data_type; unsigned long adler; unsigned long reserved;
+        } z_stream;
+        int deflateInit_(z_stream *, int, const char *, int); int deflate(z_stream *, int);
+        int deflateEnd(z_stream *); const char *zlibVersion(void);""")
+    zl = z.dlopen("libz.so.1")
+    if MODE.startswith("zlib-ffi-new"):
+        keep = z.new("z_stream *")
+        assert zl.deflateInit_(keep, 6, zl.zlibVersion(), z.sizeof("z_stream")) == 0
+        if MODE == "zlib-ffi-new":
+            stream = z.cast("z_stream *", keep)
+            del keep   # BUG: the cast keeps no reference: the ffi.new memory is freed, zlib's state
+            gc.collect()  # still points to it
+    else:
+        stream = z.cast("z_stream *", lib.holder_calloc(z.sizeof("z_stream")))
+        assert zl.deflateInit_(stream, 6, zl.zlibVersion(), z.sizeof("z_stream")) == 0
+        out = lib.holder_alloc(16)
+        data = os.urandom(4096)
+        if MODE == "zlib-calloc":
+            stream.next_in = z.from_buffer(data)   # BUG: zlib keeps next_in into the bytes
+        else:
+            copy = lib.holder_alloc(len(data))
+            z.memmove(z.cast("unsigned char *", copy), data, len(data))
+            stream.next_in = z.cast("unsigned char *", copy)
+        stream.avail_in = len(data)
+        stream.next_out = z.cast("unsigned char *", out)
+        stream.avail_out = 16      # a small output buffer: input is left over
+        assert zl.deflate(stream, 0) == 0
+        del data
+elif MODE in ("cext", "cext-twin"):
+    sys.path.insert(0, os.environ["CEXT_DIR"])
+    import _cextkeep
+    (_cextkeep.keep if MODE == "cext" else _cextkeep.keep_copy)(label("ext"))
+    print("len", _cextkeep.name_len())
+elif MODE in ("numpy", "numpy-twin"):
+    import numpy as np
+    ctx = lib.ctx_new()
+    a = np.arange(4096, dtype=np.uint8) | 1
+    if MODE == "numpy":
+        lib.ctx_keep(ctx, ffi.cast("char *", a.ctypes.data))
+    else:
+        lib.ctx_keep_copy(ctx, ffi.cast("char *", a.ctypes.data), a.nbytes)
+    del a
+gc.collect()
+print("done", MODE)
+'''
+
+
+def _run(tmp_path: Path, mode: str, holder_lib: Path, cext_dir: Path) -> Tuple[subprocess.CompletedProcess,
+                                                                                List[str]]:
+    script = tmp_path / "prog.py"
+    script.write_text(PROGRAM)
+    report = tmp_path / f"report-{mode}.json"
+    env = dict(os.environ, HOLDER_LIB=str(holder_lib), HOLDER_CDEF=HOLDER_CDEF, CEXT_DIR=str(cext_dir))
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--check", "2", "--report", str(report),
+                           "--", sys.executable, str(script), mode],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert f"done {mode}" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    findings: List[str] = json.loads(report.read_text())["findings"]
+    return proc, findings
+
+
+FREED = "ptrbridge: C kept a pointer to Python memory after the object was freed (R2): "
+
+CASES = {
+    "static": r"is still pointed to by static variable g_prefix of libholder\.so ",
+    "ctx": r"is still pointed to by a 64-byte block allocated by ctx_new\(\) in libholder\.so, at offset 8 ",
+    "thread": r"is still pointed to by a \d+-byte block allocated by start\(\) in libholder\.so, at offset \d+ ",
+    "sqlite": r"Python memory block \(333 bytes\) \(\+32\) .*is still pointed to by a \d+-byte block allocated "
+              r"by .* libsqlite3\.so\.0.*, at offset \d+ ",
+    "zlib-ffi-new": r"ffi\.new memory \(\d+ bytes\).* is still pointed to by a \d+-byte block allocated by "
+                    r".* in libz\.so\.1, at offset 0 ",
+    "zlib-calloc": r"is still pointed to by a 112-byte block allocated by holder_calloc\(\) in libholder\.so, "
+                   r"at offset 0 ",
+    "cext": r"is still pointed to by static variable g_name of _cextkeep\.cpython-[^ ]+\.so ",
+    "numpy": r"is still pointed to by a 64-byte block allocated by ctx_new\(\) in libholder\.so, at offset 8 ",
+}
+
+
+@pytest.mark.parametrize("mode", list(CASES))
+def test_unchanged_program_keeping_freed_python_memory_is_reported(mode: str, tmp_path: Path, holder_lib: Path,
+                                                                   cext_dir: Path) -> None:
+    proc, findings = _run(tmp_path, mode, holder_lib, cext_dir)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # findings make `run` fail
+    mine = [f for f in findings if re.search(CASES[mode], f)]
+    assert mine, "\n".join(findings) or proc.stderr[-3000:]
+    assert all(f.startswith(FREED) for f in mine), mine
+
+
+SQLITE_TWIN_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "known false positive: sqlite's connection (808-byte block) holds two pointers to +8 of memory "
+    "that was a 1024-byte Python block, freed and reused by memory the interposer never saw (a "
+    "conservative scan cannot tell); see /work/notes/cheap.md"))
+
+
+@pytest.mark.parametrize("mode", [pytest.param(f"{m}-twin", marks=SQLITE_TWIN_XFAIL) if m == "sqlite"
+                                  else f"{m}-twin" for m in CASES])
+def test_correct_twin_is_clean(mode: str, tmp_path: Path, holder_lib: Path, cext_dir: Path) -> None:
+    proc, findings = _run(tmp_path, mode, holder_lib, cext_dir)
+    assert findings == [], "\n".join(findings)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --- with ptrbridge.wrap: the lending call is named, live and freed kept apart -------
+
+WRAPPED = r'''
+import gc, os, sys
+import cffi, ptrbridge
+from ptrbridge import findings
+ffi = cffi.FFI()
+ffi.cdef(os.environ["HOLDER_CDEF"])
+raw = ffi.dlopen(os.environ["HOLDER_LIB"])
+lib = ptrbridge.wrap(raw)
+ptrbridge.set_check_level(2)
+ptrbridge.set_on_violation("collect")
+ptrbridge.set_scan_batch(1_000_000)
+ctx = raw.ctx_new()
+live = b"still alive" * 4
+lib.ctx_keep(ctx, live)                         # LIVE
+found = ptrbridge.scan()
+lib.set_prefix(f"dies after the call {os.getpid()}".encode())      # FREED
+gc.collect()
+found += ptrbridge.scanning.scan_freed_python_memory()
+for f in findings.take():
+    if f.rule == "R2":
+        print(f.kind, f.severity, f.function, f.lent_at.rsplit("/", 1)[-1], f.state, f.holder, sep="|")
+'''
+
+
+def test_wrapped_calls_name_the_lend_and_tell_live_from_freed(tmp_path: Path, holder_lib: Path) -> None:
+    script = tmp_path / "wrapped.py"
+    script.write_text(WRAPPED)
+    env = dict(os.environ, HOLDER_LIB=str(holder_lib), HOLDER_CDEF=HOLDER_CDEF)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split("|")[0]: line.split("|") for line in proc.stdout.splitlines()}
+    live_line = next(i for i, s in enumerate(WRAPPED.splitlines(), 1) if "# LIVE" in s)
+    freed_line = next(i for i, s in enumerate(WRAPPED.splitlines(), 1) if "# FREED" in s)
+    assert lines["retained-live"] == ["retained-live", "portability", "ctx_keep", f"wrapped.py:{live_line}",
+                                      "returned", "a 64-byte block allocated by ctx_new() in libholder.so, at offset 8"]
+    assert lines["retained-freed"] == ["retained-freed", "portability", "set_prefix", f"wrapped.py:{freed_line}",
+                                       "freed", "static variable g_prefix of libholder.so"]
+
+
+def test_interposition_can_be_turned_off_with_the_environment(holder_lib: Path) -> None:
+    proc = _child("""
+    import ptrbridge
+    ptrbridge.set_check_level(2)
+    print(ptrbridge.interposition.enabled())
+    """, {"PTRBRIDGE_INTERPOSE": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]
