@@ -212,3 +212,34 @@ def test_r4_on_a_c_thread_without_python_frames(cabi: Tuple[Any, Any], unraisabl
     copy = ptrbridge.cstring("from C memory")
     with ptrbridge.callback(ffi, "const char *(int)", lambda i: copy.ptr) as cb:
         assert c.call_get_len_on_thread(cb.cdata, 0) == 13
+
+
+@pytest.mark.parametrize("bad", [1.5, "seven", None])
+def test_cffi_callback_result_of_the_wrong_type_is_reraised(cabi: Tuple[Any, Any], unraisable: List[Any],
+                                                           bad: object, capfd: pytest.CaptureFixture[str]) -> None:
+    ffi, c = cabi
+    with ptrbridge.callback(ffi, "int(int)", lambda i: bad, error=-4) as cb:
+        with pytest.raises(TypeError):
+            c.call_each(cb.cdata, 3)
+        assert ptrbridge.unwrap(c).call_each(cb.cdata, 1) == -4  # C got the error value
+    assert isinstance(unraisable[-1].exc_value, TypeError)
+    assert "From cffi callback" not in capfd.readouterr().err  # not printed and swallowed by cffi
+
+
+def test_cffi_callback_result_out_of_range_is_reraised(cabi: Tuple[Any, Any]) -> None:
+    ffi, c = cabi
+    with ptrbridge.callback(ffi, "int(int)", lambda i: 2**40, error=-4) as cb:
+        with pytest.raises(OverflowError):
+            c.call_each(cb.cdata, 1)
+    with ptrbridge.callback(ffi, "int(int)", lambda i: 2) as cb:  # the right type still passes
+        assert c.call_each(cb.cdata, 3) == 6
+
+
+def test_ctypes_callback_result_of_the_wrong_type_is_reraised(checked_so: Path) -> None:
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    raw = ctypes.CDLL(str(checked_so))
+    raw.call_each.argtypes = [proto, ctypes.c_int]
+    c = ptrbridge.wrap(raw)
+    with ptrbridge.callback(proto, lambda i: "x", error=-2) as cb:
+        with pytest.raises(TypeError):
+            c.call_each(cb.cdata, 2)

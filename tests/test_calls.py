@@ -249,3 +249,148 @@ def test_call_timeout_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="seconds must be a positive number"):
         ptrbridge.set_call_timeout(bad)  # type: ignore[arg-type]
     assert ptrbridge.call_timeout() == 60.0
+
+
+# --- robustness: opaque types, any call depth, ctypes configuration, validation ----------
+
+OPAQUE_CDEF = """
+    typedef ... opaque_state;
+    opaque_state *opaque_new(int v);
+    int opaque_get(const opaque_state *s);
+    void opaque_free(opaque_state *s);
+"""
+OPAQUE_SOURCE = """
+    #include <stdlib.h>
+    typedef struct { int v; } opaque_state;
+    opaque_state *opaque_new(int v) { opaque_state *s = malloc(sizeof *s); if (s) s->v = v; return s; }
+    int opaque_get(const opaque_state *s) { return s->v; }
+    void opaque_free(opaque_state *s) { free(s); }
+"""
+
+
+@pytest.fixture(scope="module")
+def opaque_mod(clib_dir: Path) -> Any:
+    from cbuild import build_cffi_module
+
+    return build_cffi_module("_calls_opaque", OPAQUE_CDEF, OPAQUE_SOURCE, clib_dir / "opaque")
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_opaque_pointer_types_are_not_walked(opaque_mod: Any, level: int) -> None:
+    # brotlicffi declares its states this way; reading .fields of such a type aborts inside cffi.
+    from ptrbridge.checking import is_opaque, layout_of
+
+    ffi, raw = opaque_mod.ffi, opaque_mod.lib
+    item = ffi.typeof("opaque_state *").item
+    assert is_opaque(item) and layout_of(item) is None
+    assert not is_opaque(ffi.typeof("int")) and not is_opaque(libc_ffi.typeof("struct iovec"))
+    w = ptrbridge.wrap(raw)
+    with ptrbridge.checking(level):
+        state = w.opaque_new(41)
+        assert w.opaque_get(state) == 41
+        w.opaque_free(state)
+
+
+def test_wrapped_destructor_runs_at_any_depth_and_at_shutdown(opaque_mod: Any, tmp_path: Path) -> None:
+    # ffi.gc(obj, lib.destroy) calls the checked function from the collector, with no Python
+    # caller at interpreter shutdown: that raised "call stack is not deep enough".
+    import subprocess
+    import sys
+
+    script = tmp_path / "gc_destructor.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(opaque_mod.__file__).parent)!r})\n"
+        "import ptrbridge, _calls_opaque as m\n"
+        "w = ptrbridge.wrap(m.lib)\n"
+        "calls = []\n"
+        "def destroy(s):\n"
+        "    calls.append(1)\n"
+        "    w.opaque_free(s)\n"
+        "    print('destroyed', len(calls), flush=True)\n"
+        "kept = m.ffi.gc(w.opaque_new(1), w.opaque_free)\n"
+        "kept2 = m.ffi.gc(w.opaque_new(2), destroy)\n"
+        "t = m.ffi.gc(w.opaque_new(3), w.opaque_free)\n"
+        "del t\n"
+        "print('ok', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout and "destroyed 1" in done.stdout
+    assert "not deep enough" not in done.stderr and "Traceback" not in done.stderr
+    # And directly from a thread's bottom frame: the callable is the thread's target itself.
+    w = ptrbridge.wrap(opaque_mod.lib)
+    state = w.opaque_new(5)
+    errors: List[BaseException] = []
+    thread = threading.Thread(target=w.opaque_free, args=(state,))
+    thread.start()
+    thread.join()
+    assert not errors
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_ctypes_configuration_set_on_a_wrapped_function_reaches_c(level: int) -> None:
+    with ptrbridge.checking(level):
+        w = ptrbridge.wrap(ctypes.CDLL(None))
+        labs = w.labs
+        labs.argtypes = [ctypes.c_long]
+        labs.restype = ctypes.c_long
+        assert labs(-(2 ** 40)) == 2 ** 40  # without restype/argtypes: truncated to int
+        assert w.labs.restype is ctypes.c_long and list(w.labs.argtypes) == [ctypes.c_long]
+        strtoul = w.strtoul
+        strtoul.restype = ctypes.c_ulong
+        strtoul.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+        assert strtoul(b"18446744073709551615", None, 10) == 2 ** 64 - 1
+        strtoul.errcheck = lambda result, func, args: result + 1
+        assert strtoul(b"5", None, 10) == 6
+        del strtoul.errcheck
+        assert w.strtoul(b"5", None, 10) == 5
+        raw = ptrbridge.unwrap(w).strtoul
+        assert raw.restype is ctypes.c_ulong  # the real function was configured
+        assert ctypes.cast(w.strtoul, ctypes.c_void_p).value == ctypes.cast(raw, ctypes.c_void_p).value
+
+
+def test_ctypes_configuration_survives_level_changes() -> None:
+    w = ptrbridge.wrap(ctypes.CDLL(None))
+    with ptrbridge.checking(0):
+        w.labs.restype = ctypes.c_long
+        w.labs.argtypes = [ctypes.c_long]
+    with ptrbridge.checking(1):
+        assert w.labs(-(2 ** 40)) == 2 ** 40
+    with ptrbridge.checking(2):
+        assert w.labs(-(2 ** 41)) == 2 ** 41
+
+
+def test_use_errno_follows_argtypes_set_later() -> None:
+    w = ptrbridge.wrap(ctypes.CDLL(None, use_errno=True), errcheck={"strtol": "nonzero"}, use_errno=False)
+    ptrbridge.declare(w, "close", errcheck="negative", use_errno=True)
+    w.close.argtypes = [ctypes.c_int]
+    with pytest.raises(OSError) as info:
+        w.close(-1)
+    assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("bad", [None, 42, "libc.so.6", b"libc.so.6", os, object()])
+def test_wrap_rejects_what_is_not_a_library(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"ptrbridge\.wrap: expected a cffi API-mode lib, a cffi ffi\.dlopen\(\) "
+                                        r"library or a ctypes\.CDLL"):
+        ptrbridge.wrap(bad)
+
+
+def test_wrap_rejects_a_bad_ffi(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    with pytest.raises(TypeError, match="ffi must be a cffi FFI instance or None, not int"):
+        ptrbridge.wrap(raw, ffi=42)
+    assert ptrbridge.wrap(raw, ffi=ffi).add(1, 2) == 3
+
+
+def test_unknown_function_names_are_errors(abi: Tuple[Any, Any], api: Any) -> None:
+    _, raw = abi
+    for lib_ in (raw, api.lib, ctypes.CDLL(None)):
+        with pytest.raises(AttributeError, match="has no function 'typo'"):
+            ptrbridge.wrap(lib_, errcheck={"typo": "negative"})
+    w = ptrbridge.wrap(raw)
+    with pytest.raises(AttributeError, match=r"ptrbridge\.declare: cffi library .* has no function 'nosuch'"):
+        ptrbridge.declare(w, "nosuch", errcheck="nonzero")
+    with pytest.raises(TypeError, match="errcheck must map"):
+        ptrbridge.wrap(raw, errcheck=["add"])  # type: ignore[arg-type]

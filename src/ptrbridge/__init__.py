@@ -14,6 +14,7 @@ from __future__ import annotations
 from .allocators import CAllocator, c_allocator
 from .callbacks import Callback, callback, extern_callback, live_callbacks
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
+from .instrument import instrument, instrumented, uninstrument
 from .capi import c_api, native_library_path
 from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
 from .errors import (
@@ -126,12 +127,15 @@ __all__ = [
     "declare",
     "free",
     "handle_value",
+    "instrument",
+    "instrumented",
     "native_library_path",
     "new",
     "set_call_timeout",
     "set_check_level",
     "shutdown",
     "stats",
+    "uninstrument",
     "unwrap",
     "validate_report",
     "wrap",

@@ -84,6 +84,10 @@ class Callback:
         self.defined_at = caller_site()
         self.released_at: Optional[str] = None
         self.cdata: Any = None
+        # Converts the result as cffi/ctypes will, so that a result of the wrong
+        # type is an exception of the callback (re-raised by the enclosing
+        # checked call) instead of a message cffi prints and swallows.
+        self._convert: Optional[Callable[[Any], Any]] = None
 
     @property
     def released(self) -> bool:
@@ -127,6 +131,8 @@ class Callback:
             if self.userdata is not None:
                 args = self._resolve_userdata(args)
             result = fn(*args)
+            if self._convert is not None:
+                self._convert(result)
             if self.pointer_result and levels._level and result is not None:
                 self._check_result(result, fn)
             return result
@@ -224,6 +230,7 @@ def callback(target: Any, signature: Any = None, fn: Optional[Callable[..., Any]
         pointer = isinstance(restype, type) and issubclass(restype, _POINTER_RESTYPES + (_PointerBase,))
         _check_userdata(userdata, len(getattr(target, "_argtypes_", ()) or ()))
         cb = Callback(fn, str(name or getattr(fn, "__qualname__", "callback")), error, userdata, pointer)
+        cb._convert = _ctypes_converter(restype)
         proto: Any = target
         cb.cdata = proto(lambda *args: cb._invoke(args))
         return _register(cb)
@@ -239,6 +246,7 @@ def callback(target: Any, signature: Any = None, fn: Optional[Callable[..., Any]
     elif error is None and pointer:
         error = target.NULL
     cb = Callback(fn, str(name or getattr(fn, "__qualname__", "callback")), error, userdata, pointer)
+    cb._convert = cffi_converter(target, ctype.result)
     cb.cdata = target.callback(ctype, lambda *args: cb._invoke(args), error=error)
     return _register(cb)
 
@@ -267,6 +275,31 @@ def extern_callback(ffi_: Any, name: Optional[str] = None, *, error: Any = None,
         return _register(cb)
 
     return decorate
+
+
+def cffi_converter(ffi_: Any, result: Any) -> Optional[Callable[[Any], Any]]:
+    """A function that converts a callback's result to ``result`` as cffi will (or raises)."""
+    if result.kind == "void":
+        return None
+    slot = ffi_.new(ffi_.getctype(result, "[1]"))
+
+    def convert(value: Any) -> None:
+        slot[0] = value  # TypeError / OverflowError exactly where cffi's conversion fails
+
+    return convert
+
+
+def _ctypes_converter(restype: Any) -> Optional[Callable[[Any], Any]]:
+    """Likewise for a ctypes callback with a simple, non-pointer result type."""
+    simple = ctypes._SimpleCData  # type: ignore[attr-defined]
+    if not (isinstance(restype, type) and issubclass(restype, simple)) or issubclass(restype, _POINTER_RESTYPES):
+        return None
+
+    def convert(value: Any) -> None:
+        if value is not None and not isinstance(value, restype):
+            restype(value)
+
+    return convert
 
 
 def _function_type(ffi_: Any, signature: str) -> Any:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Uni
 from . import levels
 from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
-from . import quarantine, scanning
+from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
 from .ownership import RegionInfo, cdata_extent, describe, lookup, register, unregister
@@ -62,7 +62,7 @@ _CONVENTIONS = ("negative", "null", "nonzero")
 _THREAD_MODELS = ("free", "serial", "lock")
 
 _CType = type(ffi.typeof("int"))
-_CFuncPtr = ctypes.CFUNCTYPE(None).__mro__[1]
+_CFuncPtr: Any = ctypes.CFUNCTYPE(None).__mro__[1]
 _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
@@ -88,8 +88,8 @@ def defer_exception(exc: BaseException) -> bool:
     frame = sys._getframe(1)
     while frame is not None and frame.f_code not in _CHECKED_CODES:
         frame = frame.f_back  # type: ignore[assignment]
-    if frame is None:
-        return False
+    if frame is None or frame.f_locals.get("record"):
+        return False  # no checked call, or an instrumented one: it behaves as the raw call
     with _deferred_lock:
         first = _deferred.get(id(frame))
         if first is None:
@@ -246,16 +246,15 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
         extent = cdata_extent(arg)
         address = address_of(arg)
         item = ctype.item
+        layout = layout_of(item)  # None for void, function and opaque types: nothing to walk
         if extent is not None:
             lent.append(arg)
-            size = ffi.sizeof(item) if item.kind not in ("void", "function") else 0
-            if size and layout_of(item) is not None:
-                count = max(1, (extent[0] + extent[1] - address) // size)
+            if layout is not None and layout.size:
+                count = max(1, (extent[0] + extent[1] - address) // layout.size)
                 check.walk(argno, address, item, count, "Python")
             return
         if not address:
             return
-        layout = layout_of(item) if item.kind not in ("void", "function") else None
         if layout is not None and layout.slots:
             owner = check.classify(address)
             if owner is not None:
@@ -283,7 +282,9 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
                     target = address_of(element)
                     owner = check.classify(target) if target else None
                     if owner is not None and not owner.pinned:
-                        raise check._nested_error(argno, f"[{j}]", owner, "Python")
+                        check.unpinned(argno, f"[{j}]", owner, "Python")
+                    elif owner is None and target:
+                        check.check_address(argno, target)
         return
     if arg is not None:
         lent.append(arg)  # bytes / buffer for char *: lent for the call
@@ -379,6 +380,21 @@ def _message_text(value: Any) -> str:
     return str(value)
 
 
+_INTERNAL = frozenset({
+    "_lib", "_ffi", "_is_ctypes", "_mode", "_specs", "_error_message", "_use_errno", "_threads",
+    "_lock", "_executor", "_worker_ident", "_limit", "_cache", "_cache_lock", "__dict__", "__class__",
+})
+
+
+def _unwrap_functions(args: Tuple[Any, ...], positions: Tuple[int, ...]) -> Tuple[Any, ...]:
+    """Checked functions passed where C takes a function pointer: pass the real function."""
+    items = list(args)
+    for i in positions:
+        if i < len(items) and getattr(items[i], "_ptrbridge_checked", False):
+            items[i] = items[i].__wrapped__
+    return tuple(items)
+
+
 class CheckedLibrary:
     """A C library whose functions check the pointer rules; see :func:`wrap`."""
 
@@ -387,7 +403,8 @@ class CheckedLibrary:
                  max_concurrency: Optional[int]) -> None:
         self._lib = lib
         self._ffi = ffi_
-        self._is_ctypes = isinstance(lib, ctypes.CDLL)
+        self._is_ctypes = _library_kind(lib, ffi_, "ptrbridge.wrap") == "ctypes"
+        self._mode = "raise"  # explicit wrap raises; instrument() sets "record"
         self._specs: Dict[str, _Spec] = {}
         self._error_message = error_message
         self._use_errno = use_errno
@@ -412,12 +429,23 @@ class CheckedLibrary:
         cached = self._cache.get(name)
         if cached is None:
             raw = getattr(self._lib, name)
-            cached = (raw, self._build(name, raw))
+            checked = self._build(name, raw)
+            if checked is None:
+                # A constant, type or C variable: read through every time, so
+                # that a variable C changes is never seen stale.
+                return raw
+            cached = (raw, checked)
             with self._cache_lock:
                 self._cache[name] = cached
         current = _for_level(cached, levels._level)
         self.__dict__[name] = current
         return current
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _INTERNAL:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._lib, name, value)  # a C global variable: assign it in C
 
     def _repoint(self, level: int) -> None:
         with self._cache_lock:
@@ -430,6 +458,8 @@ class CheckedLibrary:
         return sorted(dir(self._lib))
 
     def __repr__(self) -> str:
+        if self._mode == "record":
+            return repr(self._lib)  # instrumentation shows the program what it had
         return f"<ptrbridge.CheckedLibrary of {self._lib!r} threads={self._threads!r}>"
 
     # -- building checked functions --------------------------------------
@@ -453,6 +483,23 @@ class CheckedLibrary:
         return list(ctype.args), ctype.result, ctype.result.kind == "pointer"
 
     def _build(self, name: str, raw: Any) -> Optional[Callable[..., Any]]:
+        checked = self._build_closure(name, raw)
+        if checked is None or not self._is_ctypes:
+            return checked
+        # ctypes: the checked function is itself a ctypes function pointer (same
+        # address, so cast()/byref()/passing it to C work) whose argtypes,
+        # restype and errcheck are the raw function's: whichever object the
+        # user configures, at whichever level, configures the real function.
+        proxy: Any = _ctypes_checked_type(self._lib)(ctypes.cast(raw, ctypes.c_void_p).value or 0)
+        proxy._raw = raw
+        proxy._checked = checked
+        proxy._refresh = lambda: setattr(proxy, "_checked", self._build_closure(name, raw))
+        proxy.__name__ = getattr(raw, "__name__", name)
+        proxy.__wrapped__ = raw
+        proxy._ptrbridge_semantic = checked._ptrbridge_semantic  # type: ignore[attr-defined]
+        return proxy  # type: ignore[no-any-return]
+
+    def _build_closure(self, name: str, raw: Any) -> Optional[Callable[..., Any]]:
         signature = self._signature(raw)
         if signature is None:
             return None
@@ -463,10 +510,14 @@ class CheckedLibrary:
             if spec.use_errno and failed is not None:
                 raw = _with_ctypes_errno(raw)
             plan: List[Tuple[int, Any]] = [(i, None) for i in range(len(params))]
+            takes_functions: Tuple[int, ...] = ()
         else:
             plan = [(i, p) for i, p in enumerate(params) if _cffi_param_plan(p)]
+            takes_functions = tuple(i for i, p in enumerate(params) if p.kind == "function")
         is_ctypes = self._is_ctypes
         lib_self = self
+        record = self._mode == "record"
+        count_call = findings.count
         semantic = failed is not None or self._threads != "free" or self._limit is not None
         checks_args = bool(plan) or is_ctypes
         get_errno: Callable[[], int] = ctypes.get_errno if is_ctypes else (lambda: ffi.errno)
@@ -505,19 +556,25 @@ class CheckedLibrary:
             return result
 
         def check_args(args: Tuple[Any, ...]) -> List[Any]:
-            # Called from `checked`: the user's frame is two levels up.
+            # Called from `checked`: the user's frame is the one above it, or
+            # None when C or the interpreter called `checked` directly (an
+            # ffi.gc destructor at shutdown, a thread with no Python caller).
             lent: List[Any] = []
             check: Optional[CallCheck] = None
+            if record:
+                count_call("calls")
             if is_ctypes:
                 for i, arg in enumerate(args):
                     kind = type(arg)
-                    if kind is int and not (arg and ownership_history()):
+                    if kind is int and not (arg > 0 and (ownership_history() or _level == 2)):
                         continue  # a raw address is checked only against freed memory
                     if kind in _PLAIN:
                         continue
                     if check is None:
-                        check = CallCheck(name, sys._getframe(2), args)
+                        check = CallCheck(name, sys._getframe(1).f_back, args, record)
                     _check_ctypes_arg(check, i + 1, arg, lent)
+                if check is not None:
+                    check.finish()
                 return lent
             for i, param in plan:
                 if i >= len(args):
@@ -530,8 +587,10 @@ class CheckedLibrary:
                 if arg is None:
                     continue
                 if check is None:
-                    check = CallCheck(name, sys._getframe(2), args)
+                    check = CallCheck(name, sys._getframe(1).f_back, args, record)
                 _check_cffi_arg(check, i + 1, arg, param, lent)
+            if check is not None:
+                check.finish()
             return lent
 
         def run_level2(function: str, args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
@@ -560,35 +619,43 @@ class CheckedLibrary:
         if not semantic and not checks_args:
             # No pointer parameters: only exceptions from callbacks to re-raise.
             def checked(*args: Any) -> Any:
+                if takes_functions:
+                    args = _unwrap_functions(args, takes_functions)
                 result = raw(*args)
-                if _deferred:
+                if _deferred and not record:
                     _raise_deferred(sys._getframe())
                 return result
         elif not semantic and only is not None:
             # One pointer parameter: bytes or NULL for it needs no walk at level 1.
             def checked(*args: Any) -> Any:
+                if takes_functions:
+                    args = _unwrap_functions(args, takes_functions)
                 level = _level
                 if level:
                     if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
                         lent = check_args(args)
                         if lent and level == 2:
-                            return run_level2(name, args, lent, sys._getframe(1))
+                            return run_level2(name, args, lent, sys._getframe().f_back)
                 result = raw(*args)
-                if _deferred:
+                if _deferred and not record:
                     _raise_deferred(sys._getframe())
                 return result
         elif not semantic:
             def checked(*args: Any) -> Any:
+                if takes_functions:
+                    args = _unwrap_functions(args, takes_functions)
                 if _level:
                     lent = check_args(args)
                     if lent and _level == 2:
-                        return run_level2(name, args, lent, sys._getframe(1))
+                        return run_level2(name, args, lent, sys._getframe().f_back)
                 result = raw(*args)
-                if _deferred:
+                if _deferred and not record:
                     _raise_deferred(sys._getframe())
                 return result
         else:
             def checked(*args: Any) -> Any:
+                if takes_functions:
+                    args = _unwrap_functions(args, takes_functions)
                 level = _level
                 lent = check_args(args) if level and checks_args else None
                 limit = lib_self._limit
@@ -596,7 +663,7 @@ class CheckedLibrary:
                     limit.acquire()
                 try:
                     if level == 2 and lent:
-                        return run_level2(name, args, lent, sys._getframe(1))
+                        return run_level2(name, args, lent, sys._getframe().f_back)
                     result, err, exc = dispatch(args)
                 finally:
                     if limit is not None:
@@ -612,7 +679,82 @@ class CheckedLibrary:
         checked.__doc__ = f"Checked call of the C function {name}()."
         checked.__wrapped__ = raw  # type: ignore[attr-defined]
         checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
+        checked._ptrbridge_checked = True  # type: ignore[attr-defined]
         return checked
+
+
+_LIB_TYPE: type = type(lib)  # _cffi_backend's Lib: API-mode libs and out-of-line ABI dlopen results
+_FFI_TYPE = type(ffi)
+_ACCEPTED = ("a cffi API-mode lib, a cffi ffi.dlopen() library or a ctypes.CDLL "
+             "(ctypes.cdll.LoadLibrary, PyDLL)")
+
+
+def _is_cffi_abi_library(obj: Any) -> bool:
+    kind = type(obj)
+    return kind.__name__.startswith("FFILibrary") and kind.__module__ == "cffi.api"
+
+
+def _library_kind(library: Any, ffi_: Any, api: str) -> str:
+    """"cffi" or "ctypes" for a library ``wrap`` accepts; TypeError naming what is accepted."""
+    if ffi_ is not None:
+        is_ffi = isinstance(ffi_, _FFI_TYPE) or any(
+            c.__name__ == "FFI" and c.__module__ == "cffi.api" for c in type(ffi_).__mro__)
+        if not is_ffi:
+            raise TypeError(f"{api}: ffi must be a cffi FFI instance or None, not {type(ffi_).__name__}")
+    if isinstance(library, ctypes.CDLL):
+        return "ctypes"
+    if type(library) is _LIB_TYPE or _is_cffi_abi_library(library):
+        return "cffi"
+    hint = ""
+    if isinstance(library, (str, bytes, os.PathLike)):
+        hint = f" (load it first: ctypes.CDLL({library!r}) or ffi.dlopen({library!r}))"
+    raise TypeError(f"{api}: expected {_ACCEPTED}, not {type(library).__name__}{hint}")
+
+
+def _library_name(library: Any) -> str:
+    if isinstance(library, ctypes.CDLL):
+        return f"ctypes library {getattr(library, '_name', None)!r}"
+    return f"cffi library {library!r}"
+
+
+_ctypes_types: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+
+
+def _config(field: str) -> property:
+    """A property of a checked ctypes function that reads and writes the raw function's ``field``."""
+    def get(self: Any) -> Any:
+        return getattr(self._raw, field)
+
+    def put(self: Any, value: Any) -> None:
+        setattr(self._raw, field, value)
+        self._refresh()  # the result type (NULL convention) and errno copy follow it
+
+    def delete(self: Any) -> None:
+        delattr(self._raw, field)
+        self._refresh()
+
+    return property(get, put, delete, f"The raw function's {field} (shared with it).")
+
+
+def _ctypes_checked_type(library: Any) -> type:
+    """The class of checked functions of a ctypes library: a subclass of its ``_FuncPtr``."""
+    base = library._FuncPtr
+    made = _ctypes_types.get(base)
+    if made is None:
+        def __call__(self: Any, *args: Any) -> Any:
+            return self._checked(*args)
+
+        made = type("CheckedFunction", (base,), {
+            "__call__": __call__,
+            "__doc__": "A checked ctypes function (ptrbridge.wrap); configuration is the raw function's.",
+            "argtypes": _config("argtypes"),
+            "restype": _config("restype"),
+            "errcheck": _config("errcheck"),
+            "_flags_": base._flags_,
+            "_restype_": getattr(base, "_restype_", ctypes.c_int),
+        })
+        _ctypes_types[base] = made
+    return made
 
 
 def _for_level(cached: Tuple[Any, Any], level: int) -> Any:
@@ -685,6 +827,11 @@ def declare(library: CheckedLibrary, name: str, *, errcheck: Optional[ErrorConve
         raise TypeError(f"ptrbridge.declare: expected a library from ptrbridge.wrap(), not {type(library).__name__}")
     if errcheck is not None and not callable(errcheck) and errcheck not in _CONVENTIONS:
         _errcheck_fn(errcheck, False)  # raises the helpful ValueError
+    if not isinstance(name, str) or not _has_function(library._lib, name):
+        raise AttributeError(
+            f"ptrbridge.declare: {_library_name(library._lib)} has no function {name!r}; "
+            f"an error convention for it would never apply (check the spelling)"
+        )
     library._specs[name] = _Spec(
         errcheck,
         library._use_errno if use_errno is None else use_errno,
@@ -693,6 +840,17 @@ def declare(library: CheckedLibrary, name: str, *, errcheck: Optional[ErrorConve
     with library._cache_lock:
         library._cache.pop(name, None)
         library.__dict__.pop(name, None)
+
+
+def _has_function(library: Any, name: str) -> bool:
+    """Whether ``library`` has ``name`` (resolving it; for ctypes that is a dlsym)."""
+    try:
+        getattr(library, name)
+    except (AttributeError, ffi.error):
+        return False
+    except Exception:  # cffi raises e.g. NotImplementedError for names it cannot build
+        return True
+    return True
 
 
 def unwrap(library: CheckedLibrary) -> Any:
@@ -736,6 +894,12 @@ def wrap(lib: Any, ffi: Any = None, *, errcheck: Optional[Mapping[str, ErrorConv
         isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
     ):
         raise ValueError(f"ptrbridge.wrap: max_concurrency must be a positive int, not {max_concurrency!r}")
+    if isinstance(lib, CheckedLibrary) and lib._mode == "record":
+        lib = lib._lib  # instrumented by ptrbridge.instrument(): wrap the library itself
     if isinstance(lib, CheckedLibrary):
         raise TypeError("ptrbridge.wrap: the library is already wrapped")
+    _library_kind(lib, ffi, "ptrbridge.wrap")
+    if errcheck is not None and not isinstance(errcheck, Mapping):
+        raise TypeError(f"ptrbridge.wrap: errcheck must map function names to conventions, "
+                        f"not {type(errcheck).__name__}")
     return CheckedLibrary(lib, ffi, dict(errcheck or {}), use_errno, error_message, threads, max_concurrency)

@@ -44,7 +44,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import heapmap, levels
+from . import findings, heapmap, levels
 from ._bindings import address_of, ffi, lib
 from .callsite import frame_site
 from .errors import NestedPointerError, UseAfterFreeError
@@ -66,11 +66,14 @@ __all__ = [
     "Owner",
     "HINT",
     "MAX_DEPTH",
+    "is_opaque",
 ]
 
 PTR_SIZE = ffi.sizeof("void *")
 _PTR_FORMAT = "Q" if PTR_SIZE == 8 else "I"
 MAX_DEPTH = 8
+_ADDRESS_LIMIT = 1 << (8 * PTR_SIZE)
+_PYMALLOC_MAX = 512  # pymalloc serves requests up to this size; larger ones go to malloc
 MAX_SLOTS = 1 << 16
 MAX_LOCAL_OBJECTS = 512
 LOCAL_FRAMES = 3  # the caller and two frames above it
@@ -153,6 +156,22 @@ class Layout:
 _layouts: Dict[Any, Layout] = {}
 
 
+def is_opaque(ctype: Any) -> bool:
+    """True for a cffi struct or union whose layout is unknown (``typedef ... T;``, ``struct s;``).
+
+    Never reads ``ctype.fields``: for an API-mode opaque type cffi aborts the
+    process on that (an assertion in ``ctypeget_fields``).  An opaque type has
+    no size, so ``ffi.sizeof`` is what asks.  Other types are not opaque.
+    """
+    if not isinstance(ctype, _CType) or ctype.kind not in ("struct", "union"):
+        return False
+    try:
+        ffi.sizeof(ctype)
+    except ffi.error:
+        return True
+    return False
+
+
 def layout_of(ctype: Any) -> Optional[Layout]:
     """The :class:`Layout` of a cffi CType or ctypes type (None for void/opaque)."""
     try:
@@ -162,9 +181,7 @@ def layout_of(ctype: Any) -> Optional[Layout]:
     except TypeError:  # unhashable: not a type we know
         return None
     if isinstance(ctype, _CType):
-        if ctype.kind in ("void", "function") or (
-            ctype.kind in ("struct", "union") and ctype.fields is None
-        ):
+        if ctype.kind in ("void", "function") or is_opaque(ctype):
             return None
         if ctype.kind == "array" and ctype.length is None:
             return None
@@ -297,11 +314,13 @@ def _ctypes_kept(obj: Any, out: List[Any], depth: int = 0) -> None:
 class CallCheck:
     """Checks the arguments of one call.  Create one per call; not thread-shared."""
 
-    __slots__ = ("function", "args", "_frame", "_known", "_visited")
+    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending")
 
-    def __init__(self, function: str, frame: Any, args: Sequence[Any]) -> None:
+    def __init__(self, function: str, frame: Any, args: Sequence[Any], record: bool = False) -> None:
         self.function = function
         self.args = args
+        self.record = record  # instrumentation: findings are recorded, never raised
+        self._pending: Optional[NestedPointerError] = None
         self._frame = frame  # the caller's frame: its locals, and the call site for messages
         self._known: Optional[List[Owner]] = None
         self._visited: set = set()
@@ -372,31 +391,98 @@ class CallCheck:
 
     # -- messages --------------------------------------------------------
     def _where(self) -> str:
-        return f"in call to {self.function}() at {frame_site(self._frame)}"
+        return f"in call to {self.function}() at {self.site()}"
+
+    def site(self) -> str:
+        """``file.py:line`` of the call (``<unknown>:0`` when C or the interpreter made it)."""
+        return frame_site(self._frame)
 
     def _nested_error(self, argno: int, path: str, owner: Owner, holder: str) -> NestedPointerError:
         shown = path if path else "*"
         return NestedPointerError(
             f"ptrbridge: argument {argno} has {holder} pointer to unpinned Python pointer: "
-            f"{shown} -> {owner.description} ({owner.origin}) {self._where()} ({HINT})"
+            f"{shown} -> {owner.description} ({owner.origin}) (unpinned: alive now, but nothing "
+            f"keeps it alive and in place for C){self._reused_note(owner.start)} {self._where()} ({HINT})"
         )
+
+    @staticmethod
+    def _reused_note(address: int) -> str:
+        """A truthful aside when a freed ptrbridge.new object lived at ``address`` before."""
+        if not has_freed_history():
+            return ""
+        freed = find_freed(address)
+        if freed is None:
+            return ""
+        return (f" (the address was reused: {freed.description} created at {freed.site} and freed at "
+                f"{freed.freed_at} lived there before; if the pointer was set from it, it is dangling)")
 
     def _freed_error(self, argno: int, path: Optional[str], freed: FreedRegion) -> UseAfterFreeError:
         what = f"{path} -> " if path else ""
         lead = "has pointer to" if path else "is a pointer into"
         return UseAfterFreeError(
             f"ptrbridge: argument {argno} {lead} freed Python memory: {what}{freed.description} "
-            f"created at {freed.site}, freed at {freed.freed_at} {self._where()} "
-            f"(keep the object alive, or pin it, for as long as C uses it)"
+            f"created at {freed.site}, freed at {freed.freed_at} (dangling: freed before the call) "
+            f"{self._where()} (keep the object alive, or pin it, for as long as C uses it)"
         )
+
+    # -- verdicts: raise (explicit wrap) or record (instrumentation) -------
+    def _find_freed(self, address: int) -> Optional[FreedRegion]:
+        """The freed Python memory ``address`` points into, from the registry or the heap map."""
+        if has_freed_history():
+            freed = find_freed(address)
+            if freed is not None and lookup(address) is None:
+                return freed
+        if levels._level == 2:
+            block = heapmap.find_freed_block(address)  # None while a live block holds the address
+            # Only pymalloc's small blocks are certain: nobody but Python reuses them, and a
+            # reuse would be a live block.  A freed raw, numpy or large block is libc heap
+            # that C's own malloc may have handed out again (ptrbridge's C blocks included),
+            # which only an interposed C heap could tell apart: not reported.
+            if block is not None and block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX:
+                return FreedRegion(block.start, block.size,
+                                   f"Python memory block ({block.size} bytes, {block.domain} allocator)",
+                                   "<unknown> (seen by the level-2 heap map)", "<unknown>")
+        return None
+
+    def dangling(self, argno: int, path: Optional[str], freed: FreedRegion) -> None:
+        """A pointer to freed Python memory: UseAfterFreeError, or an error finding when recording."""
+        exc = self._freed_error(argno, path, freed)
+        if not self.record:
+            raise exc
+        _record(self, "dangling-argument", "error", "use-after-free", exc, freed.description, freed.size,
+                freed.site if not freed.site.startswith("<unknown>") else None, path, "freed")
+
+    def unpinned(self, argno: int, path: str, owner: Owner, holder: str) -> None:
+        """R1: a nested pointer to live unpinned Python memory.
+
+        Explicit wrap raises NestedPointerError once the walk is over (a
+        dangling pointer found further on wins); instrumentation records a
+        portability finding in strict mode and nothing otherwise (CPython
+        never moves the object and it is alive for the call).
+        """
+        if not self.record:
+            if self._pending is None:
+                self._pending = self._nested_error(argno, path, owner, holder)
+            return
+        if findings.strict():
+            exc = self._nested_error(argno, path, owner, holder)
+            _record(self, "nested-unpinned", "portability", "R1", exc, owner.description, owner.size,
+                    None, path, "unpinned")
+
+    def finish(self) -> None:
+        """End of the call's checks: raise the R1 violation found, if any (explicit wrap)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            raise pending
 
     # -- checks ----------------------------------------------------------
     def check_address(self, argno: int, address: int) -> None:
         """A raw address argument (int, non-owning pointer cdata): use-after-free check."""
-        if address and lookup(address) is None:
-            freed = find_freed(address)
-            if freed is not None:
-                raise self._freed_error(argno, None, freed)
+        if 0 < address < _ADDRESS_LIMIT and (has_freed_history() or levels._level == 2):
+            freed = self._find_freed(address)
+            # A live object (a local ffi.new, say) may have reused the freed address: not dangling.
+            if freed is not None and self.classify(address) is None:
+                self.dangling(argno, None, freed)
 
     def walk(self, argno: int, address: int, ctype: Any, count: int, holder: str,
              lend: Optional[List[Owner]] = None) -> None:
@@ -424,24 +510,48 @@ class CallCheck:
                 continue
             owner = self.classify(value)
             if owner is None:
-                if has_freed_history():
-                    freed = find_freed(value)
-                    if freed is not None:
-                        raise self._freed_error(argno, _path(prefix, k, width, indexed, slots), freed)
+                freed = self._find_freed(value)
+                if freed is not None:
+                    self.dangling(argno, _path(prefix, k, width, indexed, slots), freed)
                 continue
             if not owner.pinned:
-                if lend is None:
-                    raise self._nested_error(argno, _path(prefix, k, width, indexed, slots), owner, holder)
-                if owner not in lend:
-                    lend.append(owner)
-                continue
+                if lend is not None:
+                    if owner not in lend:
+                        lend.append(owner)
+                    continue
+                self.unpinned(argno, _path(prefix, k, width, indexed, slots), owner, holder)
+            # Walk on, pinned or not: a dangling pointer further down is the worse bug.
             slot = slots[k % width]
             pointee = layout_of(slot.pointee) if slot.pointee is not None else None
             if pointee is not None and pointee.slots and pointee.size:
                 fits = max(1, (owner.end - value) // pointee.size)
                 path = _path(prefix, k, width, indexed, slots)
-                self._walk(argno, value, pointee, fits, f"{path}->", "pinned Python", depth + 1, lend,
-                           indexed=True)
+                self._walk(argno, value, pointee, fits, f"{path}->",
+                           "pinned Python" if owner.pinned else "Python", depth + 1, lend, indexed=True)
+
+
+_reported: set = set()
+_reported_for: List[int] = [0]
+
+
+def _record(check: CallCheck, kind: str, severity: str, rule: str, exc: BaseException, what: str,
+            size: int, created_at: Optional[str], path: Optional[str], state: str) -> None:
+    """Record one finding of an instrumented call, once per (kind, function, site, slot) per take()."""
+    site = check.site()
+    batch = id(getattr(findings, "_findings", None))  # take() starts a new list: report again
+    if _reported_for[0] != batch:
+        _reported.clear()
+        _reported_for[0] = batch
+    key = (kind, check.function, site, path)
+    if key in _reported:
+        return
+    if len(_reported) < 10_000:
+        _reported.add(key)
+    findings.record(findings.Finding(
+        kind=kind, severity=severity, rule=rule, message=str(exc), object=what, object_size=size,
+        created_at=created_at, function=check.function, lent_at=site, holder=None, state=state,
+        extra={"path": path} if path else {},
+    ))
 
 
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:

@@ -242,3 +242,38 @@ int call_get_len_on_thread(const char *(*fn)(int), int arg)
     pthread_join(t, NULL);
     return c.len;
 }
+
+/* A callback C keeps after the call that registered it returned (like an event
+ * handler), called later - from the caller's thread or from a C thread. */
+static int (*kept_fn)(int);
+
+void keep_callback(int (*fn)(int))
+{
+    kept_fn = fn;
+}
+
+int call_kept(int arg)
+{
+    return kept_fn ? kept_fn(arg) : -1000;
+}
+
+int call_kept_on_thread(int arg)
+{
+    return kept_fn ? call_on_thread(kept_fn, arg) : -1000;
+}
+
+/* Gathers writev-style: total bytes of an iovec array (reads every byte). */
+long iov_sum(const struct pb_iov *iov, int n)
+{
+    long total = 0;
+    for (int i = 0; i < n; i++)
+        for (size_t j = 0; j < iov[i].len; j++)
+            total += ((const unsigned char *)iov[i].base)[j];
+    return total;
+}
+
+/* A msghdr-like chain: message -> iovec array -> buffers. */
+long msg_sum(const struct pb_msg *msg)
+{
+    return iov_sum(msg->iov, msg->iovlen);
+}

@@ -5,6 +5,8 @@
 #ifndef CHECKED_H
 #define CHECKED_H
 
+#include <stddef.h>
+
 /* CDEF_BEGIN */
 struct person { const char *name; int age; };
 struct node { struct node *next; const char *label; };
@@ -35,6 +37,13 @@ int call_with_userdata(int (*fn)(void *, int), void *userdata, int n);
 int call_get_len(const char *(*fn)(int), int arg);
 int call_on_thread(int (*fn)(int), int arg);
 int call_get_len_on_thread(const char *(*fn)(int), int arg);
+struct pb_iov { void *base; size_t len; };
+struct pb_msg { void *name; int namelen; struct pb_iov *iov; int iovlen; void *control; size_t controllen; };
+void keep_callback(int (*fn)(int));
+int call_kept(int arg);
+int call_kept_on_thread(int arg);
+long iov_sum(const struct pb_iov *iov, int n);
+long msg_sum(const struct pb_msg *msg);
 /* CDEF_END */
 
 #endif

@@ -1,0 +1,461 @@
+"""ptrbridge.instrument(): every C call checked with no change to the program, findings recorded.
+
+Each interception point has a buggy call (reported: the object, the call with
+file:line, the reason) and its correct twin (clean).  Freed Python memory at
+the call is seen through the level-2 heap map, which knows bytes / bytearray /
+ctypes buffers today; ``ffi.new`` memory joins it once cffi's malloc is
+interposed (helper "cheap").
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator, List, Tuple
+
+import cffi
+import pytest
+
+import ptrbridge
+from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings
+from conftest import CHECKED_CDEF
+
+SRC = Path(ptrbridge.__file__).resolve().parent.parent
+
+
+def _line() -> int:
+    return sys._getframe(1).f_lineno
+
+
+@pytest.fixture
+def instrumented() -> Iterator[None]:
+    findings.take()
+    old_strict = findings.set_strict(False)
+    assert ptrbridge.instrument() is True
+    try:
+        yield
+    finally:
+        assert ptrbridge.uninstrument() is True
+        findings.set_strict(old_strict)
+        findings.take()
+
+
+@pytest.fixture
+def level2() -> Iterator[None]:
+    with ptrbridge.checking(2):
+        yield
+
+
+def _abi(checked_so: Path) -> Tuple[Any, Any]:
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    return ffi, ffi.dlopen(str(checked_so))
+
+
+def _only(kind: str) -> List[findings.Finding]:
+    return [f for f in findings.take() if f.kind == kind]
+
+
+# --- switching on and off -----------------------------------------------------------
+
+def test_instrument_is_idempotent_thread_safe_and_reversible() -> None:
+    import threading
+
+    originals = (cffi.FFI.dlopen, cffi.FFI.callback, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
+    assert not ptrbridge.instrumented()
+    results: List[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(ptrbridge.instrument())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True] and ptrbridge.instrumented()
+    assert cffi.FFI.dlopen is not originals[0]
+    assert ptrbridge.uninstrument() is True and ptrbridge.uninstrument() is False
+    assert (cffi.FFI.dlopen, cffi.FFI.callback, ctypes.CDLL.__init__, ctypes.CFUNCTYPE) == originals
+    assert not ptrbridge.instrumented()
+
+
+# --- cffi ABI mode ------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_abi_library_behaves_like_the_raw_one(instrumented: None, checked_so: Path, level: int) -> None:
+    ffi, lib = _abi(checked_so)
+    with ptrbridge.checking(level):
+        assert isinstance(lib, calls.CheckedLibrary) and repr(lib).startswith("<cffi")
+        assert lib.add(2, 3) == 5
+        assert lib.text_len(b"four") == 4
+        with pytest.raises(TypeError):
+            lib.add("x", 1)  # same exception as raw cffi
+        assert "add" in dir(lib)
+        assert lib.null_pointer() == ffi.NULL
+        with ptrbridge.callback(ffi, "int(int)", lambda i: i + 1) as cb:
+            assert lib.call_each(cb.cdata, 3) == 6
+        # A checked function handed to C where it takes a function pointer is the C function.
+        assert isinstance(ptrbridge.unwrap(lib).add, ffi.CData)
+
+
+def test_abi_dangling_struct_field_is_reported_and_twin_is_clean(instrumented: None, level2: None,
+                                                                 checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    before = findings.counters()["calls"]
+    p = ffi.new("struct person *")
+    name = bytearray(b"Ada Lovelace\0")
+    p.name = ffi.from_buffer(name)
+    assert lib.person_name_len(p) == 12  # correct twin: the buffer is alive
+    assert findings.take() == []
+    temp = bytearray(b"Grace Hopper\0")
+    p.name = ffi.from_buffer(temp)  # the struct field is all that points to it
+    del temp
+    line = _line() + 1
+    lib.person_name_len(p)  # C reads freed memory (held back by the heap map, so no crash)
+    found = _only("dangling-argument")
+    assert len(found) == 1, found
+    f = found[0]
+    assert f.severity == "error" and f.rule == "use-after-free" and f.function == "person_name_len"
+    assert f.lent_at == f"test_instrument.py:{line}" and f.object is not None and "Python memory block" in f.object
+    assert ".name -> " in f.message and "freed Python memory" in f.message and "dangling" in f.message
+    assert findings.counters()["calls"] >= before + 2
+
+
+def test_in_out_idiom_and_live_structs_are_clean_portable_in_strict_mode(
+        instrumented: None, checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    buf = ffi.new("char[]", b"hello")
+    names = ffi.new("const char **", buf)  # the standard cffi in/out idiom, buf a live local
+    iov_data = [bytearray(b"ab"), bytearray(b"cd")]
+    iov = ffi.new("struct pb_iov[2]")
+    keep = [ffi.from_buffer(d) for d in iov_data]  # kept alive for the call
+    for i, k in enumerate(keep):
+        iov[i].base = k
+        iov[i].len = 2
+    for level in (1, 2):
+        with ptrbridge.checking(level):
+            assert lib.names_total(names, 1) == 5
+            assert lib.iov_sum(iov, 2) == sum(b"abcd")
+    assert findings.take() == []  # clean by default
+    findings.set_strict(True)
+    line = _line() + 1
+    assert lib.names_total(names, 1) == 5
+    assert lib.iov_sum(iov, 2) == sum(b"abcd")
+    found = findings.take()
+    assert [f.kind for f in found] == ["nested-unpinned"] * 3  # *names, [0].base, [1].base
+    assert all(f.severity == "portability" and f.rule == "R1" for f in found)
+    assert found[0].lent_at == f"test_instrument.py:{line}" and "unpinned: alive now" in found[0].message
+    # Explicit wrap keeps the strict rule: NestedPointerError.
+    w = ptrbridge.wrap(ptrbridge.unwrap(lib))
+    with pytest.raises(NestedPointerError, match=r"unpinned: alive now"):
+        w.names_total(names, 1)
+    with pytest.raises(NestedPointerError, match=r"\[0\]\.base -> bytearray\(2\)"):
+        w.iov_sum(iov, 2)
+
+
+def _freed_buffer_chain(ffi: Any) -> Tuple[Any, Any, List[Any]]:
+    """A msghdr -> iovec[3] -> buffers chain whose middle buffer was freed."""
+    parts = [bytearray(b"one"), bytearray(b"two"), bytearray(b"six")]
+    iov = ffi.new("struct pb_iov[3]")
+    for i, part in enumerate(parts):
+        iov[i].base = ffi.from_buffer(part)
+        iov[i].len = 3
+    del parts[1], part  # the iovec is all that points to "two"
+    msg = ffi.new("struct pb_msg *")
+    msg.iov = iov
+    msg.iovlen = 3
+    return msg, iov, parts
+
+
+def test_freed_iovec_base_and_msghdr_chain(instrumented: None, level2: None, checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    msg, iov, parts = _freed_buffer_chain(ffi)
+    gc.collect()
+    lib.iov_sum(iov, 3)
+    lib.msg_sum(msg)
+    found = _only("dangling-argument")
+    assert [f.extra["path"] for f in found] == ["[1].base", ".iov->[1].base"], found
+    assert all(f.severity == "error" for f in found)
+    # Explicit wrap refuses both calls with UseAfterFreeError naming the freed block and the call.
+    w = ptrbridge.wrap(ptrbridge.unwrap(lib))
+    with pytest.raises(UseAfterFreeError, match=r"argument 1 has pointer to freed Python memory: \[1\]\.base -> "
+                                                r"Python memory block \(\d+ bytes, \w+ allocator\).* in call to "
+                                                r"iov_sum\(\) at test_instrument\.py:\d+"):
+        w.iov_sum(iov, 3)
+    with pytest.raises(UseAfterFreeError, match=r"\.iov->\[1\]\.base -> Python memory block"):
+        w.msg_sum(msg)
+    # Not a NestedPointerError blaming the live iovec: the freed buffer is the bug.
+    assert parts[0] == b"one"
+
+
+def test_explicit_wrap_names_a_freed_struct_field_at_level_2(level2: None, abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    w = ptrbridge.wrap(raw)
+    p = ffi.new("struct person *")
+    temp = bytearray(b"temporary\0")
+    p.name = ffi.from_buffer(temp)
+    del temp
+    with pytest.raises(UseAfterFreeError, match=r"\.name -> Python memory block .*person_name_len\(\)"):
+        w.person_name_len(p)
+
+
+# --- cffi API mode: the lib of compiled modules ---------------------------------------
+
+API_CDEF = """
+    #define ANSWER 42
+    extern int counter_var;
+    typedef ... opaque_state;
+    opaque_state *opaque_new(int v);
+    int opaque_get(const opaque_state *s);
+    void opaque_free(opaque_state *s);
+    int read_counter(void);
+    struct person { const char *name; int age; };
+    int person_name_len(const struct person *p);
+    int apply(int (*fn)(int), int v);
+    int twice(int v);
+"""
+API_SOURCE = """
+    #include <stdlib.h>
+    #include <string.h>
+    #define ANSWER 42
+    int counter_var;
+    typedef struct { int v; } opaque_state;
+    opaque_state *opaque_new(int v) { opaque_state *s = malloc(sizeof *s); if (s) s->v = v; return s; }
+    int opaque_get(const opaque_state *s) { return s->v; }
+    void opaque_free(opaque_state *s) { free(s); }
+    int read_counter(void) { return counter_var; }
+    struct person { const char *name; int age; };
+    int person_name_len(const struct person *p) { return (int)strlen(p->name); }
+    int apply(int (*fn)(int), int v) { return fn(v); }
+    int twice(int v) { return 2 * v; }
+"""
+
+
+@pytest.fixture(scope="module")
+def api_dir(clib_dir: Path) -> Path:
+    """Compiles the module without importing it here (the subprocess imports it instrumented)."""
+    builder = cffi.FFI()
+    builder.cdef(API_CDEF)
+    builder.set_source("_instr_api", API_SOURCE)
+    out = clib_dir / "instr_api"
+    out.mkdir(exist_ok=True)
+    builder.compile(tmpdir=str(out))
+    return out
+
+
+def _run(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, env={"PYTHONPATH": f"{cwd}:{SRC}", "PATH": "/usr/bin:/bin"})
+
+
+def test_api_module_imported_after_instrument(api_dir: Path) -> None:
+    done = _run(script := """
+        import gc, json, sys
+        import ptrbridge
+        from ptrbridge import findings
+        ptrbridge.instrument()
+        ptrbridge.set_check_level(2)
+        from _instr_api import ffi, lib
+        import _instr_api
+        out = {"type": type(lib).__name__, "same": _instr_api.lib is lib, "answer": lib.ANSWER,
+               "dir": "opaque_new" in dir(lib)}
+        lib.counter_var = 7
+        out["var"] = [lib.counter_var, lib.read_counter()]
+        s = ffi.gc(lib.opaque_new(5), lib.opaque_free)   # the destructor is a checked function
+        out["opaque"] = lib.opaque_get(s)
+        del s; gc.collect()
+        out["apply"] = lib.apply(lib.twice, 21)           # lib.f where C takes a function pointer
+        p = ffi.new("struct person *")
+        name = bytearray(b"Ada\\0")
+        p.name = ffi.from_buffer(name)
+        out["good"] = lib.person_name_len(p)
+        out["clean"] = [f.kind for f in findings.take()]
+        temp = bytearray(b"Grace\\0")
+        p.name = ffi.from_buffer(temp)
+        del temp
+        lib.person_name_len(p)   # LINE-BUG
+        out["bug"] = [(f.kind, f.severity, f.function, f.lent_at) for f in findings.take()]
+        out["calls"] = findings.counters()["calls"]
+        print(json.dumps(out))
+    """, api_dir)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    bug_line = next(i for i, text in enumerate(textwrap.dedent(script).splitlines(), 1) if "LINE-BUG" in text)
+    assert out["type"] == "CheckedLibrary" and out["same"] and out["answer"] == 42 and out["dir"]
+    assert out["var"] == [7, 7] and out["opaque"] == 5 and out["apply"] == 42 and out["good"] == 3
+    assert out["clean"] == []
+    assert out["bug"] == [["dangling-argument", "error", "person_name_len", f"<string>:{bug_line}"]]
+    assert out["calls"] >= 3
+
+
+def test_api_module_imported_before_instrument(api_dir: Path) -> None:
+    done = _run("""
+        import json, sys
+        import ptrbridge
+        from _instr_api import ffi, lib as early
+        import _instr_api
+        raw = _instr_api.lib
+        ptrbridge.instrument()
+        out = [type(_instr_api.lib).__name__, type(early).__name__, early.twice(4)]
+        ptrbridge.uninstrument()
+        out += [_instr_api.lib is raw, early is raw]
+        print(json.dumps(out))
+    """, api_dir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["CheckedLibrary", "CheckedLibrary", 8, True, True]
+
+
+def test_wrapping_an_instrumented_lib_wraps_the_library(instrumented: None, checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    w = ptrbridge.wrap(lib)  # a program that wraps by hand still works under `ptrbridge run`
+    assert ptrbridge.unwrap(w) is ptrbridge.unwrap(lib)
+    keep = ffi.new("char[]", b"x")
+    names = ffi.new("const char **", keep)
+    with pytest.raises(NestedPointerError):
+        w.names_total(names, 1)
+
+
+# --- ctypes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_ctypes_functions_stay_ctypes_functions(instrumented: None, checked_so: Path, level: int) -> None:
+    with ptrbridge.checking(level):
+        lib = ctypes.CDLL(str(checked_so))
+        f = lib.text_len
+        assert isinstance(f, calls._CFuncPtr)  # a real ctypes function pointer
+        assert f(b"abc") == 3
+        libc = ctypes.CDLL(None)
+        libc.labs.argtypes = [ctypes.c_long]
+        libc.labs.restype = ctypes.c_long
+        assert libc.labs(-(2 ** 40)) == 2 ** 40
+        libc.labs.errcheck = lambda result, func, args: result + 1
+        assert libc.labs(-1) == 2
+        with pytest.raises(ctypes.ArgumentError):
+            libc.labs("x")  # the same exception as raw ctypes
+        assert ctypes.cast(lib.add, ctypes.c_void_p).value
+
+
+def test_ctypes_dangling_address_is_reported_and_twin_is_clean(instrumented: None, level2: None,
+                                                               checked_so: Path) -> None:
+    lib = ctypes.CDLL(str(checked_so))
+    lib.text_len.argtypes = [ctypes.c_void_p]
+    live = ctypes.create_string_buffer(b"alive", 40)
+    assert lib.text_len(ctypes.addressof(live)) == 5
+    assert findings.take() == []
+    temp = ctypes.create_string_buffer(b"gone", 40)
+    address = ctypes.addressof(temp)
+    del temp
+    line = _line() + 1
+    lib.text_len(address)
+    found = _only("dangling-argument")
+    assert len(found) == 1 and found[0].lent_at == f"test_instrument.py:{line}" and found[0].function == "text_len"
+    assert "argument 1 is a pointer into freed Python memory" in found[0].message
+
+
+def test_cfunctype_pointer_from_an_address_is_checked(instrumented: None, level2: None, checked_so: Path) -> None:
+    lib = ctypes.CDLL(str(checked_so))
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    text_len = proto(ctypes.cast(lib.text_len, ctypes.c_void_p).value)
+    live = ctypes.create_string_buffer(b"alive", 40)
+    assert text_len(ctypes.addressof(live)) == 5 and findings.take() == []
+    temp = ctypes.create_string_buffer(b"gone", 40)
+    address = ctypes.addressof(temp)
+    del temp
+    text_len(address)
+    assert len(_only("dangling-argument")) == 1
+
+
+# --- callbacks ----------------------------------------------------------------------
+
+_KEPT: List[Any] = []
+
+
+def test_cffi_callback_result_that_dies_on_return(instrumented: None, checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    raw = ptrbridge.unwrap(lib)
+
+    def temporary(i: int) -> Any:
+        return ffi.new("char[]", b"temporary")  # freed as soon as the callback returns
+
+    def kept(i: int) -> Any:
+        return _KEPT[0]
+
+    _KEPT[:] = [ffi.new("char[]", b"kept!")]
+    good = ffi.callback("const char *(int)", kept)
+    assert raw.call_get_len(good, 1) == 5
+    assert findings.take() == []  # alive after the return: clean (portability only in strict mode)
+    bad = ffi.callback("const char *(int)", temporary)
+    raw.call_get_len(bad, 1)
+    found = _only("callback-result")
+    assert len(found) == 1 and found[0].severity == "error" and "dies on return" in found[0].message
+    assert "temporary" in found[0].message and "test_instrument.py:" in found[0].message
+    findings.set_strict(True)
+    raw.call_get_len(good, 1)
+    assert [f.severity for f in _only("callback-result")] == ["portability"]
+    assert findings.counters()["callbacks"] >= 3
+    _KEPT.clear()
+
+
+def test_exception_in_a_callback_goes_where_it_went(instrumented: None, checked_so: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ffi, lib = _abi(checked_so)
+    seen: List[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u))
+
+    def boom(i: int) -> int:
+        raise KeyError("in callback")
+
+    with ptrbridge.callback(ffi, "int(int)", boom, error=-9) as cb:
+        assert lib.call_each(cb.cdata, 2) == -9  # not re-raised: the raw call does not either
+    assert seen and isinstance(seen[0].exc_value, KeyError)
+
+
+COLLECTED = """
+    import ctypes, gc, json, sys
+    import cffi, ptrbridge
+    from ptrbridge import findings
+    sys.path.insert(0, {tests!r})
+    from conftest import CHECKED_CDEF
+    ptrbridge.instrument()
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    lib = ffi.dlopen({so!r})
+
+    def on_event(i):
+        return i * 3
+
+    cb = ffi.callback("int(int)", on_event)        # LINE-CFFI
+    lib.keep_callback(cb)
+    first = lib.call_kept(2)
+    del cb, on_event
+    gc.collect()
+    late = lib.call_kept_on_thread(5)             # C calls it after the program dropped it
+
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    clib = ctypes.CDLL({so!r})
+    clib.keep_callback.argtypes = [proto]
+    ccb = proto(lambda i: i + 100)                 # LINE-CTYPES
+    clib.keep_callback(ccb)
+    cfirst = clib.call_kept(1)
+    del ccb
+    gc.collect()
+    clate = clib.call_kept_on_thread(1)
+    found = [(f.kind, f.severity, f.created_at, f.message) for f in findings.take() if f.kind == "collected-callback"]
+    print(json.dumps([first, late, cfirst, clate, found]))
+"""
+
+
+def test_collected_callback_called_from_a_c_thread_is_reported_not_a_crash(checked_so: Path, tmp_path: Path) -> None:
+    script = COLLECTED.format(tests=str(Path(__file__).parent), so=str(checked_so))
+    done = _run(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    first, late, cfirst, clate, found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (first, cfirst) == (6, 101)
+    assert (late, clate) == (0, 0)  # the callback's error value, not a jump into freed memory
+    assert [(k, s) for k, s, _, _ in found] == [("collected-callback", "error")] * 2
+    lines = textwrap.dedent(script).splitlines()
+    cffi_line = next(i for i, text in enumerate(lines, 1) if "LINE-CFFI" in text)
+    ctypes_line = next(i for i, text in enumerate(lines, 1) if "LINE-CTYPES" in text)
+    assert found[0][2] == f"<string>:{cffi_line}" and "callback on_event created at" in found[0][3]
+    assert found[1][2] == f"<string>:{ctypes_line}" and "was collected" in found[1][3]
