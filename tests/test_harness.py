@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -86,7 +87,7 @@ def test_each_leak_kind_fails_its_test(pytester: pytest.Pytester, enable: list) 
     assert "test_leaky.py::test_c_memory" in out and "leaked 1 tracked C block(s) (16 bytes)" in out
     assert "leaked 1 handle(s)" in out
     assert "leaked 1 pin(s)" in out
-    assert "1 buffer(s) transferred to C were never freed by C" in out
+    assert "leaked 1 buffer(s) transferred to C" in out and "never freed by C" in out
     assert "ptrbridge findings" in out  # the summary section
     summary = out[out.index("ptrbridge findings"):]
     for name in ("test_c_memory", "test_handle", "test_pin", "test_transferred"):
@@ -101,30 +102,40 @@ def test_environment_variable_enables_the_plugin(pytester: pytest.Pytester, monk
     result.assert_outcomes(passed=2, failed=4)
 
 
-def test_retention_found_at_teardown_fails_the_test(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_retained="""
-        import ptrbridge
-        from ptrbridge._bindings import ffi
+RETAINED_TESTS = """
+    import ptrbridge, pytest
+    from ptrbridge._bindings import ffi
 
-        def test_c_keeps_unpinned_pointer():
-            data = bytearray(64)
-            holder = ptrbridge.CBuffer(8)      # C memory holding a pointer, as a C struct would
+    @pytest.mark.ptrbridge(allow_leaks=["c_memory"])
+    def test_c_keeps_unpinned_pointer():
+        data = bytearray(64)
+        holder = ptrbridge.CBuffer(8)      # C memory holding a pointer, as a C struct would
+        with ptrbridge.Pinner() as p:
+            ffi.cast("char **", holder.ptr)[0] = p.pin(data)
+        test_c_keeps_unpinned_pointer.keep = (holder, data)
+
+    def test_c_clears_pointer_before_unpin():
+        data = bytearray(64)
+        with ptrbridge.CBuffer(8) as holder:
             with ptrbridge.Pinner() as p:
                 ffi.cast("char **", holder.ptr)[0] = p.pin(data)
-            test_c_keeps_unpinned_pointer.keep = (holder, data)
+                ffi.cast("char **", holder.ptr)[0] = ffi.NULL
+"""
 
-        def test_c_clears_pointer_before_unpin():
-            data = bytearray(64)
-            with ptrbridge.CBuffer(8) as holder:
-                with ptrbridge.Pinner() as p:
-                    ffi.cast("char **", holder.ptr)[0] = p.pin(data)
-                    ffi.cast("char **", holder.ptr)[0] = ffi.NULL
-    """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2")
+
+def test_retention_is_a_portability_finding_that_fails_only_when_strict(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_retained=RETAINED_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2",
+                                           "-W", "ignore::ptrbridge.PinLeakWarning")
     out = result.stdout.str()
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2)
     assert "C kept a pointer to Python memory after it was unpinned (R2): bytearray(64)" in out
-    assert "test_retained.py" in out
+    assert "portability (does not fail: not strict)" in out
+
+    strict = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", "--ptrbridge-strict",
+                                           "-W", "ignore::ptrbridge.PinLeakWarning")
+    strict.assert_outcomes(passed=1, failed=1)
+    assert "strict: portability findings fail" in strict.stdout.str()
 
 
 def test_marker_level_and_fixture(pytester: pytest.Pytester) -> None:
@@ -181,11 +192,14 @@ def test_c_extension_suite_fails_exactly_the_bad_tests(pytester: pytest.Pytester
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", "--ptrbridge-watch=_pbext")
     out = result.stdout.str()
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=2, failed=1)  # C holding a freed pointer is a portability finding
     assert "test_ext.py::test_scratch" in out and "leaked 1 tracked C block(s) (64 bytes)" in out
     assert "test_ext.py::test_keep" in out
     assert "C kept a pointer to Python memory after the object was freed (R2)" in out
     assert "global 'kept_buffer'" in out
+    strict = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", "--ptrbridge-watch=_pbext",
+                                           "--ptrbridge-strict")
+    strict.assert_outcomes(passed=1, failed=2)
 
 
 # --- python -m ptrbridge run -----------------------------------------------------
@@ -210,10 +224,13 @@ def test_run_clean_program_exits_zero(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "working" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["exit_status"] == 0 and report["processes"] == 1
-    assert report["findings"] == [] and report["leaks"] == []
-    assert report["stats"][0]["allocations"] == 1 and report["stats"][0]["frees"] == 1
+    assert ptrbridge.validate_report(report) == []
+    assert report["exit_status"] == 0 and report["status"] == 0 and len(report["processes"]) == 1
+    assert report["findings"] == [] and report["counts"]["total"] == 0
+    stats = report["processes"][0]["stats"]
+    assert stats["allocations"] == 1 and stats["frees"] == 1
     assert "findings: 0" in proc.stderr and "C memory (pid" in proc.stderr
+    assert "checked 0 call(s)" in proc.stderr and "checked 0 calls to C" in proc.stderr
 
 
 def test_run_reports_leaks_and_findings_as_json(tmp_path: Path) -> None:
@@ -227,9 +244,14 @@ def test_run_reports_leaks_and_findings_as_json(tmp_path: Path) -> None:
     """, "--check", "2")
     assert proc.returncode == 1, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert any("leaked 1 tracked C block(s) (32 bytes)" in leak for leak in report["leaks"])
-    assert any("after it was unpinned (R2): bytearray(16)" in f for f in report["findings"])
-    assert "findings: 1" in proc.stderr
+    assert ptrbridge.validate_report(report) == []
+    leak = next(f for f in report["findings"] if f["kind"] == "leak")
+    assert "leaked 1 tracked C block(s) (32 bytes)" in leak["message"] and leak["severity"] == "error"
+    assert leak["object_size"] == 32 and leak["fails"] and leak["pid"] == report["processes"][0]["pid"]
+    retained = next(f for f in report["findings"] if f["kind"] == "retained-live")
+    assert retained["object"] == "bytearray(16)" and retained["severity"] == "portability"
+    assert retained["lent_at"] == "program.py:7" and retained["state"] == "unpinned"
+    assert "findings: 2 (1 error(s), 1 portability" in proc.stderr
 
 
 def test_run_passes_through_a_failing_exit_status(tmp_path: Path) -> None:
@@ -248,13 +270,151 @@ def test_run_records_uncaught_pointer_errors(tmp_path: Path) -> None:
     """)
     assert proc.returncode == 1
     report = json.loads((tmp_path / "report.json").read_text())
-    assert any("uncaught InvalidHandleError" in f for f in report["findings"])
+    (raised,) = report["findings"]
+    assert raised["kind"] == "error-raised" and raised["severity"] == "error"
+    assert raised["extra"]["exception"] == "ptrbridge.errors.InvalidHandleError"
+    assert raised["lent_at"] == "program.py:3" and "(uncaught)" in raised["message"]
 
 
 def test_run_without_command_is_an_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no command given" in proc.stderr
+
+
+PORTABILITY_ONLY = """
+    import ptrbridge
+    from ptrbridge._bindings import ffi
+    holder = ptrbridge.CBuffer(8)
+    data = bytearray(16)
+    with ptrbridge.Pinner() as p:
+        ffi.cast("char **", holder.ptr)[0] = p.pin(data)
+    holder.free()
+"""
+
+
+def test_run_exit_status_portability_fails_only_when_strict(tmp_path: Path) -> None:
+    proc = _run(tmp_path, PORTABILITY_ONLY)
+    assert proc.returncode == 0, proc.stderr
+    assert "findings: 1 (0 error(s), 1 portability; not strict" in proc.stderr
+    assert "portability (does not fail: not strict)" in proc.stderr
+    proc = _run(tmp_path, PORTABILITY_ONLY, "--strict")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["strict"] is True and report["counts"]["failing"] == 1
+
+
+def test_run_watching_a_library_never_loaded_is_exit_status_2(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "import ptrbridge\n", "--watch-library", "no_such_lib")
+    assert proc.returncode == 2, proc.stderr
+    assert "--watch-library 'no_such_lib': matched no loaded library in any process" in proc.stderr
+    proc = _run(tmp_path, "import ctypes\nctypes.CDLL('libz.so.1')\n", "--watch-library", "libz")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_run_leaves_a_program_without_c_unchanged(tmp_path: Path) -> None:
+    proc = _run(tmp_path, """
+        import sys
+        print(sorted(m for m in ("ptrbridge", "cffi", "_cffi_backend", "ctypes") if m in sys.modules))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert ptrbridge.validate_report(report) == []
+    assert report["processes"][0]["activated"] is False
+    assert any("ptrbridge was never loaded" in note for note in report["notes"])
+
+
+def test_run_settings_reach_the_program(tmp_path: Path) -> None:
+    program = """
+        import ptrbridge
+        print(ptrbridge.check_level(), ptrbridge.quarantine_enabled())
+    """
+    proc = _run(tmp_path, program)
+    assert proc.stdout.split() == ["2", "True"], proc.stderr
+    proc = _run(tmp_path, program, "--no-quarantine", "--check", "1")
+    assert proc.stdout.split() == ["1", "False"], proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"] == {"check_level": 1, "strict": False, "quarantine": False, "instrument": True,
+                                  "watch": []}
+
+
+def test_run_chains_to_the_programs_own_sitecustomize(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("import os\nos.environ['OWN_SITECUSTOMIZE'] = 'ran'\n")
+    script = tmp_path / "program.py"
+    script.write_text("import os, sitecustomize\nprint(os.environ.get('OWN_SITECUSTOMIZE'), sitecustomize.__file__)\n")
+    env = dict(os.environ, PYTHONPATH=str(own))
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    ran, path = proc.stdout.split()
+    assert ran == "ran" and path == str(own / "sitecustomize.py")
+
+
+def _fake_plugin_distribution(where: Path) -> None:
+    """A dist-info as a regular (non-editable) install of a pytest plugin that ships ptrbridge: pytest
+    then marks the package ``ptrbridge`` for assertion rewriting, as it does for the installed wheel."""
+    info = where / "fakeplug-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[pytest11]\nfakeplug = fakeplug_mod\n")
+    (info / "RECORD").write_text("ptrbridge/__init__.py,,\nfakeplug_mod.py,,\nfakeplug-1.0.dist-info/RECORD,,\n")
+    (where / "fakeplug_mod.py").write_text("")
+
+
+def test_run_pytest_with_filterwarnings_error_and_a_failing_pointer_error(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _fake_plugin_distribution(site)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    (project / "test_app.py").write_text(textwrap.dedent("""
+        import cffi, ptrbridge
+
+        ffi = cffi.FFI()
+        ffi.cdef("struct iovec { void *iov_base; size_t iov_len; }; ssize_t writev(int, const struct iovec *, int);")
+        libc = ptrbridge.wrap(ffi.dlopen(None), ffi=ffi)
+
+        def test_fine():
+            assert 1 + 1 == 2
+
+        def test_nested():
+            data = bytearray(b"hi")
+            iov = ffi.new("struct iovec *")
+            iov.iov_base = ffi.from_buffer(data)
+            iov.iov_len = 2
+            libc.writev(1, iov, 1)
+    """))
+    report = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.pop("PTRBRIDGE_CHECK", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptrbridge", "run", "--report", str(report), "--",
+         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=project,
+    )
+    output = proc.stdout + proc.stderr
+    assert "PytestAssertRewriteWarning" not in output
+    assert "1 failed, 1 passed" in proc.stdout, output
+    assert proc.returncode == 1
+    data = json.loads(report.read_text())
+    assert ptrbridge.validate_report(data) == []
+    (raised,) = data["findings"]
+    assert raised["kind"] == "error-raised" and raised["test"] == "test_app.py::test_nested"
+    assert raised["rule"] == "R1" and raised["pid"] == data["processes"][0]["pid"]
+    assert "findings: 1 (1 error(s)" in proc.stderr
+    assert sorted(t["nodeid"] for t in data["tests"]) == ["test_app.py::test_fine", "test_app.py::test_nested"]
+
+
+def test_version_and_demo_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ptrbridge {ptrbridge.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "demo", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "A guided tour of ptrbridge" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--help"], capture_output=True, text=True)
+    assert 'set_on_violation("collect")' in proc.stdout and "--no-instrument" in proc.stdout
 
 
 # --- assert_no_growth -------------------------------------------------------------
@@ -282,3 +442,170 @@ def test_assert_no_growth_passes_clean_code(pbext_path: Path) -> None:
 def test_assert_no_growth_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         assert_no_growth(lambda: None, **kwargs)
+
+
+# --- the verdict: errors fail, portability findings only when strict ---------------
+
+MIXED_TESTS = """
+    import cffi, ptrbridge, pytest
+    from ptrbridge import findings
+    from ptrbridge.findings import Finding
+    from ptrbridge._bindings import ffi as pbffi
+
+    ffi = cffi.FFI()
+    ffi.cdef("struct iovec { void *iov_base; size_t iov_len; }; ssize_t writev(int, const struct iovec *, int);")
+    libc = ptrbridge.wrap(ffi.dlopen(None), ffi=ffi)
+
+    def test_clean():
+        findings.count("calls", 3)       # what a checked call counts
+        findings.count("lends", 2)
+        with ptrbridge.CBuffer(16):
+            pass
+
+    def test_leak_is_an_error():
+        test_leak_is_an_error.keep = ptrbridge.Handle(object())
+
+    def test_nested_pointer_error_fails_and_counts():
+        data = bytearray(b"hi")
+        iov = ffi.new("struct iovec *")
+        iov.iov_base = ffi.from_buffer(data)
+        iov.iov_len = 2
+        libc.writev(1, iov, 1)   # explicit wrap: NestedPointerError
+
+    def test_retention_is_portability():
+        data = bytearray(32)
+        holder = ptrbridge.CBuffer(8)
+        with ptrbridge.Pinner() as p:
+            pbffi.cast("char **", holder.ptr)[0] = p.pin(data)
+        holder.free()
+
+    def test_recorded_portability():
+        findings.count("calls")
+        findings.record(Finding(kind="nested-unpinned", severity="portability", rule="R1",
+                                message="ptrbridge: nested pointer to unpinned bytes(8)", object="bytes(8)",
+                                object_size=8, function="f", lent_at="x.py:1"))
+"""
+
+
+def _mixed(pytester: pytest.Pytester, *options: str) -> tuple:
+    pytester.makepyfile(test_mixed=MIXED_TESTS)
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2",
+                                           f"--ptrbridge-report={report}", *options)
+    return result, json.loads(report.read_text())
+
+
+def test_mixed_suite_errors_fail_portability_does_not(pytester: pytest.Pytester) -> None:
+    result, report = _mixed(pytester)
+    result.assert_outcomes(passed=3, failed=2)
+    out = result.stdout.str()
+    assert "FAILED test_mixed.py::test_leak_is_an_error" in out
+    assert "FAILED test_mixed.py::test_nested_pointer_error_fails_and_counts" in out
+    assert "ptrbridge findings: 2 error(s), 2 portability finding(s) (not strict" in out
+    assert "no pointer problems found" not in out
+    assert ptrbridge.validate_report(report) == []
+    assert report["counts"] == {"error": 2, "portability": 2, "failing": 2, "total": 4}
+    kinds = sorted((f["kind"], f["severity"], f["test"].split("::")[1]) for f in report["findings"])
+    assert kinds == [
+        ("error-raised", "error", "test_nested_pointer_error_fails_and_counts"),
+        ("leak", "error", "test_leak_is_an_error"),
+        ("nested-unpinned", "portability", "test_recorded_portability"),
+        ("retained-live", "portability", "test_retention_is_portability"),
+    ]
+    raised = next(f for f in report["findings"] if f["kind"] == "error-raised")
+    assert raised["rule"] == "R1" and raised["extra"]["exception"] == "ptrbridge.errors.NestedPointerError"
+    assert raised["lent_at"] == "test_mixed.py:24" and "bytearray(2)" in raised["message"]
+    retained = next(f for f in report["findings"] if f["kind"] == "retained-live")
+    assert retained["object"] == "bytearray(32)" and retained["object_size"] == 32
+    assert retained["function"] == "Pinner.pin" and retained["state"] == "unpinned"
+    assert retained["holder"].startswith("C heap block") and not retained["fails"]
+    tests = {t["nodeid"].split("::")[1]: t for t in report["tests"]}
+    assert tests["test_clean"]["checked"]["calls"] == 3 and tests["test_clean"]["checked"]["lends"] == 2
+    assert tests["test_clean"]["findings"] == 0 and tests["test_clean"]["outcome"] == "passed"
+    assert tests["test_recorded_portability"]["checked"]["calls"] == 1
+    assert tests["test_leak_is_an_error"]["outcome"] == "failed" and tests["test_leak_is_an_error"]["failing"] == 1
+    assert report["checked"]["calls"] >= 4  # the suite's own count; wrapped calls add to it
+    assert report["settings"]["check_level"] == 2 and report["settings"]["strict"] is False
+    # the schema check can fail: a malformed report is rejected with the reasons
+    broken = json.loads(json.dumps(report))
+    broken["findings"][0]["severity"] = "fatal"
+    del broken["findings"][1]["holder"]
+    broken["checked"]["calls"] = -1
+    problems = ptrbridge.validate_report(broken)
+    assert any("fatal" in p for p in problems)
+    assert any("missing 'holder'" in p for p in problems)
+    assert any("$.checked.calls" in p for p in problems)
+
+
+def test_mixed_suite_in_strict_mode(pytester: pytest.Pytester) -> None:
+    result, report = _mixed(pytester, "--ptrbridge-strict")
+    result.assert_outcomes(passed=1, failed=4)
+    assert "strict: portability findings fail" in result.stdout.str()
+    assert report["counts"]["failing"] == 4 and report["settings"]["strict"] is True
+    assert all(f["fails"] for f in report["findings"])
+
+
+def test_strict_from_the_environment(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTRBRIDGE_STRICT", "1")
+    result, report = _mixed(pytester)
+    result.assert_outcomes(passed=1, failed=4)
+
+
+def test_summary_says_when_nothing_was_checked(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_nothing="""
+        def test_a():
+            assert True
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=1")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "ptrbridge: no pointer problems found; checked 0 call(s), 0 callback(s), 0 lend(s) in 1 test(s)" in out
+    assert "checked 0 calls to C" in out
+
+
+def test_watching_a_library_that_never_loads_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_w="""
+        def test_a():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2",
+                                           "--ptrbridge-watch=no_such_lib")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--ptrbridge-watch 'no_such_lib': matched no loaded library during the whole session" in result.stdout.str()
+    ok = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", "--ptrbridge-watch=libc.so")
+    assert ok.ret == 0, ok.stdout.str()
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--ptrbridge=2"], True),
+    (["--ptrbridge=2", "--ptrbridge-no-quarantine"], False),
+    (["--ptrbridge=1"], False),
+])
+def test_quarantine_is_on_by_default_at_level_2(pytester: pytest.Pytester, options: list, expected: bool) -> None:
+    pytester.makepyfile(test_q=f"""
+        import ptrbridge
+
+        def test_quarantine():
+            assert ptrbridge.quarantine_enabled() is {expected}
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *options).assert_outcomes(passed=1)
+
+
+def test_error_in_fixture_teardown_is_attributed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_fx="""
+        import pytest
+        from ptrbridge import findings
+        from ptrbridge.findings import Finding
+
+        @pytest.fixture
+        def recorder():
+            yield
+            findings.record(Finding(kind="use-after-release", severity="error", rule="use-after-free",
+                                    message="ptrbridge: C wrote to bytes(4) after the call returned"))
+
+        def test_a(recorder):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=1")
+    result.assert_outcomes(passed=1, errors=1)
+    assert "C wrote to bytes(4) after the call returned" in result.stdout.str()

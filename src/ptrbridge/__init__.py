@@ -45,6 +45,7 @@ from .levels import check_level, checking, set_check_level
 from .ownership import new
 from .pinning import Pinner
 from .quarantine import quarantine_enabled, set_quarantine
+from .report import validate as validate_report
 from .scanning import (
     RetainedPointerError,
     RetainedPointerWarning,
@@ -147,5 +148,6 @@ __all__ = [
     "stats",
     "uninstrument",
     "unwrap",
+    "validate_report",
     "wrap",
 ]

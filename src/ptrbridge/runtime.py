@@ -1,10 +1,19 @@
-"""The child side of ``python -m ptrbridge run``: collect findings and write a report at exit.
+"""The child side of ``python -m ptrbridge run``: check the process and write its report at exit.
 
-``python -m ptrbridge run`` puts a ``sitecustomize.py`` that calls
-:func:`start` on the child's ``PYTHONPATH``.  :func:`start` switches automatic
-scans to "collect", watches the requested libraries, remembers the counters,
-records uncaught ptrbridge errors, and at exit scans once more and writes
-``report-<pid>.json`` into ``PTRBRIDGE_RUN_DIR``.
+``python -m ptrbridge run`` puts a ``sitecustomize.py`` (``ptrbridge/_run_boot.py``)
+on the child's ``PYTHONPATH``; it calls :func:`start` just before the process
+first imports cffi, ctypes or ptrbridge, and :func:`write_report` at exit.
+
+:func:`start` applies the run's settings (check level from ``PTRBRIDGE_CHECK``;
+quarantine, strict mode and instrumentation from ``PTRBRIDGE_QUARANTINE``,
+``PTRBRIDGE_STRICT`` and ``PTRBRIDGE_INSTRUMENT``), makes automatic retention
+scans *collect* findings instead of raising :class:`~ptrbridge.RetainedPointerError`
+in the program (a program that calls :func:`ptrbridge.set_on_violation`
+itself gets what it asks for), watches the requested libraries, takes the
+registry's counters, and records every ptrbridge error that escapes the
+program (uncaught, in a thread, or unraisable) as an ``"error-raised"``
+finding.  At exit, after one last scan and the leak check, it writes
+``report-<pid>.json`` into ``PTRBRIDGE_RUN_DIR`` for the parent to merge.
 """
 from __future__ import annotations
 
@@ -12,79 +21,190 @@ import atexit
 import json
 import os
 import sys
+import threading
 from typing import Any, Dict, Iterable, List, Optional
 
-__all__ = ["start", "add_findings", "RUN_DIR_ENV", "WATCH_ENV"]
+from . import findings as _findings
+from .findings import Finding
+
+__all__ = ["start", "write_report", "add_findings", "add_tests", "RUN_DIR_ENV", "WATCH_ENV", "INSTRUMENT_ENV"]
 
 RUN_DIR_ENV = "PTRBRIDGE_RUN_DIR"
 WATCH_ENV = "PTRBRIDGE_WATCH"
+INSTRUMENT_ENV = "PTRBRIDGE_INSTRUMENT"
 
-_findings: List[str] = []
+_lock = threading.Lock()
+_findings_kept: List[Finding] = []
+_tests: List[Dict[str, Any]] = []
+_leaks_reported: Dict[str, int] = {}
 _started = False
-_start_stats: Optional[Any] = None
+_written = False
+_probe: Optional[Any] = None
 _pending_watch: List[str] = []
+_matched_watch: List[str] = []
+_notes: List[str] = []
 
 
-def add_findings(lines: Iterable[str]) -> None:
-    """Add findings (already formatted) to this process's report."""
-    _findings.extend(lines)
+def add_findings(found: Iterable[Finding]) -> None:
+    """Add findings (already gathered elsewhere, e.g. by the pytest plugin) to this process's report.
+
+    Leak findings count against the leaks found at exit, so a leak reported
+    by a test is not reported a second time for the process.
+    """
+    with _lock:
+        for f in found:
+            _findings_kept.append(f)
+            if f.kind == "leak":
+                kind = str(f.extra.get("leak_kind", ""))
+                _leaks_reported[kind] = _leaks_reported.get(kind, 0) + int(f.extra.get("count", 0))
 
 
-def _watch_pending() -> None:
+def add_tests(records: Iterable[Dict[str, Any]]) -> None:
+    """Per-test records (see :mod:`ptrbridge.report`) for this process's report."""
+    with _lock:
+        _tests.extend(records)
+
+
+def enabled(env_value: Optional[str], default: bool) -> bool:
+    """A boolean setting from the environment ("1"/"0", "true"/"false", ...)."""
+    if env_value is None or not env_value.strip():
+        return default
+    return env_value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def watch_pending(names: List[str], matched: List[str]) -> None:
+    """Watch each name in ``names`` that a loaded library now matches, moving it to ``matched``."""
     import ptrbridge
 
-    for name in list(_pending_watch):
+    for name in list(names):
         try:
             ptrbridge.watch_library(name)
         except ValueError:
             continue
-        _pending_watch.remove(name)
+        names.remove(name)
+        matched.append(name)
+
+
+INSTRUMENT_MISSING = ("instrumentation is not available in this ptrbridge (no ptrbridge.instrument): "
+                      "only explicitly wrapped libraries were checked")
+
+
+def instrument_now() -> Optional[str]:
+    """Instrument cffi and ctypes with ``ptrbridge.instrument()``; returns a note if it cannot."""
+    try:
+        from .instrument import instrument  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return INSTRUMENT_MISSING
+    instrument()
+    return None
 
 
 def start() -> None:
-    """Begin collecting (called from the generated sitecustomize; idempotent)."""
-    global _started, _start_stats
+    """Begin checking this process (called from the generated sitecustomize; idempotent)."""
+    global _started, _probe
     if _started or not os.environ.get(RUN_DIR_ENV):
         return
     _started = True
     import ptrbridge
-    from .testing import settle
+    from .report import LeakProbe
 
     ptrbridge.set_on_violation("collect")
+    if enabled(os.environ.get("PTRBRIDGE_QUARANTINE"), default=False):
+        ptrbridge.set_quarantine(True)
+    if ptrbridge.check_level() >= 1 and enabled(os.environ.get(INSTRUMENT_ENV), default=True):
+        note = instrument_now()
+        if note:
+            _notes.append(note)
     _pending_watch.extend(n for n in os.environ.get(WATCH_ENV, "").split(os.pathsep) if n)
-    _watch_pending()
-    settle()
-    _start_stats = ptrbridge.stats()
-    previous_hook = sys.excepthook
-
-    def record_pointer_errors(kind: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, ptrbridge.PointerError):
-            _findings.append(f"uncaught {kind.__name__}: {value}")
-        previous_hook(kind, value, tb)
-
-    sys.excepthook = record_pointer_errors
-    atexit.register(_write_report)
+    watch_pending(_pending_watch, _matched_watch)
+    _probe = LeakProbe()
+    _install_error_hooks()
+    atexit.register(write_report)
 
 
-def _write_report() -> None:
+def _record_error(exc: BaseException, where: str) -> None:
     import ptrbridge
-    from . import scanning
-    from .testing import leaks, settle
+    from .report import from_error
 
-    _watch_pending()
-    settle()
-    found = [str(r) for r in scanning.scan() + scanning.clear_violations()]
-    found += [str(r) for r in scanning.scan_freed_python_memory()]
-    now = ptrbridge.stats()
-    report: Dict[str, Any] = {
-        "pid": os.getpid(),
-        "argv": sys.argv,
-        "findings": _findings + found,
-        "leaks": leaks(_start_stats, now) if _start_stats is not None else [],
-        "stats": {name: getattr(now, name) for name in vars(now)},
-        "check_level": ptrbridge.check_level(),
-    }
-    path = os.path.join(os.environ[RUN_DIR_ENV], f"report-{os.getpid()}.json")
+    if isinstance(exc, ptrbridge.PointerError):
+        _findings.record(from_error(exc, where))
+
+
+def _install_error_hooks() -> None:
+    previous_excepthook = sys.excepthook
+    previous_threadhook = threading.excepthook
+    previous_unraisable = sys.unraisablehook
+
+    def excepthook(kind: Any, value: Any, tb: Any) -> None:
+        _record_error(value, "uncaught")
+        previous_excepthook(kind, value, tb)
+
+    def threadhook(args: Any) -> None:
+        _record_error(args.exc_value, f"uncaught in thread {getattr(args.thread, 'name', '?')}")
+        previous_threadhook(args)
+
+    def unraisablehook(unraisable: Any) -> None:
+        if unraisable.exc_value is not None:
+            _record_error(unraisable.exc_value, "unraisable")
+        previous_unraisable(unraisable)
+
+    sys.excepthook = excepthook
+    threading.excepthook = threadhook
+    sys.unraisablehook = unraisablehook
+
+
+def _process_findings() -> List[Finding]:
+    """The process's findings at exit: kept ones, the last scans, and leaks not already reported."""
+    from . import scanning
+    from .report import from_retention, gather
+
+    watch_pending(_pending_watch, _matched_watch)
+    found = [from_retention(r) for r in scanning.scan()]
+    found += [from_retention(r) for r in scanning.scan_freed_python_memory()]
+    if _probe is not None:
+        for leak in _probe.check():
+            kind = str(leak.extra.get("leak_kind", ""))
+            already = _leaks_reported.get(kind, 0)
+            if int(leak.extra.get("count", 0)) > already:
+                found.append(leak)
+    with _lock:
+        kept = list(_findings_kept)
+    return kept + gather(found)
+
+
+def write_report(activated: bool = True) -> None:
+    """Write ``report-<pid>.json`` into the run directory (once per process)."""
+    global _written
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if _written or not run_dir:
+        return
+    _written = True
+    from .report import finding_record
+
+    if activated and _started:
+        import ptrbridge
+
+        strict = _findings.strict()
+        found = _process_findings()
+        now = ptrbridge.stats()
+        process: Dict[str, Any] = {
+            "pid": os.getpid(),
+            "argv": [str(a) for a in sys.argv],
+            "activated": True,
+            "check_level": ptrbridge.check_level(),
+            "checked": _findings.counters(),
+            "stats": {name: getattr(now, name) for name in vars(now)},
+            "findings": len(found),
+        }
+        records = [finding_record(f, strict, os.getpid()) for f in found]
+    else:
+        process = {"pid": os.getpid(), "argv": [str(a) for a in sys.argv], "activated": False,
+                   "check_level": None, "checked": {"calls": 0, "callbacks": 0, "lends": 0},
+                   "stats": None, "findings": 0}
+        records = []
+    report = {"process": process, "findings": records, "tests": list(_tests),
+              "watch_matched": list(_matched_watch), "notes": list(_notes)}
+    path = os.path.join(run_dir, f"report-{os.getpid()}.json")
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
