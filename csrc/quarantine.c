@@ -575,9 +575,13 @@ static int handler_on_top(int sig)
     return (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault;
 }
 
-int pb__quarantine_ensure_handler(void)
+/* Lock held (or at init).  SIGSEGV is looked at on every call, SIGBUS on
+ * every 64th (a syscall each: the per-lend cost matters, and whoever takes
+ * SIGBUS over without SIGSEGV is rare). */
+static int ensure_handler_locked(int all)
 {
     static int warmed;
+    static unsigned calls;
     if (!warmed) {
         void *frames[2];
         backtrace(frames, 2); /* loads the unwinder now, not in the handler */
@@ -585,7 +589,8 @@ int pb__quarantine_ensure_handler(void)
     }
     int changed = 0;
     const int sigs[2] = {SIGSEGV, SIGBUS};
-    for (int i = 0; i < 2; i++) {
+    int n = (all || calls++ % 64 == 0) ? 2 : 1;
+    for (int i = 0; i < n; i++) {
         if (handler_on_top(sigs[i]))
             continue;
         struct sigaction ours, before;
@@ -598,6 +603,14 @@ int pb__quarantine_ensure_handler(void)
         *(sigs[i] == SIGSEGV ? &prev_segv : &prev_bus) = before; /* whoever was on top is chained to */
         changed = 1;
     }
+    return changed;
+}
+
+int pb__quarantine_ensure_handler(void)
+{
+    pthread_mutex_lock(&lock);
+    int changed = ensure_handler_locked(1);
+    pthread_mutex_unlock(&lock);
     return changed;
 }
 
@@ -794,7 +807,7 @@ int pb__quarantine_lend(const void *src, size_t len, const char *object, const c
         pthread_mutex_unlock(&lock);
         return PB_ERR_NOMEM;
     }
-    pb__quarantine_ensure_handler();
+    ensure_handler_locked(0);
     int found = -1;
     if (len <= POOL_SLOT_BYTES) {
         for (int attempt = 0; attempt < 2 && found < 0; attempt++) {

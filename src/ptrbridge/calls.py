@@ -651,7 +651,7 @@ class CheckedLibrary:
                 if level:
                     if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
                         lent = check_args(args)
-                        if lent and level == 2:
+                        if level == 2 and (lent or quarantine._enabled):
                             return run_level2(name, args, lent, sys._getframe().f_back)
                     if level == 1 and quarantine._enabled and quarantine.due():
                         return run_sampled(name, args, sys._getframe().f_back)
@@ -665,7 +665,7 @@ class CheckedLibrary:
                     args = _unwrap_functions(args, takes_functions)
                 if _level:
                     lent = check_args(args)
-                    if lent and _level == 2:
+                    if _level == 2 and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe().f_back)
                     if lent and quarantine._enabled and quarantine.due():
                         return run_sampled(name, args, sys._getframe().f_back)
@@ -683,7 +683,7 @@ class CheckedLibrary:
                 if limit is not None:
                     limit.acquire()
                 try:
-                    if level == 2 and lent:
+                    if level == 2 and lent is not None and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe().f_back)
                     if lent and quarantine._enabled and quarantine.due():
                         return run_sampled(name, args, sys._getframe().f_back)

@@ -43,8 +43,8 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._bindings import address_of, ffi, lib
-from .callsite import _is_internal, frame_site
-from .checking import Owner, layout_of, object_extent
+from .callsite import _is_internal
+from .checking import CallCheck, Owner, layout_of, object_extent
 from .findings import Finding, record
 from .ownership import cdata_extent, describe, lookup
 
@@ -197,29 +197,31 @@ def held() -> int:
 # The Python stack of the lending call, formatted cheaply at lend time (the
 # signal handler can only copy bytes).
 
-_frame_lines: Dict[Tuple[Any, int], str] = {}
-
-
-def _stack_text(frame: Any) -> bytes:
-    lines: List[str] = []
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back
-    while frame is not None and len(lines) < STACK_FRAMES:
-        code = frame.f_code
-        key = (code, frame.f_lineno)
-        text = _frame_lines.get(key)
-        if text is None:
-            text = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}\n"
-            if len(_frame_lines) < 4096:
-                _frame_lines[key] = text
-        lines.append(f"    #{len(lines)} {text}")
-        frame = frame.f_back
-    return "".join(lines).encode("utf-8", "replace")
+_frame_lines: Dict[Tuple[Any, int], Tuple[str, str]] = {}  # (code, lasti) -> (stack line, file:line)
 
 
 def _lend_context(frame: Any) -> Tuple[bytes, str]:
-    """(Python stack text, call site) of the lending call."""
-    return _stack_text(frame), frame_site(frame)
+    """(Python stack text, call site) of the lending call: the innermost frames outside ptrbridge."""
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return b"    #0 <unknown>\n", "<unknown>"
+    lines: List[str] = []
+    site = ""
+    while frame is not None and len(lines) < STACK_FRAMES:
+        code = frame.f_code
+        key = (code, frame.f_lasti)  # O(1), unlike f_lineno: the line is looked up once per site
+        cached = _frame_lines.get(key)
+        if cached is None:
+            where = f"{code.co_filename}:{frame.f_lineno}"
+            cached = (f"{where} in {code.co_name}\n", where)
+            if len(_frame_lines) < 4096:
+                _frame_lines[key] = cached
+        if not lines:
+            site = cached[1]
+        lines.append(f"    #{len(lines)} {cached[0]}")
+        frame = frame.f_back
+    return "".join(lines).encode("utf-8", "replace"), site
 
 
 def _lend_one(address: int, size: int, obj_text: str, function: str, site: str,
@@ -260,7 +262,43 @@ def _source(arg: Any) -> Optional[Tuple[Any, int, int, bool]]:
     return None
 
 
-def _collect_fixups(address: int, ctype: Any, count: int, owners: Sequence[Owner], depth: int,
+class _Classifier:
+    """Who owns a slot's target: the lent owners the check found, else the check's own classification."""
+
+    def __init__(self, owners: Sequence[Owner], function: str, frame: Any, args: Sequence[Any]) -> None:
+        self.owners = list(owners)
+        self._function, self._frame, self._args = function, frame, args
+        self._check: Optional[CallCheck] = None
+
+    def owner(self, value: int) -> Optional[Owner]:
+        for known in self.owners:
+            if known.start <= value <= known.start + known.size:
+                return known if _movable(known) else None
+        if self._check is None:
+            # Memory the argument check does not walk (C memory reached from C
+            # memory: msghdr.msg_iov[i].iov_base): classify it the same way.
+            self._check = CallCheck(self._function, self._frame, self._args)
+        owner = self._check.classify(value)
+        if owner is None or owner.pinned:
+            return None
+        self.owners.append(owner)
+        return owner if _movable(owner) else None
+
+
+def _movable(owner: Owner) -> bool:
+    """Whether a buffer C reaches through a pointer slot may be moved for the call.
+
+    Only a Python buffer object known by name (an argument, a caller's local,
+    ``ptrbridge.new``): not a block the heap map found (it may be a PyObject a
+    ``void *`` carries as identity, such as ``ffi.new_handle``), not a struct.
+    """
+    if owner.pinned or owner.origin == "found by the level-2 heap map":
+        return False
+    text = owner.description
+    return not (text.startswith("cdata '") and ("struct " in text or "union " in text))
+
+
+def _collect_fixups(address: int, ctype: Any, count: int, owners: _Classifier, depth: int,
                     found: List[Tuple[int, Owner]], seen: set) -> None:
     """Pointer slots of ``count`` objects of ``ctype`` at ``address`` that point into a lent owner."""
     layout = layout_of(ctype)
@@ -278,15 +316,17 @@ def _collect_fixups(address: int, ctype: Any, count: int, owners: Sequence[Owner
         pointee = slot.pointee
         pointee_kind = getattr(pointee, "kind", None) if pointee is not None else "void"
         if pointee_kind in ("primitive", "void"):
-            for owner in owners:
-                if owner.start <= value <= owner.start + owner.size:
-                    found.append((slot_address, owner))
-                    break
+            owner = owners.owner(value)
+            if owner is not None:
+                found.append((slot_address, owner))
             continue
         if pointee_kind in ("struct", "union", "array"):
             # Follow into C memory (or pinned Python memory) that holds more slots.
             size = int(lib.pb__alloc_block_size(value))
-            step = ffi.sizeof(pointee) if pointee_kind != "array" or pointee.length is not None else 0
+            try:
+                step = ffi.sizeof(pointee)
+            except ffi.error:
+                continue  # opaque: nothing to look into
             if step and (size or _pinned(value)):
                 n = max(1, size // step) if size else 1
                 _collect_fixups(value, pointee, n, owners, depth + 1, found, seen)
@@ -306,17 +346,15 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     new_args = list(args)
     shadows: List[Shadow] = []
     ctx: Optional[Tuple[bytes, str]] = None
-    owners = [o for o in lent if isinstance(o, Owner) and not o.pinned]
+    owners = _Classifier([o for o in lent if isinstance(o, Owner) and not o.pinned], function, frame, args)
     for i, param in params:
         if i >= len(args):
             break
         arg = args[i]
         source = _source(arg)
         if source is None:
-            if owners and isinstance(arg, ffi.CData):
-                if ctx is None:
-                    ctx = _lend_context(frame)
-                _shadow_through_slots(arg, owners, function, ctx, shadows, draw)
+            if isinstance(arg, ffi.CData):
+                _shadow_through_slots(arg, owners, function, frame, shadows, draw)
             continue
         if not draw():
             continue
@@ -335,14 +373,21 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     return tuple(new_args), shadows
 
 
-def _shadow_through_slots(arg: Any, owners: Sequence[Owner], function: str, ctx: Tuple[bytes, str],
+def _shadow_through_slots(arg: Any, owners: _Classifier, function: str, frame: Any,
                           shadows: List[Shadow], draw: Callable[[], bool]) -> None:
     """Shadow the lent buffers that pointer slots of a struct argument reach; repoint the slots."""
     ctype = ffi.typeof(arg)
     if ctype.kind not in ("pointer", "array") or ctype.item.kind not in ("struct", "union", "array"):
         return
+    try:
+        # sizeof first: reading .fields of an opaque struct of an API-mode
+        # module aborts inside cffi (brotlicffi's BrotliEncoderState).
+        step = ffi.sizeof(ctype.item)
+    except ffi.error:
+        return  # opaque (sqlite3 *): nothing to look into
+    if layout_of(ctype.item) is None:
+        return
     address = address_of(arg)
-    step = ffi.sizeof(ctype.item) if ctype.item.kind != "array" or ctype.item.length is not None else 0
     if not address or not step:
         return
     extent = cdata_extent(arg)
@@ -350,13 +395,16 @@ def _shadow_through_slots(arg: Any, owners: Sequence[Owner], function: str, ctx:
     count = max(1, block // step) if block else 1
     found: List[Tuple[int, Owner]] = []
     _collect_fixups(address, ctype.item, count, owners, 0, found, set())
+    if not found:
+        return
+    ctx = _lend_context(frame)
     by_owner: Dict[Tuple[int, int], List[int]] = {}
     for slot_address, owner in found:
         by_owner.setdefault((owner.start, owner.size), []).append(slot_address)
     for (start, size), slot_addresses in by_owner.items():
         if not draw():
             continue
-        owner = next(o for o in owners if o.start == start and o.size == size)
+        owner = next(o for o in owners.owners if o.start == start and o.size == size)
         lent_one = _lend_one(start, size, owner.description, function, ctx[1], ctx[0])
         if lent_one is None:
             continue

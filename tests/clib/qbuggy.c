@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <zlib.h>
 
@@ -58,6 +59,12 @@ void keep_iov(const struct iovec *iov, int n)
 {
     if (n > 0)
         kept = iov[n - 1].iov_base;
+}
+
+void keep_msg(const struct msghdr *m)
+{
+    if (m->msg_iovlen > 0)
+        kept = m->msg_iov[m->msg_iovlen - 1].iov_base;
 }
 
 void keep_next_in(z_stream *s)
