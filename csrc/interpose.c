@@ -339,6 +339,7 @@ size_t pb__interpose_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, ui
 #define HOLD_MAX 4096
 #define PB_FREED_POISON 0xDB
 static void *held[HOLD_MAX];
+static size_t held_size[HOLD_MAX];
 static size_t held_head, held_count;
 
 /* Holds p (a block of `size` bytes just removed from the table); returns
@@ -355,9 +356,31 @@ static void *hold_freed(void *p, size_t size)
         held_head = (held_head + 1) % HOLD_MAX;
     }
     held[(held_head + held_count) % HOLD_MAX] = p;
+    held_size[(held_head + held_count) % HOLD_MAX] = size;
     held_count++;
     atomic_store_explicit(&freed_lock, 0, memory_order_release);
     return evicted;
+}
+
+int pb__interpose_find_held(uintptr_t address, uintptr_t *start, size_t *size)
+{
+    int found = 0;
+    while (atomic_exchange_explicit(&freed_lock, 1, memory_order_acquire))
+        sched_yield();
+    /* Newest first: a block freed twice at one address (reused, freed again)
+     * is described by its last life. */
+    for (size_t k = held_count; k-- > 0;) {
+        size_t i = (held_head + k) % HOLD_MAX;
+        uintptr_t p = (uintptr_t)held[i];
+        if (address >= p && address - p < (held_size[i] ? held_size[i] : 1)) {
+            *start = p;
+            *size = held_size[i];
+            found = 1;
+            break;
+        }
+    }
+    atomic_store_explicit(&freed_lock, 0, memory_order_release);
+    return found;
 }
 
 static void release_held(void)

@@ -90,6 +90,11 @@ void pb__interpose_get_stats(struct pb_interpose_stats *out);
  * many; *dropped (may be NULL) gets how many were overwritten unseen (the
  * ring holds 65536).  Thread-safe. */
 size_t pb__interpose_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint64_t *dropped);
+/* Whether `address` lies in a freed ffi.new block still held back (poisoned,
+ * not yet given back to libc, so certainly not reused by anyone): 1 and the
+ * block's start and size, or 0.  Thread-safe; linear in the hold (at most
+ * 4096 blocks). */
+int pb__interpose_find_held(uintptr_t address, uintptr_t *start, size_t *size);
 
 /* The class the interposer gives an object path (see the list above). */
 int pb__interpose_classify(const char *path);

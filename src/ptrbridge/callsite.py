@@ -8,10 +8,13 @@ from typing import Any, Tuple
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Modules of the package that act as users of the library: their frames count.
 _USER_MODULES = frozenset(os.path.join(_PACKAGE_DIR, name) for name in ("demo.py",))
+# The demo's sample programs are user code too (they stand for a user's program).
+_USER_DIRS = (os.path.join(_PACKAGE_DIR, "demo_programs") + os.sep,)
 
 
 def _is_internal(filename: str) -> bool:
-    return filename.startswith(_PACKAGE_DIR) and filename not in _USER_MODULES
+    return (filename.startswith(_PACKAGE_DIR) and filename not in _USER_MODULES
+            and not filename.startswith(_USER_DIRS))
 
 
 def frame_site(frame: Any) -> str:

@@ -442,6 +442,14 @@ class CallCheck:
                 return FreedRegion(block.start, block.size,
                                    f"Python memory block ({block.size} bytes, {block.domain} allocator)",
                                    "<unknown> (seen by the level-2 heap map)", "<unknown>")
+            # Freed ffi.new memory that the interposer still holds back (poisoned, not yet given
+            # back to libc): certainly not reused, so a pointer into it is dangling.
+            held = ffi.new("uintptr_t[1]")
+            held_size = ffi.new("size_t[1]")
+            if lib.pb__interpose_find_held(address, held, held_size):
+                size = int(held_size[0])
+                return FreedRegion(int(held[0]), size, f"ffi.new memory ({size} bytes)",
+                                   "<unknown> (cffi allocation seen by the level-2 interposer)", "<unknown>")
         return None
 
     def dangling(self, argno: int, path: Optional[str], freed: FreedRegion) -> None:

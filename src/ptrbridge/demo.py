@@ -1,4 +1,13 @@
-"""The tour behind ``python -m ptrbridge demo``: every feature, run for real."""
+"""The tour behind ``python -m ptrbridge demo``, every part run for real.
+
+It opens with the sanitizer: small cffi programs written the naive way, with
+no change for ptrbridge, run plainly and then under ``python -m ptrbridge
+run``, and the reports that name their bugs.  Then the explicit API: handles,
+pinning, C memory, checked calls breaking each rule and their fixes,
+callbacks, R3, level 2's retention scan on real zlib, the quarantine, and the
+C API.  Not shown here (see the README and the tests): the pytest plugin,
+thread models, ``ptrbridge.new``, the heap map's internals, the Kafka example.
+"""
 from __future__ import annotations
 
 import gc
@@ -26,6 +35,56 @@ def _show_error(action: str, fn: Callable[[], Any]) -> None:
         print(f"  {action}\n    -> {type(exc).__name__}: {exc}")
     else:  # pragma: no cover - would mean the library failed to detect misuse
         raise RuntimeError(f"demo: {action} should have raised, but ptrbridge let it through")
+
+
+def _run_program(argv: List[str]) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    for name in ("PTRBRIDGE_CHECK", "PTRBRIDGE_QUARANTINE", "PTRBRIDGE_STRICT"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _report_lines(text: str) -> List[str]:
+    """The lines of a ptrbridge report worth showing: what happened, where, and the summary."""
+    keep = ("ptrbridge:", "SUMMARY:", "ERROR:", "portability", "#0 ", "lent to ", "released ", "WRITE ", "READ ",
+            "C kept", "checked ")
+    return [line.strip() for line in text.splitlines() if line.lstrip().startswith(keep)]
+
+
+@_section
+def sanitizer(c: Any) -> None:
+    """The sanitizer: unchanged programs with pointer bugs, run under `python -m ptrbridge run`."""
+    from . import demo_programs
+
+    for name, what in (("gather.py", "writev() of an iovec whose bases were freed before the call"),
+                       ("stdio_buffer.py", "setvbuf() keeps a temporary buffer; the next fputs() writes "
+                                           "into it")):
+        program = demo_programs.path(name)
+        print(f"  {name}: {what}")
+        plain = _run_program([program])
+        shown = (plain.stdout.strip().splitlines() or [""])[-1]
+        print(f"    plainly: exit status {plain.returncode}; it printed {shown!r}")
+        checked = _run_program(["-m", "ptrbridge", "run", "--", sys_executable(), program])
+        print(f"    under `python -m ptrbridge run -- python {name}`: exit status {checked.returncode}; "
+              "the report:")
+        for line in _report_lines(checked.stdout + checked.stderr):
+            print(f"      {line}")
+    fixed = _run_program(["-m", "ptrbridge", "run", "--", sys_executable(), demo_programs.path("gather_fixed.py")])
+    print(f"  gather_fixed.py, the correct twin (the buffers live as long as the iovec): exit status "
+          f"{fixed.returncode}, {fixed.stdout.strip()!r}")
+    for line in _report_lines(fixed.stderr):
+        if line.startswith("SUMMARY:"):
+            print(f"      {line}")
+
+
+def sys_executable() -> str:
+    import sys
+
+    return sys.executable
 
 
 @_section
@@ -127,20 +186,26 @@ def rules(c: Any) -> None:
         os.close(read_end)
         os.close(write_end)
 
-    class Person(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_char_p), ("age", ctypes.c_int)]
+    class TM(ctypes.Structure):  # glibc's struct tm; strftime("%Z") reads tm_zone
+        _fields_ = [(name, ctypes.c_int) for name in
+                    ("tm_sec", "tm_min", "tm_hour", "tm_mday", "tm_mon", "tm_year", "tm_wday", "tm_yday",
+                     "tm_isdst")] + [("tm_gmtoff", ctypes.c_long), ("tm_zone", ctypes.c_char_p)]
 
     crt = ctypes.CDLL(None)
-    crt.strlen.argtypes = [ctypes.c_void_p]
-    crt.strlen.restype = ctypes.c_size_t
+    crt.strftime.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(TM)]
+    crt.strftime.restype = ctypes.c_size_t
     ct = ptrbridge.wrap(crt)
-    person = Person(b"Ada", 36)
-    print("  R1 with ctypes: a Structure whose c_char_p field holds an unpinned bytes")
-    _show_error("strlen(byref(person))", lambda: ct.strlen(ctypes.byref(person)))
-    copy = ptrbridge.cstring("Ada")
-    person.name = ctypes.cast(copy.address, ctypes.c_char_p)
-    print(f"  fixed by copying the name to C memory with cstring(): strlen -> "
-          f"{ct.strlen(ctypes.byref(person))} (reads the struct's first bytes)")
+    tm = TM(tm_hour=12, tm_mday=1, tm_year=126, tm_zone=b"XYZ")
+    out = ctypes.create_string_buffer(32)
+    print("  R1 with ctypes: a struct tm whose tm_zone (a c_char_p) holds an unpinned bytes")
+    _show_error('strftime(out, 32, b"%H:%M %Z", byref(tm))',
+                lambda: ct.strftime(out, 32, b"%H:%M %Z", ctypes.byref(tm)))
+    zone = ptrbridge.cstring("XYZ")
+    tm.tm_zone = ctypes.cast(zone.address, ctypes.c_char_p)
+    n = ct.strftime(out, 32, b"%H:%M %Z", ctypes.byref(tm))
+    print(f"  fixed by copying the zone name to C memory with cstring(): strftime wrote {n} bytes, "
+          f"{out.value!r} (it read tm_zone)")
+    del zone
 
     print("  use after free: a pointer kept after its ptrbridge.new owner was freed")
     owner = ptrbridge.new("char[]", b"temporary")
@@ -158,7 +223,7 @@ def rules(c: Any) -> None:
     span.release()
     with ptrbridge.checking(0):
         print(f"  at check level 0 a wrapped function is the raw one: "
-              f"{ct.strlen is crt.strlen}")
+              f"{libc.strlen is ptrbridge.unwrap(libc).strlen}")
 
 
 @_section
