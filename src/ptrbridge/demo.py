@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, ClassVar, List, Tuple
 
 import cffi
 
@@ -187,7 +187,7 @@ def rules(c: Any) -> None:
         os.close(write_end)
 
     class TM(ctypes.Structure):  # glibc's struct tm; strftime("%Z") reads tm_zone
-        _fields_: List[Tuple[str, Any]] = [
+        _fields_: ClassVar[List[Tuple[str, Any]]] = [
             (name, ctypes.c_int) for name in
             ("tm_sec", "tm_min", "tm_hour", "tm_mday", "tm_mon", "tm_year", "tm_wday", "tm_yday", "tm_isdst")
         ] + [("tm_gmtoff", ctypes.c_long), ("tm_zone", ctypes.c_char_p)]
