@@ -419,9 +419,15 @@ class CallCheck:
     def _freed_error(self, argno: int, path: Optional[str], freed: FreedRegion) -> UseAfterFreeError:
         what = f"{path} -> " if path else ""
         lead = "has pointer to" if path else "is a pointer into"
+        if freed.site.startswith("<unknown>"):
+            # Seen only by level 2's allocator hooks: say who saw it, not an unknown site.
+            seen = freed.site[len("<unknown>"):].strip() or "(seen at level 2)"
+            history = f" {seen}"
+        else:
+            history = f" created at {freed.site}, freed at {freed.freed_at}"
         return UseAfterFreeError(
-            f"ptrbridge: argument {argno} {lead} freed Python memory: {what}{freed.description} "
-            f"created at {freed.site}, freed at {freed.freed_at} (dangling: freed before the call) "
+            f"ptrbridge: argument {argno} {lead} freed Python memory: {what}{freed.description}"
+            f"{history} (dangling: freed before the call) "
             f"{self._where()} (keep the object alive, or pin it, for as long as C uses it)"
         )
 
@@ -441,7 +447,7 @@ class CallCheck:
             if block is not None and block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX:
                 return FreedRegion(block.start, block.size,
                                    f"Python memory block ({block.size} bytes, {block.domain} allocator)",
-                                   "<unknown> (seen by the level-2 heap map)", "<unknown>")
+                                   "<unknown> (freed, seen by the level-2 heap map)", "<unknown>")
             # Freed ffi.new memory that the interposer still holds back (poisoned, not yet given
             # back to libc): certainly not reused, so a pointer into it is dangling.
             held = ffi.new("uintptr_t[1]")
@@ -449,7 +455,7 @@ class CallCheck:
             if lib.pb__interpose_find_held(address, held, held_size):
                 size = int(held_size[0])
                 return FreedRegion(int(held[0]), size, f"ffi.new memory ({size} bytes)",
-                                   "<unknown> (cffi allocation seen by the level-2 interposer)", "<unknown>")
+                                   "<unknown> (freed, seen by the level-2 malloc interposer)", "<unknown>")
         return None
 
     def dangling(self, argno: int, path: Optional[str], freed: FreedRegion) -> None:
