@@ -590,7 +590,7 @@ class CheckedLibrary:
                         lent = check_args(args)
                         if level == 2 and (lent or quarantine._enabled):
                             return run_level2(name, args, lent, sys._getframe(1))
-                    if level == 1 and quarantine._enabled and quarantine.due():
+                    if level == 1 and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
@@ -602,7 +602,7 @@ class CheckedLibrary:
                     lent = check_args(args)
                     if _level == 2 and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe(1))
-                    if lent and quarantine._enabled and quarantine.due():
+                    if lent and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe(1))
                 result = raw(*args)
                 if _deferred:
@@ -618,7 +618,7 @@ class CheckedLibrary:
                 try:
                     if level == 2 and lent is not None and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe(1))
-                    if lent and quarantine._enabled and quarantine.due():
+                    if lent and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe(1))
                     result, err, exc = dispatch(args)
                 finally:
