@@ -653,7 +653,7 @@ class CheckedLibrary:
                         lent = check_args(args)
                         if level == 2 and (lent or quarantine._enabled):
                             return run_level2(name, args, lent, sys._getframe().f_back)
-                    if level == 1 and quarantine._enabled and quarantine.due():
+                    if level == 1 and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe().f_back)
                 result = raw(*args)
                 if _deferred and not record:
@@ -667,7 +667,7 @@ class CheckedLibrary:
                     lent = check_args(args)
                     if _level == 2 and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe().f_back)
-                    if lent and quarantine._enabled and quarantine.due():
+                    if lent and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe().f_back)
                 result = raw(*args)
                 if _deferred and not record:
@@ -685,7 +685,7 @@ class CheckedLibrary:
                 try:
                     if level == 2 and lent is not None and (lent or quarantine._enabled):
                         return run_level2(name, args, lent, sys._getframe().f_back)
-                    if lent and quarantine._enabled and quarantine.due():
+                    if lent and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe().f_back)
                     result, err, exc = dispatch(args)
                 finally:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import itertools
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -81,16 +82,24 @@ def _parse(text: str) -> Tuple[bool, int]:
 _enabled, _sample = _parse(os.environ.get(ENV_VAR, ""))
 _log_path = os.environ.get(LOG_ENV_VAR)
 _rng = random.Random()
-_countdown = 1
 
 
-def _reset_countdown() -> None:
-    global _countdown
-    # Geometric-like gaps with mean N, as GWP-ASan draws its sampling interval.
-    _countdown = 1 if _sample == 1 else _rng.randint(1, 2 * _sample - 1)
+def _arm() -> None:
+    """Draw the next sampled lend: ``_tick()`` answers False for a random gap (mean N), then True.
+
+    ``_tick`` is a bound method of C iterators, so the checked call's test of
+    it costs no Python frame; the sampled call re-arms it.
+    """
+    global _tick
+    if _sample == 1:
+        _tick = itertools.repeat(True).__next__
+    else:
+        gap = _rng.randint(1, 2 * _sample - 1)  # as GWP-ASan draws its sampling interval
+        _tick = itertools.chain(itertools.repeat(False, gap - 1), itertools.repeat(True)).__next__
 
 
-_reset_countdown()
+_tick: Callable[[], bool] = itertools.repeat(True).__next__
+_arm()
 
 
 def set_quarantine(on: bool = True, *, sample: Optional[int] = None) -> bool:
@@ -109,7 +118,7 @@ def set_quarantine(on: bool = True, *, sample: Optional[int] = None) -> bool:
         _sample = sample
     elif on:
         _sample = 1
-    _reset_countdown()
+    _arm()
     return old
 
 
@@ -125,14 +134,11 @@ def quarantine_sample() -> int:
 
 def due() -> bool:
     """Whether the next lend is quarantined (always at ``sample=1``; one in N at random otherwise)."""
-    global _countdown
-    if _sample == 1:
+    if _tick():
+        if _sample != 1:
+            _arm()
         return True
-    _countdown -= 1  # a lost update between threads only shifts the sample
-    if _countdown > 0:
-        return False
-    _reset_countdown()
-    return True
+    return False
 
 
 def _always() -> bool:
@@ -197,6 +203,7 @@ def held() -> int:
 # The Python stack of the lending call, formatted cheaply at lend time (the
 # signal handler can only copy bytes).
 
+_PREFIXES = tuple(f"    #{k} " for k in range(STACK_FRAMES))
 _frame_lines: Dict[Tuple[Any, int], Tuple[str, str]] = {}  # (code, lasti) -> (stack line, file:line)
 
 
@@ -208,7 +215,7 @@ def _lend_context(frame: Any) -> Tuple[bytes, str]:
         return b"    #0 <unknown>\n", "<unknown>"
     lines: List[str] = []
     site = ""
-    while frame is not None and len(lines) < STACK_FRAMES:
+    for prefix in _PREFIXES:
         code = frame.f_code
         key = (code, frame.f_lasti)  # O(1), unlike f_lineno: the line is looked up once per site
         cached = _frame_lines.get(key)
@@ -219,8 +226,11 @@ def _lend_context(frame: Any) -> Tuple[bytes, str]:
                 _frame_lines[key] = cached
         if not lines:
             site = cached[1]
-        lines.append(f"    #{len(lines)} {cached[0]}")
+        lines.append(prefix)
+        lines.append(cached[0])
         frame = frame.f_back
+        if frame is None:
+            break
     return "".join(lines).encode("utf-8", "replace"), site
 
 
@@ -332,6 +342,68 @@ def _collect_fixups(address: int, ctype: Any, count: int, owners: _Classifier, d
                 _collect_fixups(value, pointee, n, owners, depth + 1, found, seen)
 
 
+class _Use:
+    """One way C reaches a buffer in this call: an argument, or a pointer slot in C memory."""
+
+    __slots__ = ("start", "size", "writable", "keeper", "text", "arg", "target", "slot")
+
+    def __init__(self, start: int, size: int, writable: bool, keeper: Any, text: str, arg: int = -1,
+                 target: Any = None, slot: int = 0) -> None:
+        self.start, self.size, self.writable, self.keeper, self.text = start, size, writable, keeper, text
+        self.arg, self.target, self.slot = arg, target, slot  # argument index and type, or slot address
+
+
+def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], bool],
+               new_args: List[Any], shadows: List[Shadow]) -> None:
+    """Lend one shadow per group of overlapping uses, and point every use of it at the shadow.
+
+    Two arguments that view one buffer (``memmove(b, b + 1)``), or an argument
+    and a struct slot reaching the same buffer, see one shadow: C sees the
+    same aliasing as without quarantine, and one copy-back ends the call.
+    """
+    uses.sort(key=lambda u: u.start)
+    groups: List[List[_Use]] = []
+    end = -1
+    for use in uses:
+        if groups and use.start < end:
+            groups[-1].append(use)
+            end = max(end, use.start + use.size)
+        else:
+            groups.append([use])
+            end = use.start + use.size
+    ctx: Optional[Tuple[bytes, str]] = None
+    for group in groups:
+        if not draw():
+            continue
+        if ctx is None:
+            ctx = _lend_context(frame)
+        start = group[0].start
+        size = max(u.start + u.size for u in group) - start
+        text = max(group, key=lambda u: u.size).text
+        lent_one = _lend_one(start, size, text, function, ctx[1], ctx[0])
+        if lent_one is None:
+            continue  # no free shadow: pass the buffers themselves, unquarantined
+        slot, shadow = lent_one
+        fixups: List[Fixup] = []
+        for use in group:
+            if use.arg >= 0:
+                new_args[use.arg] = _pointing(use.target, shadow + (use.start - start))
+            else:
+                cell = ffi.cast("uintptr_t *", use.slot)
+                cell[0] = shadow + (int(cell[0]) - start)
+                fixups.append((use.slot, shadow, size, start))
+        writable = any(u.writable for u in group)
+        shadows.append((slot, start if writable else None, ([u.keeper for u in group], tuple(fixups)), shadow,
+                        size, f"{text} lent to {function}() at {ctx[1]}"))
+
+
+def _pointing(target: Any, address: int) -> Any:
+    """An argument of type ``target`` (a cffi CType or a callable) for ``address``."""
+    if isinstance(target, ffi.CType):
+        return ffi.cast(target, address)
+    return target(address)
+
+
 def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
                      frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                      ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
@@ -342,10 +414,11 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     in place, through the pointer slots that reach them.  ``sampled``: the
     caller already drew this call (:func:`due`), shadow every buffer of it.
     """
-    draw = _always if sampled else due
+    if sampled:
+        _arm()
     new_args = list(args)
     shadows: List[Shadow] = []
-    ctx: Optional[Tuple[bytes, str]] = None
+    uses: List[_Use] = []
     owners = _Classifier([o for o in lent if isinstance(o, Owner) and not o.pinned], function, frame, args)
     for i, param in params:
         if i >= len(args):
@@ -354,28 +427,20 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
         source = _source(arg)
         if source is None:
             if isinstance(arg, ffi.CData):
-                _shadow_through_slots(arg, owners, function, frame, shadows, draw)
-            continue
-        if not draw():
+                _slot_uses(arg, owners, uses)
             continue
         keeper, address, size, writable = source
-        if ctx is None:
-            ctx = _lend_context(frame)
-        obj_text = describe(arg, size)
-        lent_one = _lend_one(address, size, obj_text, function, ctx[1], ctx[0])
-        if lent_one is None:
-            continue  # no free shadow: pass the buffer itself, unquarantined
-        slot, shadow = lent_one
         target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
-        new_args[i] = ffi.cast(target, shadow)
-        text = f"{obj_text} lent to {function}() at {ctx[1]}"
-        shadows.append((slot, address if writable else None, (keeper, ()), shadow, size, text))
+        # bytes: described by its length, as everywhere else; the shadow also holds the NUL
+        text = describe(arg, len(arg) if type(arg) is bytes else size)
+        uses.append(_Use(address, size, writable, keeper, text, i, target))
+    if uses:
+        _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
 
 
-def _shadow_through_slots(arg: Any, owners: _Classifier, function: str, frame: Any,
-                          shadows: List[Shadow], draw: Callable[[], bool]) -> None:
-    """Shadow the lent buffers that pointer slots of a struct argument reach; repoint the slots."""
+def _slot_uses(arg: Any, owners: _Classifier, uses: List[_Use]) -> None:
+    """The lent buffers that pointer slots of a struct argument (in C memory) reach."""
     ctype = ffi.typeof(arg)
     if ctype.kind not in ("pointer", "array") or ctype.item.kind not in ("struct", "union", "array"):
         return
@@ -395,27 +460,8 @@ def _shadow_through_slots(arg: Any, owners: _Classifier, function: str, frame: A
     count = max(1, block // step) if block else 1
     found: List[Tuple[int, Owner]] = []
     _collect_fixups(address, ctype.item, count, owners, 0, found, set())
-    if not found:
-        return
-    ctx = _lend_context(frame)
-    by_owner: Dict[Tuple[int, int], List[int]] = {}
     for slot_address, owner in found:
-        by_owner.setdefault((owner.start, owner.size), []).append(slot_address)
-    for (start, size), slot_addresses in by_owner.items():
-        if not draw():
-            continue
-        owner = next(o for o in owners.owners if o.start == start and o.size == size)
-        lent_one = _lend_one(start, size, owner.description, function, ctx[1], ctx[0])
-        if lent_one is None:
-            continue
-        slot, shadow = lent_one
-        fixups: List[Fixup] = []
-        for slot_address in slot_addresses:
-            cell = ffi.cast("uintptr_t *", slot_address)
-            cell[0] = shadow + (int(cell[0]) - start)
-            fixups.append((slot_address, shadow, size, start))
-        text = f"{owner.description} lent to {function}() at {ctx[1]}"
-        shadows.append((slot, start, (None, tuple(fixups)), shadow, size, text))
+        uses.append(_Use(owner.start, owner.size, True, None, owner.description, slot=slot_address))
 
 
 # ---------------------------------------------------------------------------
@@ -479,14 +525,27 @@ def _pointer_target(ptr: Any, lent: Sequence[Any]) -> Optional[Tuple[Any, int, i
     return None
 
 
+def _ctypes_converter(declared: Any, obj: Any, offset: int) -> Callable[[int], Any]:
+    """How to pass ``address + offset`` for a parameter declared ``declared`` (None: undeclared)."""
+    if isinstance(declared, type) and issubclass(declared, _PointerBase):
+        return lambda a: ctypes.cast(ctypes.c_void_p(a + offset), declared)
+    if isinstance(obj, _PointerBase) and declared is None:
+        kind = type(obj)
+        return lambda a: ctypes.cast(ctypes.c_void_p(a + offset), kind)
+    if declared is ctypes.c_char_p:
+        return lambda a: ctypes.c_char_p(a + offset)
+    return lambda a: ctypes.c_void_p(a + offset)
+
+
 def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], function: str,
                             frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                             ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
     """The ctypes edition of :func:`shadow_arguments`."""
-    draw = _always if sampled else due
+    if sampled:
+        _arm()
     new_args = list(args)
     shadows: List[Shadow] = []
-    ctx: Optional[Tuple[bytes, str]] = None
+    uses: List[_Use] = []
     for i, arg in enumerate(args):
         declared = argtypes[i] if i < len(argtypes) else None
         obj = getattr(arg, "_obj") if isinstance(arg, _CArgObject) else arg
@@ -506,29 +565,17 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
             writable = True
         else:
             continue  # structs (identity), by-value values, raw addresses: not moved
-        if _pinned(address) or not draw():
+        if _pinned(address):
             continue
-        if ctx is None:
-            ctx = _lend_context(frame)
         if isinstance(keeper, Owner):
-            obj_text = keeper.description
+            text = keeper.description
+        elif type(obj) is bytes:
+            text = describe(obj, len(obj))
         else:
-            obj_text = describe(keeper if isinstance(obj, _PointerBase) else obj, size)
-        lent_one = _lend_one(address, size, obj_text, function, ctx[1], ctx[0])
-        if lent_one is None:
-            continue  # no free shadow: pass the object itself, unquarantined
-        slot, shadow = lent_one
-        where = shadow + offset
-        if isinstance(declared, type) and issubclass(declared, _PointerBase):
-            new_args[i] = ctypes.cast(ctypes.c_void_p(where), declared)
-        elif isinstance(obj, _PointerBase) and declared is None:
-            new_args[i] = ctypes.cast(ctypes.c_void_p(where), type(obj))
-        elif declared is ctypes.c_char_p:
-            new_args[i] = ctypes.c_char_p(where)
-        else:
-            new_args[i] = ctypes.c_void_p(where)
-        text = f"{obj_text} lent to {function}() at {ctx[1]}"
-        shadows.append((slot, address if writable else None, (keeper, ()), shadow, size, text))
+            text = describe(keeper if isinstance(obj, _PointerBase) else obj, size)
+        uses.append(_Use(address, size, writable, keeper, text, i, _ctypes_converter(declared, obj, offset)))
+    if uses:
+        _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
 
 
