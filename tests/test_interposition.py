@@ -585,9 +585,10 @@ def test_unchanged_program_keeping_freed_python_memory_is_reported(mode: str, tm
 
 
 SQLITE_TWIN_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "known false positive: sqlite's connection (808-byte block) holds two pointers to +8 of memory "
-    "that was a 1024-byte Python block, freed and reused by memory the interposer never saw (a "
-    "conservative scan cannot tell); see /work/notes/cheap.md"))
+    "known false positive: sqlite's connection (808-byte block, offsets 648/664) keeps stale pointers "
+    "into chunks it freed itself; those chunks were 1024-byte Python blocks earlier, freed and not held "
+    "by the heap map, so libc reused them for sqlite. The heap map holding freed blocks until the scan "
+    "(helper heapmap) removes it; see /work/notes/cheap.md"))
 
 
 @pytest.mark.parametrize("mode", [pytest.param(f"{m}-twin", marks=SQLITE_TWIN_XFAIL) if m == "sqlite"
