@@ -4,11 +4,19 @@
  * Allocator hooks on CPython's raw, mem and object domains (PyMem_SetAllocator,
  * the mechanism tracemalloc uses) and on numpy's default data-memory handler
  * (NEP 49) delegate every call to the allocator that was installed before
- * them and index every live block allocated while they record, so that any
+ * them (each hook keeps it in its ctx, so nested and repeated hooking is
+ * safe) and index every live block allocated while they record, so that any
  * address can be classified as "inside a live Python block" (interior
- * pointers included).  Freed blocks go to a bounded history (for
- * use-after-free lookups and the retention scanner) and, optionally, to a
- * per-domain quarantine that delays their reuse.
+ * pointers included).  Foreign Python-owned blocks (ffi.new memory, seen by
+ * the interposer) are entered with pb_heapmap_record_block.  Freed blocks go
+ * to a bounded history (for use-after-free lookups and the retention
+ * scanner) and, optionally, to a per-domain hold that delays their reuse;
+ * held blocks are poisoned (0xDD) and the whole pages inside them are
+ * PROT_NONE, so they are scan *targets* only: no scanner may read them as
+ * roots (a scan root that is a held block faults).
+ *
+ * The implementation is split by concept: heapmap_index.c, heapmap_freed.c,
+ * heapmap_hooks.c, heapmap_numpy.c, with pb_heapmap_internal.h (private).
  *
  * Threading: every function here is thread-safe.  The raw domain is called
  * without the GIL, so the index has its own lock (a spinlock; critical
@@ -51,8 +59,49 @@ enum pb_heapmap_domain {
     PB_HEAPMAP_RAW = 0,   /* PyMem_RawMalloc (may be called without the GIL) */
     PB_HEAPMAP_MEM = 1,   /* PyMem_Malloc */
     PB_HEAPMAP_OBJ = 2,   /* PyObject_Malloc (objects) */
-    PB_HEAPMAP_NUMPY = 3  /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_NUMPY = 3, /* numpy array data (NEP 49 default handler) */
+    PB_HEAPMAP_CFFI = 4,  /* foreign Python-owned blocks entered with pb_heapmap_record_block
+                             (memory _cffi_backend mallocs for ffi.new) */
+    PB_HEAPMAP_DOMAIN_CFFI = 4 /* the same, under the name the interposer uses */
 };
+
+/* Foreign Python-owned blocks: memory that Python objects own but that does
+ * not come from CPython's allocators or numpy's handler (the interposer in
+ * interpose.c sees _cffi_backend's malloc/free for ffi.new and calls these).
+ * A recorded block is like any other heap-map block: lookups find it, and
+ * its free enters the freed-block history (and, through
+ * pb_heapmap_release_block, the hold).
+ *
+ * All three are safe from any thread, with or without the GIL, never call
+ * Python or a hooked allocator, never block on anything but the heap map's
+ * own short spinlock, and are re-entrant-safe: a call made while the same
+ * thread holds the heap map's lock (impossible today: the heap map's own
+ * memory comes from libc and ptrbridge's module is never interposed) is
+ * ignored instead of deadlocking.  They do nothing while the heap map is not
+ * installed.  Ownership of the memory stays with the caller (except for a
+ * block pb_heapmap_release_block holds back).  No error codes: a block that
+ * cannot be indexed for lack of memory is counted in `untracked`. */
+
+/* Enters [ptr, ptr + size) (size 0 counts as 1) as a live block of `domain`,
+ * which must be PB_HEAPMAP_DOMAIN_CFFI (other domains are ignored: their
+ * blocks are recorded by the hooks).  A block already recorded at ptr is
+ * replaced (its free was not seen).  ptr == NULL is ignored. */
+PB_API void pb_heapmap_record_block(void *ptr, size_t size, int domain);
+
+/* Removes the foreign block that starts at ptr (its memory is about to be
+ * freed by the caller) and appends it to the freed-block history.  Blocks
+ * that were not entered with pb_heapmap_record_block (unknown addresses,
+ * CPython's blocks) are left alone.  ptr == NULL is ignored. */
+PB_API void pb_heapmap_forget_block(void *ptr);
+
+/* pb_heapmap_forget_block, plus the hold: returns 1 if the heap map took the
+ * block (it is held back and given to release(ptr) later: when
+ * pushed out of the hold, by set_hold, or by uninstall - from whichever
+ * thread does that, never with the heap map's lock held), or 0 if the caller
+ * must free ptr now (not a recorded block, the hold is off or full, or a
+ * different `release` than the first one seen for the domain).  release
+ * must be callable from any thread without the GIL (libc free is). */
+PB_API int pb_heapmap_release_block(void *ptr, void (*release)(void *ptr));
 
 /* Result of a lookup: status 0 = not found, 1 = found (start, size, domain
  * are set), 2 = found but the allocator chain changed since it was last
@@ -62,6 +111,8 @@ struct pb_heapmap_block {
     uint64_t size;
     int domain;
     int status;
+    uint64_t serial; /* freed blocks: the free's order, seq << 1 | path (0 = GIL path, 1 = locked
+                        path); exact order within a path, unique while the map is installed */
 };
 
 struct pb_heapmap_stats {
@@ -84,8 +135,14 @@ struct pb_heapmap_stats {
     int numpy;                   /* 1 while numpy's default handler is hooked */
 };
 
-/* Capacity of the freed-block history (the oldest entries are dropped). */
-#define PB_HEAPMAP_FREED_HISTORY 65536
+/* Capacity of the freed-block history, per path (the oldest entries are
+ * dropped): the last 262144 frees of small mem/object blocks made with the
+ * GIL, and as many of every other block.  Sized on this project's own
+ * suite at level 2: 170 tests of the C-heavy files, median 1 839 frees per
+ * test, 95th percentile 16 362, and only 3 stress tests (0.9 to 2.3 million
+ * frees each) beyond this capacity (with 65536, 5 tests lost 86% of all
+ * frees).  2 MiB + 4 MiB of memory, touched as it fills. */
+#define PB_HEAPMAP_FREED_HISTORY 262144
 /* Most freed blocks held back per domain (pb__heapmap_set_hold), and the
  * default hold: blocks and bytes per domain. */
 #define PB_HEAPMAP_HOLD_MAX 8192
@@ -101,7 +158,8 @@ int pb__heapmap_install(void);
  * the hooks (takes the GIL).  Returns 0 (removed), 1 (was not installed) or
  * 2 (recording stopped, but another hook - e.g. tracemalloc - was installed
  * on top of ours, so ours stay in the chain passing every call through
- * until they can be removed: removing them would cut the other one out). */
+ * until they can be removed: removing them would cut the other one out;
+ * a later uninstall, or install, takes them out or reuses them). */
 int pb__heapmap_uninstall(void);
 
 /* pb_heapmap_verify for Python (takes the GIL).  0 or 1 (repaired). */
@@ -117,8 +175,9 @@ int pb__heapmap_numpy_attach(void);
 struct pb_heapmap_block pb__heapmap_lookup(uintptr_t addr);
 
 /* The most recently freed block (among the last PB_HEAPMAP_FREED_HISTORY
- * frees) that contained addr; status 0 if none, or if addr is inside a live
- * block now (its memory was reused).  No GIL. */
+ * frees of each path) that contained addr, with its serial; status 0 if
+ * none, or if addr is inside a live block now (its memory was reused).
+ * No GIL. */
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
 
 /* Moves up to cap freed blocks not yet taken (oldest first) into
@@ -126,21 +185,34 @@ struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
  * how many were dropped from the history before being taken, in total. */
 size_t pb__heapmap_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint64_t *dropped);
 
-/* Takes freed blocks (oldest first) and queues those not live again as
- * retention-scan targets with ids first_id, first_id + 1, ...; their starts
- * and sizes go to starts[]/sizes[].  Returns how many were queued (<= cap). */
+/* Takes freed blocks and queues those not live again as retention-scan
+ * targets with ids first_id, first_id + 1, ...; their starts and sizes go to
+ * starts[]/sizes[].  Returns how many were queued (<= cap).  When more than
+ * cap are pending, the newest cap are taken (an end-of-test scan wants the
+ * test's own frees) and the older ones count as dropped: pass a cap of
+ * 2 * PB_HEAPMAP_FREED_HISTORY to take everything the history holds. */
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap);
 
 /* Sets the hold of freed blocks (a quarantine, as memory sanitizers call
  * it): up to max_blocks (<= PB_HEAPMAP_HOLD_MAX) freed blocks and max_bytes
  * bytes per domain are held back from their allocator, oldest released
  * first, so their memory is not reused before the retention scanner has
- * looked for pointers into them.  0 turns it off.  Blocks held beyond a
- * lowered limit are released by later frees of the same domain, or by
- * uninstall.  Returns PB_OK or PB_ERR_INVALID. */
+ * looked for pointers into them.  0 turns it off.  Blocks held beyond the
+ * new limits are given back at once.  Takes the GIL.  Returns PB_OK or
+ * PB_ERR_INVALID. */
 int pb__heapmap_set_hold(size_t max_blocks, size_t max_bytes);
 
-/* A snapshot of the counters. */
+/* Whether held blocks are poisoned (filled with 0xDD, the whole pages inside
+ * blocks of a page or more made PROT_NONE until they are given back), so
+ * that a use after free misbehaves visibly instead of reading the old bytes.
+ * On by default; applies to blocks held from now on.  Returns the previous
+ * setting.  Thread-safe. */
+int pb__heapmap_set_poison(int on);
+
+/* Like pb__heapmap_take_freed, with each block's domain and serial (status 1). */
+size_t pb__heapmap_take_freed_blocks(struct pb_heapmap_block *out, size_t cap, uint64_t *dropped);
+
+/* A snapshot of the counters (takes the GIL, then the heap map's lock). */
 void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 
 /* 1 while the hooks record, else 0.  Cheap. */

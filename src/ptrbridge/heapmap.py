@@ -67,14 +67,25 @@ __all__ = [
     "find_freed",
     "find_freed_block",
     "take_freed",
+    "take_freed_blocks",
+    "find_freed_record",
+    "FreedBlock",
     "set_hold",
+    "set_poison",
     "stats",
     "numpy_hooked",
     "verify",
 ]
 
-DOMAINS: Sequence[str] = ("raw", "mem", "object", "numpy")
-"""Names of the allocator domains, indexed by the C ``enum pb_heapmap_domain``."""
+DOMAINS: Sequence[str] = ("raw", "mem", "object", "numpy", "cffi")
+"""Names of the allocator domains, indexed by the C ``enum pb_heapmap_domain``.
+
+Which domain a given object's memory comes from is a CPython implementation
+detail that changes between versions (a ``bytes`` is ``object`` memory up to
+3.12 and ``mem`` memory on 3.13): rely on the block, not on the domain.
+``"cffi"`` blocks are entered from C by ``pb_heapmap_record_block`` (memory
+``_cffi_backend`` allocates for ``ffi.new``, seen by the interposer).
+"""
 
 DEFAULT_HOLD_BLOCKS: int = lib.PB_HEAPMAP_HOLD_BLOCKS
 """Freed blocks held back from their allocator, per domain, by default (see :func:`set_hold`)."""
@@ -91,6 +102,23 @@ class HeapBlock(NamedTuple):
     start: int
     size: int
     domain: str  # one of DOMAINS
+
+
+class FreedBlock(NamedTuple):
+    """A freed block of the Python heap, with the order of its free.
+
+    ``serial`` is unique among the frees remembered while the map is
+    installed and orders the frees of one path exactly (``serial & 1`` is the
+    path: 0 for small mem/object blocks freed with the GIL, 1 for every other
+    block); between the two paths the order is approximate.  The scanning
+    side keys what it knows about a block (the call that lent it) by
+    ``(start, serial)`` to tell two lives of one address apart.
+    """
+
+    start: int
+    size: int
+    domain: str  # one of DOMAINS
+    serial: int
 
 
 @dataclass(frozen=True)
@@ -116,7 +144,7 @@ class HeapMapStats:
     untracked: int
     """Blocks that could not be indexed for lack of memory (they are simply unknown)."""
     freed_history: int
-    """Freed blocks remembered for :func:`find_freed` (at most 2 x 65536: one ring per path)."""
+    """Freed blocks remembered for :func:`find_freed` (at most 2 x 262144: one ring per path)."""
     freed_pending: int
     """Freed blocks not yet taken by :func:`take_freed` or the retention scanner."""
     freed_dropped: int
@@ -243,7 +271,7 @@ def lookup(address: int) -> Optional[Tuple[int, int]]:
 def find_freed_block(address: int) -> Optional[HeapBlock]:
     """The most recently freed Python block that contained ``address``, or None.
 
-    Only the last 65536 frees of each path are remembered, and None is
+    Only the last 262144 frees of each path are remembered, and None is
     returned while ``address`` is inside a live block (its memory was reused).
     For use-after-free reports: a pointer C still holds into such a block
     points at freed memory.  Mind the domain: memory of the ``"mem"`` and
@@ -273,7 +301,7 @@ def find_freed(address: int) -> Optional[Tuple[int, int]]:
 def take_freed() -> List[Tuple[int, int]]:
     """``(start, size)`` of the blocks freed since the last call, each block once.
 
-    At most the history's capacity (2 x 65536) per call; blocks freed while
+    At most the history's capacity (2 x 262144) per call; blocks freed while
     this runs may be left for the next call.  The retention scanner takes
     freed blocks the same way, and only one of the two sees a given block.
     """
@@ -289,12 +317,57 @@ def take_freed() -> List[Tuple[int, int]]:
     return found
 
 
+def take_freed_blocks() -> List[FreedBlock]:
+    """Like :func:`take_freed`, with each block's domain and serial (see :class:`FreedBlock`)."""
+    out = ffi.new("struct pb_heapmap_block[]", _TAKE)
+    found: List[FreedBlock] = []
+    for _ in range(2 * lib.PB_HEAPMAP_FREED_HISTORY // _TAKE):
+        n = lib.pb__heapmap_take_freed_blocks(out, _TAKE, ffi.NULL)
+        found.extend(FreedBlock(int(b.start), int(b.size), DOMAINS[b.domain], int(b.serial))
+                     for b in (out[i] for i in range(n)))
+        if n < _TAKE:
+            break
+    return found
+
+
+def find_freed_record(address: int) -> Optional[FreedBlock]:
+    """The most recently freed block that contained ``address``, with its serial, or None.
+
+    See :func:`find_freed_block` and :class:`FreedBlock`.
+    """
+    try:
+        block = lib.pb__heapmap_find_freed(address)
+    except (TypeError, OverflowError):
+        raise _bad_address("find_freed", address) from None
+    if not block.status:
+        return None
+    return FreedBlock(int(block.start), int(block.size), DOMAINS[block.domain], int(block.serial))
+
+
+def set_poison(on: bool) -> bool:
+    """Whether freed blocks held back are poisoned; returns the previous setting.
+
+    On by default: a held block is filled with ``0xDD`` (as with
+    ``PYTHONMALLOC=debug``) and the whole pages inside a block of a page or
+    more are made inaccessible until it is given back, so a program that
+    reads freed memory misbehaves at least as visibly as without ptrbridge
+    instead of reading the old bytes.  Applies to blocks held from now on.
+    Turning it off is for measuring its cost only.
+    """
+    return bool(lib.pb__heapmap_set_poison(1 if on else 0))
+
+
 def set_hold(max_blocks: int = DEFAULT_HOLD_BLOCKS, max_bytes: int = DEFAULT_HOLD_BYTES) -> None:
     """Hold up to ``max_blocks`` freed blocks (and ``max_bytes`` bytes) per domain back from their allocator.
 
     A held block is not reused until it is pushed out by later frees of its
     domain (oldest first), so the retention scanner can still find pointers
-    that C kept into it - the quarantine of memory sanitizers.  It costs time
+    that C kept into it - the quarantine of memory sanitizers.  Held blocks
+    are poisoned (see :func:`set_poison`), so holding them never hides a use
+    after free.  Lowering the limits gives back what is held beyond them at
+    once; ``set_hold(0, 0)`` gives back everything.  A ``realloc`` that would
+    move a block of up to 4 KiB is done as allocate + copy + free, so that
+    the old block is held too.  It costs time
     on allocation-heavy code (pymalloc cannot reuse the blocks it just freed)
     and up to ``max_bytes`` per domain.  ``set_hold(0, 0)`` turns it off;
     ``max_blocks`` is at most ``lib.PB_HEAPMAP_HOLD_MAX``.  Raises
