@@ -1,12 +1,14 @@
 """Benchmark of the level-2 heap map (not a test): python bench/bench_heapmap.py [--quick | --smoke]
 
 An allocation-heavy pure-Python loop (building and dropping dicts, lists,
-tuples and strings: about 24 allocations and as many frees per iteration) is
-timed four ways, interleaved round by round, best round kept:
+tuples and strings: the allocations per iteration that the heap map sees
+are counted and printed) is timed five ways, interleaved round by round,
+best round kept:
 
 * baseline - no hooks;
 * heap map - ptrbridge.heapmap installed with its default hold of freed
-  blocks (what check level 2 runs);
+  blocks, poisoned (what check level 2 runs);
+* heap map, hold not poisoned - ``set_poison(False)``: the cost of poisoning;
 * heap map, no hold - the hooks and the index alone (``set_hold(0, 0)``);
 * tracemalloc - ``tracemalloc.start()``, the reference to beat.
 
@@ -41,13 +43,15 @@ def _time(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _with_heapmap(n: int, hold: bool) -> float:
+def _with_heapmap(n: int, hold: bool, poison: bool = True) -> float:
     heapmap.install()
     if not hold:
         heapmap.set_hold(0, 0)
+    old_poison = heapmap.set_poison(poison)
     try:
         return _time(lambda: allocation_loop(n))
     finally:
+        heapmap.set_poison(old_poison)
         heapmap.set_hold()
         heapmap.uninstall()
 
@@ -64,8 +68,8 @@ def measure(quick: bool = False, *, iterations: int = 0, rounds: int = 0) -> Dic
     """Time the loop four ways and return the figures.
 
     Keys: ``iterations``, ``rounds``, ``allocations_per_iteration``,
-    ``baseline_ms``, ``heapmap_ms``, ``heapmap_no_hold_ms``,
-    ``tracemalloc_ms``, ``heapmap_ratio``, ``heapmap_no_hold_ratio``,
+    ``baseline_ms``, ``heapmap_ms``, ``heapmap_no_poison_ms``, ``heapmap_no_hold_ms``,
+    ``tracemalloc_ms``, ``heapmap_ratio``, ``heapmap_no_poison_ratio``, ``heapmap_no_hold_ratio``,
     ``tracemalloc_ratio``, ``ns_per_allocation`` (heap map cost per
     allocation and its free), ``target`` and ``passed``.  Leaves the heap
     map as it found it only if it was not installed (the benchmark
@@ -84,6 +88,7 @@ def measure(quick: bool = False, *, iterations: int = 0, rounds: int = 0) -> Dic
     variants: Dict[str, Callable[[], float]] = {
         "baseline": lambda: _time(lambda: allocation_loop(n)),
         "heapmap": lambda: _with_heapmap(n, hold=True),
+        "heapmap_no_poison": lambda: _with_heapmap(n, hold=True, poison=False),
         "heapmap_no_hold": lambda: _with_heapmap(n, hold=False),
         "tracemalloc": lambda: _with_tracemalloc(n),
     }
@@ -100,9 +105,11 @@ def measure(quick: bool = False, *, iterations: int = 0, rounds: int = 0) -> Dic
         "allocations_per_iteration": per_iteration,
         "baseline_ms": base * 1e3,
         "heapmap_ms": best["heapmap"] * 1e3,
+        "heapmap_no_poison_ms": best["heapmap_no_poison"] * 1e3,
         "heapmap_no_hold_ms": best["heapmap_no_hold"] * 1e3,
         "tracemalloc_ms": best["tracemalloc"] * 1e3,
         "heapmap_ratio": ratio,
+        "heapmap_no_poison_ratio": best["heapmap_no_poison"] / base,
         "heapmap_no_hold_ratio": best["heapmap_no_hold"] / base,
         "tracemalloc_ratio": best["tracemalloc"] / base,
         "ns_per_allocation": (best["heapmap"] - base) / max(1, n * per_iteration) * 1e9,
@@ -118,9 +125,11 @@ def report(figures: Dict[str, Union[int, float, bool]]) -> str:
         f"allocation-heavy loop: {figures['iterations']} iterations x {figures['allocations_per_iteration']} "
         f"allocations, best of {figures['rounds']} interleaved rounds",
         f"  baseline            {figures['baseline_ms']:9.1f} ms",
-        f"  heap map            {figures['heapmap_ms']:9.1f} ms = {figures['heapmap_ratio']:.2f}x  "
+        f"  heap map (poisoned) {figures['heapmap_ms']:9.1f} ms = {figures['heapmap_ratio']:.2f}x  "
         f"(target <= {figures['target']}x)  {verdict}   "
         f"+{figures['ns_per_allocation']:.1f} ns per allocation+free",
+        f"  heap map, no poison {figures['heapmap_no_poison_ms']:9.1f} ms = "
+        f"{figures['heapmap_no_poison_ratio']:.2f}x",
         f"  heap map, no hold   {figures['heapmap_no_hold_ms']:9.1f} ms = {figures['heapmap_no_hold_ratio']:.2f}x",
         f"  tracemalloc         {figures['tracemalloc_ms']:9.1f} ms = {figures['tracemalloc_ratio']:.2f}x  (reference)",
     ])

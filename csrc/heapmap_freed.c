@@ -256,6 +256,32 @@ size_t pb__heapmap_take_freed_blocks(struct pb_heapmap_block *out, size_t cap, u
     return n;
 }
 
+/* When more than cap freed blocks are pending, skips the oldest ones (they
+ * count as dropped) so that the newest cap remain, shared between the rings
+ * (the locked ring gets at least half of cap if it has that many).  The
+ * newest frees matter most to an end-of-test scan: they are the test's own.
+ * Lock held. */
+static void keep_newest(size_t cap)
+{
+    uint64_t gdone = atomic_load_explicit(&hm_gil_ring_done, memory_order_acquire);
+    if (gil_taken < oldest_of(gdone)) {
+        freed_dropped += oldest_of(gdone) - gil_taken;
+        gil_taken = oldest_of(gdone);
+    }
+    if (lock_taken < oldest_of(lock_ring_seq)) {
+        freed_dropped += oldest_of(lock_ring_seq) - lock_taken;
+        lock_taken = oldest_of(lock_ring_seq);
+    }
+    uint64_t g = gdone - gil_taken, l = lock_ring_seq - lock_taken;
+    if (g + l <= cap)
+        return;
+    uint64_t keep_l = l < cap / 2 ? l : (g < cap - cap / 2 ? (l < cap - g ? l : cap - g) : cap / 2);
+    uint64_t keep_g = g < cap - keep_l ? g : cap - keep_l;
+    freed_dropped += (g - keep_g) + (l - keep_l);
+    gil_taken += g - keep_g;
+    lock_taken += l - keep_l;
+}
+
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
 {
     /* Filter under the heap-map lock, queue outside it: the scanner takes its
@@ -264,6 +290,7 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
     uintptr_t s, ls;
     uint64_t v, lv, serial;
     hm_lock();
+    keep_newest(cap);
     while (n < cap && take_next(&s, &v, &serial)) {
         if (hm_find_block(s, 1, &ls, &lv))
             continue; /* reused: the memory is live again */

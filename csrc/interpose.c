@@ -35,6 +35,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "pb_heapmap.h"
 #include "pb_interpose.h"
 #include "pb_internal.h"
 
@@ -283,6 +284,8 @@ static inline void record(void *p, size_t size, uintptr_t caller, int python)
         return;
     in_hook = 1;
     table_insert((uintptr_t)p, size, caller, python);
+    if (python) /* ffi.new memory is Python memory: the heap map indexes it too */
+        pb_heapmap_record_block(p, size, PB_HEAPMAP_DOMAIN_CFFI);
     in_hook = 0;
 }
 
@@ -412,6 +415,7 @@ static inline void *forget(void *p)
     in_hook = 1;
     struct ent e;
     if (table_remove((uintptr_t)p, &e) && e.python) {
+        pb_heapmap_forget_block(p); /* into the heap map's freed history too */
         push_freed(e.ptr, e.size);
         if (atomic_load_explicit(&enabled, memory_order_relaxed) && e.size <= PB_POISON_MAX)
             p = hold_freed(p, e.size);

@@ -32,6 +32,8 @@
 #include <link.h>
 #include <pthread.h>
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -629,6 +631,113 @@ static void scan_range(const struct index *ix, uintptr_t base, size_t size, int 
 
 static char *scratch; /* CHUNK bytes, guarded by scan_lock */
 
+/* ---- in-place reads with fault recovery ---------------------------------
+ *
+ * The fast path.  While a scanning thread reads a root it arms a
+ * thread-local sigjmp_buf; a SIGSEGV/SIGBUS on that thread then jumps back
+ * and the page is skipped.  Any other fault goes to the handler that was
+ * installed before ours (faulthandler, the quarantine's, the program's), or
+ * to the default action.  The handler is installed at the first scan and
+ * put back on top at every scan if someone installed theirs above it.  It
+ * uses only siglongjmp and sigaction (async-signal-safe); SA_NODEFER keeps
+ * the signal unblocked after the jump, so no mask has to be saved per root
+ * (sigsetjmp(env, 0) costs a few ns).  PTRBRIDGE_SCAN_READ=copy selects
+ * the process_vm_readv copy for every root instead. */
+
+#define TLS_IE __attribute__((tls_model("initial-exec")))
+
+static _Thread_local sigjmp_buf *fault_jmp TLS_IE;
+static struct sigaction prev_segv, prev_bus;
+static int read_mode; /* 0 undecided, 1 in place (signal recovery), 2 copy */
+
+static void on_fault(int sig, siginfo_t *info, void *uc)
+{
+    sigjmp_buf *j = fault_jmp;
+    if (j != NULL) {
+        fault_jmp = NULL;
+        siglongjmp(*j, 1);
+    }
+    const struct sigaction *prev = sig == SIGBUS ? &prev_bus : &prev_segv;
+    if (prev->sa_flags & SA_SIGINFO) {
+        if (prev->sa_sigaction != NULL) {
+            prev->sa_sigaction(sig, info, uc);
+            return;
+        }
+    } else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
+        prev->sa_handler(sig);
+        return;
+    }
+    /* Default action: restore it; returning re-executes the faulting
+     * instruction, which now kills the process as it would have. */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+}
+
+static int ensure_handler_one(int sig, struct sigaction *prev)
+{
+    struct sigaction cur;
+    if (sigaction(sig, NULL, &cur) != 0)
+        return -1;
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault)
+        return 0;
+    struct sigaction mine;
+    memset(&mine, 0, sizeof mine);
+    mine.sa_sigaction = on_fault;
+    mine.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&mine.sa_mask);
+    *prev = cur;
+    return sigaction(sig, &mine, NULL);
+}
+
+/* Scan lock held.  1: read in place; 0: use the copy. */
+static int in_place(void)
+{
+    if (read_mode == 0) {
+        const char *env = getenv("PTRBRIDGE_SCAN_READ");
+        read_mode = env != NULL && strcmp(env, "copy") == 0 ? 2 : 1;
+    }
+    if (read_mode != 1)
+        return 0;
+    if (ensure_handler_one(SIGSEGV, &prev_segv) != 0 || ensure_handler_one(SIGBUS, &prev_bus) != 0) {
+        read_mode = 2;
+        return 0;
+    }
+    return 1;
+}
+
+/* Scans [base, base+size) in place, a page at a time, skipping pages that
+ * fault.  Returns the bytes that could not be read. */
+static size_t read_range_inplace(const struct index *ix, uintptr_t base, size_t size, int kind,
+                                 uint64_t root_id, struct sink *sink)
+{
+    const uintptr_t pagesize = (uintptr_t)sysconf(_SC_PAGESIZE);
+    volatile uintptr_t p = align_up(base);
+    const uintptr_t end = base + size;
+    volatile size_t missing = 0;
+    sigjmp_buf env;
+    while (p < end) {
+        if (sigsetjmp(env, 0) == 0) {
+            fault_jmp = &env;
+            while (p < end) {
+                uintptr_t next = (p | (pagesize - 1)) + 1;
+                uintptr_t stop = next < end ? next : end;
+                scan_words(ix, (const char *)p, stop - p, p, base, size, kind, root_id, sink);
+                p = stop;
+            }
+            fault_jmp = NULL;
+        } else { /* the page at p faulted: skip it */
+            uintptr_t next = (p | (pagesize - 1)) + 1;
+            uintptr_t stop = next < end ? next : end;
+            missing += stop - p;
+            p = stop;
+        }
+    }
+    return missing;
+}
+
 /* Scans a root that may be (partly) unmapped.  Returns the bytes that could
  * not be read (0: all of it was). */
 static size_t read_range_safe(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
@@ -675,10 +784,13 @@ static size_t read_range_safe(const struct index *ix, uintptr_t base, size_t siz
     return missing;
 }
 
+static int use_in_place; /* decided per scan by in_place(); scan lock held */
+
 static size_t scan_range_safe(const struct index *ix, uintptr_t base, size_t size, int kind, uint64_t root_id,
                               struct sink *sink)
 {
-    size_t missing = read_range_safe(ix, base, size, kind, root_id, sink);
+    size_t missing = use_in_place ? read_range_inplace(ix, base, size, kind, root_id, sink)
+                                  : read_range_safe(ix, base, size, kind, root_id, sink);
     sink->bytes += size - (missing < size ? missing : size);
     return missing;
 }
@@ -693,7 +805,7 @@ static size_t scan_blocks_safe(const struct index *ix, const struct pb_iblock *b
             i++;
             continue;
         }
-        if (b[i].size >= CHUNK / 4 || pvr_state < 0) {
+        if (use_in_place || b[i].size >= CHUNK / 4 || pvr_state < 0) {
             if (scan_range_safe(ix, b[i].ptr, b[i].size, PB_ROOT_INTERPOSED, b[i].caller, sink))
                 bad++;
             i++;
@@ -811,7 +923,8 @@ size_t pb__scan_run(struct pb_finding *out, size_t cap, int keep, uint64_t *byte
                 *bytes = 0;
             return 0;
         }
-        if (pvr_state < 0)
+        use_in_place = in_place();
+        if (!use_in_place && pvr_state < 0)
             snapshot_maps();
         pthread_mutex_lock(&root_lock);
         for (size_t i = 0; i < root_count; i++) {
@@ -854,6 +967,7 @@ size_t pb__scan_buffer_safe(const void *base, size_t size)
     struct index ix;
     pthread_mutex_lock(&scan_lock);
     if ((scratch != NULL || (scratch = malloc(CHUNK)) != NULL) && build_index(&ix, 1) == 0) {
+        use_in_place = in_place();
         if (ix.n)
             scan_range_safe(&ix, (uintptr_t)base, size, PB_ROOT_REGISTERED, 0, &sink);
         done_with_index(&ix);
@@ -868,6 +982,7 @@ size_t pb__scan_interposed_only(uint64_t *bytes)
     struct index ix;
     pthread_mutex_lock(&scan_lock);
     if ((scratch != NULL || (scratch = malloc(CHUNK)) != NULL) && build_index(&ix, 1) == 0) {
+        use_in_place = in_place();
         if (ix.n)
             scan_interposed(&ix, &sink);
         done_with_index(&ix);

@@ -144,7 +144,7 @@ class HeapMapStats:
     untracked: int
     """Blocks that could not be indexed for lack of memory (they are simply unknown)."""
     freed_history: int
-    """Freed blocks remembered for :func:`find_freed` (at most 2 x 65536: one ring per path)."""
+    """Freed blocks remembered for :func:`find_freed` (at most 2 x 262144: one ring per path)."""
     freed_pending: int
     """Freed blocks not yet taken by :func:`take_freed` or the retention scanner."""
     freed_dropped: int
@@ -271,7 +271,7 @@ def lookup(address: int) -> Optional[Tuple[int, int]]:
 def find_freed_block(address: int) -> Optional[HeapBlock]:
     """The most recently freed Python block that contained ``address``, or None.
 
-    Only the last 65536 frees of each path are remembered, and None is
+    Only the last 262144 frees of each path are remembered, and None is
     returned while ``address`` is inside a live block (its memory was reused).
     For use-after-free reports: a pointer C still holds into such a block
     points at freed memory.  Mind the domain: memory of the ``"mem"`` and
@@ -301,7 +301,7 @@ def find_freed(address: int) -> Optional[Tuple[int, int]]:
 def take_freed() -> List[Tuple[int, int]]:
     """``(start, size)`` of the blocks freed since the last call, each block once.
 
-    At most the history's capacity (2 x 65536) per call; blocks freed while
+    At most the history's capacity (2 x 262144) per call; blocks freed while
     this runs may be left for the next call.  The retention scanner takes
     freed blocks the same way, and only one of the two sees a given block.
     """

@@ -289,6 +289,7 @@ def scan() -> List[Retention]:
         total = lib.pb__scan_run(out, _MAX_FINDINGS, 0, scanned)
         targets = dict(_targets)
         _targets.clear()
+        cffi_freed = {t.start: t for t in targets.values() if t.description.startswith("ffi.new")}
         batches, _freed_batches[:] = list(_freed_batches), []
         _calls_since_scan = 0
     found: List[Retention] = []
@@ -302,6 +303,8 @@ def scan() -> List[Retention]:
         target = targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
         if target is None:
             continue
+        if target.function.startswith("(") and target.start in cffi_freed:
+            target = cffi_freed[target.start]  # the heap map's record of an ffi.new block: say so
         if target.state == "freed":
             if _live_again(int(f.value), target.start):
                 continue  # the address belongs to a live block now (the freed one was reused)
@@ -314,8 +317,9 @@ def scan() -> List[Retention]:
                 named = old if target.function.startswith("(") else target
                 target = _Target(target.start, target.size, named.description, named.function, named.site,
                                  "freed")
-            elif not (old.state == "freed" and target.state == "freed" and old.function.startswith("(")):
-                continue
+            elif not (old.state == "freed" and target.state == "freed" and old.function.startswith("(")
+                      and (not target.function.startswith("(") or target.description.startswith("ffi.new"))):
+                continue  # keep the first, unless the new one names the lend or the ffi.new block
         by_place[place] = (f, target)
     for place, (f, target) in by_place.items():
         found.append(
