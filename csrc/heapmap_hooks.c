@@ -34,7 +34,7 @@
 #define HOOKS_PER_DOMAIN 64 /* instances a domain can ever create (reused when they wrap the same allocator) */
 
 static struct hm_hook pool[PYMEM_DOMAINS][HOOKS_PER_DOMAIN];
-static int pool_used[PYMEM_DOMAINS]; /* under the GIL */
+static atomic_int pool_used[PYMEM_DOMAINS]; /* written under the GIL, after the instance is set */
 
 struct domain_state {
     struct hm_hook *current;       /* the instance installed last (GIL) */
@@ -48,6 +48,27 @@ static const PyMemAllocatorDomain domain_ids[PYMEM_DOMAINS] = {PYMEM_DOMAIN_RAW,
 static atomic_uintptr_t probing_thread; /* pthread_self() of in_chain_gil(), 0 otherwise */
 
 /* ---- the hooks ----------------------------------------------------------------------- */
+
+/* The raw domain is called without the GIL, so a thread may read its
+ * allocator while PyMem_SetAllocator is replacing it and see our function
+ * with the ctx of the allocator we wrap (install) or restore (uninstall).
+ * That ctx is the prev.ctx of the instance being swapped: the call goes to
+ * that instance, as it would have a moment later or earlier. */
+static COLD struct hm_hook *torn_ctx(int domain, void *ctx)
+{
+    int used = atomic_load_explicit(&pool_used[domain], memory_order_acquire);
+    for (int i = used - 1; i >= 0; i--)
+        if (pool[domain][i].prev.ctx == ctx)
+            return &pool[domain][i];
+    return &pool[domain][used > 0 ? used - 1 : 0]; /* unreachable: some instance wraps every ctx we see */
+}
+
+static HOT struct hm_hook *instance_of(int domain, void *ctx)
+{
+    if (LIKELY((uintptr_t)ctx - (uintptr_t)pool[domain] < sizeof pool[domain]))
+        return ctx;
+    return torn_ctx(domain, ctx);
+}
 
 /* A call made by in_chain_gil()'s probe: counted, not recorded. */
 static inline int is_probe(struct hm_hook *h)
@@ -128,9 +149,9 @@ int hm_realloc_copies(const struct forgotten *old)
            atomic_load_explicit(&hm_hold_max_blocks, memory_order_relaxed) != 0;
 }
 
-static HOT void *hook_malloc(void *ctx, size_t size)
+static HOT void *hook_malloc(int domain, void *ctx, size_t size)
 {
-    struct hm_hook *h = ctx;
+    struct hm_hook *h = instance_of(domain, ctx);
     void *p = h->prev.malloc(h->prev.ctx, size);
     if (UNLIKELY(is_probe(h)))
         return p;
@@ -139,9 +160,9 @@ static HOT void *hook_malloc(void *ctx, size_t size)
     return p;
 }
 
-static void *hook_calloc(void *ctx, size_t n, size_t elsize)
+static inline void *hook_calloc(int domain, void *ctx, size_t n, size_t elsize)
 {
-    struct hm_hook *h = ctx;
+    struct hm_hook *h = instance_of(domain, ctx);
     void *p = h->prev.calloc(h->prev.ctx, n, elsize);
     if (UNLIKELY(is_probe(h)))
         return p;
@@ -150,10 +171,9 @@ static void *hook_calloc(void *ctx, size_t n, size_t elsize)
     return p;
 }
 
-static void *hook_realloc(void *ctx, void *ptr, size_t size)
+static inline void *hook_realloc(int domain, void *ctx, void *ptr, size_t size)
 {
-    struct hm_hook *h = ctx;
-    int domain = h->domain;
+    struct hm_hook *h = instance_of(domain, ctx);
     if (!records(h) || is_probe(h))
         return h->prev.realloc(h->prev.ctx, ptr, size);
     struct forgotten old = hm_realloc_before(domain, ptr);
@@ -178,9 +198,9 @@ static void *hook_realloc(void *ctx, void *ptr, size_t size)
     return q;
 }
 
-static HOT void hook_free(void *ctx, void *ptr)
+static HOT void hook_free(int domain, void *ctx, void *ptr)
 {
-    struct hm_hook *h = ctx;
+    struct hm_hook *h = instance_of(domain, ctx);
     if (ptr == NULL || !records(h)) {
         h->prev.free(h->prev.ctx, ptr);
         return;
@@ -199,6 +219,30 @@ static HOT void hook_free(void *ctx, void *ptr)
     h->prev.free(h->prev.ctx, ptr);
 }
 
+/* One set of functions per domain: each knows its domain even when its ctx
+ * is not one of its instances (see instance_of). */
+#define DEFINE_HOOKS(NAME, DOMAIN)                                                                   \
+    static void *NAME##_malloc(void *ctx, size_t size) { return hook_malloc(DOMAIN, ctx, size); }    \
+    static void *NAME##_calloc(void *ctx, size_t n, size_t elsize)                                   \
+    {                                                                                                \
+        return hook_calloc(DOMAIN, ctx, n, elsize);                                                  \
+    }                                                                                                \
+    static void *NAME##_realloc(void *ctx, void *ptr, size_t size)                                   \
+    {                                                                                                \
+        return hook_realloc(DOMAIN, ctx, ptr, size);                                                 \
+    }                                                                                                \
+    static void NAME##_free(void *ctx, void *ptr) { hook_free(DOMAIN, ctx, ptr); }
+
+DEFINE_HOOKS(raw, PB_HEAPMAP_RAW)
+DEFINE_HOOKS(mem, PB_HEAPMAP_MEM)
+DEFINE_HOOKS(obj, PB_HEAPMAP_OBJ)
+
+static const PyMemAllocatorEx hook_functions[PYMEM_DOMAINS] = {
+    {NULL, raw_malloc, raw_calloc, raw_realloc, raw_free},
+    {NULL, mem_malloc, mem_calloc, mem_realloc, mem_free},
+    {NULL, obj_malloc, obj_calloc, obj_realloc, obj_free},
+};
+
 /* ---- instances and the chain ----------------------------------------------------------- */
 
 /* The instance wrapping *cur (an existing one if it wraps exactly that, so
@@ -206,26 +250,30 @@ static HOT void hook_free(void *ctx, void *ptr)
  * used all of them.  GIL held. */
 static struct hm_hook *instance_for(int domain, const PyMemAllocatorEx *cur)
 {
-    for (int i = 0; i < pool_used[domain]; i++)
+    int used = atomic_load(&pool_used[domain]);
+    for (int i = 0; i < used; i++)
         if (memcmp(&pool[domain][i].prev, cur, sizeof *cur) == 0)
             return &pool[domain][i];
-    if (pool_used[domain] == HOOKS_PER_DOMAIN)
+    if (used == HOOKS_PER_DOMAIN)
         return NULL;
-    struct hm_hook *h = &pool[domain][pool_used[domain]++];
+    struct hm_hook *h = &pool[domain][used];
     h->prev = *cur;
     h->domain = domain;
     atomic_store(&h->active, 0);
+    atomic_store_explicit(&pool_used[domain], used + 1, memory_order_release); /* publishes h */
     return h;
 }
 
 static PyMemAllocatorEx hook_of(struct hm_hook *h)
 {
-    return (PyMemAllocatorEx){h, hook_malloc, hook_calloc, hook_realloc, hook_free};
+    PyMemAllocatorEx a = hook_functions[h->domain];
+    a.ctx = h;
+    return a;
 }
 
 static int is_instance(const PyMemAllocatorEx *a, const struct hm_hook *h)
 {
-    return a->malloc == hook_malloc && a->ctx == (const void *)h;
+    return h != NULL && a->malloc == hook_functions[h->domain].malloc && a->ctx == (const void *)h;
 }
 
 static void *probe_alloc(int domain)
@@ -322,8 +370,10 @@ static void fork_child(void)
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
-static void register_atfork(void)
+static void init_once(void)
 {
+    long page = sysconf(_SC_PAGESIZE);
+    hm_page_size = page > 0 ? (uintptr_t)page : 4096; /* read by the hold: set once, before any hold */
     pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
@@ -331,15 +381,13 @@ static void register_atfork(void)
 
 int pb__heapmap_install(void)
 {
-    pthread_once(&atfork_once, register_atfork);
+    pthread_once(&atfork_once, init_once);
     PyGILState_STATE gil = PyGILState_Ensure();
     int rc = 1;
     if (!recording()) {
 #if PY_VERSION_HEX >= 0x030C0000
         hm_main_interp = PyInterpreterState_Main();
 #endif
-        long page = sysconf(_SC_PAGESIZE);
-        hm_page_size = page > 0 ? (uintptr_t)page : 4096;
         hm_lock();
         clear_all_locked();
         atomic_store(&hm_recording, 1);

@@ -466,7 +466,10 @@ static HOT int quarantine_swap(struct quarantine *q, void *ptr, size_t size, con
  * through them); a domain reuses an instance whose prev is the allocator
  * being wrapped again. */
 struct hm_hook {
-    PyMemAllocatorEx prev; /* the allocator below this instance */
+    PyMemAllocatorEx prev; /* the allocator below this instance; first, so that a hook that
+                              reads a torn {our ctx, its function} pair (raw domain, no GIL)
+                              and treats its ctx as a PyMemAllocatorEx, as tracemalloc
+                              does, still reaches the right allocator */
     int domain;            /* PB_HEAPMAP_RAW, _MEM or _OBJ */
     atomic_int active;     /* records (the domain's current instance while installed) */
     atomic_ulong probe_hits;
