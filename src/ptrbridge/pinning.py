@@ -28,7 +28,7 @@ from . import levels, scanning
 from ._bindings import ffi, lib
 from .callsite import caller_frame_location, format_location
 from .errors import PinLeakWarning
-from .ownership import RegionInfo, describe, python_owned_extent, register, unregister
+from .ownership import RegionInfo, describe, lookup, python_owned_extent, register, unregister
 
 __all__ = ["Pinner", "pinned_objects"]
 
@@ -102,6 +102,8 @@ class Pinner:
         if pins and levels._level == 2:
             for pin in pins:
                 region = pin.region
+                if _still_pinned(region):
+                    continue  # another Pinner pins the same memory: C may still hold it
                 scanning.retire(region.start, region.size, region.description, "Pinner.pin",
                                 region.site, "unpinned")
             scanning.scan_and_report()
@@ -135,6 +137,13 @@ class Pinner:
             self._warn_leaks()
         finally:
             self.unpin()
+
+
+def _still_pinned(region: RegionInfo) -> bool:
+    """True if another live pin covers the whole of ``region`` (after it was released)."""
+    other = lookup(region.start)
+    return (other is not None and other.kind == "pinned"
+            and other.start <= region.start and region.start + region.size <= other.start + other.size)
 
 
 def _release(pin: _Pin) -> None:
