@@ -384,17 +384,16 @@ class Producer:
                 handle.delete()
         else:
             pinner = ptrbridge.Pinner()
-            try:
-                pin_many = getattr(pinner, "pin_many", None)  # the batch form, where ptrbridge has it
-                if pin_many is not None:
-                    pinned = pin_many(payloads)
-                else:
+            pin_many = getattr(pinner, "pin_many", None)  # the batch form, where ptrbridge has it
+            if pin_many is not None:
+                pointers = pin_many(payloads)  # a char *[n]; all pinned or none
+            else:
+                try:
                     pin = pinner.pin
-                    pinned = [pin(x) for x in payloads]
-            except BaseException:
-                pinner.unpin()  # e.g. UnpinnableError for one payload: give back the others
-                raise
-            pointers = ffi.new("char *[]", pinned)
+                    pointers = ffi.new("char *[]", [pin(x) for x in payloads])
+                except BaseException:
+                    pinner.unpin()  # e.g. UnpinnableError for one payload: give back the others
+                    raise
             b = lib.pbk_batch_new(self._p, self._kind, n, ffi.NULL, 0)
             if b == ffi.NULL:
                 pinner.unpin()
