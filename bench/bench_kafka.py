@@ -268,8 +268,8 @@ def soak(strategy: str, n: int, batch: int = 1000, checked_calls: bool = False) 
         ptrbridge.testing.settle()
         before = ptrbridge.stats()
         # a bounded number in flight, so librdkafka's queue reaches its steady size in the warm-up
-        # --soak-checked: copy and pin produce through ptrbridge.wrap (checked calls; slow:
-        # about 1 ms per 1000-message batch at level 2); handle cannot, it breaks R1/R2
+        # --soak-checked: copy and pin produce through ptrbridge.wrap (checked calls; slow at
+        # level 2: 0.3-1 s per 1000-message batch, see the notes); handle breaks R1/R2
         # as written (see the README)
         with pbkafka.Producer(strategy=strategy, topic=TOPIC, config=CONFIG, partitions=1,
                               max_inflight=32, checked=checked_calls and strategy != "handle") as p:
