@@ -144,16 +144,20 @@ def bench_copy(quick: bool) -> None:
         print(line)
 
 
-def best_ns_cleanup(variants: dict, number: int, rounds: int, cleanup) -> dict:
-    """best_ns with a cleanup call after every timed loop (outside the timing)."""
+def best_ns_cleanup(variants: dict, number: int, rounds: int, cleanup, numbers: dict = {}) -> dict:
+    """best_ns with a cleanup call after every timed loop (outside the timing).
+
+    ``numbers`` overrides the loop count of some variants (still interleaved).
+    """
     import time
     best = {name: float("inf") for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            count = numbers.get(name, number)
             start = time.perf_counter_ns()
-            for _ in range(number):
+            for _ in range(count):
                 fn()
-            best[name] = min(best[name], (time.perf_counter_ns() - start) / number)
+            best[name] = min(best[name], (time.perf_counter_ns() - start) / count)
             cleanup()
     return best
 
@@ -202,11 +206,16 @@ def bench_transfer(quick: bool) -> None:
     data = bytes(range(100))
     payloads = [bytes([i]) * 100 for i in range(64)]
     given: list = []
+    batches: list = []
 
     def cleanup() -> None:
         for ptr in given:
             lib.pb_free(ptr)
+        for ptrs in batches:
+            for i in range(len(ptrs)):
+                lib.pb_free(ptrs[i])
         given.clear()
+        batches.clear()
 
     def transfer() -> None:
         given.append(ptrbridge.CBuffer.copy(data).transfer())
@@ -217,14 +226,13 @@ def bench_transfer(quick: bool) -> None:
         "CBuffer.copy": lambda: ptrbridge.CBuffer.copy(data),
         "copy().transfer()": transfer,
     }
+    n = 5_000 if quick else 20_000
     if hasattr(ptrbridge.CBuffer, "copy_many"):
         def copy_many() -> None:
-            batch = ptrbridge.CBuffer.copy_many(payloads)
-            batch.transfer()
-            given.extend(batch.pointers[i] for i in range(len(payloads)))
+            batches.append(ptrbridge.CBuffer.copy_many(payloads).transfer())
         variants["copy_many(64).transfer()"] = copy_many
-    n = 5_000 if quick else 20_000
-    ns = best_ns_cleanup(variants, n, 3 if quick else 7, cleanup)
+    # n // 64 batches: as many blocks alive before each cleanup as for the single copies
+    ns = best_ns_cleanup(variants, n, 3 if quick else 7, cleanup, {"copy_many(64).transfer()": n // 64})
     if "copy_many(64).transfer()" in ns:
         ns["copy_many(64).transfer()"] /= 64
     for name, value in ns.items():

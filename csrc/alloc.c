@@ -181,11 +181,6 @@ void *pb__alloc_owned(size_t size, int zero, uint32_t site)
     return track(p, size, FLAG_PYOWNED, site);
 }
 
-void *pb__alloc_for_c(size_t size, uint32_t site)
-{
-    return track(malloc(size ? size : 1), size, FLAG_TRANSFERRED, site);
-}
-
 /* Status for a pointer that is not a live block.  Lock held. */
 static int classify_unknown(uintptr_t addr)
 {

@@ -27,10 +27,6 @@ int pb__free_owned(void *ptr);
  * pb__alloc_set_transferred(ptr, 1).  NULL if out of memory. */
 void *pb__alloc_owned(size_t size, int zero, uint32_t site);
 
-/* Allocates a block that belongs to C at once (counted as transferred), for
- * batch copies handed to C.  NULL if out of memory. */
-void *pb__alloc_for_c(size_t size, uint32_t site);
-
 /* Who owns the live block starting at addr: 0 none (not a live block), 1 a
  * Python CBuffer, 2 C (pb_malloc), 3 C after a transfer. */
 int pb__alloc_owner(uintptr_t addr);

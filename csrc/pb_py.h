@@ -13,6 +13,10 @@
 /* pysite.c: "file.py:12" for a site id (new reference; "<unknown>:0" for 0). */
 PyObject *pb__site_text(uint32_t site);
 
+/* A cffi `char *` cdata for an address, made without a cffi call (through
+ * cffi's exported C API when available).  New reference, or NULL. */
+PyObject *pb__charp_object(uintptr_t addr);
+
 /* Registers a module function table on `module`.  Returns 0 or -1. */
 int pb__add_functions(PyObject *module, PyMethodDef *defs);
 

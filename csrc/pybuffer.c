@@ -42,12 +42,28 @@ typedef struct BufferBase {
 
 static BufferBase *live_head;
 static PyObject *use_after_error; /* ptrbridge.UseAfterTransferError */
-static PyObject *charp_fn;        /* lib.pb__charp */
+static PyObject *charp_fn;        /* lib.pb__charp (fallback) */
+static PyObject *charp_ctype;     /* ffi.typeof("char *") */
+/* cffi's exported C API (_cffi_backend._C_API, the table cffi-generated
+ * modules use): entry 10 makes a pointer cdata of a given ctype. */
+static PyObject *(*from_c_pointer)(char *, PyObject *);
 static PyTypeObject BufferBaseType;
 
 char *pb__charp(uintptr_t addr)
 {
     return (char *)addr;
+}
+
+PyObject *pb__charp_object(uintptr_t addr)
+{
+    if (from_c_pointer != NULL)
+        return from_c_pointer((char *)addr, charp_ctype);
+    PyObject *a = PyLong_FromSize_t(addr);
+    if (a == NULL)
+        return NULL;
+    PyObject *ptr = PyObject_CallOneArg(charp_fn, a);
+    Py_DECREF(a);
+    return ptr;
 }
 
 static void link_live(BufferBase *b)
@@ -305,11 +321,7 @@ static PyObject *bb_transfer(BufferBase *self, PyObject *unused)
     }
     if (refuse_exported(self, "transfer()") < 0)
         return NULL;
-    PyObject *addr = PyLong_FromVoidPtr(self->ptr);
-    if (addr == NULL)
-        return NULL;
-    PyObject *ptr = PyObject_CallOneArg(charp_fn, addr);
-    Py_DECREF(addr);
+    PyObject *ptr = pb__charp_object((uintptr_t)self->ptr);
     if (ptr == NULL)
         return NULL;
     pb__alloc_set_transferred(self->ptr, 1);
@@ -425,18 +437,45 @@ static PyTypeObject BufferBaseType = {
 
 /* ---- module functions -------------------------------------------------------- */
 
-/* buffers_init(UseAfterTransferError, lib.pb__charp) */
+/* buffers_init(UseAfterTransferError, lib.pb__charp, ffi.typeof("char *") or None).
+ * With a ctype, char * cdata are made through cffi's exported C API
+ * (_cffi_backend._C_API, the table cffi-generated modules copy; entry 10 is
+ * "pointer from C"); with None, by calling lib.pb__charp.  Python checks the
+ * fast path with charp_object() and turns it off if it is not right. */
 static PyObject *m_buffers_init(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *err, *charp;
-    if (!PyArg_ParseTuple(args, "OO", &err, &charp))
+    PyObject *err, *charp, *ctype;
+    if (!PyArg_ParseTuple(args, "OOO", &err, &charp, &ctype))
         return NULL;
-    Py_INCREF(err);
-    Py_XSETREF(use_after_error, err);
-    Py_INCREF(charp);
-    Py_XSETREF(charp_fn, charp);
-    Py_RETURN_NONE;
+    Py_XSETREF(use_after_error, Py_NewRef(err));
+    Py_XSETREF(charp_fn, Py_NewRef(charp));
+    from_c_pointer = NULL;
+    Py_CLEAR(charp_ctype);
+    if (ctype == Py_None)
+        Py_RETURN_NONE;
+    PyObject *backend = PyImport_ImportModule("_cffi_backend");
+    PyObject *capsule = backend ? PyObject_GetAttrString(backend, "_C_API") : NULL;
+    Py_XDECREF(backend);
+    void **exports = NULL;
+    if (capsule != NULL && PyCapsule_IsValid(capsule, "cffi"))
+        exports = PyCapsule_GetPointer(capsule, "cffi");
+    Py_XDECREF(capsule);
+    PyErr_Clear();
+    if (exports != NULL) {
+        charp_ctype = Py_NewRef(ctype);
+        from_c_pointer = (PyObject * (*)(char *, PyObject *)) exports[10];
+    }
+    return PyBool_FromLong(from_c_pointer != NULL);
+}
+
+static PyObject *m_charp_object(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    void *p = PyLong_AsVoidPtr(arg);
+    if (p == NULL && PyErr_Occurred())
+        return NULL;
+    return pb__charp_object((uintptr_t)p);
 }
 
 /* buffers_live() -> [CBuffer] of every live owning instance, newest first. */
@@ -589,6 +628,7 @@ static PyObject *write_unraisable(PyObject *self, PyObject *args)
 
 static PyMethodDef buffer_functions[] = {
     {"buffers_init", m_buffers_init, METH_VARARGS, "buffers_init(UseAfterTransferError, charp)"},
+    {"charp_object", m_charp_object, METH_O, "charp_object(address) -> char * cdata"},
     {"buffers_live", m_buffers_live, METH_NOARGS, "buffers_live() -> [CBuffer]"},
     {"buffer_owner", m_buffer_owner, METH_O, "buffer_owner(address) -> CBuffer or None"},
     {"transferred_blocks", m_transferred_blocks, METH_NOARGS,

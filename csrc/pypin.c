@@ -43,7 +43,8 @@ typedef struct PinnerBase {
 static PinnerBase *pinners;
 static PyObject *cdata_type; /* ffi.CData */
 static PyObject *slow_extent; /* (obj) -> (keeper, address, size); raises for unpinnable */
-static PyObject *charp_fn;    /* lib.pb__charp */
+static PyObject *levels_dict; /* ptrbridge.levels.__dict__: "_level" is the check level */
+static PyObject *level_key;   /* "_level" */
 
 static PyObject *pn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -70,28 +71,29 @@ static void release_pin(struct pin *p)
     Py_XDECREF(p->obj);
 }
 
-/* Detaches every pin, removes the regions, releases the exports. */
+/* Detaches every pin, removes the regions, releases the exports.  A small
+ * array is kept for the next pins unless releasing re-entered this Pinner. */
 static void unpin_all(PinnerBase *self, PyObject *collect)
 {
     struct pin *pins = self->pins;
-    Py_ssize_t n = self->n;
+    Py_ssize_t n = self->n, cap = self->cap;
     self->pins = NULL;
     self->n = self->cap = 0;
-    if (n == 0) {
-        free(pins);
-        return;
-    }
-    uint64_t small[64];
-    uint64_t *ids = n <= 64 ? small : malloc((size_t)n * sizeof *ids);
-    if (ids != NULL) {
-        for (Py_ssize_t i = 0; i < n; i++)
-            ids[i] = pins[i].region;
-        pb__region_remove_many(ids, (size_t)n);
-        if (ids != small)
-            free(ids);
-    } else {
-        for (Py_ssize_t i = n; i-- > 0;)
-            pb_region_remove(pins[i].region);
+    if (n == 1) {
+        pb_region_remove(pins[0].region);
+    } else if (n > 1) {
+        uint64_t small[64] = {0};
+        uint64_t *ids = n <= 64 ? small : malloc((size_t)n * sizeof *ids);
+        if (ids != NULL) {
+            for (Py_ssize_t i = 0; i < n; i++)
+                ids[i] = pins[i].region;
+            pb__region_remove_many(ids, (size_t)n);
+            if (ids != small)
+                free(ids);
+        } else {
+            for (Py_ssize_t i = n; i-- > 0;)
+                pb_region_remove(pins[i].region);
+        }
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (collect != NULL) {
@@ -103,14 +105,42 @@ static void unpin_all(PinnerBase *self, PyObject *collect)
         }
         release_pin(&pins[i]);
     }
-    free(pins);
+    if (self->pins == NULL && cap <= 64) {
+        self->pins = pins;
+        self->cap = cap;
+    } else {
+        free(pins);
+    }
+}
+
+/* A Pinner dropped with pins held: self._warn_leaks() (PinLeakWarning naming
+ * each pin) and self.unpin(), as Python code, at most once. */
+static void pn_finalize(PinnerBase *self)
+{
+    if (self->n == 0)
+        return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethod((PyObject *)self, "_warn_leaks", NULL);
+    if (r == NULL)
+        PyErr_WriteUnraisable((PyObject *)self);
+    Py_XDECREF(r);
+    r = PyObject_CallMethod((PyObject *)self, "unpin", NULL);
+    if (r == NULL)
+        PyErr_WriteUnraisable((PyObject *)self);
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
 }
 
 static void pn_dealloc(PinnerBase *self)
 {
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return; /* resurrected */
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     unpin_all(self, NULL);
+    free(self->pins);
+    self->pins = NULL;
     if (self->prev != NULL)
         self->prev->next = self->next;
     else if (pinners == self)
@@ -177,6 +207,16 @@ static int extent(PyObject *obj, struct pin *p)
 
 static int register_pins(struct pin *p, Py_ssize_t n, uint32_t site)
 {
+    if (n == 1) {
+        if (pb__scan_pending() > 0)
+            pb__scan_cancel(p->start, p->size); /* pinned now: C may hold it */
+        if (pb_region_add((const void *)p->start, p->size, PB_REGION_PINNED, &p->region) != PB_OK) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->site = site;
+        return 0;
+    }
     uintptr_t sa[64];
     size_t sz[64];
     uint64_t ids[64];
@@ -205,12 +245,7 @@ static int register_pins(struct pin *p, Py_ssize_t n, uint32_t site)
 
 static PyObject *make_ptr(uintptr_t start)
 {
-    PyObject *addr = PyLong_FromSize_t(start);
-    if (addr == NULL)
-        return NULL;
-    PyObject *ptr = PyObject_CallOneArg(charp_fn, addr);
-    Py_DECREF(addr);
-    return ptr;
+    return pb__charp_object(start); /* may call cffi (and release the GIL) on the fallback path */
 }
 
 /* Stores ptr as the pointer of obj's pin if it has none; returns the pin's pointer. */
@@ -325,6 +360,20 @@ static PyObject *pn_unpin_all(PinnerBase *self, PyObject *collect)
     Py_RETURN_NONE;
 }
 
+/* unpin(): at check level 2 the Python method _unpin_scan() does the work
+ * (the scanner looks for the unpinned memory); otherwise all in C. */
+static PyObject *pn_unpin(PinnerBase *self, PyObject *unused)
+{
+    (void)unused;
+    PyObject *level = levels_dict ? PyDict_GetItemWithError(levels_dict, level_key) : NULL; /* borrowed */
+    if (level == NULL && PyErr_Occurred())
+        return NULL;
+    if (level != NULL && PyLong_Check(level) && PyLong_AsLong(level) == 2)
+        return PyObject_CallMethod((PyObject *)self, "_unpin_scan", NULL);
+    unpin_all(self, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyObject *pn_is_pinned(PinnerBase *self, PyObject *obj)
 {
     return PyBool_FromLong(find_pin(self, obj) >= 0);
@@ -357,6 +406,8 @@ static PyMethodDef pn_methods[] = {
     {"pin", (PyCFunction)pn_pin, METH_O,
      "pin(obj) -> char *: pin obj (a contiguous buffer or owning cdata) until unpin()."},
     {"_pin_many", (PyCFunction)pn_pin_many, METH_VARARGS, "_pin_many(seq, out_address)"},
+    {"unpin", (PyCFunction)pn_unpin, METH_NOARGS,
+     "Release every pin of this Pinner; C must not use the pointers afterwards."},
     {"_unpin_all", (PyCFunction)pn_unpin_all, METH_O,
      "_unpin_all(collect) -> [(obj, start, size, site)] if collect else None"},
     {"is_pinned", (PyCFunction)pn_is_pinned, METH_O, "True if this Pinner currently pins obj."},
@@ -369,6 +420,7 @@ static PyTypeObject PinnerBaseType = {
     .tp_name = "ptrbridge._native.PinnerBase",
     .tp_basicsize = sizeof(PinnerBase),
     .tp_dealloc = (destructor)pn_dealloc,
+    .tp_finalize = (destructor)pn_finalize,
     .tp_as_sequence = &pn_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "The pins of a ptrbridge.Pinner.",
@@ -377,16 +429,18 @@ static PyTypeObject PinnerBaseType = {
     .tp_new = pn_new,
 };
 
-/* pins_init(ffi.CData, slow_extent, lib.pb__charp) */
+/* pins_init(ffi.CData, slow_extent, levels.__dict__) */
 static PyObject *m_pins_init(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *cd, *slow, *charp;
-    if (!PyArg_ParseTuple(args, "O!OO", &PyType_Type, &cd, &slow, &charp))
+    PyObject *cd, *slow, *levels;
+    if (!PyArg_ParseTuple(args, "O!OO!", &PyType_Type, &cd, &slow, &PyDict_Type, &levels))
+        return NULL;
+    if (level_key == NULL && (level_key = PyUnicode_InternFromString("_level")) == NULL)
         return NULL;
     Py_XSETREF(cdata_type, Py_NewRef(cd));
     Py_XSETREF(slow_extent, Py_NewRef(slow));
-    Py_XSETREF(charp_fn, Py_NewRef(charp));
+    Py_XSETREF(levels_dict, Py_NewRef(levels));
     Py_RETURN_NONE;
 }
 

@@ -22,7 +22,20 @@ _ffi = ffi
 
 __all__ = ["CBuffer", "CBatch", "TypedCBuffer", "cnew", "cstring", "free"]
 
-native.buffers_init(UseAfterTransferError, lib.pb__charp)
+_CHARP = ffi.typeof("char *")
+
+
+def _init_native() -> None:
+    # The fast path makes char * cdata through cffi's exported C API; check
+    # that it gives exactly what ffi.cast would, or fall back to a cffi call.
+    if native.buffers_init(UseAfterTransferError, lib.pb__charp, _CHARP):
+        probe = native.charp_object(0x1230)
+        if not (isinstance(probe, ffi.CData) and ffi.typeof(probe) is _CHARP
+                and int(ffi.cast("uintptr_t", probe)) == 0x1230):
+            native.buffers_init(UseAfterTransferError, lib.pb__charp, None)
+
+
+_init_native()
 
 
 def _check_size(size: object) -> int:
@@ -98,7 +111,7 @@ class CBuffer(BufferBase):  # type: ignore[misc]
     @property
     def ptr(self) -> Any:
         """A cffi ``char *`` to the memory (valid while this CBuffer owns it)."""
-        return lib.pb__charp(self._live("ptr"))
+        return native.charp_object(self._live("ptr"))
 
     @property
     def address(self) -> int:

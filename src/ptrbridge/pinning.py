@@ -34,7 +34,7 @@ def _slow_extent(obj: Any) -> Tuple[Any, int, int]:
     return python_owned_extent(obj, "ptrbridge.Pinner.pin")
 
 
-native.pins_init(ffi.CData, _slow_extent, lib.pb__charp)
+native.pins_init(ffi.CData, _slow_extent, vars(levels))
 
 
 class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
@@ -82,16 +82,17 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
         self._pin_many(items, address_of(out))
         return out
 
-    def unpin(self) -> None:
-        """Release every pin of this Pinner.  C must not use the pointers afterwards.
+    if TYPE_CHECKING:
+        def unpin(self) -> None:
+            """Release every pin of this Pinner.  C must not use the pointers afterwards.
 
-        At check level 2 the unpinned memory is then scanned for (rule R2):
-        a pointer C still holds raises :class:`~ptrbridge.RetainedPointerError`
-        (or warns / collects, see :func:`ptrbridge.set_on_violation`).
-        """
-        if levels._level != 2:
-            self._unpin_all(False)
-            return
+            At check level 2 the unpinned memory is then scanned for (rule R2):
+            a pointer C still holds raises :class:`~ptrbridge.RetainedPointerError`
+            (or warns / collects, see :func:`ptrbridge.set_on_violation`).
+            """
+
+    def _unpin_scan(self) -> None:
+        """``unpin()`` at check level 2 (called by the C method): unpin, retire, scan."""
         pins = self._unpin_all(True)
         if pins:
             for obj, start, size, site in pins:
@@ -121,13 +122,7 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
                 lineno,
             )
 
-    def __del__(self) -> None:
-        if not len(self):
-            return
-        try:
-            self._warn_leaks()
-        finally:
-            self.unpin()
+    # Dropped with pins held: the C finalizer calls _warn_leaks() and unpin().
 
 
 def _still_pinned(start: int, size: int) -> bool:
