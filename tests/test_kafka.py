@@ -215,6 +215,23 @@ def test_checked_produce_at_level_2_finds_nothing(strategy: str, kafka_cache: Pa
     assert batch.result() == [(0, o) for o in range(200)] and single.result() == [(0, 200)]
 
 
+def test_same_payloads_in_two_pinned_batches_at_level_2(kafka_cache: Path, baseline: Any) -> None:
+    """Batch A's unpin must not report what batch B (another Pinner) still pins and librdkafka holds."""
+    shared = messages(50)
+    with ptrbridge.checking(2):
+        with producer("pin", kafka_cache) as fast, \
+                producer("pin", kafka_cache, config={"message.timeout.ms": 60000}) as stuck:
+            stuck.set_broker_down(1)
+            held = stuck.produce_batch(shared)  # pinned, in flight, its slots point at `shared`
+            done = fast.produce_batch(shared)
+            fast.flush()  # unpins `done`'s Pinner while `held`'s still pins the same bytes
+            assert ptrbridge.scan() == []
+            stuck.set_broker_down(1, down=False)
+            stuck.flush()
+        assert ptrbridge.scan() == []
+    assert done.result() == held.result() == [(0, o) for o in range(50)]
+
+
 def test_checked_handle_strategy_breaks_the_written_rules(kafka_cache: Path, baseline: Any) -> None:
     """Zero-copy payloads kept alive by a Handle are safe in CPython but are R1/R2 violations as written."""
     keep = messages(5)

@@ -384,17 +384,16 @@ class Producer:
                 handle.delete()
         else:
             pinner = ptrbridge.Pinner()
-            try:
-                pin_many = getattr(pinner, "pin_many", None)  # the batch form, where ptrbridge has it
-                if pin_many is not None:
-                    pinned = pin_many(payloads)
-                else:
+            pin_many = getattr(pinner, "pin_many", None)  # the batch form, where ptrbridge has it
+            if pin_many is not None:
+                pointers = pin_many(payloads)  # a char *[n]; all pinned or none
+            else:
+                try:
                     pin = pinner.pin
-                    pinned = [pin(x) for x in payloads]
-            except BaseException:
-                pinner.unpin()  # e.g. UnpinnableError for one payload: give back the others
-                raise
-            pointers = ffi.new("char *[]", pinned)
+                    pointers = ffi.new("char *[]", [pin(x) for x in payloads])
+                except BaseException:
+                    pinner.unpin()  # e.g. UnpinnableError for one payload: give back the others
+                    raise
             b = lib.pbk_batch_new(self._p, self._kind, n, ffi.NULL, 0)
             if b == ffi.NULL:
                 pinner.unpin()
@@ -448,26 +447,33 @@ class Producer:
         ffi, lib, buf = self._ffi, self._lib, self._drain_buf
         total = 0
         problems: List[str] = []
+        raised: List[BaseException] = []
         while True:
             k = int(lib.pbk_drain(self._p, buf, _DRAIN_MAX))
             for i in range(k):
                 b = buf[i]
-                batch = self._batches.pop(b.id)
-                pinner = self._pinners.pop(b.id, None)
-                if pinner is not None:
-                    pinner.unpin()  # C has reported every message: librdkafka dropped the pointers
+                batch_id = int(b.id)
+                batch = self._batches.pop(batch_id)
                 batch._raw = memoryview(bytes(ffi.buffer(lib.pbk_batch_results(b), self._slot_size * b.n)))
                 batch.failed = b.failed
                 batch.done = True
                 if b.release_status != 0:
                     problems.append(
-                        f"batch {b.id}: {'pb_free' if b.kind == lib.PBK_COPY else 'pb_handle_release'}"
+                        f"batch {batch_id}: {'pb_free' if b.kind == lib.PBK_COPY else 'pb_handle_release'}"
                         f" returned {ffi.string(lib.pbk_strerror(b.release_status)).decode()}"
                     )
                 lib.pbk_batch_free(b)
+                pinner = self._pinners.pop(batch_id, None)
+                if pinner is not None:
+                    try:
+                        pinner.unpin()  # every message reported: librdkafka dropped the pointers
+                    except Exception as exc:  # e.g. RetainedPointerError at level 2: report after the loop
+                        raised.append(exc)
             total += k
             if k < _DRAIN_MAX:
                 break
+        if raised:
+            raise raised[0]
         if problems:
             raise ProducerError("pbkafka: ptrbridge refused a release in the delivery callback: " + "; ".join(problems))
         return total

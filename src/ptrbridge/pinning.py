@@ -22,7 +22,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Iterable, List, Tuple
 
 from . import levels, scanning
-from ._bindings import address_of, ffi, native
+from ._bindings import address_of, ffi, lib, native
 from .errors import PinLeakWarning
 from .ownership import describe, python_owned_extent
 
@@ -96,6 +96,8 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
         pins = self._unpin_all(True)
         if pins:
             for obj, start, size, site in pins:
+                if _still_pinned(start, size):
+                    continue  # another Pinner pins the same memory: C may still hold it
                 scanning.retire(start, size, describe(obj, size), "Pinner.pin", native.site_text(site),
                                 "unpinned")
             scanning.scan_and_report()
@@ -121,6 +123,15 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
             )
 
     # Dropped with pins held: the C finalizer calls _warn_leaks() and unpin().
+
+
+def _still_pinned(start: int, size: int) -> bool:
+    """True if another live pin covers ``[start, start + size)`` (after this Pinner's were removed)."""
+    region = ffi.new("struct pb_region *")
+    if not lib.pb_region_find(ffi.cast("void *", start), region):
+        return False
+    return bool(region.kind == lib.PB_REGION_PINNED and region.start <= start
+                and start + size <= region.start + region.size)
 
 
 def pinned_objects() -> List[Tuple[str, str]]:
