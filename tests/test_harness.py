@@ -408,6 +408,62 @@ def test_run_pytest_with_filterwarnings_error_and_a_failing_pointer_error(tmp_pa
     assert sorted(t["nodeid"] for t in data["tests"]) == ["test_app.py::test_fine", "test_app.py::test_nested"]
 
 
+DANGLING_PROGRAM = """
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef("struct iovec { void *iov_base; size_t iov_len; }; ssize_t writev(int, const struct iovec *, int);")
+    lib = ffi.dlopen("libc.so.6")
+    iov = ffi.new("struct iovec *")
+    data = bytearray(b"hello\\n")
+    iov.iov_base = ffi.from_buffer(data)
+    iov.iov_len = 6
+    lib.writev(1, iov, 1)
+    del data                   # the struct field is all that points to the buffer now
+    lib.writev(1, iov, 1)
+"""
+
+
+def test_run_instruments_an_unchanged_program(tmp_path: Path) -> None:
+    proc = _run(tmp_path, DANGLING_PROGRAM)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert ptrbridge.validate_report(report) == []
+    assert report["checked"]["calls"] == 2 and report["settings"]["instrument"] is True
+    (found,) = report["findings"]
+    assert found["kind"] == "dangling-argument" and found["severity"] == "error"
+    assert found["function"] == "writev" and found["lent_at"] == "program.py:12"
+    assert "checked 2 call(s)" in proc.stderr
+
+    proc = _run(tmp_path, DANGLING_PROGRAM, "--no-instrument")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checked"]["calls"] == 0 and report["findings"] == []
+    assert any("checked 0 calls to C" in note for note in report["notes"])
+
+
+def test_plugin_counts_instrumented_calls_per_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_calls="""
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("size_t strlen(const char *);")
+        lib = ffi.dlopen("libc.so.6")
+
+        def test_three_calls():
+            assert [lib.strlen(b"a"), lib.strlen(b"ab"), lib.strlen(b"abc")] == [1, 2, 3]
+
+        def test_no_call():
+            pass
+    """)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", f"--ptrbridge-report={report}")
+    result.assert_outcomes(passed=2)
+    data = json.loads(report.read_text())
+    tests = {t["nodeid"].split("::")[1]: t["checked"]["calls"] for t in data["tests"]}
+    assert tests == {"test_three_calls": 3, "test_no_call": 0}
+    assert data["checked"]["calls"] == 3
+    assert "checked 3 call(s), 0 callback(s), 0 lend(s) in 2 test(s)" in result.stdout.str()
+
+
 def test_version_and_demo_help() -> None:
     proc = subprocess.run([sys.executable, "-m", "ptrbridge", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == f"ptrbridge {ptrbridge.__version__}"
