@@ -9,6 +9,13 @@ Prints ratios measured in one run:
 3. CBuffer.copy of 64 B and 1 MiB against ffi.new("char[]", data) and a
    plain bytes copy (bytes(memoryview(data))).  Target: CBuffer.copy(1 MiB)
    at least 0.9x the speed of the bytes copy.
+4. Pinning a bytearray(100): Pinner() + pin + unpin (issue 12 target <= 0.3 us
+   per buffer for pin + unpin), a reused Pinner, and pin_many of 64 buffers,
+   against ffi.from_buffer + ffi.release (the same work without a registry).
+5. CBuffer.copy(100 B).transfer() (issue 12 target <= 0.4 us), and
+   CBuffer.copy_many of 64 payloads, against a bytes copy and
+   ffi.new("char[]", data).  Transferred blocks are freed with pb_free after
+   each round, outside the timed loop (as C would in a delivery callback).
 """
 from __future__ import annotations
 
@@ -137,6 +144,99 @@ def bench_copy(quick: bool) -> None:
         print(line)
 
 
+def best_ns_cleanup(variants: dict, number: int, rounds: int, cleanup) -> dict:
+    """best_ns with a cleanup call after every timed loop (outside the timing)."""
+    import time
+    best = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter_ns()
+            for _ in range(number):
+                fn()
+            best[name] = min(best[name], (time.perf_counter_ns() - start) / number)
+            cleanup()
+    return best
+
+
+def bench_pin(quick: bool) -> None:
+    print("4. Pinning bytearray(100)")
+    data = bytearray(100)
+    batch = [bytearray(100) for _ in range(64)]
+    reused = ptrbridge.Pinner()
+
+    def from_buffer() -> None:
+        ffi.release(ffi.from_buffer(data))
+
+    def new_pinner() -> None:
+        p = ptrbridge.Pinner()
+        p.pin(data)
+        p.unpin()
+
+    def reuse_pinner() -> None:
+        reused.pin(data)
+        reused.unpin()
+
+    variants = {"from_buffer+release": from_buffer, "Pinner()+pin+unpin": new_pinner,
+                "pin+unpin (reused)": reuse_pinner}
+    if hasattr(ptrbridge.Pinner, "pin_many"):
+        def pin_many() -> None:
+            reused.pin_many(batch)
+            reused.unpin()
+        variants["pin_many(64)+unpin"] = pin_many
+    n = 5_000 if quick else 20_000
+    ns = best_ns(variants, n, 3 if quick else 7)
+    if "pin_many(64)+unpin" in ns:
+        ns["pin_many(64)+unpin"] /= 64  # per buffer
+    for name, value in ns.items():
+        print(f"   {name:24s} {value:8.0f} ns" + ("  per buffer" if "many" in name else ""))
+    base = ns["from_buffer+release"]
+    for name in variants:
+        if name != "from_buffer+release":
+            us = ns[name] / 1000
+            print(f"   {name:24s} = {ns[name] / base:5.2f}x from_buffer+release, {us:.2f} us "
+                  f"(target <= 0.3 us)  {verdict(us, 0.3)}")
+
+
+def bench_transfer(quick: bool) -> None:
+    print("5. Copy 100 B and transfer to C")
+    data = bytes(range(100))
+    payloads = [bytes([i]) * 100 for i in range(64)]
+    given: list = []
+
+    def cleanup() -> None:
+        for ptr in given:
+            lib.pb_free(ptr)
+        given.clear()
+
+    def transfer() -> None:
+        given.append(ptrbridge.CBuffer.copy(data).transfer())
+
+    variants = {
+        "bytes copy": lambda: bytes(memoryview(data)),
+        "ffi.new char[]": lambda: ffi.new("char[]", data),
+        "CBuffer.copy": lambda: ptrbridge.CBuffer.copy(data),
+        "copy().transfer()": transfer,
+    }
+    if hasattr(ptrbridge.CBuffer, "copy_many"):
+        def copy_many() -> None:
+            batch = ptrbridge.CBuffer.copy_many(payloads)
+            batch.transfer()
+            given.extend(batch.pointers[i] for i in range(len(payloads)))
+        variants["copy_many(64).transfer()"] = copy_many
+    n = 5_000 if quick else 20_000
+    ns = best_ns_cleanup(variants, n, 3 if quick else 7, cleanup)
+    if "copy_many(64).transfer()" in ns:
+        ns["copy_many(64).transfer()"] /= 64
+    for name, value in ns.items():
+        print(f"   {name:26s} {value:8.0f} ns" + ("  per buffer" if "many" in name else ""))
+    base = ns["bytes copy"]
+    for name in ("copy().transfer()", "copy_many(64).transfer()"):
+        if name in ns:
+            us = ns[name] / 1000
+            print(f"   {name:26s} = {ns[name] / base:5.2f}x bytes copy, {us:.2f} us "
+                  f"(target <= 0.4 us)  {verdict(us, 0.4)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -145,6 +245,8 @@ def main() -> None:
     bench_handles(args.quick)
     bench_release(args.quick)
     bench_copy(args.quick)
+    bench_pin(args.quick)
+    bench_transfer(args.quick)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,17 @@
  * unknown pointer; it is only read on that error path.  (An address freed by
  * pb_free and then reused by the system malloc for someone else's block is
  * reported as a double free too: both are bugs, only the wording differs.)
- * One mutex guards the table and the counters.
+ * One mutex guards the table and the counters; pthread_atfork handlers take
+ * it around fork() so a child never inherits it locked by a thread that does
+ * not exist there.
+ *
+ * Every block has an owner.  Blocks from pb_malloc and friends belong to the
+ * caller (C).  Blocks that back a live Python CBuffer (pb__alloc_owned) are
+ * flagged PYOWNED: pb_free, pb_realloc and ptrbridge.free refuse them with
+ * PB_ERR_PY_OWNED, because the CBuffer would go on using (and later free) the
+ * memory.  CBuffer.transfer() turns a PYOWNED block into a TRANSFERRED one,
+ * which belongs to C from then on.  Each block also carries the opaque
+ * creation-site id the Python side gave it (0 for C allocations).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,11 +34,13 @@
 #define SLOT_TOMBSTONE ((uintptr_t)1)
 #define FREED_RING 4096
 #define FLAG_TRANSFERRED 1u
+#define FLAG_PYOWNED 2u
 
 struct block {
     uintptr_t addr; /* SLOT_EMPTY, SLOT_TOMBSTONE or a live block */
     size_t size;
-    unsigned flags;
+    uint32_t flags;
+    uint32_t site; /* creation-site id from Python (pysite.c), 0 if none */
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -64,7 +76,8 @@ static struct block *find(uintptr_t addr)
 }
 
 /* Inserts without checking capacity.  Lock held. */
-static void insert_raw(struct block *tab, size_t cap, uintptr_t addr, size_t size, unsigned flags)
+static void insert_raw(struct block *tab, size_t cap, uintptr_t addr, size_t size, uint32_t flags,
+                       uint32_t site)
 {
     size_t mask = cap - 1;
     size_t i = hash_addr(addr) & mask;
@@ -73,6 +86,7 @@ static void insert_raw(struct block *tab, size_t cap, uintptr_t addr, size_t siz
     tab[i].addr = addr;
     tab[i].size = size;
     tab[i].flags = flags;
+    tab[i].site = site;
 }
 
 /* Makes room for one more entry: load (live + tombstones) stays at or below
@@ -91,7 +105,7 @@ static int reserve_one(void)
         return -1;
     for (size_t i = 0; i < table_cap; i++)
         if (table[i].addr > SLOT_TOMBSTONE)
-            insert_raw(tab, cap, table[i].addr, table[i].size, table[i].flags);
+            insert_raw(tab, cap, table[i].addr, table[i].size, table[i].flags, table[i].site);
     free(table);
     table = tab;
     table_cap = cap;
@@ -126,7 +140,7 @@ static void note_free(const struct block *b)
 }
 
 /* Records a fresh block; frees it and returns NULL if the table cannot grow. */
-static void *track(void *p, size_t size)
+static void *track(void *p, size_t size, uint32_t flags, uint32_t site)
 {
     if (p == NULL)
         return NULL;
@@ -137,16 +151,18 @@ static void *track(void *p, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    insert_raw(table, table_cap, (uintptr_t)p, size, 0);
+    insert_raw(table, table_cap, (uintptr_t)p, size, flags, site);
     table_used++;
     note_alloc(size);
+    if (flags & FLAG_TRANSFERRED)
+        counters.transferred++;
     pthread_mutex_unlock(&lock);
     return p;
 }
 
 PB_API void *pb_malloc(size_t size)
 {
-    return track(malloc(size ? size : 1), size);
+    return track(malloc(size ? size : 1), size, 0, 0);
 }
 
 PB_API void *pb_calloc(size_t count, size_t size)
@@ -156,7 +172,18 @@ PB_API void *pb_calloc(size_t count, size_t size)
         return NULL;
     }
     size_t total = count * size;
-    return track(calloc(total ? total : 1, 1), total);
+    return track(calloc(total ? total : 1, 1), total, 0, 0);
+}
+
+void *pb__alloc_owned(size_t size, int zero, uint32_t site)
+{
+    void *p = zero ? calloc(size ? size : 1, 1) : malloc(size ? size : 1);
+    return track(p, size, FLAG_PYOWNED, site);
+}
+
+void *pb__alloc_for_c(size_t size, uint32_t site)
+{
+    return track(malloc(size ? size : 1), size, FLAG_TRANSFERRED, site);
 }
 
 /* Status for a pointer that is not a live block.  Lock held. */
@@ -167,13 +194,17 @@ static int classify_unknown(uintptr_t addr)
 
 static void report_bad_free(const char *fn, const void *ptr, int status)
 {
-    if (status == PB_ERR_DOUBLE_FREE)
+    if (status == PB_ERR_PY_OWNED)
+        pb__report("%s: %p belongs to a live Python CBuffer, which still uses and will free it; "
+                   "nothing was freed (call CBuffer.transfer() to give it to C)", fn, ptr);
+    else if (status == PB_ERR_DOUBLE_FREE)
         pb__report("%s: double free of %p (block was already freed)", fn, ptr);
     else
         pb__report("%s: %p was not allocated by the ptrbridge allocator; nothing was freed", fn, ptr);
 }
 
-int pb__free_quiet(void *ptr)
+/* Frees a live block if its PYOWNED flag equals `pyowned`. */
+static int free_block(void *ptr, uint32_t pyowned)
 {
     if (ptr == NULL)
         return PB_OK;
@@ -184,6 +215,10 @@ int pb__free_quiet(void *ptr)
         pthread_mutex_unlock(&lock);
         return status;
     }
+    if ((b->flags & FLAG_PYOWNED) != pyowned) {
+        pthread_mutex_unlock(&lock);
+        return pyowned ? PB_ERR_NOT_OWNED : PB_ERR_PY_OWNED;
+    }
     note_free(b);
     b->addr = SLOT_TOMBSTONE;
     freed_ring[freed_next] = (uintptr_t)ptr;
@@ -191,6 +226,16 @@ int pb__free_quiet(void *ptr)
     pthread_mutex_unlock(&lock);
     free(ptr);
     return PB_OK;
+}
+
+int pb__free_quiet(void *ptr)
+{
+    return free_block(ptr, 0);
+}
+
+int pb__free_owned(void *ptr)
+{
+    return free_block(ptr, FLAG_PYOWNED);
 }
 
 PB_API int pb_free(void *ptr)
@@ -224,6 +269,11 @@ void *pb__realloc_quiet(void *ptr, size_t size, int *status)
         pthread_mutex_unlock(&lock);
         return NULL;
     }
+    if (b->flags & FLAG_PYOWNED) {
+        *status = PB_ERR_PY_OWNED;
+        pthread_mutex_unlock(&lock);
+        return NULL;
+    }
     if (reserve_one() != 0) {
         pthread_mutex_unlock(&lock);
         *status = PB_ERR_NOMEM;
@@ -244,7 +294,7 @@ void *pb__realloc_quiet(void *ptr, size_t size, int *status)
     (void)reserve_one();
     uintptr_t addr = q ? (uintptr_t)q : old.addr;
     size_t new_size = q ? size : old.size;
-    insert_raw(table, table_cap, addr, new_size, old.flags);
+    insert_raw(table, table_cap, addr, new_size, old.flags, old.site);
     table_used++;
     counters.live_blocks++;
     counters.live_bytes += new_size;
@@ -260,7 +310,7 @@ PB_API void *pb_realloc(void *ptr, size_t size)
 {
     int status;
     void *q = pb__realloc_quiet(ptr, size, &status);
-    if (status == PB_ERR_NOT_OWNED || status == PB_ERR_DOUBLE_FREE) {
+    if (status == PB_ERR_NOT_OWNED || status == PB_ERR_DOUBLE_FREE || status == PB_ERR_PY_OWNED) {
         report_bad_free("pb_realloc", ptr, status);
         errno = EINVAL;
     } else if (status == PB_ERR_NOMEM) {
@@ -295,14 +345,41 @@ int pb__alloc_set_transferred(void *ptr, int on)
     }
     int was = (b->flags & FLAG_TRANSFERRED) != 0;
     if (on && !was) {
-        b->flags |= FLAG_TRANSFERRED;
+        b->flags = (b->flags | FLAG_TRANSFERRED) & ~FLAG_PYOWNED;
         counters.transferred++;
     } else if (!on && was) {
-        b->flags &= ~FLAG_TRANSFERRED;
+        b->flags = (b->flags & ~FLAG_TRANSFERRED) | FLAG_PYOWNED;
         counters.transferred--;
     }
     pthread_mutex_unlock(&lock);
     return PB_OK;
+}
+
+int pb__alloc_owner(uintptr_t addr)
+{
+    pthread_mutex_lock(&lock);
+    struct block *b = find(addr);
+    int owner = b == NULL ? 0 : (b->flags & FLAG_PYOWNED) ? 1 : (b->flags & FLAG_TRANSFERRED) ? 3 : 2;
+    pthread_mutex_unlock(&lock);
+    return owner;
+}
+
+size_t pb__alloc_transferred(uintptr_t *addr, size_t *size, uint32_t *site, size_t cap)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < table_cap; i++) {
+        if (table[i].addr <= SLOT_TOMBSTONE || !(table[i].flags & FLAG_TRANSFERRED))
+            continue;
+        if (n < cap) {
+            addr[n] = table[i].addr;
+            size[n] = table[i].size;
+            site[n] = table[i].site;
+        }
+        n++;
+    }
+    pthread_mutex_unlock(&lock);
+    return n;
 }
 
 PB_API void pb_alloc_get_stats(struct pb_alloc_stats *out)
@@ -325,6 +402,27 @@ PB_API int pb_alloc_foreach(pb_block_visitor visit, void *ctx)
             rc = visit((void *)table[i].addr, table[i].size, ctx);
     pthread_mutex_unlock(&lock);
     return rc;
+}
+
+/* Fork safety: hold the lock across fork(); the child re-initialises it. */
+static void atfork_prepare(void)
+{
+    pthread_mutex_lock(&lock);
+}
+
+static void atfork_parent(void)
+{
+    pthread_mutex_unlock(&lock);
+}
+
+static void atfork_child(void)
+{
+    pthread_mutex_init(&lock, NULL);
+}
+
+__attribute__((constructor)) static void register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
 void *pb__untracked_calloc(size_t size)

@@ -24,6 +24,8 @@ PB_API const char *pb_strerror(int status)
         return "misuse of an invalid handle (zero, stale, forged or already released)";
     case PB_ERR_NOT_FOUND:
         return "no such region";
+    case PB_ERR_PY_OWNED:
+        return "block belongs to a live Python CBuffer, which still uses and frees it";
     default:
         return "unknown ptrbridge status";
     }

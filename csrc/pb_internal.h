@@ -17,6 +17,28 @@
  * the status into an exception themselves. */
 int pb__free_quiet(void *ptr);
 
+/* Frees a block that backs a live Python CBuffer (made by pb__alloc_owned).
+ * Returns PB_OK, or PB_ERR_NOT_OWNED if `ptr` is not such a block (nothing is
+ * freed).  Called by the CBuffer itself only. */
+int pb__free_owned(void *ptr);
+
+/* Allocates a block owned by a Python CBuffer (zeroed if `zero`), recorded
+ * with creation-site id `site`.  pb_free refuses it (PB_ERR_PY_OWNED) until
+ * pb__alloc_set_transferred(ptr, 1).  NULL if out of memory. */
+void *pb__alloc_owned(size_t size, int zero, uint32_t site);
+
+/* Allocates a block that belongs to C at once (counted as transferred), for
+ * batch copies handed to C.  NULL if out of memory. */
+void *pb__alloc_for_c(size_t size, uint32_t site);
+
+/* Who owns the live block starting at addr: 0 none (not a live block), 1 a
+ * Python CBuffer, 2 C (pb_malloc), 3 C after a transfer. */
+int pb__alloc_owner(uintptr_t addr);
+
+/* Copies up to `cap` transferred blocks (address, size, creation site) into
+ * the arrays and returns how many there are in all. */
+size_t pb__alloc_transferred(uintptr_t *addr, size_t *size, uint32_t *site, size_t cap);
+
 /* Like pb_realloc, but writes nothing to stderr; *status receives the reason
  * when NULL is returned for a nonzero size. */
 void *pb__realloc_quiet(void *ptr, size_t size, int *status);
@@ -24,9 +46,9 @@ void *pb__realloc_quiet(void *ptr, size_t size, int *status);
 /* pb_alloc_size taking an integer address (no pointer cast from Python). */
 size_t pb__alloc_block_size(uintptr_t addr);
 
-/* Marks a live block as handed to C (on=1) or taken back (on=0).  The
- * `transferred` counter follows; pb_free of a transferred block decrements
- * it.  Returns PB_OK or PB_ERR_NOT_OWNED. */
+/* Marks a live block as handed to C (on=1: no longer Python-owned) or taken
+ * back (on=0: Python-owned again).  The `transferred` counter follows; pb_free
+ * of a transferred block decrements it.  Returns PB_OK or PB_ERR_NOT_OWNED. */
 int pb__alloc_set_transferred(void *ptr, int on);
 
 /* Plain calloc/free, not counted by the tracked allocator: backing store for
@@ -40,6 +62,13 @@ void pb__untracked_free(void *ptr);
  * or 0 if none. */
 uint64_t pb__region_lookup(uintptr_t addr);
 
+/* Records n regions of one kind with one lock acquisition; ids[i] receives
+ * each id.  Returns PB_OK, PB_ERR_INVALID or PB_ERR_NOMEM (nothing added). */
+int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int kind, uint64_t *ids);
+
+/* Forgets n regions (unknown ids are ignored), newest first. */
+void pb__region_remove_many(const uint64_t *ids, size_t n);
+
 /* Allocates a handle slot and returns its token, or 0 when out of memory.
  * Called from Python only (the object lives in a Python dict). */
 uintptr_t pb__handle_new(void);
@@ -52,15 +81,27 @@ size_t pb__handle_slot(uintptr_t token);
  * queued for the Python side (the caller drops the object itself). */
 int pb__handle_delete(uintptr_t token);
 
-/* Moves up to `cap` tokens released by C into out[] and returns how many. */
+/* Moves up to `cap` tokens released by C into out[] and returns how many.
+ * Their slots stay reserved until pb__handle_recycle: Python drops the
+ * objects first (which may create handles) and then recycles the slots. */
 size_t pb__handle_take_released(uintptr_t *out, size_t cap);
 
-/* Address of the count of released tokens not yet taken.  Python reads it
- * (a plain load) to skip pb__handle_take_released when nothing is pending. */
-size_t *pb__handle_pending_counter(void);
+/* Makes the slots of tokens taken by pb__handle_take_released free again. */
+void pb__handle_recycle(const uintptr_t *tokens, size_t n);
+
+/* Count of released tokens not yet taken (an atomic load; no lock). */
+size_t pb__handle_pending(void);
+
+/* Test hook: sets the highest generation a slot may reach before it is
+ * retired (1..2^32-1 on 64-bit) and returns the previous limit; with
+ * limit 0 changes nothing and returns the number of retired slots. */
+uint64_t pb__handle_test_gen_limit(uint64_t limit);
 
 /* Current live handle count and the highest it has been. */
 void pb__handle_get_counts(uint64_t *live, uint64_t *high_water);
+
+/* A cffi `char *` for an address (the cffi wrapper makes the cdata). */
+char *pb__charp(uintptr_t addr);
 
 /* Creates the buffer exporter type and stores it as
  * ptrbridge._native.BufferBase.  Takes the GIL itself.  Returns 0 or -1. */
@@ -69,6 +110,11 @@ int pb__py_init(void);
 /* PB_CDEF_END */
 
 /* ---- C-only helpers (not visible to Python) ---- */
+
+/* Creation sites (pysite.c): the first Python frame outside ptrbridge as
+ * (code object, instruction offset), interned as a small nonzero id; the
+ * text "file.py:12" is only made when a report needs it.  GIL held. */
+uint32_t pb__site_capture(void);
 
 /* Writes "ptrbridge: <message>\n" to stderr with one write(2). */
 void pb__report(const char *fmt, ...)

@@ -59,7 +59,8 @@ enum pb_status {
     PB_ERR_NOT_OWNED = -3,      /* pointer was not allocated by the ptrbridge allocator */
     PB_ERR_DOUBLE_FREE = -4,    /* pointer was allocated by ptrbridge but already freed */
     PB_ERR_INVALID_HANDLE = -5, /* token is 0, forged, stale, or already released */
-    PB_ERR_NOT_FOUND = -6       /* no such region */
+    PB_ERR_NOT_FOUND = -6,      /* no such region */
+    PB_ERR_PY_OWNED = -7        /* block belongs to a live Python CBuffer (Python frees it) */
 };
 
 /* Returns a static, NUL-terminated description of a status code.
@@ -89,14 +90,15 @@ PB_API void *pb_calloc(size_t count, size_t size);
 
 /* Resizes a block from this allocator, like realloc.  pb_realloc(NULL, n) is
  * pb_malloc(n); pb_realloc(p, 0) frees p and returns NULL.  If `ptr` is not a
- * live block of this allocator nothing is freed, a message is written to
+ * live block of this allocator, or belongs to a live Python CBuffer, nothing is freed, a message is written to
  * stderr and NULL is returned.  On failure the old block stays valid. */
 PB_API void *pb_realloc(void *ptr, size_t size);
 
 /* Frees a block from this allocator.  pb_free(NULL) does nothing and returns
  * PB_OK.  A pointer this allocator never handed out gives PB_ERR_NOT_OWNED, a
- * block freed twice gives PB_ERR_DOUBLE_FREE; in both cases nothing is freed
- * and a message naming the pointer is written to stderr. */
+ * block freed twice gives PB_ERR_DOUBLE_FREE, a block that a live Python
+ * CBuffer owns (not transferred) gives PB_ERR_PY_OWNED; in each case nothing
+ * is freed and a message naming the pointer is written to stderr. */
 PB_API int pb_free(void *ptr);
 
 /* Returns the size of the live block that starts at `ptr`, or 0 if `ptr` is

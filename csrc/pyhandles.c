@@ -12,9 +12,8 @@
  * HandleBase is the base type of ptrbridge.Handle; pb__py_init registers it
  * and the module functions below on ptrbridge._native.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "pb_py.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,11 +23,11 @@ struct entry {
     uintptr_t token;
     PyObject *obj;
     PyObject *owner; /* the HandleTable, or NULL */
+    uint32_t site;   /* where the handle was created (pysite.c) */
 };
 
 static struct entry *entries;
 static size_t entries_cap;
-static size_t *pending;
 static PyObject *invalid_factory; /* (token, where) -> InvalidHandleError */
 
 typedef struct {
@@ -92,7 +91,10 @@ static void drop(uintptr_t token, PyObject *obj, PyObject *owner)
     Py_XDECREF(owner);
 }
 
-/* Drops the objects of handles C released.  Returns how many. */
+/* Drops the objects of handles C released.  Returns how many.  The slots of
+ * a batch stay reserved (TAKEN) until every object of the batch is dropped:
+ * dropping may run __del__ or weakref callbacks that create handles, which
+ * must get other slots than the entries still being emptied. */
 static Py_ssize_t drain(void)
 {
     Py_ssize_t dropped = 0;
@@ -108,15 +110,16 @@ static Py_ssize_t drain(void)
             drop(batch[i], obj, owner); /* may run __del__, even handle code: entries re-read */
             dropped++;
         }
+        pb__handle_recycle(batch, n);
         if (n < 256)
             return dropped;
     }
 }
 
-#define DRAIN_IF_PENDING() \
-    do {                   \
-        if (*pending)      \
-            drain();       \
+#define DRAIN_IF_PENDING()           \
+    do {                             \
+        if (pb__handle_pending())    \
+            drain();                 \
     } while (0)
 
 static PyObject *new_handle(PyTypeObject *type, PyObject *obj, PyObject *owner)
@@ -141,6 +144,7 @@ static PyObject *new_handle(PyTypeObject *type, PyObject *obj, PyObject *owner)
     entries[slot].token = token;
     entries[slot].obj = obj;
     entries[slot].owner = owner;
+    entries[slot].site = pb__site_capture();
     self->token = token;
     return (PyObject *)self;
 }
@@ -302,7 +306,27 @@ static PyObject *m_handles_init(PyObject *self, PyObject *factory)
     Py_RETURN_NONE;
 }
 
+/* handles_live() -> [(token, obj, site id)] of every live handle. */
+static PyObject *m_handles_live(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    DRAIN_IF_PENDING();
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out != NULL && i < entries_cap; i++) {
+        if (entries[i].obj == NULL || !pb_handle_is_valid(entries[i].token))
+            continue;
+        PyObject *t = Py_BuildValue("(KOk)", (unsigned long long)entries[i].token, entries[i].obj,
+                                    (unsigned long)entries[i].site);
+        if (t == NULL || PyList_Append(out, t) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
+    return out;
+}
+
 static PyMethodDef module_functions[] = {
+    {"handles_live", m_handles_live, METH_NOARGS, "handles_live() -> [(token, obj, site)]"},
     {"handle_new_owned", m_handle_new_owned, METH_VARARGS, "handle_new_owned(cls, obj, owner)"},
     {"handle_lookup", m_handle_lookup, METH_VARARGS, "handle_lookup(token, where) -> obj"},
     {"handle_attach", m_handle_attach, METH_VARARGS, "handle_attach(cls, token, where) -> handle"},
@@ -313,19 +337,9 @@ static PyMethodDef module_functions[] = {
 
 int pb__py_handles_init(PyObject *module)
 {
-    pending = pb__handle_pending_counter();
     if (PyType_Ready(&HandleType) < 0)
         return -1;
     if (PyObject_SetAttrString(module, "HandleBase", (PyObject *)&HandleType) < 0)
         return -1;
-    for (PyMethodDef *def = module_functions; def->ml_name != NULL; def++) {
-        PyObject *fn = PyCFunction_New(def, NULL);
-        if (fn == NULL)
-            return -1;
-        int rc = PyObject_SetAttrString(module, def->ml_name, fn);
-        Py_DECREF(fn);
-        if (rc < 0)
-            return -1;
-    }
-    return 0;
+    return pb__add_functions(module, module_functions);
 }

@@ -4,7 +4,9 @@
  * Regions are kept in an array in insertion order; lookups by address scan
  * it.  That is fine for the tens to thousands of regions that pins and lent
  * arguments produce; the retained-pointer scanner needs a faster index and
- * keeps its own.  One mutex guards the array and the per-kind counts.
+ * keeps its own.  One mutex guards the array and the per-kind counts; it is
+ * held across fork() by pthread_atfork handlers and re-initialised in the
+ * child.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -105,4 +107,74 @@ uint64_t pb__region_lookup(uintptr_t addr)
     if (!pb_region_find((const void *)addr, &found))
         return 0;
     return (found.id << 2) | (uint64_t)found.kind;
+}
+
+int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int kind, uint64_t *ids)
+{
+    if (kind < 1 || kind > KIND_MAX)
+        return PB_ERR_INVALID;
+    for (size_t i = 0; i < n; i++)
+        if (size[i] > UINTPTR_MAX - addr[i])
+            return PB_ERR_INVALID;
+    pthread_mutex_lock(&lock);
+    if (region_count + n > region_cap) {
+        size_t cap = region_cap ? region_cap : 64;
+        while (cap < region_count + n)
+            cap *= 2;
+        struct pb_region *r = realloc(regions, cap * sizeof *r);
+        if (r == NULL) {
+            pthread_mutex_unlock(&lock);
+            return PB_ERR_NOMEM;
+        }
+        regions = r;
+        region_cap = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct pb_region *r = &regions[region_count++];
+        r->id = next_id++;
+        r->start = addr[i];
+        r->size = size[i];
+        r->kind = kind;
+        ids[i] = r->id;
+    }
+    kind_count[kind] += n;
+    pthread_mutex_unlock(&lock);
+    return PB_OK;
+}
+
+void pb__region_remove_many(const uint64_t *ids, size_t n)
+{
+    /* Newest first: pins are removed in reverse order of addition, so each
+     * id is usually found at or near the end of the array. */
+    pthread_mutex_lock(&lock);
+    for (size_t k = n; k-- > 0;) {
+        for (size_t i = region_count; i-- > 0;) {
+            if (regions[i].id == ids[k]) {
+                kind_count[regions[i].kind]--;
+                regions[i] = regions[--region_count];
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+static void atfork_prepare(void)
+{
+    pthread_mutex_lock(&lock);
+}
+
+static void atfork_parent(void)
+{
+    pthread_mutex_unlock(&lock);
+}
+
+static void atfork_child(void)
+{
+    pthread_mutex_init(&lock, NULL);
+}
+
+__attribute__((constructor)) static void register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }

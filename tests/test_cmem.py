@@ -239,9 +239,9 @@ def test_explicit_free_and_with() -> None:
     buf = CBuffer(8)
     buf.free()
     assert buf.state == "freed"
-    with pytest.raises(UseAfterTransferError, match="after its memory was freed"):
+    with pytest.raises(UseAfterTransferError, match=r"CBuffer.to_bytes\(\) after its memory was freed by Python"):
         buf.to_bytes()
-    with pytest.raises(BufferError):
+    with pytest.raises(UseAfterTransferError, match="freed by Python"):
         memoryview(buf)
     with CBuffer(8) as scoped:
         assert scoped.state == "owned"
@@ -258,7 +258,7 @@ def test_transfer_hands_ownership_to_c() -> None:
     for use in (lambda: buf.ptr, buf.to_bytes, buf.transfer, buf.free, lambda: buf[0]):
         with pytest.raises(UseAfterTransferError, match="transferred"):
             use()
-    with pytest.raises(BufferError, match="transferred to C or freed"):
+    with pytest.raises(UseAfterTransferError, match="transferred to C"):
         memoryview(buf)
     del buf
     gc.collect()  # Python must not free what C owns
@@ -327,3 +327,202 @@ def test_cnew_typed_c_memory() -> None:
     assert lib.pb_alloc_size(ffi.cast("void *", pt.address)) == len(pt)
     with pytest.raises(TypeError, match="size is unknown"):
         ptrbridge.cnew("void *")
+
+
+# --- ownership of blocks, addresses from Python (issue 8) --------------------------
+
+def _line_of(marker: str) -> str:
+    """``test_cmem.py:N`` of the line holding ``marker`` in this file."""
+    import inspect
+
+    for n, line in enumerate(inspect.getsource(inspect.getmodule(_line_of)).splitlines(), 1):  # type: ignore[arg-type]
+        if marker in line and "_line_of" not in line:
+            return f"test_cmem.py:{n}"
+    raise AssertionError(marker)
+
+
+def test_free_of_a_block_a_live_cbuffer_owns_is_refused_naming_the_owner() -> None:
+    buf = CBuffer.copy(b"still mine")  # OWNER-SITE
+    with pytest.raises(NotOwnedError, match=rf"CBuffer\(10\) created at {_line_of('OWNER-SITE')}"):
+        ptrbridge.free(buf.ptr)
+    with pytest.raises(NotOwnedError, match="belongs to"):
+        ptrbridge.free(buf.address)
+    assert lib.pb_free(buf.ptr) == lib.PB_ERR_PY_OWNED  # C is refused too
+    assert lib.pb_realloc(buf.ptr, 100) == ffi.NULL
+    assert buf.to_bytes() == b"still mine" and buf.state == "owned"  # nothing was freed
+    buf.free()
+
+
+def test_typed_cbuffers_are_protected_too() -> None:
+    zs = ptrbridge.cnew("uint64_t[4]")
+    with pytest.raises(NotOwnedError, match=r"TypedCBuffer 'uint64_t\(\*\)\[4\]'\(32\)"):
+        ptrbridge.free(zs.address)
+    zs.free()
+
+
+def test_a_transferred_block_is_cs_to_free() -> None:
+    raw = CBuffer.copy(b"c owns").transfer()
+    ptrbridge.free(raw)  # what C would do with pb_free
+    with pytest.raises(DoubleFreeError):
+        ptrbridge.free(raw)
+
+
+@pytest.mark.parametrize("offset", [1 << 64, 1 << 65, -(1 << 64)])
+def test_addresses_out_of_range_are_value_errors_and_free_nothing(offset: int) -> None:
+    p = lib.pb_malloc(8)
+    address = int(ffi.cast("uintptr_t", p))
+    before = ptrbridge.stats().live_blocks
+    with pytest.raises(ValueError, match="out of range for a pointer"):
+        ptrbridge.free(address + offset)
+    assert ptrbridge.stats().live_blocks == before  # not silently truncated to `address`
+    ptrbridge.free(p)
+
+
+@pytest.mark.parametrize("bad", [1 << 64, -1, -(1 << 70)])
+def test_free_of_an_impossible_integer_is_a_value_error(bad: int) -> None:
+    with pytest.raises(ValueError, match=r"free\(\): address"):
+        ptrbridge.free(bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, "0x10", True, None, b"\0" * 8])
+def test_free_of_a_non_address_is_a_type_error(bad: object) -> None:
+    with pytest.raises(TypeError, match=r"free\(\)"):
+        ptrbridge.free(bad)
+
+
+def test_buffer_base_views_reject_out_of_range_addresses() -> None:
+    from ptrbridge._bindings import BufferBase
+
+    with pytest.raises(ValueError, match="out of range"):
+        BufferBase(1 << 64, 0)
+    with pytest.raises(TypeError, match="must be an int"):
+        BufferBase("x", 0)
+
+
+# --- truthful CBuffer errors -----------------------------------------------------
+
+USES = {
+    "len": lambda b: len(b),
+    "memoryview": lambda b: memoryview(b),
+    "bytes": lambda b: bytes(b),
+    "index": lambda b: b[0],
+    "slice": lambda b: b[0:2],
+    "setitem": lambda b: b.__setitem__(0, 1),
+    "ptr": lambda b: b.ptr,
+    "address": lambda b: b.address,
+    "to_bytes": lambda b: b.to_bytes(),
+    "copy": lambda b: CBuffer.copy(b),
+    "copy_many": lambda b: CBuffer.copy_many([b]),
+    "transfer": lambda b: b.transfer(),
+    "free": lambda b: b.free(),
+    "numpy": lambda b: np.frombuffer(b, dtype=np.uint8),
+    "Span": lambda b: ptrbridge.Span(b),
+}
+
+
+@pytest.mark.parametrize("use", sorted(USES))
+def test_every_use_after_transfer_says_so(use: str) -> None:
+    buf = CBuffer.copy(b"payload")  # TRANSFER-SITE
+    raw = buf.transfer()
+    with pytest.raises(UseAfterTransferError,
+                       match=rf"after its memory was transferred to C .*CBuffer\(7\) created at "
+                             rf"{_line_of('TRANSFER-SITE')}"):
+        USES[use](buf)
+    assert "7 bytes" in repr(buf) and "transferred" in repr(buf)  # repr never raises
+    lib.pb_free(raw)
+
+
+@pytest.mark.parametrize("use", sorted(USES))
+def test_every_use_after_free_says_python_freed_it(use: str) -> None:
+    buf = CBuffer(5)
+    buf.free()
+    with pytest.raises(UseAfterTransferError, match=r"after its memory was freed by Python"):
+        USES[use](buf)
+
+
+def test_second_free_does_not_blame_c() -> None:
+    buf = CBuffer(4)
+    buf.free()
+    with pytest.raises(UseAfterTransferError) as info:
+        buf.free()
+    assert "freed by Python" in str(info.value) and "C owns" not in str(info.value)
+
+
+def test_huge_cbuffer_says_how_big() -> None:
+    with pytest.raises(MemoryError, match=str(1 << 46)):
+        CBuffer(1 << 46)  # 64 TiB: more than this machine's memory and swap
+    with pytest.raises(MemoryError, match=str(1 << 63)):
+        CBuffer(1 << 63)
+
+
+def test_copy_gives_the_real_reason() -> None:
+    view = memoryview(b"gone")
+    view.release()
+    with pytest.raises(ValueError, match="released memoryview"):
+        CBuffer.copy(view)
+    with pytest.raises(TypeError, match="not contiguous"):
+        CBuffer.copy(np.arange(10)[::2])
+    with pytest.raises(TypeError, match="int does not export a buffer"):
+        CBuffer.copy(42)
+
+
+# --- batches ------------------------------------------------------------------------
+
+def test_copy_many_gives_c_one_block_per_buffer() -> None:
+    payloads = [b"alpha", bytearray(b"be"), memoryview(b"gamma!"), np.arange(3, dtype=np.uint8)]
+    base = ptrbridge.stats()
+    batch = CBuffer.copy_many(payloads)
+    assert len(batch) == 4 and batch.state == "owned"
+    assert ffi.typeof(batch.pointers) is ffi.typeof("char *[]") and len(batch.pointers) == 4
+    for i, data in enumerate(payloads):
+        assert batch.lengths[i] == len(bytes(data))
+        assert ffi.buffer(batch.pointers[i], batch.lengths[i])[:] == bytes(data)
+    assert ptrbridge.stats().live_blocks == base.live_blocks + 4
+    ptrs = batch.transfer()
+    assert ptrbridge.stats().transferred == base.transferred + 4
+    with pytest.raises(UseAfterTransferError, match="transferred"):
+        batch.free()
+    del batch
+    gc.collect()  # Python must not free what C owns
+    for i in range(4):
+        assert lib.pb_free(ptrs[i]) == lib.PB_OK  # each block freed by C on its own
+    assert ptrbridge.stats().live_blocks == base.live_blocks
+
+
+def test_copy_many_is_all_or_nothing_and_frees_untransferred_batches() -> None:
+    base = ptrbridge.stats().live_blocks
+    with pytest.raises(TypeError, match=r"copy_many\(\): int does not export a buffer"):
+        CBuffer.copy_many([b"ok", b"fine", 3])
+    assert ptrbridge.stats().live_blocks == base
+    batch = CBuffer.copy_many([b"x"] * 10)
+    assert lib.pb_free(batch.pointers[0]) == lib.PB_ERR_PY_OWNED  # Python's until transfer()
+    del batch
+    gc.collect()
+    assert ptrbridge.stats().live_blocks == base
+    empty = CBuffer.copy_many([])
+    assert len(empty) == 0
+    empty.free()
+
+
+# --- live resources -------------------------------------------------------------
+
+def test_live_resources_name_where_each_resource_was_created() -> None:
+    h = ptrbridge.Handle({"k": 1})  # RES-HANDLE
+    buf = CBuffer(10)  # RES-CBUFFER
+    raw = CBuffer.copy(b"abc").transfer()  # RES-TRANSFERRED
+    pinner = ptrbridge.Pinner()
+    data = bytearray(100)
+    pinner.pin(data)  # RES-PIN
+    found = {(r.kind, r.description, r.created_at) for r in ptrbridge.stats.live_resources()}
+    assert ("handle", "dict", _line_of("RES-HANDLE")) in found
+    assert ("cbuffer", "CBuffer(10)", _line_of("RES-CBUFFER")) in found
+    assert ("transferred", "CBuffer(3)", _line_of("RES-TRANSFERRED")) in found
+    assert ("pin", "bytearray(100)", _line_of("RES-PIN")) in found
+    pinner.unpin()
+    h.delete()
+    buf.free()
+    lib.pb_free(raw)
+    kinds = {(r.kind, r.created_at) for r in ptrbridge.stats.live_resources()}
+    assert not any(site.startswith("test_cmem.py:") and site in
+                   {_line_of(m) for m in ("RES-HANDLE", "RES-CBUFFER", "RES-TRANSFERRED", "RES-PIN")}
+                   for _, site in kinds)

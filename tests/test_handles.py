@@ -323,3 +323,84 @@ def test_thread_stress_with_a_c_releaser(threads_lib: Path) -> None:
     gc.collect()
     assert all(ref() is None for ref in c_refs), "objects of C-released handles must be dropped"
     assert ptrbridge.stats().live_handles == base
+
+
+# --- tokens never repeat; releases are dropped before slots are reused (issue 8) ---
+
+@pytest.fixture
+def tiny_generations() -> "object":
+    """Slots retire after 3 generations instead of 2^32 (the real logic, a small limit)."""
+    old = lib.pb__handle_test_gen_limit(3)
+    yield
+    lib.pb__handle_test_gen_limit(old)
+
+
+def test_a_slot_whose_generations_are_used_up_is_retired_not_wrapped(tiny_generations: object) -> None:
+    retired_before = lib.pb__handle_test_gen_limit(0)
+    seen: List[int] = []
+    for i in range(40):  # one live handle at a time: the worst case for slot reuse
+        h = Handle(Thing(i))
+        seen.append(int(h))
+        if i % 2:
+            h.delete()
+        else:
+            assert lib.pb_handle_release(int(h)) == lib.PB_OK  # released by C
+            ptrbridge.collect()
+    assert len(set(seen)) == len(seen), "a token was issued twice"
+    for token in seen:  # every stale token stays invalid, none resolves to a newer object
+        with pytest.raises(InvalidHandleError):
+            handle_value(token)
+    assert lib.pb__handle_test_gen_limit(0) > retired_before
+
+
+def test_free_slots_are_reused_first_in_first_out() -> None:
+    first = [Handle(Thing(i)) for i in range(4)]
+    slots = [lib.pb__handle_slot(int(h)) for h in first]
+    for h in first:
+        h.delete()
+    again = Handle(Thing(9))
+    assert lib.pb__handle_slot(int(again)) != slots[-1]  # LIFO would hand out the last one at once
+    again.delete()
+
+
+class Reborn:
+    """Creates a Handle of its own when it is dropped, as a __del__ may."""
+
+    born: List[Handle] = []
+    dropped = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __del__(self) -> None:
+        Reborn.dropped += 1
+        Reborn.born.append(Handle(("reborn", self.n)))
+
+
+def test_handles_created_while_dropping_released_objects_do_not_overwrite_them() -> None:
+    Reborn.born, Reborn.dropped = [], 0
+    handles = [Handle(Reborn(i)) for i in range(10)]
+    for h in handles:
+        assert lib.pb_handle_release(int(h)) == lib.PB_OK
+    del h
+    assert ptrbridge.collect() == 10
+    assert Reborn.dropped == 10, "an object behind a released handle was never dropped (it leaked)"
+    assert sorted(h.value()[1] for h in Reborn.born) == list(range(10))
+    for h in Reborn.born:
+        h.delete()
+    Reborn.born = []
+
+
+def test_weakref_callbacks_creating_handles_during_collect() -> None:
+    made: List[Handle] = []
+    things = [Thing(i) for i in range(5)]
+    refs = [weakref.ref(t, lambda _r, i=i: made.append(Handle(i))) for i, t in enumerate(things)]
+    handles = [Handle(t) for t in things]
+    del things
+    for h in handles:
+        lib.pb_handle_release(int(h))
+    ptrbridge.collect()
+    assert all(r() is None for r in refs)
+    assert sorted(h.value() for h in made) == list(range(5))
+    for h in made:
+        h.delete()

@@ -205,3 +205,61 @@ def test_pin_is_thread_safe() -> None:
     assert len(p) == 200 and ptrbridge.stats().live_pins == base + 200
     p.unpin()
     assert len(p) == 0 and ptrbridge.stats().live_pins == base
+
+
+# --- pin_many, sites, messages (issues 8 and 12) -------------------------------------
+
+def test_pin_many_pins_a_batch_and_returns_their_addresses() -> None:
+    frames = [bytearray(b"frame%d" % i) for i in range(5)] + [b"bytes", np.arange(3, dtype=np.int16)]
+    base = ptrbridge.stats().live_pins
+    with Pinner() as p:
+        ptrs = p.pin_many(frames)
+        assert ffi.typeof(ptrs) is ffi.typeof("char *[]") and len(ptrs) == len(frames)
+        for ptr, obj in zip(ptrs, frames):
+            assert _address(ptr) == _buffer_address(obj)
+            assert p.is_pinned(obj)
+        assert len(p) == len(frames) and ptrbridge.stats().live_pins == base + len(frames)
+        with pytest.raises(BufferError):
+            frames[0].extend(b"!")  # pinned: cannot move
+        assert _address(p.pin(frames[1])) == _address(ptrs[1])  # same pin, not a second one
+        again = p.pin_many([frames[2], frames[2]])
+        assert _address(again[0]) == _address(again[1]) == _address(ptrs[2]) and len(p) == len(frames)
+    assert ptrbridge.stats().live_pins == base
+    frames[0].extend(b"!")  # unpinned
+
+
+def test_pin_many_is_all_or_nothing() -> None:
+    base = ptrbridge.stats().live_pins
+    data = bytearray(8)
+    p = Pinner()
+    with pytest.raises(UnpinnableError, match="cannot pin int"):
+        p.pin_many([data, b"ok", 42])
+    assert len(p) == 0 and ptrbridge.stats().live_pins == base
+    data.extend(b"x")  # no export was left behind
+
+
+def test_pin_many_accepts_owning_cdata() -> None:
+    cd = ffi.new("char[]", b"cdata")
+    with Pinner() as p:
+        ptrs = p.pin_many([cd, bytearray(4)])
+        assert _address(ptrs[0]) == _address(cd)
+
+
+def test_a_pins_site_is_the_callers_line() -> None:
+    import inspect
+
+    data = bytearray(12)
+    p = Pinner()
+    line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
+    p.pin(data)
+    assert ("bytearray(12)", f"test_pinning.py:{line}") in ptrbridge.pinning.pinned_objects()
+    region = ptrbridge.ownership.lookup(_buffer_address(data) + 3)
+    assert region is not None and region.kind == "pinned" and region.site == f"test_pinning.py:{line}"
+    assert region.description == "bytearray(12)"
+    p.unpin()
+    assert ptrbridge.ownership.lookup(_buffer_address(data)) is None
+
+
+def test_span_messages_name_span_not_pinner() -> None:
+    with pytest.raises(TypeError, match=r"^ptrbridge.Span: cannot make a span of int"):
+        ptrbridge.Span(3)

@@ -16,7 +16,7 @@ from .callbacks import Callback, callback, extern_callback, live_callbacks
 from .calls import CheckedLibrary, call_timeout, declare, set_call_timeout, shutdown, unwrap, wrap
 from .instrument import instrument, instrumented, uninstrument
 from .capi import c_api, native_library_path
-from .cmem import CBuffer, TypedCBuffer, cnew, cstring, free
+from .cmem import CBatch, CBuffer, TypedCBuffer, cnew, cstring, free
 from .errors import (
     AllocatorError,
     CallbackResultError,
@@ -95,6 +95,7 @@ __all__ = [
     "unwatch_library",
     "violations",
     "watch_library",
+    "CBatch",
     "CBuffer",
     "CError",
     "CallTimeoutWarning",

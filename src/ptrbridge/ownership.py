@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import levels, scanning
-from ._bindings import address_of, check, ffi, lib
+from ._bindings import address_of, check, ffi, lib, native
 from .callsite import caller_site
 from .errors import UnpinnableError
 
@@ -130,19 +130,20 @@ def ctypes_extent(obj: Any) -> Optional[Tuple[int, int]]:
     return None
 
 
-def python_owned_extent(obj: Any) -> Tuple[Any, int, int]:
+def python_owned_extent(obj: Any, api: str = "ptrbridge.Pinner.pin", verb: str = "pin") -> Tuple[Any, int, int]:
     """Return ``(keeper, address, size)`` for a Python-owned object.
 
     ``keeper`` holds the memory in place while referenced: for buffer objects
     it is a new ``ffi.from_buffer`` view (so a bytearray cannot be resized);
     for owning cdata it is the cdata itself.  Raises
-    :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) for anything else.
+    :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) for anything else;
+    messages name ``api``, the function the user called.
     """
     if isinstance(obj, ffi.CData):
         extent = cdata_extent(obj)
         if extent is None:
             raise UnpinnableError(
-                f"ptrbridge.Pinner: cannot pin {obj!r}: it does not own its memory "
+                f"{api}: cannot {verb} {obj!r}: it does not own its memory "
                 f"(only ffi.new/ffi.from_buffer results, ptrbridge.new results and buffer "
                 f"objects are Python-owned; C memory needs no pinning)"
             )
@@ -151,14 +152,14 @@ def python_owned_extent(obj: Any) -> Tuple[Any, int, int]:
         view = memoryview(obj)
     except TypeError:
         raise UnpinnableError(
-            f"ptrbridge.Pinner: cannot pin {type(obj).__name__}: it does not export a buffer "
-            f"(pin bytes, bytearray, memoryview, array.array, numpy arrays, mmap, ctypes "
+            f"{api}: cannot {verb} {type(obj).__name__}: it does not export a buffer "
+            f"(accepted: bytes, bytearray, memoryview, array.array, numpy arrays, mmap, ctypes "
             f"instances, ffi.buffer objects or owning cffi cdata)"
         ) from None
     with view:
         if not view.contiguous:
             raise UnpinnableError(
-                f"ptrbridge.Pinner: cannot pin a non-contiguous {type(obj).__name__} "
+                f"{api}: cannot {verb} a non-contiguous {type(obj).__name__} "
                 f"(shape {view.shape}, strides {view.strides}): C expects one block of memory; "
                 f"copy it first (e.g. bytes(obj) or numpy.ascontiguousarray)"
             )
@@ -186,12 +187,31 @@ def unregister(info: RegionInfo, freed_at: Optional[str] = None) -> None:
         note_freed(info.start, info.size, info.description, info.site, freed_at)
 
 
+_pin_infos: Dict[int, RegionInfo] = {}  # region id -> RegionInfo of a pin made in C, built on demand
+
+
 def lookup(address: int) -> Optional[RegionInfo]:
     """The live region containing ``address`` (a pinned one if several), or None."""
-    if not _regions:
-        return None
     packed = lib.pb__region_lookup(address)
-    return _regions.get(packed >> 2) if packed else None
+    if not packed:
+        return None
+    region_id = packed >> 2
+    info = _regions.get(region_id)
+    if info is None and (packed & 3) == lib.PB_REGION_PINNED:
+        # Pins are registered by one C call (csrc/pypin.c); their description
+        # and site text are made here, the first time a check asks.  Region ids
+        # are never reused, so a cached entry can only be stale, never wrong.
+        info = _pin_infos.get(region_id)
+        if info is None:
+            pin = native.pin_region(region_id)
+            if pin is None:
+                return None
+            obj, start, size, site = pin
+            info = RegionInfo(region_id, start, size, "pinned", describe(obj, size), native.site_text(site))
+            if len(_pin_infos) >= 4096:
+                _pin_infos.clear()
+            _pin_infos[region_id] = info
+    return info
 
 
 def _pages(start: int, size: int) -> range:

@@ -18,75 +18,69 @@ pinned and where, then unpins.
 from __future__ import annotations
 
 import atexit
-import threading
 import warnings
-import weakref
-from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Tuple
 
 from . import levels, scanning
-from ._bindings import ffi, lib
-from .callsite import caller_frame_location, format_location
+from ._bindings import address_of, ffi, lib, native
 from .errors import PinLeakWarning
-from .ownership import RegionInfo, describe, python_owned_extent, register, unregister
+from .ownership import describe, python_owned_extent
 
 __all__ = ["Pinner", "pinned_objects"]
 
-@dataclass
-class _Pin:
-    obj: Any
-    keeper: Any
-    pointer: Any
-    region: RegionInfo
-    location: Tuple[str, int]
+
+def _slow_extent(obj: Any) -> Tuple[Any, int, int]:
+    """``(keeper, address, size)`` for what the C fast path does not pin itself (cffi cdata)."""
+    return python_owned_extent(obj, "ptrbridge.Pinner.pin")
 
 
-_live_pinners: "weakref.WeakSet[Pinner]" = weakref.WeakSet()
+native.pins_init(ffi.CData, _slow_extent, lib.pb__charp)
 
 
-class Pinner:
+class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
     """Keeps objects alive and unresizable while C holds pointers to them.
 
+    ``p.pin(obj)`` pins one object and returns a ``char *``; ``p.pin_many(objs)``
+    pins a batch and returns a ``char *[n]``; ``p.unpin()`` releases them all.
     Methods are thread-safe.  The zero-argument constructor is the only way to
-    make one; a Pinner can be reused after :meth:`unpin`.
+    make one; a Pinner can be reused after :meth:`unpin`.  ``len(p)`` is the
+    number of pinned objects.
+
+    Pinning is one C call (a buffer export, a registry entry, the call site
+    recorded as code object + instruction offset); descriptions and
+    ``file.py:line`` texts are made only when a report needs them.
     """
 
-    def __init__(self) -> None:
-        self._pins: Dict[int, _Pin] = {}
-        self._lock = threading.Lock()
-        _live_pinners.add(self)
+    __slots__ = ()
 
-    def pin(self, obj: Any) -> Any:
-        """Pin ``obj`` and return a cffi ``char *`` to its first byte.
+    if TYPE_CHECKING:  # implemented in C (csrc/pypin.c); declared here for readers and mypy
+        def pin(self, obj: Any) -> Any:
+            """Pin ``obj`` and return a cffi ``char *`` to its first byte.
 
-        Accepts any object exporting a contiguous buffer (bytes, bytearray,
-        memoryview, array.array, numpy arrays, mmap, ffi.buffer, ctypes
-        instances) and cffi cdata that owns its memory.  Pinning the same
-        object again returns the same pointer.  Raises
-        :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) otherwise.
+            Accepts any object exporting a contiguous buffer (bytes, bytearray,
+            memoryview, array.array, numpy arrays, mmap, ffi.buffer, ctypes
+            instances) and cffi cdata that owns its memory.  Pinning the same
+            object again returns the same pointer.  Raises
+            :class:`~ptrbridge.UnpinnableError` (a ``TypeError``) otherwise.
+            """
+
+        def is_pinned(self, obj: Any) -> bool:
+            """True if this Pinner currently pins ``obj``."""
+
+    def pin_many(self, objs: Iterable[Any]) -> Any:
+        """Pin every object of ``objs`` (all or none) and return a cffi ``char *[n]`` of their addresses.
+
+        The batch form of :meth:`pin` for producers handing C many buffers:
+        one C call for the whole batch.  Example::
+
+            with ptrbridge.Pinner() as p:
+                ptrs = p.pin_many(frames)
+                lib.write_frames(ptrs, lengths, len(frames))
         """
-        with self._lock:
-            existing = self._pins.get(id(obj))
-            if existing is not None and existing.obj is obj:
-                return existing.pointer
-        keeper, address, size = python_owned_extent(obj)
-        location = caller_frame_location()
-        scanning.cancel(address, size)  # pinned now: C may hold it
-        region = register(lib.PB_REGION_PINNED, address, size, describe(obj, size),
-                          format_location(location))
-        pin = _Pin(obj, keeper, ffi.cast("char *", address), region, location)
-        with self._lock:
-            existing = self._pins.get(id(obj))
-            if existing is not None and existing.obj is obj:  # another thread won
-                _release(pin)
-                return existing.pointer
-            self._pins[id(obj)] = pin
-        return pin.pointer
-
-    def is_pinned(self, obj: Any) -> bool:
-        """True if this Pinner currently pins ``obj``."""
-        pin = self._pins.get(id(obj))
-        return pin is not None and pin.obj is obj
+        items = objs if isinstance(objs, (list, tuple)) else list(objs)
+        out = ffi.new("char *[]", len(items))
+        self._pin_many(items, address_of(out))
+        return out
 
     def unpin(self) -> None:
         """Release every pin of this Pinner.  C must not use the pointers afterwards.
@@ -95,19 +89,15 @@ class Pinner:
         a pointer C still holds raises :class:`~ptrbridge.RetainedPointerError`
         (or warns / collects, see :func:`ptrbridge.set_on_violation`).
         """
-        with self._lock:
-            pins, self._pins = list(self._pins.values()), {}
-        for pin in pins:
-            _release(pin)
-        if pins and levels._level == 2:
-            for pin in pins:
-                region = pin.region
-                scanning.retire(region.start, region.size, region.description, "Pinner.pin",
-                                region.site, "unpinned")
+        if levels._level != 2:
+            self._unpin_all(False)
+            return
+        pins = self._unpin_all(True)
+        if pins:
+            for obj, start, size, site in pins:
+                scanning.retire(start, size, describe(obj, size), "Pinner.pin", native.site_text(site),
+                                "unpinned")
             scanning.scan_and_report()
-
-    def __len__(self) -> int:
-        return len(self._pins)
 
     def __enter__(self) -> "Pinner":
         return self
@@ -116,20 +106,21 @@ class Pinner:
         self.unpin()
 
     def __repr__(self) -> str:
-        return f"<ptrbridge.Pinner pins={len(self._pins)}>"
+        return f"<ptrbridge.Pinner pins={len(self)}>"
 
     def _warn_leaks(self) -> None:
-        for pin in list(self._pins.values()):
+        for obj, _start, size, site in self._pins():
+            filename, lineno = native.site_location(site)
             warnings.warn_explicit(
                 f"ptrbridge.Pinner: found leaking pinned pointer; forgot to call unpin()? "
-                f"{pin.region.description} pinned at {pin.region.site}",
+                f"{describe(obj, size)} pinned at {native.site_text(site)}",
                 PinLeakWarning,
-                pin.location[0],
-                pin.location[1],
+                filename,
+                lineno,
             )
 
     def __del__(self) -> None:
-        if not getattr(self, "_pins", None):
+        if not len(self):
             return
         try:
             self._warn_leaks()
@@ -137,29 +128,19 @@ class Pinner:
             self.unpin()
 
 
-def _release(pin: _Pin) -> None:
-    unregister(pin.region)
-    if pin.keeper is not pin.obj:
-        # Our own from_buffer view: give the buffer export back now, not at GC
-        # time, so a bytearray can be resized again at once.  (A cdata the
-        # user passed in is theirs and is left alone.)
-        ffi.release(pin.keeper)
-
-
 def pinned_objects() -> List[Tuple[str, str]]:
     """``(description, location)`` of every object pinned by a live Pinner."""
     out = []
-    for pinner in list(_live_pinners):
-        for pin in list(pinner._pins.values()):
-            out.append((pin.region.description, pin.region.site))
+    for pinner in native.pinners_live():
+        for obj, _start, size, site in pinner._pins():
+            out.append((describe(obj, size), native.site_text(site)))
     return out
 
 
 @atexit.register
 def _warn_at_exit() -> None:
-    for pinner in list(_live_pinners):
-        if pinner._pins:
-            try:
-                pinner._warn_leaks()
-            finally:
-                pinner.unpin()
+    for pinner in native.pinners_live():
+        try:
+            pinner._warn_leaks()
+        finally:
+            pinner.unpin()

@@ -55,7 +55,7 @@ class Span:
                     f"make the Span from the object that owns the memory"
                 )
             else:
-                self._keeper, self._base, self._extent = python_owned_extent(owner)
+                self._keeper, self._base, self._extent = python_owned_extent(owner, "ptrbridge.Span", "make a span of")
             base_offset, available = 0, self._extent
         _check_int(offset, "offset")
         if not 0 <= offset <= available:

@@ -1,0 +1,236 @@
+/*
+ * pysite.c - cheap creation sites for reports.
+ *
+ * Recording "file.py:12" for every Handle, CBuffer and pin would cost a frame
+ * walk, a line-table lookup and string formatting each time.  Instead the
+ * first Python frame outside the ptrbridge package is recorded as (code
+ * object, instruction offset) and interned: the same call site always gets
+ * the same small id, and the text is made only when a report needs it.
+ *
+ * Two open-addressing tables keyed by pointer, both touched only with the
+ * GIL held: code object -> "is it inside ptrbridge?" (decided once per code
+ * object by a Python predicate), and (code, offset) -> site id.  Both hold
+ * strong references to their code objects, so a pointer key can never be
+ * reused by another object.  At most MAX_SITES sites are interned; after
+ * that new sites are recorded as 0 ("<unknown>:0").
+ */
+#include "pb_py.h"
+#include "pb_internal.h"
+
+#include <string.h>
+
+#define MAX_SITES (1u << 20)
+
+struct code_entry {
+    PyObject *code;
+    int internal;
+};
+
+struct site_entry {
+    PyObject *code;
+    int lasti;
+};
+
+static struct code_entry *codes;
+static size_t codes_cap, codes_used;
+static struct site_entry *sites; /* sites[id - 1] */
+static uint32_t sites_used, sites_cap;
+static uint32_t *site_index; /* hash (code, lasti) -> id, 0 = empty */
+static size_t index_cap;
+static PyObject *is_internal; /* filename -> bool */
+
+static size_t hash_ptr(const void *p, int salt)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p ^ ((uint64_t)(unsigned)salt * 0x9E3779B97F4A7C15ULL);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+static int code_is_internal(PyObject *code)
+{
+    if (codes_used * 2 >= codes_cap) {
+        size_t cap = codes_cap ? codes_cap * 2 : 256;
+        struct code_entry *t = calloc(cap, sizeof *t);
+        if (t == NULL)
+            return 0;
+        for (size_t i = 0; i < codes_cap; i++) {
+            if (codes[i].code == NULL)
+                continue;
+            size_t j = hash_ptr(codes[i].code, 0) & (cap - 1);
+            while (t[j].code != NULL)
+                j = (j + 1) & (cap - 1);
+            t[j] = codes[i];
+        }
+        free(codes);
+        codes = t;
+        codes_cap = cap;
+    }
+    size_t j = hash_ptr(code, 0) & (codes_cap - 1);
+    for (; codes[j].code != NULL; j = (j + 1) & (codes_cap - 1))
+        if (codes[j].code == code)
+            return codes[j].internal;
+    int internal = 0;
+    if (is_internal != NULL) {
+        PyObject *r = PyObject_CallOneArg(is_internal, ((PyCodeObject *)code)->co_filename);
+        if (r == NULL)
+            PyErr_Clear();
+        else
+            internal = PyObject_IsTrue(r) == 1;
+        Py_XDECREF(r);
+    }
+    Py_INCREF(code);
+    codes[j].code = code;
+    codes[j].internal = internal;
+    codes_used++;
+    return internal;
+}
+
+static uint32_t intern_site(PyObject *code, int lasti)
+{
+    if (((size_t)sites_used + 1) * 2 > index_cap) {
+        size_t cap = index_cap ? index_cap * 2 : 512;
+        uint32_t *t = calloc(cap, sizeof *t);
+        if (t == NULL)
+            return 0;
+        for (uint32_t id = 1; id <= sites_used; id++) {
+            size_t j = hash_ptr(sites[id - 1].code, sites[id - 1].lasti) & (cap - 1);
+            while (t[j] != 0)
+                j = (j + 1) & (cap - 1);
+            t[j] = id;
+        }
+        free(site_index);
+        site_index = t;
+        index_cap = cap;
+    }
+    size_t j = hash_ptr(code, lasti) & (index_cap - 1);
+    for (; site_index[j] != 0; j = (j + 1) & (index_cap - 1)) {
+        struct site_entry *e = &sites[site_index[j] - 1];
+        if (e->code == code && e->lasti == lasti)
+            return site_index[j];
+    }
+    if (sites_used >= MAX_SITES)
+        return 0;
+    if (sites_used == sites_cap) {
+        uint32_t cap = sites_cap ? sites_cap * 2 : 256;
+        struct site_entry *s = realloc(sites, cap * sizeof *s);
+        if (s == NULL)
+            return 0;
+        sites = s;
+        sites_cap = cap;
+    }
+    Py_INCREF(code);
+    sites[sites_used].code = code;
+    sites[sites_used].lasti = lasti;
+    site_index[j] = ++sites_used;
+    return sites_used;
+}
+
+uint32_t pb__site_capture(void)
+{
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+    if (frame == NULL)
+        return 0;
+    Py_INCREF(frame);
+    for (;;) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        if (!code_is_internal((PyObject *)code)) {
+            uint32_t id = intern_site((PyObject *)code, PyFrame_GetLasti(frame));
+            Py_DECREF(code);
+            Py_DECREF(frame);
+            return id;
+        }
+        Py_DECREF(code);
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        if (back == NULL)
+            return 0;
+        frame = back;
+    }
+}
+
+static PyObject *site_location(uint32_t site)
+{
+    if (site == 0 || site > sites_used)
+        return Py_BuildValue("(si)", "<unknown>", 0);
+    struct site_entry *e = &sites[site - 1];
+    int line = PyCode_Addr2Line((PyCodeObject *)e->code, e->lasti);
+    return Py_BuildValue("(Oi)", ((PyCodeObject *)e->code)->co_filename, line < 0 ? 0 : line);
+}
+
+PyObject *pb__site_text(uint32_t site)
+{
+    PyObject *loc = site_location(site);
+    if (loc == NULL)
+        return NULL;
+    PyObject *name = PyTuple_GET_ITEM(loc, 0);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(name);
+    Py_ssize_t slash = PyUnicode_FindChar(name, '/', 0, len, -1);
+    PyObject *base = slash >= 0 ? PyUnicode_Substring(name, slash + 1, len) : Py_NewRef(name);
+    PyObject *text = base ? PyUnicode_FromFormat("%U:%d", base, (int)PyLong_AsLong(PyTuple_GET_ITEM(loc, 1)))
+                          : NULL;
+    Py_XDECREF(base);
+    Py_DECREF(loc);
+    return text;
+}
+
+static PyObject *m_site_text(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long site = PyLong_AsUnsignedLong(arg);
+    if (site == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return pb__site_text((uint32_t)site);
+}
+
+static PyObject *m_site_location(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long site = PyLong_AsUnsignedLong(arg);
+    if (site == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return site_location((uint32_t)site);
+}
+
+static PyObject *m_site_capture(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLong(pb__site_capture());
+}
+
+static PyObject *m_sites_init(PyObject *self, PyObject *predicate)
+{
+    (void)self;
+    Py_INCREF(predicate);
+    Py_XSETREF(is_internal, predicate);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef site_functions[] = {
+    {"site_text", m_site_text, METH_O, "site_text(id) -> 'file.py:12'"},
+    {"site_location", m_site_location, METH_O, "site_location(id) -> (filename, lineno)"},
+    {"site_capture", m_site_capture, METH_NOARGS, "site_capture() -> id of the caller's site"},
+    {"sites_init", m_sites_init, METH_O, "sites_init(is_internal(filename) -> bool)"},
+    {NULL, NULL, 0, NULL},
+};
+
+int pb__add_functions(PyObject *module, PyMethodDef *defs)
+{
+    for (PyMethodDef *def = defs; def->ml_name != NULL; def++) {
+        PyObject *fn = PyCFunction_New(def, NULL);
+        if (fn == NULL)
+            return -1;
+        int rc = PyObject_SetAttrString(module, def->ml_name, fn);
+        Py_DECREF(fn);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int pb__py_sites_init(PyObject *module)
+{
+    return pb__add_functions(module, site_functions);
+}
