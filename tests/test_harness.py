@@ -85,9 +85,12 @@ def test_each_leak_kind_fails_its_test(pytester: pytest.Pytester, enable: list) 
     result.assert_outcomes(passed=2, failed=4)
     out = result.stdout.str()
     assert "test_leaky.py::test_c_memory" in out and "leaked 1 tracked C block(s) (16 bytes)" in out
-    assert "leaked 1 handle(s)" in out
-    assert "leaked 1 pin(s)" in out
-    assert "leaked 1 buffer(s) transferred to C" in out and "never freed by C" in out
+    # each leak names the leaked resource and where it was created
+    assert "leaked 1 tracked C block(s) (16 bytes): CBuffer(16) created at test_leaky.py:8" in out
+    assert "leaked 1 handle(s): object created at test_leaky.py:11" in out
+    assert "leaked 1 pin(s): bytearray(8) created at test_leaky.py:16" in out
+    assert "leaked 1 buffer(s) transferred to C: CBuffer(7) created at test_leaky.py:19" in out
+    assert "never freed by C" in out
     assert "ptrbridge findings" in out  # the summary section
     summary = out[out.index("ptrbridge findings"):]
     for name in ("test_c_memory", "test_handle", "test_pin", "test_transferred"):
@@ -248,6 +251,9 @@ def test_run_reports_leaks_and_findings_as_json(tmp_path: Path) -> None:
     leak = next(f for f in report["findings"] if f["kind"] == "leak")
     assert "leaked 1 tracked C block(s) (32 bytes)" in leak["message"] and leak["severity"] == "error"
     assert leak["object_size"] == 32 and leak["fails"] and leak["pid"] == report["processes"][0]["pid"]
+    assert leak["object"] == "CBuffer(32)" and leak["created_at"] == "program.py:4"
+    assert leak["extra"]["resources"] == [{"kind": "cbuffer", "description": "CBuffer(32)",
+                                           "created_at": "program.py:4", "count": 1}]
     retained = next(f for f in report["findings"] if f["kind"] == "retained-live")
     assert retained["object"] == "bytearray(16)" and retained["severity"] == "portability"
     assert retained["lent_at"] == "program.py:7" and retained["state"] == "unpinned"
