@@ -85,9 +85,12 @@ def test_each_leak_kind_fails_its_test(pytester: pytest.Pytester, enable: list) 
     result.assert_outcomes(passed=2, failed=4)
     out = result.stdout.str()
     assert "test_leaky.py::test_c_memory" in out and "leaked 1 tracked C block(s) (16 bytes)" in out
-    assert "leaked 1 handle(s)" in out
-    assert "leaked 1 pin(s)" in out
-    assert "leaked 1 buffer(s) transferred to C" in out and "never freed by C" in out
+    # each leak names the leaked resource and where it was created
+    assert "leaked 1 tracked C block(s) (16 bytes): CBuffer(16) created at test_leaky.py:8" in out
+    assert "leaked 1 handle(s): object created at test_leaky.py:11" in out
+    assert "leaked 1 pin(s): bytearray(8) created at test_leaky.py:16" in out
+    assert "leaked 1 buffer(s) transferred to C: CBuffer(7) created at test_leaky.py:19" in out
+    assert "never freed by C" in out
     assert "ptrbridge findings" in out  # the summary section
     summary = out[out.index("ptrbridge findings"):]
     for name in ("test_c_memory", "test_handle", "test_pin", "test_transferred"):
@@ -248,6 +251,9 @@ def test_run_reports_leaks_and_findings_as_json(tmp_path: Path) -> None:
     leak = next(f for f in report["findings"] if f["kind"] == "leak")
     assert "leaked 1 tracked C block(s) (32 bytes)" in leak["message"] and leak["severity"] == "error"
     assert leak["object_size"] == 32 and leak["fails"] and leak["pid"] == report["processes"][0]["pid"]
+    assert leak["object"] == "CBuffer(32)" and leak["created_at"] == "program.py:4"
+    assert leak["extra"]["resources"] == [{"kind": "cbuffer", "description": "CBuffer(32)",
+                                           "created_at": "program.py:4", "count": 1}]
     retained = next(f for f in report["findings"] if f["kind"] == "retained-live")
     assert retained["object"] == "bytearray(16)" and retained["severity"] == "portability"
     assert retained["lent_at"] == "program.py:7" and retained["state"] == "unpinned"
@@ -406,6 +412,62 @@ def test_run_pytest_with_filterwarnings_error_and_a_failing_pointer_error(tmp_pa
     assert raised["rule"] == "R1" and raised["pid"] == data["processes"][0]["pid"]
     assert "findings: 1 (1 error(s)" in proc.stderr
     assert sorted(t["nodeid"] for t in data["tests"]) == ["test_app.py::test_fine", "test_app.py::test_nested"]
+
+
+DANGLING_PROGRAM = """
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef("struct iovec { void *iov_base; size_t iov_len; }; ssize_t writev(int, const struct iovec *, int);")
+    lib = ffi.dlopen("libc.so.6")
+    iov = ffi.new("struct iovec *")
+    data = bytearray(b"hello\\n")
+    iov.iov_base = ffi.from_buffer(data)
+    iov.iov_len = 6
+    lib.writev(1, iov, 1)
+    del data                   # the struct field is all that points to the buffer now
+    lib.writev(1, iov, 1)
+"""
+
+
+def test_run_instruments_an_unchanged_program(tmp_path: Path) -> None:
+    proc = _run(tmp_path, DANGLING_PROGRAM)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert ptrbridge.validate_report(report) == []
+    assert report["checked"]["calls"] == 2 and report["settings"]["instrument"] is True
+    (found,) = report["findings"]
+    assert found["kind"] == "dangling-argument" and found["severity"] == "error"
+    assert found["function"] == "writev" and found["lent_at"] == "program.py:12"
+    assert "checked 2 call(s)" in proc.stderr
+
+    proc = _run(tmp_path, DANGLING_PROGRAM, "--no-instrument")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checked"]["calls"] == 0 and report["findings"] == []
+    assert any("checked 0 calls to C" in note for note in report["notes"])
+
+
+def test_plugin_counts_instrumented_calls_per_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_calls="""
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("size_t strlen(const char *);")
+        lib = ffi.dlopen("libc.so.6")
+
+        def test_three_calls():
+            assert [lib.strlen(b"a"), lib.strlen(b"ab"), lib.strlen(b"abc")] == [1, 2, 3]
+
+        def test_no_call():
+            pass
+    """)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2", f"--ptrbridge-report={report}")
+    result.assert_outcomes(passed=2)
+    data = json.loads(report.read_text())
+    tests = {t["nodeid"].split("::")[1]: t["checked"]["calls"] for t in data["tests"]}
+    assert tests == {"test_three_calls": 3, "test_no_call": 0}
+    assert data["checked"]["calls"] == 3
+    assert "checked 3 call(s), 0 callback(s), 0 lend(s) in 2 test(s)" in result.stdout.str()
 
 
 def test_version_and_demo_help() -> None:

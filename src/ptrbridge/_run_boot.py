@@ -35,11 +35,29 @@ class _PtrbridgeRunFinder:
         self.lock = _thread.RLock()
         self.done = False
         self.waiting = False  # a trigger came while ptrbridge itself was being imported
+        self.package_dir = None
 
     def _ptrbridge_initializing(self):
         module = sys.modules.get("ptrbridge")
         spec = getattr(module, "__spec__", None)
         return module is not None and bool(getattr(spec, "_initializing", False))
+
+    def _importer_is_ptrbridge(self):
+        """Whether the import comes from ptrbridge's own code (not the program's)."""
+        if self.package_dir is None:
+            import importlib.machinery
+
+            spec = importlib.machinery.PathFinder.find_spec("ptrbridge")
+            locations = getattr(spec, "submodule_search_locations", None) or [""]
+            self.package_dir = os.path.join(os.path.realpath(locations[0]), "")
+        frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not (filename.startswith("<frozen importlib") or filename == __file__
+                    or filename.endswith(os.path.join("importlib", "__init__.py"))):
+                return bool(self.package_dir) and os.path.realpath(filename).startswith(self.package_dir)
+            frame = frame.f_back
+        return False
 
     def find_spec(self, name, path=None, target=None):
         if self.done:
@@ -50,9 +68,10 @@ class _PtrbridgeRunFinder:
         with self.lock:
             if self.done:
                 return None
-            if self._ptrbridge_initializing():
-                # ptrbridge is importing cffi/ctypes for itself (through another finder, e.g.
-                # pytest's rewriter): start at the next import after it has finished.
+            if self._ptrbridge_initializing() or (top != "ptrbridge" and self._importer_is_ptrbridge()):
+                # ptrbridge is importing cffi/ctypes for itself (while it is imported through
+                # another finder, e.g. pytest's rewriter, or in the middle of its own work):
+                # start at the next import after it has finished.
                 self.waiting = True
                 return None
             self.done = True
@@ -107,8 +126,9 @@ def _at_exit():
         _finder.done = True
         if "ptrbridge" in sys.modules and not _finder._ptrbridge_initializing():
             activate()  # ptrbridge was imported through another finder and nothing was imported since
-    if _activated and "ptrbridge.runtime" in sys.modules:
-        sys.modules["ptrbridge.runtime"].write_report()
+    runtime = sys.modules.get("ptrbridge.runtime")
+    if runtime is not None and getattr(runtime, "_started", False):  # started here or by the pytest plugin
+        runtime.write_report()
         return
     _write_unloaded_report()
 

@@ -64,8 +64,10 @@ class Harness:
     def __init__(self, level: int, watch: List[str], strict: bool = False, instrument: bool = True,
                  quarantine: bool = True, report_path: Optional[str] = None) -> None:
         import ptrbridge
+        from . import runtime
         from .report import gather
 
+        runtime.start()  # under `python -m ptrbridge run` (a no-op otherwise): the process's side first
         self.level = level
         self.pending_watch = list(watch)
         self.watch = list(watch)

@@ -338,8 +338,8 @@ def counts(found: Sequence[Finding], strict: bool) -> Dict[str, int]:
 def checked_note(checked: Dict[str, int]) -> Optional[str]:
     """The sentence to print when nothing was checked."""
     if checked.get("calls", 0) == 0:
-        return ("checked 0 calls to C: no library was wrapped or instrumented, so no argument or "
-                "lend was checked (only leaks, retention scans and raised errors were)")
+        return ("checked 0 calls to C: no call went through an instrumented or wrapped library, so no argument or "
+                "lend was checked (leaks, retention scans and raised errors still were)")
     return None
 
 

@@ -92,7 +92,7 @@ INSTRUMENT_MISSING = ("instrumentation is not available in this ptrbridge (no pt
 def instrument_now() -> Optional[str]:
     """Instrument cffi and ctypes with ``ptrbridge.instrument()``; returns a note if it cannot."""
     try:
-        from .instrument import instrument  # type: ignore[import-not-found,unused-ignore]
+        from .instrument import instrument
     except ImportError:
         return INSTRUMENT_MISSING
     instrument()
@@ -105,6 +105,10 @@ def start() -> None:
     if _started or not os.environ.get(RUN_DIR_ENV):
         return
     _started = True
+    for finder in list(sys.meta_path):  # started by other means (the pytest plugin): the boot finder is done
+        if type(finder).__name__ == "_PtrbridgeRunFinder":
+            finder.done = True  # type: ignore[attr-defined]
+            sys.meta_path.remove(finder)
     import ptrbridge
     from .report import LeakProbe
 
