@@ -160,7 +160,11 @@ def test_c_memory_argument_lends_python_targets(cffi_lib: Tuple[Any, Any]) -> No
     person = ptrbridge.cnew("struct person *", ffi=ffi)
     name = bytearray(b"lent\0")
     person.c.name = ffi.from_buffer(name)
-    assert c.person_name_len(person.c) == 4
+    # At level 1: at level 2 a retention scan due right after this call would rightly
+    # report the C struct still pointing at `name` (R2), depending on the scan batch.
+    with ptrbridge.checking(1):
+        assert c.person_name_len(person.c) == 4
+    person.c.name = ffi.NULL
 
 
 def test_bytes_argument_is_lent_not_walked(cffi_lib: Tuple[Any, Any]) -> None:

@@ -335,6 +335,8 @@ def _lend(lent: List[Any]) -> List[RegionInfo]:
             continue
         scanning.cancel(extent[0], extent[1])  # lent again: not a retained pointer any more
         regions.append(register(2, extent[0], extent[1], text, "<in call>"))
+    if regions:
+        findings.count("lends", len(regions))
     return regions
 
 
@@ -495,10 +497,16 @@ class CheckedLibrary:
         # address, so cast()/byref()/passing it to C work) whose argtypes,
         # restype and errcheck are the raw function's: whichever object the
         # user configures, at whichever level, configures the real function.
-        proxy: Any = _ctypes_checked_type(self._lib)(ctypes.cast(raw, ctypes.c_void_p).value or 0)
+        kind = _ctypes_checked_type(self._lib, checked)
+        proxy: Any = kind(ctypes.cast(raw, ctypes.c_void_p).value or 0)
         proxy._raw = raw
-        proxy._checked = checked
-        proxy._refresh = lambda: setattr(proxy, "_checked", self._build_closure(name, raw))
+
+        def refresh() -> None:
+            rebuilt = self._build_closure(name, raw)
+            if rebuilt is not None:  # still a function: its configuration changed
+                setattr(kind, "__call__", staticmethod(rebuilt))
+
+        proxy._refresh = refresh
         proxy.__name__ = getattr(raw, "__name__", name)
         proxy.__wrapped__ = raw
         proxy._ptrbridge_semantic = checked._ptrbridge_semantic  # type: ignore[attr-defined]
@@ -740,9 +748,6 @@ def _library_name(library: Any) -> str:
     return f"cffi library {library!r}"
 
 
-_ctypes_types: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
-
-
 def _config(field: str) -> property:
     """A property of a checked ctypes function that reads and writes the raw function's ``field``."""
     def get(self: Any) -> Any:
@@ -759,16 +764,15 @@ def _config(field: str) -> property:
     return property(get, put, delete, f"The raw function's {field} (shared with it).")
 
 
-def _ctypes_checked_type(library: Any) -> type:
-    """The class of checked functions of a ctypes library: a subclass of its ``_FuncPtr``."""
-    base = library._FuncPtr
-    made = _ctypes_types.get(base)
-    if made is None:
-        def __call__(self: Any, *args: Any) -> Any:
-            return self._checked(*args)
+def _ctypes_checked_type(library: Any, checked: Callable[..., Any]) -> type:
+    """The class of one checked function of a ctypes library: a subclass of its ``_FuncPtr``.
 
-        made = type("CheckedFunction", (base,), {
-            "__call__": __call__,
+    One class per function, whose ``__call__`` is the checked function itself
+    (a staticmethod: no extra Python frame between the caller and the check).
+    """
+    base = library._FuncPtr
+    made = type("CheckedFunction", (base,), {
+            "__call__": staticmethod(checked),
             "__doc__": "A checked ctypes function (ptrbridge.wrap); configuration is the raw function's.",
             "argtypes": _config("argtypes"),
             "restype": _config("restype"),
@@ -776,7 +780,6 @@ def _ctypes_checked_type(library: Any) -> type:
             "_flags_": base._flags_,
             "_restype_": getattr(base, "_restype_", ctypes.c_int),
         })
-        _ctypes_types[base] = made
     return made
 
 
