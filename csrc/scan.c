@@ -692,7 +692,28 @@ static int ensure_handler_one(int sig, struct sigaction *prev)
     return sigaction(sig, &mine, NULL);
 }
 
-/* Scan lock held.  1: read in place; 0: use the copy. */
+/* Puts back the handler that was on top before the scan, if ours is still
+ * on top.  The handler is only installed for the duration of a scan: left in
+ * the chain between scans, another ptrbridge handler that puts itself back on
+ * top (the quarantine's) would chain to it, and it to that one, and a
+ * program's own handler installed before both would never be reached. */
+static void leave_handler_one(int sig, const struct sigaction *prev)
+{
+    struct sigaction cur;
+    if (sigaction(sig, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault)
+        sigaction(sig, prev, NULL);
+}
+
+static void leave_in_place(void)
+{
+    if (read_mode != 1)
+        return;
+    leave_handler_one(SIGSEGV, &prev_segv);
+    leave_handler_one(SIGBUS, &prev_bus);
+}
+
+/* Scan lock held.  1: read in place; 0: use the copy.  A 1 must be
+ * followed by leave_in_place() before the scan lock is released. */
 static int in_place(void)
 {
     if (read_mode == 0) {
@@ -941,6 +962,8 @@ size_t pb__scan_run(struct pb_finding *out, size_t cap, int keep, uint64_t *byte
         struct block_ctx ctx = {&ix, &sink};
         pb_alloc_foreach(scan_block, &ctx);
         scan_interposed(&ix, &sink);
+        if (use_in_place)
+            leave_in_place();
     }
     done_with_index(&ix);
     pthread_mutex_unlock(&scan_lock);
@@ -970,6 +993,8 @@ size_t pb__scan_buffer_safe(const void *base, size_t size)
         use_in_place = in_place();
         if (ix.n)
             scan_range_safe(&ix, (uintptr_t)base, size, PB_ROOT_REGISTERED, 0, &sink);
+        if (use_in_place)
+            leave_in_place();
         done_with_index(&ix);
     }
     pthread_mutex_unlock(&scan_lock);
@@ -985,6 +1010,8 @@ size_t pb__scan_interposed_only(uint64_t *bytes)
         use_in_place = in_place();
         if (ix.n)
             scan_interposed(&ix, &sink);
+        if (use_in_place)
+            leave_in_place();
         done_with_index(&ix);
     }
     pthread_mutex_unlock(&scan_lock);
