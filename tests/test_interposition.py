@@ -543,30 +543,43 @@ print("done", MODE)
 '''
 
 
-def _run(tmp_path: Path, mode: str, holder_lib: Path, cext_dir: Path) -> Tuple[subprocess.CompletedProcess,
-                                                                                List[str]]:
+def _run(tmp_path: Path, mode: str, holder_lib: Path, cext_dir: Path,
+         strict: bool = True) -> Tuple[subprocess.CompletedProcess, List[str]]:
     script = tmp_path / "prog.py"
     script.write_text(PROGRAM)
     report = tmp_path / f"report-{mode}.json"
     env = dict(os.environ, HOLDER_LIB=str(holder_lib), HOLDER_CDEF=HOLDER_CDEF, CEXT_DIR=str(cext_dir))
-    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--check", "2", "--report", str(report),
-                           "--", sys.executable, str(script), mode],
+    # --strict: C merely holding a pointer is a portability finding, which fails only in strict mode.
+    # --no-quarantine: this is about what the scan sees (with the quarantine on, the programs whose C
+    # reads the kept pointer - thread, sqlite - die at the read, caught by it: tests/test_quarantine.py).
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--check", "2", "--no-quarantine",
+                           *(["--strict"] if strict else []),
+                           "--report", str(report), "--", sys.executable, str(script), mode],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert f"done {mode}" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    findings: List[str] = json.loads(report.read_text())["findings"]
+    records = json.loads(report.read_text())["findings"]
+    # Go's R2 as written: C keeps zlib's state->strm pointing at a z_stream that lives in ffi.new
+    # memory (a live, correct back-pointer).  A portability finding, expected in the twin too.
+    findings: List[str] = [f["message"] for f in records
+                           if not (mode == "zlib-ffi-new-twin" and f["kind"] == "retained-live"
+                                   and "cdata 'z_stream *'" in f["message"]
+                                   and "allocated by deflateInit2_() in libz.so.1, at offset 0 " in f["message"])]
     return proc, findings
 
 
-FREED = "ptrbridge: C kept a pointer to Python memory after the object was freed (R2): "
+# Instrumented calls lend their arguments, so a pointer found right after the call names the call
+# ("after the call returned", the object still alive); one found once the object is gone says so.
+KEPT = re.compile(r"ptrbridge: C kept a pointer to Python memory after (the call returned|the object was freed) "
+                  r"\(R2\): ")
 
 CASES = {
     "static": r"is still pointed to by static variable g_prefix of libholder\.so ",
     "ctx": r"is still pointed to by a 64-byte block allocated by ctx_new\(\) in libholder\.so, at offset 8 ",
     "thread": r"is still pointed to by a \d+-byte block allocated by start\(\) in libholder\.so, at offset \d+ ",
-    "sqlite": r"Python memory block \(333 bytes\) \(\+32\) .*is still pointed to by a \d+-byte block allocated "
-              r"by .* libsqlite3\.so\.0.*, at offset \d+ ",
-    "zlib-ffi-new": r"ffi\.new memory \(\d+ bytes\).* is still pointed to by a \d+-byte block allocated by "
-                    r".* in libz\.so\.1, at offset 0 ",
+    "sqlite": r"(Python memory block \(333 bytes\)|bytes\(300\)) \(\+32\) .*is still pointed to by a \d+-byte block "
+              r"allocated by .* libsqlite3\.so\.0.*, at offset \d+ ",
+    "zlib-ffi-new": r"(ffi\.new memory \(\d+ bytes\)|cdata 'z_stream \*'\(112\)).* is still pointed to by a \d+-byte "
+                    r"block allocated by .* in libz\.so\.1, at offset 0 ",
     "zlib-calloc": r"is still pointed to by a 112-byte block allocated by holder_calloc\(\) in libholder\.so, "
                    r"at offset 0 ",
     "cext": r"is still pointed to by static variable g_name of _cextkeep\.cpython-[^ ]+\.so ",
@@ -581,7 +594,7 @@ def test_unchanged_program_keeping_freed_python_memory_is_reported(mode: str, tm
     assert proc.returncode == 1, proc.stderr[-3000:]  # findings make `run` fail
     mine = [f for f in findings if re.search(CASES[mode], f)]
     assert mine, "\n".join(findings) or proc.stderr[-3000:]
-    assert all(f.startswith(FREED) for f in mine), mine
+    assert all(KEPT.match(f) for f in mine), mine
 
 
 SQLITE_TWIN_XFAIL = pytest.mark.xfail(strict=True, reason=(
@@ -594,7 +607,7 @@ SQLITE_TWIN_XFAIL = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("mode", [pytest.param(f"{m}-twin", marks=SQLITE_TWIN_XFAIL) if m == "sqlite"
                                   else f"{m}-twin" for m in CASES])
 def test_correct_twin_is_clean(mode: str, tmp_path: Path, holder_lib: Path, cext_dir: Path) -> None:
-    proc, findings = _run(tmp_path, mode, holder_lib, cext_dir)
+    proc, findings = _run(tmp_path, mode, holder_lib, cext_dir, strict=False)
     assert findings == [], "\n".join(findings)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
