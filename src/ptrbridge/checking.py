@@ -259,9 +259,18 @@ class Owner:
 
     start: int
     size: int
-    description: str
+    described: Any  # the description, or a callable making it (caller locals: only when reported)
     pinned: bool
     origin: str  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
+
+    @property
+    def description(self) -> str:
+        """The object, e.g. ``bytearray(4096)`` (made on first use)."""
+        text = self.described
+        if callable(text):
+            text = text()
+            object.__setattr__(self, "described", text)
+        return str(text)
 
     @property
     def end(self) -> int:
@@ -339,7 +348,8 @@ class CallCheck:
             seen.add(id(obj))
             extent = object_extent(obj)
             if extent is not None:
-                known.append(Owner(extent[0], extent[1], describe(obj, extent[1]), False, origin))
+                size = extent[1]
+                known.append(Owner(extent[0], size, lambda: describe(obj, size), False, origin))
             kept: List[Any] = []
             _ctypes_kept(obj, kept)
             for item in kept:
