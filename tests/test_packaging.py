@@ -138,3 +138,38 @@ def test_refusal_happens_before_the_c_module_loads() -> None:
     assert "refused: ptrbridge: the free-threaded CPython build is not supported" in done.stdout
     assert "native loaded: False" in done.stdout
     assert ptrbridge.get_include()  # and this process is unaffected
+
+
+# ---- PTRBRIDGE_SANITIZE (build_ffi.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def build_ffi():  # type: ignore[no-untyped-def]
+    if not IN_CHECKOUT:
+        pytest.skip("needs the source checkout (build_ffi.py) next to tests/")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_pb_build_ffi", ROOT / "build_ffi.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sanitize_flags_compile_and_link(build_ffi) -> None:  # type: ignore[no-untyped-def]
+    assert build_ffi.sanitizer_flags("") == ([], [])
+    compile_flags, link_flags = build_ffi.sanitizer_flags(" address, undefined ")
+    assert compile_flags == ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g",
+                             "-fno-sanitize-recover=undefined"]
+    assert link_flags == ["-fsanitize=address,undefined"]
+    assert build_ffi.sanitizer_flags("thread") == (["-fsanitize=thread", "-fno-omit-frame-pointer", "-g"],
+                                                   ["-fsanitize=thread"])
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("adress", r"PTRBRIDGE_SANITIZE='adress': unknown sanitizer\(s\) \['adress'\]"),
+    ("thread,address", r"thread cannot be combined with address"),
+])
+def test_sanitize_refuses_what_gcc_would(build_ffi, value: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit, match=message):
+        build_ffi.sanitizer_flags(value)
