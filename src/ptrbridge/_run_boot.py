@@ -55,7 +55,10 @@ class _PtrbridgeRunFinder:
             filename = frame.f_code.co_filename
             if not (filename.startswith("<frozen importlib") or filename == __file__
                     or filename.endswith(os.path.join("importlib", "__init__.py"))):
-                return bool(self.package_dir) and os.path.realpath(filename).startswith(self.package_dir)
+                real = os.path.realpath(filename)
+                # The demo's sample programs stand for a user's program: they are not ptrbridge.
+                return (bool(self.package_dir) and real.startswith(self.package_dir)
+                        and not real.startswith(os.path.join(self.package_dir, "demo_programs", "")))
             frame = frame.f_back
         return False
 
@@ -67,6 +70,13 @@ class _PtrbridgeRunFinder:
             return None
         with self.lock:
             if self.done:
+                return None
+            parent = sys.modules.get(top)
+            if name != top and parent is not None and getattr(getattr(parent, "__spec__", None),
+                                                              "_initializing", False):
+                # A submodule imported while its package is still initializing (cffi/__init__
+                # importing cffi.api): starting now would see a half-made package.  Wait.
+                self.waiting = True
                 return None
             if self._ptrbridge_initializing() or (top != "ptrbridge" and self._importer_is_ptrbridge()):
                 # ptrbridge is importing cffi/ctypes for itself (while it is imported through

@@ -473,7 +473,11 @@ class CallCheck:
         exc = self._freed_error(argno, path, freed)
         if not self.record:
             raise exc
-        _record(self, "dangling-argument", "error", "use-after-free", exc, freed.description, freed.size,
+        # An element of a pointer array ("[5]", no struct field on the way) may be an output slot
+        # holding a stale value from an earlier call (cffi drops const, so input and output
+        # arrays look alike): a suspect, not an error.  Struct fields (iov_base) stay errors.
+        severity = "portability" if path and "." not in path else "error"
+        _record(self, "dangling-argument", severity, "use-after-free", exc, freed.description, freed.size,
                 freed.site if not freed.site.startswith("<unknown>") else None, path, "freed")
 
     def unpinned(self, argno: int, path: str, owner: Owner, holder: str) -> None:
