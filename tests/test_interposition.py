@@ -601,7 +601,7 @@ SQLITE_TWIN_XFAIL = pytest.mark.xfail(strict=True, reason=(
     "known false positive: sqlite's connection (808-byte block, offsets 648/664) keeps stale pointers "
     "into chunks it freed itself; those chunks were 1024-byte Python blocks earlier, freed and not held "
     "by the heap map, so libc reused them for sqlite. The heap map holding freed blocks until the scan "
-    "(helper heapmap) removes it; see /work/notes/cheap.md"))
+    "(helper heapmap) removes it; see the issue 9 note"))
 
 
 @pytest.mark.parametrize("mode", [pytest.param(f"{m}-twin", marks=SQLITE_TWIN_XFAIL) if m == "sqlite"
