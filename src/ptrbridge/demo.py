@@ -11,6 +11,7 @@ thread models, ``ptrbridge.new``, the heap map's internals, the Kafka example.
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 from typing import Any, Callable, ClassVar, List, Tuple
 
@@ -68,23 +69,17 @@ def sanitizer(c: Any) -> None:
         plain = _run_program([program])
         shown = (plain.stdout.strip().splitlines() or [""])[-1]
         print(f"    plainly: exit status {plain.returncode}; it printed {shown!r}")
-        checked = _run_program(["-m", "ptrbridge", "run", "--", sys_executable(), program])
+        checked = _run_program(["-m", "ptrbridge", "run", "--", sys.executable, program])
         print(f"    under `python -m ptrbridge run -- python {name}`: exit status {checked.returncode}; "
               "the report:")
         for line in _report_lines(checked.stdout + checked.stderr):
             print(f"      {line}")
-    fixed = _run_program(["-m", "ptrbridge", "run", "--", sys_executable(), demo_programs.path("gather_fixed.py")])
+    fixed = _run_program(["-m", "ptrbridge", "run", "--", sys.executable, demo_programs.path("gather_fixed.py")])
     print(f"  gather_fixed.py, the correct twin (the buffers live as long as the iovec): exit status "
           f"{fixed.returncode}, {fixed.stdout.strip()!r}")
     for line in _report_lines(fixed.stderr):
         if line.startswith("SUMMARY:"):
             print(f"      {line}")
-
-
-def sys_executable() -> str:
-    import sys
-
-    return sys.executable
 
 
 @_section
