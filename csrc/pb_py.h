@@ -10,6 +10,22 @@
 #include <Python.h>
 #include <stdint.h>
 
+/* CPython 3.9 lacks the 3.10 reference helpers; same semantics. */
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *pb__new_ref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+static inline PyObject *pb__xnew_ref(PyObject *o)
+{
+    Py_XINCREF(o);
+    return o;
+}
+#define Py_NewRef(o) pb__new_ref((PyObject *)(o))
+#define Py_XNewRef(o) pb__xnew_ref((PyObject *)(o))
+#endif
+
 /* pysite.c: "file.py:12" for a site id (new reference; "<unknown>:0" for 0). */
 PyObject *pb__site_text(uint32_t site);
 

@@ -30,6 +30,21 @@
 #undef Py_BUILD_CORE
 #endif
 
+#if PY_VERSION_HEX < 0x030B0000
+/* PyFrame_GetLasti() is 3.11+.  Before that f_lasti is public: a byte offset
+ * in 3.9, a code-unit index in 3.10; PyCode_Addr2Line takes bytes in both. */
+#include <frameobject.h>
+static int pb__frame_lasti(PyFrameObject *f)
+{
+#if PY_VERSION_HEX >= 0x030A0000
+    return f->f_lasti < 0 ? 0 : f->f_lasti * (int)sizeof(_Py_CODEUNIT);
+#else
+    return f->f_lasti < 0 ? 0 : f->f_lasti;
+#endif
+}
+#define PyFrame_GetLasti(f) pb__frame_lasti(f)
+#endif
+
 #define MAX_SITES (1u << 20)
 
 struct code_entry {
