@@ -39,5 +39,6 @@ int pb__add_functions(PyObject *module, PyMethodDef *defs);
 int pb__py_handles_init(PyObject *module); /* pyhandles.c */
 int pb__py_sites_init(PyObject *module);   /* pysite.c */
 int pb__py_pins_init(PyObject *module);    /* pypin.c */
+int pb__py_frames_init(PyObject *module);  /* pyframes.c */
 
 #endif /* PB_PY_H */

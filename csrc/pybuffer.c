@@ -661,7 +661,8 @@ int pb__py_init(void)
     if (PyObject_SetAttrString(module, "BufferBase", (PyObject *)&BufferBaseType) < 0)
         goto out;
     if (pb__add_functions(module, buffer_functions) < 0 || pb__py_sites_init(module) < 0 ||
-        pb__py_handles_init(module) < 0 || pb__py_pins_init(module) < 0)
+        pb__py_handles_init(module) < 0 || pb__py_pins_init(module) < 0 ||
+        pb__py_frames_init(module) < 0)
         goto out;
     rc = 0;
 out:

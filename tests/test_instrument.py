@@ -122,6 +122,38 @@ def test_abi_dangling_struct_field_is_reported_and_twin_is_clean(instrumented: N
     assert findings.counters()["calls"] >= before + 2
 
 
+def test_checked_call_does_not_keep_the_objects_it_saw_alive(instrumented: None, level2: None,
+                                                             checked_so: Path) -> None:
+    # The check looks at the caller's locals; it must not leave a reference cycle behind that
+    # keeps them alive until the next garbage collection (the program would behave differently,
+    # and a pointer to an object it dropped would not dangle).
+    import weakref
+
+    class Buffer(bytearray):  # bytearray itself takes no weak reference
+        pass
+
+    ffi, lib = _abi(checked_so)
+    p = ffi.new("struct person *")
+    name = Buffer(b"Ada\0")
+    p.name = ffi.from_buffer(name)
+    gone = weakref.ref(name)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        lent_line = _line() + 1
+        assert lib.person_name_len(p) == 3
+        del name
+        assert gone() is None, "the instrumented call kept the bytearray alive"
+        line = _line() + 1
+        lib.person_name_len(p)  # the struct field now dangles: found, and named by the earlier call
+    finally:
+        if was_enabled:
+            gc.enable()
+    (f,) = _only("dangling-argument")
+    assert f.lent_at == f"test_instrument.py:{line}"
+    assert f"Buffer(4) (lent to person_name_len() at test_instrument.py:{lent_line}" in f.message, f.message
+
+
 def test_in_out_idiom_and_live_structs_are_clean_portable_in_strict_mode(
         instrumented: None, checked_so: Path) -> None:
     ffi, lib = _abi(checked_so)

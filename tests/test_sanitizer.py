@@ -52,10 +52,12 @@ def test_use_after_free_in_an_iovec_is_an_error_naming_the_slot_and_the_call(tmp
     assert "SUMMARY: ptrbridge: 1 error(s)" in proc.stderr
 
 
-def test_the_bug_shows_plainly_too(tmp_path: Path) -> None:
+def test_the_bug_is_silent_plainly(tmp_path: Path) -> None:
+    # Plainly nothing reports the bug: what writev() reads depends on the allocator (CPython 3.11
+    # prints b'world\nworld\n', 3.10 may still find the old bytes intact and print the right text).
     plain = _plain("gather.py")
-    assert plain.returncode == 0
-    assert "hello world" not in plain.stdout, "malloc kept the freed buffers intact: the bug is invisible here"
+    assert plain.returncode == 0 and plain.stderr == ""
+    assert plain.stdout.startswith("writev wrote 12 bytes: ")
 
 
 def test_the_correct_twin_is_clean(tmp_path: Path) -> None:

@@ -38,14 +38,15 @@ already freed.  Level 2 (the heap map) recognises every Python allocation.
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import findings, heapmap, levels
-from ._bindings import address_of, ffi, lib
+from . import findings, heapmap, levels, scanning
+from ._bindings import address_of, ffi, lib, native
 from .callsite import frame_site
 from .errors import NestedPointerError, UseAfterFreeError
 from .ownership import (
@@ -77,6 +78,7 @@ _PYMALLOC_MAX = 512  # pymalloc serves requests up to this size; larger ones go 
 MAX_SLOTS = 1 << 16
 MAX_LOCAL_OBJECTS = 512
 LOCAL_FRAMES = 3  # the caller and two frames above it
+frame_variables = native.frame_variables
 HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
 
 _CType = type(ffi.typeof("int"))
@@ -341,25 +343,16 @@ class CallCheck:
             return self._known
         known: List[Owner] = []
         seen: set = set()
-
-        def add(obj: Any, origin: str) -> None:
-            if type(obj) in _NEVER_OWNING or id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
-                return
-            seen.add(id(obj))
-            extent = object_extent(obj)
-            if extent is not None:
-                size = extent[1]
-                known.append(Owner(extent[0], size, lambda: describe(obj, size), False, origin))
-            kept: List[Any] = []
-            _ctypes_kept(obj, kept)
-            for item in kept:
-                add(item, f"kept alive by {origin}")
-
+        # A module-level helper, not a recursive closure: a closure that calls itself is a
+        # reference cycle, which would keep every object seen here alive until the next
+        # garbage collection (so an object the program drops after the call would not be
+        # freed, and a dangling pointer to it would go unseen).
+        add = functools.partial(_add_local_owner, known, seen)
         for i, arg in enumerate(self.args, 1):
             add(getattr(arg, "_obj", arg), f"argument {i}")  # ctypes.byref() wraps in _obj
         frame, depth = self._frame, 0
         while frame is not None and depth < LOCAL_FRAMES:
-            for name, value in list(frame.f_locals.items()):
+            for name, value in frame_variables(frame):  # not f_locals: its snapshot keeps them alive
                 kind = type(value)
                 if kind in _NEVER_OWNING:
                     continue
@@ -455,6 +448,11 @@ class CallCheck:
             # that C's own malloc may have handed out again (ptrbridge's C blocks included),
             # which only an interposed C heap could tell apart: not reported.
             if block is not None and block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX:
+                lent = scanning.lent_provenance(block.start, block.size)
+                if lent is not None:  # the object an earlier checked call was lent
+                    return FreedRegion(block.start, block.size, lent[0],
+                                       f"<unknown> (lent to {lent[1]}() at {lent[2]}, freed since; "
+                                       f"seen by the level-2 heap map)", "<unknown>")
                 return FreedRegion(block.start, block.size,
                                    f"Python memory block ({block.size} bytes, {block.domain} allocator)",
                                    "<unknown> (freed, seen by the level-2 heap map)", "<unknown>")
@@ -492,6 +490,8 @@ class CallCheck:
             if self._pending is None:
                 self._pending = self._nested_error(argno, path, owner, holder)
             return
+        if levels._level == 2:  # C was handed it: name it if C's pointer dangles later
+            scanning.remember_lend(owner.start, owner.size, owner.description, self.function, self.site())
         if findings.strict():
             exc = self._nested_error(argno, path, owner, holder)
             _record(self, "nested-unpinned", "portability", "R1", exc, owner.description, owner.size,
@@ -580,6 +580,21 @@ def _record(check: CallCheck, kind: str, severity: str, rule: str, exc: BaseExce
         created_at=created_at, function=check.function, lent_at=site, holder=None, state=state,
         extra={"path": path} if path else {},
     ))
+
+
+def _add_local_owner(known: List[Owner], seen: set, obj: Any, origin: str) -> None:
+    """Appends ``obj`` (and what a ctypes object keeps alive) to ``known`` as unpinned owners."""
+    if type(obj) in _NEVER_OWNING or id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
+        return
+    seen.add(id(obj))
+    extent = object_extent(obj)
+    if extent is not None:
+        size = extent[1]
+        known.append(Owner(extent[0], size, lambda: describe(obj, size), False, origin))
+    kept: List[Any] = []
+    _ctypes_kept(obj, kept)
+    for item in kept:
+        _add_local_owner(known, seen, item, f"kept alive by {origin}")
 
 
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:

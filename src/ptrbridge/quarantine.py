@@ -43,6 +43,7 @@ import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import scanning
 from ._bindings import address_of, ffi, lib
 from .callsite import _is_internal
 from .checking import CallCheck, Owner, layout_of, object_extent
@@ -384,6 +385,8 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
         slot, shadow = lent_one
+        # The original, for later use-after-free reports (file.py:line as other findings show it).
+        scanning.remember_lend(start, size, text, function, os.path.basename(ctx[1]))
         fixups: List[Fixup] = []
         for use in group:
             if use.arg >= 0:

@@ -202,6 +202,29 @@ def _lent_inside(start: int, size: int) -> Optional[_Target]:
     return None
 
 
+def remember_lend(start: int, size: int, description: str, function: str, site: str) -> None:
+    """Keep the provenance of Python memory a call reached without a lend record.
+
+    A nested pointer into a live Python object (an ``iovec.iov_base`` set from
+    a ``bytearray``), or the original of a quarantine shadow: if C's pointer
+    into it dangles later, the report names the object and the call.
+    """
+    with _lock:
+        _remember_lend(start, size, description, function, site)
+
+
+def lent_provenance(start: int, size: int) -> Optional[Tuple[str, str, str]]:
+    """``(description, function, site)`` of the most recent lend inside a freed block, or None.
+
+    For use-after-free reports: names the object and the call that lent it
+    instead of the bare heap block.  Linear in the history; call it only for
+    a finding.
+    """
+    with _lock:
+        target = _lent_inside(start, size)
+    return None if target is None else (target.description, target.function, target.site)
+
+
 def retire(start: int, size: int, description: str, function: str, site: str, state: str) -> None:
     """Queue Python memory C must no longer hold; the next scan looks for it.
 
