@@ -69,8 +69,8 @@ def test_the_correct_twin_is_clean(tmp_path: Path) -> None:
 
 
 def test_c_using_a_buffer_it_kept_dies_with_a_report(tmp_path: Path) -> None:
-    proc, _ = _under_run("stdio_buffer.py", tmp_path)
-    assert proc.returncode == 128 + signal.SIGSEGV or proc.returncode == (-signal.SIGSEGV) & 0xFF, proc.returncode
+    proc, found = _under_run("stdio_buffer.py", tmp_path)
+    assert proc.returncode == 128 + signal.SIGSEGV, proc.returncode  # as a shell reports a SIGSEGV death
     err = proc.stderr
     assert ("ptrbridge: C used a pointer to Python memory after the call that lent it returned (R2, caught by "
             "quarantine): bytearray(4096) lent to setvbuf() at ") in err
@@ -78,6 +78,12 @@ def test_c_using_a_buffer_it_kept_dies_with_a_report(tmp_path: Path) -> None:
     assert "in fputs" in err
     assert "SUMMARY: ptrbridge: use-after-release (WRITE)" in err
     assert "done" not in proc.stdout
+    # The dead process wrote no report, but its fault report is a finding of the run.
+    (f,) = found
+    assert f["kind"] == "use-after-release" and f["severity"] == "error" and f["function"] == "setvbuf"
+    assert f["lent_at"].endswith("stdio_buffer.py:21") and f["pid"] is not None
+    assert "killed by SIGSEGV" in err and "SUMMARY: ptrbridge: 1 error(s)" in err
+    assert "no Python process of the command started ptrbridge" not in err
 
 
 def test_without_the_quarantine_the_kept_buffer_is_not_caught_at_its_use(tmp_path: Path) -> None:

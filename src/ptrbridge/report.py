@@ -530,7 +530,10 @@ def print_findings(found: Sequence[Dict[str, Any]], write: Any, indent: str = " 
     for record in sorted(found, key=lambda r: r["severity"] != "error"):
         tag = "ERROR" if record["severity"] == "error" else "portability"
         where = f" [{record['test']}]" if record.get("test") else ""
-        write(f"{indent}{tag}{'' if record['fails'] else ' (does not fail: not strict)'}{where}: {record['message']}")
+        message = record["message"]
+        if "\n" in message:  # a quarantine fault report, printed in full when it happened
+            message = message.split("\n", 1)[0] + " (full report above, and in the JSON report)"
+        write(f"{indent}{tag}{'' if record['fails'] else ' (does not fail: not strict)'}{where}: {message}")
 
 
 def pid() -> int:

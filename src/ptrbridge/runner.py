@@ -20,16 +20,22 @@ Two things differ from running the program plainly, on purpose:
 
 When the command ends, the reports of all its Python processes are merged,
 a summary is printed, and ``--report FILE.json`` writes them (the schema is
-in :mod:`ptrbridge.report`).  Exit status: the command's if it failed; else 1
-if a finding fails (an error, or a portability finding with ``--strict``);
-else 2 if a library named with ``--watch-library`` was never loaded; else 0.
+in :mod:`ptrbridge.report`).  A process the quarantine kills (C used a buffer
+after its call returned) cannot write its report; the fault report it printed
+is also appended to a log in the run directory and recorded from there.
+Exit status: the command's if it failed (128 + N, as a shell says it, when it
+was killed by signal N); else 1 if a finding fails (an error, or a portability
+finding with ``--strict``); else 2 if a library named with ``--watch-library``
+was never loaded; else 0.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,15 +74,21 @@ def run_command(command: Sequence[str], check: int = 2, quarantine: bool = True,
         if strict:
             env["PTRBRIDGE_STRICT"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (run_dir, env.get("PYTHONPATH", "")) if p)
+        # A copy of every quarantine fault report, for processes that die of one (a log the
+        # user asked for is theirs: it may hold older reports, so it is left alone).
+        fault_log = os.path.join(run_dir, "quarantine.log") if not env.get(_LOG_ENV) else None
+        if fault_log:
+            env[_LOG_ENV] = fault_log
         try:
             status = subprocess.call(list(command), env=env)
         except OSError as exc:
             print(f"ptrbridge run: cannot run {command[0]!r}: {exc}", file=out)
             return 127
         reports = _read_reports(run_dir)
+        faults = _read_faults(fault_log, strict) if fault_log else []
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    summary = _merge(command, status, reports, check, strict, quarantine, instrument, watch)
+    summary = _merge(command, status, reports, check, strict, quarantine, instrument, watch, faults)
     _print_summary(summary, out)
     if report:
         with open(report, "w", encoding="utf-8") as f:
@@ -99,13 +111,48 @@ def _read_reports(run_dir: str) -> List[Dict[str, Any]]:
     return reports
 
 
+_LOG_ENV = "PTRBRIDGE_QUARANTINE_LOG"  # ptrbridge.quarantine.LOG_ENV_VAR (not imported: it loads C)
+_FAULT_PID = re.compile(r"^(?:READ|WRITE|ACCESS)\b.* by thread \d+ \(pid (\d+)\):", re.M)
+
+
+def _read_faults(path: str, strict: bool) -> List[Dict[str, Any]]:
+    """The quarantine fault reports appended to ``path`` by the command's processes, as records."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []  # no process faulted
+    from .quarantine import findings_from_report
+    from .report import finding_record
+
+    records = []
+    for finding in findings_from_report(text):
+        match = _FAULT_PID.search(finding.message)
+        records.append(finding_record(finding, strict, int(match.group(1)) if match else None))
+    return records
+
+
+def _exit_status(status: int) -> int:
+    """The command's status as a shell reports it: 128 + N for a child killed by signal N."""
+    return 128 - status if status < 0 else status
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], check: int, strict: bool,
-           quarantine: bool, instrument: bool, watch: Sequence[str]) -> Dict[str, Any]:
+           quarantine: bool, instrument: bool, watch: Sequence[str],
+           faults: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     records = []
     for r in reports:
         for record in r["findings"]:
             record = dict(record, fails=record["severity"] == "error" or strict)
             records.append(record)
+    records.extend(faults)
     checked: Dict[str, int] = {}
     for r in reports:
         for name, n in r["process"]["checked"].items():
@@ -115,13 +162,22 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
         for note in r.get("notes", []):
             if note not in notes:
                 notes.append(note)
+    if status < 0:
+        reported = {r["process"]["pid"] for r in reports}
+        lost = sorted({f["pid"] for f in faults if f["pid"] is not None and f["pid"] not in reported})
+        notes.append(f"the command was killed by {_signal_name(-status)}"
+                     + (f"; process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded "
+                        f"above) before writing a report, so their other findings and counts are lost"
+                        if lost else ""))
     activated = [r for r in reports if r["process"]["activated"]]
-    if reports and not activated:
+    if faults and not reports:
+        pass  # the only process died of a fault: its report is the finding; nothing else to say
+    elif reports and not activated:
         notes.append("ptrbridge was never loaded: no Python process of the command imported cffi, ctypes "
                      "or ptrbridge")
     elif not reports:
         notes.append("no Python process of the command started ptrbridge (not Python, or run with -S/-I)")
-    note = _report.checked_note(checked)
+    note = _report.checked_note(checked) if reports else None  # no report: nothing was counted
     if note:
         notes.append(note)
     matched = {name for r in reports for name in r.get("watch_matched", [])}
@@ -132,7 +188,7 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
                      "(a name matches a loaded library whose path contains it)")
     failing = sum(1 for record in records if record["fails"])
     if status != 0:
-        final = status
+        final = _exit_status(status)
     elif failing:
         final = 1
     elif unmatched:
@@ -140,7 +196,7 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
     else:
         final = 0
     return _report.build(
-        "run", command, status, final, _report.settings(check, strict, quarantine, instrument, watch),
+        "run", command, _exit_status(status), final, _report.settings(check, strict, quarantine, instrument, watch),
         records, checked, tests=[t for r in reports for t in r.get("tests", [])],
         processes=[r["process"] for r in reports], notes=notes,
     )
