@@ -399,26 +399,7 @@ PB_API int pb_alloc_foreach(pb_block_visitor visit, void *ctx)
     return rc;
 }
 
-/* Fork safety: hold the lock across fork(); the child re-initialises it. */
-static void atfork_prepare(void)
-{
-    pthread_mutex_lock(&lock);
-}
-
-static void atfork_parent(void)
-{
-    pthread_mutex_unlock(&lock);
-}
-
-static void atfork_child(void)
-{
-    pthread_mutex_init(&lock, NULL);
-}
-
-__attribute__((constructor)) static void register_atfork(void)
-{
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-}
+PB_FORK_SAFE_LOCK(lock);
 
 void *pb__untracked_calloc(size_t size)
 {

@@ -271,22 +271,4 @@ uint64_t pb__handle_test_gen_limit(uint64_t limit)
     return limit == 0 ? r : old;
 }
 
-static void atfork_prepare(void)
-{
-    pthread_mutex_lock(&lock);
-}
-
-static void atfork_parent(void)
-{
-    pthread_mutex_unlock(&lock);
-}
-
-static void atfork_child(void)
-{
-    pthread_mutex_init(&lock, NULL);
-}
-
-__attribute__((constructor)) static void register_atfork(void)
-{
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-}
+PB_FORK_SAFE_LOCK(lock);

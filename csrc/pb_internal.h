@@ -119,4 +119,18 @@ void pb__report(const char *fmt, ...)
 #endif
     ;
 
+/* Fork safety for a file's one mutex: PB_FORK_SAFE_LOCK(lock) at file scope
+ * defines pthread_atfork handlers that hold `lock` across fork() and give the
+ * child a fresh one (the thread that held it does not exist there), and
+ * registers them when the library loads.  The file must include <pthread.h>. */
+#define PB_FORK_SAFE_LOCK(lock)                                                            \
+    static void pb__fork_prepare_##lock(void) { pthread_mutex_lock(&lock); }               \
+    static void pb__fork_parent_##lock(void) { pthread_mutex_unlock(&lock); }              \
+    static void pb__fork_child_##lock(void) { pthread_mutex_init(&lock, NULL); }           \
+    __attribute__((constructor)) static void pb__fork_register_##lock(void)                \
+    {                                                                                      \
+        pthread_atfork(pb__fork_prepare_##lock, pb__fork_parent_##lock, pb__fork_child_##lock); \
+    }                                                                                      \
+    typedef int pb__fork_safe_##lock##_defined /* swallow the caller's semicolon */
+
 #endif /* PB_INTERNAL_H */

@@ -159,22 +159,4 @@ void pb__region_remove_many(const uint64_t *ids, size_t n)
     pthread_mutex_unlock(&lock);
 }
 
-static void atfork_prepare(void)
-{
-    pthread_mutex_lock(&lock);
-}
-
-static void atfork_parent(void)
-{
-    pthread_mutex_unlock(&lock);
-}
-
-static void atfork_child(void)
-{
-    pthread_mutex_init(&lock, NULL);
-}
-
-__attribute__((constructor)) static void register_atfork(void)
-{
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-}
+PB_FORK_SAFE_LOCK(lock);
