@@ -38,6 +38,10 @@ static struct {
     uint64_t val;
 } lock_ring[PB_HEAPMAP_FREED_HISTORY];
 static uint64_t lock_ring_seq;
+/* The free clock (pb_heapmap_clock): lock_ring_seq published for readers
+ * without the lock, and the history's epoch, a sequence lock (odd while
+ * the history is being forgotten). */
+static counter_t lock_ring_pub, freed_epoch = 2;
 
 /* Readers' state, under the lock: the scanner's cursors and drop counts. */
 static uint64_t gil_taken, lock_taken, freed_dropped;
@@ -47,6 +51,16 @@ void hm_lock_ring_append(uintptr_t start, uint64_t val)
     lock_ring[lock_ring_seq & RING_MASK].start = start;
     lock_ring[lock_ring_seq & RING_MASK].val = val;
     lock_ring_seq++;
+    atomic_store_explicit(&lock_ring_pub, lock_ring_seq, memory_order_release);
+}
+
+void pb_heapmap_clock(struct pb_heapmap_clock *out)
+{
+    uint64_t e = atomic_load_explicit(&freed_epoch, memory_order_acquire);
+    out->gil = atomic_load_explicit(&hm_gil_ring_claim, memory_order_acquire);
+    out->lock = atomic_load_explicit(&lock_ring_pub, memory_order_acquire);
+    atomic_thread_fence(memory_order_acquire);
+    out->epoch = (e & 1) == 0 && atomic_load_explicit(&freed_epoch, memory_order_relaxed) == e ? e : 0;
 }
 
 
@@ -135,12 +149,17 @@ static int freed_tag_contains(uint64_t tag, uintptr_t addr, uintptr_t *start, ui
 
 void hm_freed_clear_locked(void)
 {
+    uint64_t e = atomic_load_explicit(&freed_epoch, memory_order_relaxed);
+    atomic_store_explicit(&freed_epoch, e + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&lock_ring_pub, 0, memory_order_relaxed);
     hm_table_clear(&freed_starts);
     hm_table_clear(&freed_chunks);
     indexed[0] = indexed[1] = 0;
     atomic_store(&hm_gil_ring_claim, 0);
     atomic_store(&hm_gil_ring_done, 0);
     lock_ring_seq = gil_taken = lock_taken = 0;
+    atomic_store_explicit(&freed_epoch, e + 2, memory_order_release);
 }
 
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr)
@@ -190,6 +209,44 @@ struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr)
     }
     hm_unlock();
     return out;
+}
+
+/* Folds a freed block's tag into need (newest seq + 1 per path) if it
+ * contains addr. */
+static size_t clock_fold(uint64_t tag, uintptr_t addr, struct pb_heapmap_clock *need)
+{
+    uintptr_t s;
+    uint64_t v;
+    if (tag == 0 || !freed_tag_contains(tag, addr, &s, &v))
+        return 0;
+    uint64_t after = tag >> 1; /* seq + 1 */
+    uint64_t *path = (tag & 1) ? &need->lock : &need->gil;
+    if (after > *path)
+        *path = after;
+    return 1;
+}
+
+size_t pb_heapmap_freed_clock_at(uintptr_t addr, struct pb_heapmap_clock *need)
+{
+    size_t n = 0;
+    need->gil = need->lock = 0;
+    hm_lock();
+    need->epoch = atomic_load_explicit(&freed_epoch, memory_order_relaxed); /* even: cleared under the lock */
+    freed_index_update();
+    /* The same walk as pb__heapmap_find_freed: small blocks by their start,
+     * larger ones through their chunks. */
+    uintptr_t g = addr & ~(GRANULE - 1);
+    for (uintptr_t k = 0; freed_starts.count != 0 && k <= SMALL_MAX && k <= g; k += GRANULE) {
+        size_t i = table_find(&freed_starts, g - k);
+        n += clock_fold(i == SIZE_MAX ? 0 : freed_starts.slots[i].val, addr, need);
+    }
+    uintptr_t key = (addr >> CHUNK_SHIFT) + 1;
+    for (size_t j = freed_chunks.count ? slot_of(&freed_chunks, key) : 0;
+         freed_chunks.count != 0 && freed_chunks.slots[j].key != 0; j = (j + 1) & freed_chunks.mask)
+        if (freed_chunks.slots[j].key == key)
+            n += clock_fold(freed_chunks.slots[j].val, addr, need);
+    hm_unlock();
+    return n;
 }
 
 /* ---- the scanner's view of freed blocks ------------------------------------------- */

@@ -87,6 +87,46 @@ struct shard {
 
 static struct shard shards[NSHARD];
 
+/* Blocks C freed (interposed frees and moving reallocs of blocks the table
+ * knew, not Python's), newest last, a ring per shard guarded by the shard's
+ * lock, each stamped with the heap map's free clock read before libc got
+ * the block back.  A block's life never overlaps that of a Python block at
+ * the same address, so a block C freed after Python's last free there was
+ * handed to C after it: a word pointing into it is C's own (stale) pointer,
+ * not a pointer into Python memory (pb__interpose_c_reused). */
+#define CFREED_PER_SHARD 2048 /* 131072 in all, 4 MiB, touched as they fill */
+#define CFREED_SIZE_BITS 40   /* larger blocks are remembered as 1 TiB - 1: fewer addresses */
+struct cfreed {
+    uintptr_t ptr; /* 0: empty */
+    uint64_t size : CFREED_SIZE_BITS;
+    uint64_t epoch : 64 - CFREED_SIZE_BITS; /* the clock's epoch, truncated; 0: orders nothing */
+    uint64_t gil, lock;
+};
+static struct cfreed cfreed[NSHARD][CFREED_PER_SHARD];
+static size_t cfreed_head[NSHARD];
+
+#if CFREED_PER_SHARD & (CFREED_PER_SHARD - 1)
+#error "CFREED_PER_SHARD must be a power of two"
+#endif
+
+static inline uint64_t epoch_bits(uint64_t epoch)
+{
+    return epoch & (((uint64_t)1 << (64 - CFREED_SIZE_BITS)) - 1);
+}
+
+/* Shard s's lock held. */
+static void cfreed_push(struct shard *s, const struct ent *e)
+{
+    struct pb_heapmap_clock c;
+    pb_heapmap_clock(&c);
+    size_t i = (size_t)(s - shards);
+    size_t size = e->size ? e->size : 1;
+    if (size >> CFREED_SIZE_BITS)
+        size = ((size_t)1 << CFREED_SIZE_BITS) - 1;
+    cfreed[i][cfreed_head[i]++ & (CFREED_PER_SHARD - 1)] =
+        (struct cfreed){e->ptr, size, c.epoch ? epoch_bits(c.epoch) : 0, c.gil, c.lock};
+}
+
 static inline uint64_t hash_ptr(uintptr_t p)
 {
     uint64_t h = (uint64_t)(p >> 4) * 0x9E3779B97F4A7C15ULL;
@@ -193,6 +233,8 @@ static int table_remove(uintptr_t p, struct ent *out)
                 s->used--;
                 s->frees++;
                 found = 1;
+                if (!s->e[j].python)
+                    cfreed_push(s, &s->e[j]);
                 if (s->e[(j + 1) & mask].ptr == EMPTY) {
                     /* End of a probe chain: empty it, and the tombstones before it,
                      * so repeated malloc/free of one address keeps chains short. */
@@ -224,6 +266,8 @@ static void table_clear(void)
         s->e = NULL;
         s->cap = s->used = s->tomb = s->bytes = s->python = 0;
         s->allocations = s->frees = s->foreign = 0;
+        memset(cfreed[i], 0, sizeof cfreed[i]);
+        cfreed_head[i] = 0;
         shard_unlock(s);
     }
 }
@@ -267,6 +311,32 @@ int pb__interpose_find(uintptr_t addr, struct pb_iblock *out)
         shard_unlock(s);
     }
     return found;
+}
+
+int pb__interpose_c_reused(uintptr_t addr)
+{
+    struct pb_iblock b;
+    if (pb__interpose_find(addr, &b) && !b.python)
+        return 1;
+    struct pb_heapmap_clock need;
+    if (pb_heapmap_freed_clock_at(addr, &need) == 0 || need.epoch == 0)
+        return 0; /* no Python free to order C's after: nothing is known */
+    uint64_t epoch = epoch_bits(need.epoch);
+    int found = 0;
+    for (size_t i = 0; i < NSHARD && !found; i++) {
+        struct shard *s = &shards[i];
+        shard_lock(s);
+        for (size_t k = 0; k < CFREED_PER_SHARD; k++) {
+            const struct cfreed *f = &cfreed[i][k];
+            if (f->ptr != 0 && addr >= f->ptr && addr - f->ptr < f->size && f->epoch == epoch &&
+                f->gil >= need.gil && f->lock >= need.lock) {
+                found = 1;
+                break;
+            }
+        }
+        shard_unlock(s);
+    }
+    return found ? 2 : 0;
 }
 
 /* ---- the hooks -------------------------------------------------------- */

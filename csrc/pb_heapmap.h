@@ -52,6 +52,30 @@ int pb_heapmap_find(uintptr_t addr, uintptr_t *start, size_t *size);
  * the GIL; call it once before a scan that relies on pb_heapmap_find. */
 int pb_heapmap_verify(void);
 
+/* The free clock: how many frees each path of the freed-block history had
+ * recorded when it was read (gil, lock), and the history's epoch (bumped
+ * whenever the history is forgotten; 0: the clock was read while that
+ * happened and orders nothing).  Another allocator (the interposer) stamps
+ * the frees it sees with it, so that they can be ordered against Python's:
+ * a Python free whose serial is seq << 1 | path happened before a stamp
+ * taken in the same epoch iff the stamp's count for that path is > seq. */
+struct pb_heapmap_clock {
+    uint64_t epoch;
+    uint64_t gil;  /* frees recorded on the GIL path */
+    uint64_t lock; /* frees recorded on the locked path */
+};
+
+/* Reads the free clock.  Lock-free (a few atomic loads), from any thread,
+ * inside an allocator too. */
+void pb_heapmap_clock(struct pb_heapmap_clock *out);
+
+/* The clock a stamp must exceed to be later than every Python free in the
+ * history whose block contained `addr`: *need gets, per path, the newest
+ * such free's seq + 1 (0: none on that path), and the current epoch.
+ * Returns how many such frees the history holds (0: none - nothing can be
+ * ordered after them).  Takes the heap map's lock; no GIL. */
+size_t pb_heapmap_freed_clock_at(uintptr_t addr, struct pb_heapmap_clock *need);
+
 /* PB_CDEF_BEGIN */
 
 /* Allocator domains of the blocks in the heap map. */

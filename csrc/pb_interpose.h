@@ -78,6 +78,17 @@ size_t pb__interpose_blocks(struct pb_iblock *out, size_t cap);
 /* The live interposed block containing addr: fills *out and returns 1, or 0. */
 int pb__interpose_find(uintptr_t addr, struct pb_iblock *out);
 
+/* Whether the memory at addr belongs to C now, although Python may have
+ * freed a block there: 1 if a live interposed C block contains it, 2 if an
+ * interposed library freed a block containing it after every Python free
+ * of it that the heap map's history holds (libc handed the memory to C
+ * after Python gave it back, and C freed it in turn: a pointer into it is
+ * C's own stale pointer), 0 otherwise - also when the history holds no
+ * Python free of it, or C's free is too old to be remembered (the last
+ * 131072 C frees are).  Takes the table's and the heap map's locks; linear
+ * in the table and the C frees remembered: for findings, not hot paths. */
+int pb__interpose_c_reused(uintptr_t addr);
+
 /* Loaded object number i (in dl_iterate_phdr order at the last refresh):
  * its path (static storage until the next refresh; "" for the executable)
  * and class.  Returns 0 past the end. */

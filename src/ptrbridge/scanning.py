@@ -368,15 +368,19 @@ def scan() -> List[Retention]:
 
 
 def _live_again(address: int, freed_start: int) -> bool:
-    """Whether ``address`` belongs to live memory that is not the freed Python block reused by
-    Python: a live interposed C block (libc gave the memory to C since), or a live Python block
-    carved differently (C may legitimately point into either now)."""
+    """Whether ``address`` belongs to memory that is not the freed Python block any more: a live
+    interposed C block (libc gave the memory to C since), a live Python block carved differently
+    (C may legitimately point into either now), or a block an interposed library got from libc
+    after Python's last free there and has freed itself since (the word is that library's own
+    stale pointer into its own freed memory, not a pointer into Python memory)."""
     out = ffi.new("struct pb_iblock *")
     for probe in (address, address - 1):  # inside a live block, or one past its end (a consumed next_in)
         if lib.pb__interpose_find(probe, out) and not (out.python and int(out.ptr) == freed_start):
             return True
     block = lib.pb__heapmap_lookup(address)
-    return block.status == 1 and int(block.start) != freed_start
+    if block.status == 1 and int(block.start) != freed_start:
+        return True
+    return lib.pb__interpose_c_reused(address) == 2
 
 
 def scan_freed_python_memory() -> List[Retention]:
