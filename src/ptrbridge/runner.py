@@ -163,12 +163,12 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
             if note not in notes:
                 notes.append(note)
     if status < 0:
-        reported = {r["process"]["pid"] for r in reports}
-        lost = sorted({f["pid"] for f in faults if f["pid"] is not None and f["pid"] not in reported})
-        notes.append(f"the command was killed by {_signal_name(-status)}"
-                     + (f"; process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded "
-                        f"above) before writing a report, so their other findings and counts are lost"
-                        if lost else ""))
+        notes.append(f"the command was killed by {_signal_name(-status)}")
+    reported = {r["process"]["pid"] for r in reports}
+    lost = sorted({f["pid"] for f in faults if f["pid"] is not None and f["pid"] not in reported})
+    if lost:
+        notes.append(f"process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded above) "
+                     f"before writing a report, so their other findings and counts are lost")
     activated = [r for r in reports if r["process"]["activated"]]
     if faults and not reports:
         pass  # the only process died of a fault: its report is the finding; nothing else to say
