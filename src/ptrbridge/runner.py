@@ -111,7 +111,8 @@ def _read_reports(run_dir: str) -> List[Dict[str, Any]]:
     return reports
 
 
-_LOG_ENV = "PTRBRIDGE_QUARANTINE_LOG"  # ptrbridge.quarantine.LOG_ENV_VAR (not imported: it loads C)
+_LOG_ENV = "PTRBRIDGE_QUARANTINE_LOG"  # ptrbridge.quarantine.LOG_ENV_VAR: importing that module here
+# would open a log the user set for the parent too, so the name is repeated.
 _FAULT_PID = re.compile(r"^(?:READ|WRITE|ACCESS)\b.* by thread \d+ \(pid (\d+)\):", re.M)
 
 
@@ -170,12 +171,10 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
         notes.append(f"process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded above) "
                      f"before writing a report, so their other findings and counts are lost")
     activated = [r for r in reports if r["process"]["activated"]]
-    if faults and not reports:
-        pass  # the only process died of a fault: its report is the finding; nothing else to say
-    elif reports and not activated:
+    if reports and not activated:
         notes.append("ptrbridge was never loaded: no Python process of the command imported cffi, ctypes "
                      "or ptrbridge")
-    elif not reports:
+    elif not reports and not faults:  # a process that died of a fault did start ptrbridge
         notes.append("no Python process of the command started ptrbridge (not Python, or run with -S/-I)")
     note = _report.checked_note(checked) if reports else None  # no report: nothing was counted
     if note:
