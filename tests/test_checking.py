@@ -167,6 +167,36 @@ def test_c_memory_argument_lends_python_targets(cffi_lib: Tuple[Any, Any]) -> No
     person.c.name = ffi.NULL
 
 
+def test_view_of_c_heap_memory_in_a_local_does_not_make_it_python_memory(tmp_path: Path) -> None:
+    """At level 2, C memory from an interposed library's malloc is C's even when the caller holds
+    a Python view of it (``ffi.buffer``, ``memoryview``): a struct pointing at it is not R1's."""
+    import subprocess
+    import textwrap
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cbuild import build_shared
+
+    holder = build_shared("holder.c", tmp_path)
+    code = textwrap.dedent(f"""
+        import cffi, ptrbridge
+        from ptrbridge.checking import CallCheck
+        ptrbridge.set_check_level(2)
+        ffi = cffi.FFI()
+        ffi.cdef("void *holder_alloc(size_t); void holder_free(void *);")
+        h = ffi.dlopen({str(holder)!r})
+        p = h.holder_alloc(64)                 # libc malloc, called from libholder.so
+        view = memoryview(ffi.buffer(p, 64))   # a Python view of C memory, in a local
+        address = int(ffi.cast("uintptr_t", p))
+        check = CallCheck("f", __import__("sys")._getframe(), ())
+        print(check.classify(address + 8), check.classify(address))
+        view.release()
+        h.holder_free(p)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["None", "None"], proc.stdout
+
+
 def test_bytes_argument_is_lent_not_walked(cffi_lib: Tuple[Any, Any]) -> None:
     ffi, c = cffi_lib
     assert c.text_len(b"hello") == 5

@@ -381,6 +381,11 @@ class CallCheck:
             return Owner(edge.start, edge.size, edge.description, True, f"pinned at {edge.site}")
         if lib.pb__alloc_block_size(address):
             return None  # the start of a tracked C block: C memory
+        if levels._level == 2 and _in_c_heap_block(address):
+            # Inside a live block that libc's malloc gave an interposed C library: C memory.
+            # No Python object can live there, so the caller-locals search (the slow part,
+            # for pointer-heavy C structures such as librdkafka's) is skipped.
+            return None
         for owner in self._local_owners():
             if owner.start <= address < owner.end or address == owner.start:
                 return owner
@@ -612,3 +617,13 @@ def iter_slots(ctype: Any) -> Iterable[Slot]:
     """The pointer slots of a type (for tests and tools)."""
     layout = layout_of(ctype)
     return layout.slots if layout is not None else ()
+
+
+def _in_c_heap_block(address: int) -> bool:
+    """Whether ``address`` is inside a live block an interposed C library got from malloc.
+
+    Blocks the interposer marks as Python memory (``ffi.new`` through
+    ``_cffi_backend``) are Python's, so they do not count.
+    """
+    block = ffi.new("struct pb_iblock *")  # per call: the GIL may pass to another thread in between
+    return bool(lib.pb__interpose_find(address, block)) and not block.python
