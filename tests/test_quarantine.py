@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,17 @@ def test_kept_pointer_used_later_is_a_reported_crash(keeper_so: Path, keep: str)
     assert "is offset 0 into it" in proc.stderr
     assert "pin the object for its whole C lifetime" in proc.stderr
     assert "read" not in proc.stdout
+
+
+def test_summary_names_library_and_offset_when_the_function_has_no_dynamic_symbol(keeper_so: Path) -> None:
+    code = PROGRAM.format(so=str(keeper_so), body='k.keep_global(b"lent for one call")').replace(
+        "int keeper_read(void);", "int keeper_read(void); int keeper_read_static(void);").replace(
+        "k.keeper_read()", "k.keeper_read_static()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert re.search(r"^SUMMARY: ptrbridge: use-after-release \(READ\) in libkeeper\.so\+0x[0-9a-f]+ on bytes\(17\) "
+                     r"lent to keep_global\(\) at <string>:\d+$", proc.stderr, re.M), proc.stderr
+    assert "??" not in proc.stderr
 
 
 def test_report_comes_before_faulthandler(keeper_so: Path) -> None:
