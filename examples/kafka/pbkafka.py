@@ -463,6 +463,7 @@ class Producer:
                         f" returned {ffi.string(lib.pbk_strerror(b.release_status)).decode()}"
                     )
                 lib.pbk_batch_free(b)
+                buf[i] = ffi.NULL  # no stale pointer to a freed batch left for the next pbk_drain's check
                 pinner = self._pinners.pop(batch_id, None)
                 if pinner is not None:
                     try:
