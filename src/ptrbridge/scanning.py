@@ -272,19 +272,19 @@ def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Targ
     Only a lend made while the freed object was alive counts: a lend of an earlier object
     at the same address (freed, its memory reused by an object nobody lent, freed again)
     would name the wrong object.  For a block the heap map saw freed, exactly one heap map
-    free of that address must have come after the lend.  ``consume`` is for blocks freed
-    outside the heap map (ffi.new memory, taken in the order they were freed): the lends
-    inside are forgotten once matched, so a later free at the same address cannot match
-    them, and a lend whose address the heap map has seen freed twice since is not this block's.
+    free of that address must have come after the lend (a walk of the free history: for
+    reports only).  ``consume`` is for blocks freed outside the heap map (ffi.new memory,
+    taken in the order they were freed, each time a scan runs): the lends inside are
+    forgotten once matched, so a later free at the same address cannot match them.
     """
     best: Optional[_Lend] = None
     overlapping = _lends_overlapping(start, size)
     for lent_start in overlapping:
         lend = _lent[lent_start]
-        clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
-        frees = int(lib.pb__heapmap_frees_since(lent_start, clock))
-        if frees != 1 and not (consume and frees == 0):  # a big ffi.new block is malloc'd through
-            continue                                     # Python's raw allocator: the heap map saw it
+        if not consume:
+            clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
+            if int(lib.pb__heapmap_frees_since(lent_start, clock)) != 1:
+                continue
         if best is None or lend[4] > best[4]:
             best = lend
     if consume:
