@@ -27,6 +27,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "pb_interpose.h"
 #include "pb_scan.h"
 
 _Atomic uint64_t hm_gil_ring[PB_HEAPMAP_FREED_HISTORY];
@@ -335,23 +336,51 @@ static void keep_newest(size_t cap)
     lock_taken += l - keep_l;
 }
 
+/* The loaded objects' segments (pb__loaded_segments) in a malloc'd array:
+ * *n of them, or NULL (no memory: nothing is filtered). */
+static uintptr_t *loaded_segments(size_t *n)
+{
+    size_t cap = 512;
+    for (;;) {
+        uintptr_t *r = malloc(2 * cap * sizeof *r);
+        if (r == NULL)
+            return NULL;
+        size_t got = pb__loaded_segments(r, cap);
+        if (got <= cap) {
+            *n = got;
+            return r;
+        }
+        free(r);
+        cap = got + 64;
+    }
+}
+
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
 {
     /* Filter under the heap-map lock, queue outside it: the scanner takes its
-     * own lock, and may look addresses up here while holding it. */
-    size_t n = 0;
+     * own lock, and may look addresses up here while holding it.  Freed
+     * Python memory that a loaded object is mapped over now (pymalloc gave an
+     * arena back, then dlopen mapped a library there) is not Python's any
+     * more: the library's own pointers into its image would be reported as
+     * C keeping pointers into freed Python memory.  The segments are read
+     * before the lock (dl_iterate_phdr takes the loader's). */
+    size_t n = 0, nseg = 0;
     uintptr_t s, ls;
     uint64_t v, lv, serial;
+    uintptr_t *seg = loaded_segments(&nseg);
     hm_lock();
     keep_newest(cap);
     while (n < cap && take_next(&s, &v, &serial)) {
         if (hm_find_block(s, 1, &ls, &lv))
             continue; /* reused: the memory is live again */
+        if (seg != NULL && pb__segments_overlap(seg, nseg, s, (size_t)(v & SIZE_MASK)))
+            continue; /* reused: a loaded object is mapped there */
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
         n++;
     }
     hm_unlock();
+    free(seg);
     for (size_t i = 0; i < n; i++)
         if (pb__scan_retire(starts[i], sizes[i], first_id + i) != PB_OK)
             return i;

@@ -276,7 +276,10 @@ static void table_clear(void)
         s->e = NULL;
         s->cap = s->used = s->tomb = s->bytes = s->python = 0;
         s->allocations = s->frees = s->foreign = 0;
-        memset(cfreed[i], 0, sizeof cfreed[i]);
+        /* Only the slots written: a full clear would touch (make resident)
+         * all 4 MiB at every disable. */
+        size_t written = s->cfreed_head < CFREED_PER_SHARD ? s->cfreed_head : CFREED_PER_SHARD;
+        memset(cfreed[i], 0, written * sizeof cfreed[i][0]);
         s->cfreed_head = 0;
         shard_unlock(s);
     }
@@ -1123,4 +1126,71 @@ int pb__interpose_is_loaded(uintptr_t base, size_t size)
     struct loaded_ctx c = {base, base + size, 0};
     dl_iterate_phdr(loaded_one, &c);
     return c.found;
+}
+
+struct segments_ctx {
+    uintptr_t *ranges;
+    size_t cap, n;
+};
+
+static int segments_one(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    struct segments_ctx *c = data;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_LOAD || ph->p_memsz == 0)
+            continue;
+        if (c->n < c->cap) {
+            c->ranges[2 * c->n] = info->dlpi_addr + ph->p_vaddr;
+            c->ranges[2 * c->n + 1] = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
+        }
+        c->n++;
+    }
+    return 0;
+}
+
+size_t pb__loaded_segments(uintptr_t *ranges, size_t cap)
+{
+    struct segments_ctx c = {ranges, cap, 0};
+    dl_iterate_phdr(segments_one, &c);
+    if (c.n > cap)
+        return c.n;
+    /* Insertion sort by start (a few hundred segments, mostly in order already), then merge. */
+    for (size_t i = 1; i < c.n; i++) {
+        uintptr_t a = ranges[2 * i], b = ranges[2 * i + 1];
+        size_t j = i;
+        for (; j > 0 && ranges[2 * (j - 1)] > a; j--) {
+            ranges[2 * j] = ranges[2 * (j - 1)];
+            ranges[2 * j + 1] = ranges[2 * (j - 1) + 1];
+        }
+        ranges[2 * j] = a;
+        ranges[2 * j + 1] = b;
+    }
+    size_t m = 0;
+    for (size_t i = 0; i < c.n; i++) {
+        if (m > 0 && ranges[2 * i] <= ranges[2 * (m - 1) + 1]) {
+            if (ranges[2 * i + 1] > ranges[2 * (m - 1) + 1])
+                ranges[2 * (m - 1) + 1] = ranges[2 * i + 1];
+            continue;
+        }
+        ranges[2 * m] = ranges[2 * i];
+        ranges[2 * m + 1] = ranges[2 * i + 1];
+        m++;
+    }
+    return m;
+}
+
+int pb__segments_overlap(const uintptr_t *ranges, size_t n, uintptr_t start, size_t size)
+{
+    uintptr_t end = start + (size ? size : 1);
+    size_t lo = 0, hi = n; /* the first range whose end is > start */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ranges[2 * mid + 1] <= start)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && ranges[2 * lo] < end;
 }
