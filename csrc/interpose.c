@@ -362,7 +362,7 @@ static inline int recording(void)
     return atomic_load_explicit(&enabled, memory_order_relaxed) && !in_hook;
 }
 
-static inline void record(void *p, size_t size, uintptr_t caller, int python)
+static inline __attribute__((always_inline)) void record(void *p, size_t size, uintptr_t caller, int python)
 {
     if (p == NULL || !recording())
         return;
@@ -490,7 +490,7 @@ static void release_held(void)
 
 /* Forgets p.  Returns the block the caller must give to libc's free: p
  * itself, or (for a held Python block) an older one, or NULL. */
-static inline void *forget(void *p)
+static inline __attribute__((always_inline)) void *forget(void *p)
 {
     /* Not enabled: the table was cleared (a block freed between the two
      * steps of disable is simply not found). */
