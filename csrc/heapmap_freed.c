@@ -27,6 +27,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "pb_interpose.h"
 #include "pb_scan.h"
 
 _Atomic uint64_t hm_gil_ring[PB_HEAPMAP_FREED_HISTORY];
@@ -41,7 +42,7 @@ static uint64_t lock_ring_seq;
 /* The free clock (pb_heapmap_clock): lock_ring_seq published for readers
  * without the lock, and the history's epoch, a sequence lock (odd while
  * the history is being forgotten). */
-static counter_t lock_ring_pub, freed_epoch = 2;
+counter_t hm_lock_ring_pub, hm_freed_epoch = 2;
 
 /* Readers' state, under the lock: the scanner's cursors and drop counts. */
 static uint64_t gil_taken, lock_taken, freed_dropped;
@@ -51,16 +52,12 @@ void hm_lock_ring_append(uintptr_t start, uint64_t val)
     lock_ring[lock_ring_seq & RING_MASK].start = start;
     lock_ring[lock_ring_seq & RING_MASK].val = val;
     lock_ring_seq++;
-    atomic_store_explicit(&lock_ring_pub, lock_ring_seq, memory_order_release);
+    atomic_store_explicit(&hm_lock_ring_pub, lock_ring_seq, memory_order_release);
 }
 
 void pb_heapmap_clock(struct pb_heapmap_clock *out)
 {
-    uint64_t e = atomic_load_explicit(&freed_epoch, memory_order_acquire);
-    out->gil = atomic_load_explicit(&hm_gil_ring_claim, memory_order_acquire);
-    out->lock = atomic_load_explicit(&lock_ring_pub, memory_order_acquire);
-    atomic_thread_fence(memory_order_acquire);
-    out->epoch = (e & 1) == 0 && atomic_load_explicit(&freed_epoch, memory_order_relaxed) == e ? e : 0;
+    hm_clock_read(out);
 }
 
 
@@ -149,17 +146,17 @@ static int freed_tag_contains(uint64_t tag, uintptr_t addr, uintptr_t *start, ui
 
 void hm_freed_clear_locked(void)
 {
-    uint64_t e = atomic_load_explicit(&freed_epoch, memory_order_relaxed);
-    atomic_store_explicit(&freed_epoch, e + 1, memory_order_relaxed);
+    uint64_t e = atomic_load_explicit(&hm_freed_epoch, memory_order_relaxed);
+    atomic_store_explicit(&hm_freed_epoch, e + 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
-    atomic_store_explicit(&lock_ring_pub, 0, memory_order_relaxed);
+    atomic_store_explicit(&hm_lock_ring_pub, 0, memory_order_relaxed);
     hm_table_clear(&freed_starts);
     hm_table_clear(&freed_chunks);
     indexed[0] = indexed[1] = 0;
     atomic_store(&hm_gil_ring_claim, 0);
     atomic_store(&hm_gil_ring_done, 0);
     lock_ring_seq = gil_taken = lock_taken = 0;
-    atomic_store_explicit(&freed_epoch, e + 2, memory_order_release);
+    atomic_store_explicit(&hm_freed_epoch, e + 2, memory_order_release);
 }
 
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr)
@@ -231,7 +228,7 @@ size_t pb_heapmap_freed_clock_at(uintptr_t addr, struct pb_heapmap_clock *need)
     size_t n = 0;
     need->gil = need->lock = 0;
     hm_lock();
-    need->epoch = atomic_load_explicit(&freed_epoch, memory_order_relaxed); /* even: cleared under the lock */
+    need->epoch = atomic_load_explicit(&hm_freed_epoch, memory_order_relaxed); /* even: cleared under the lock */
     freed_index_update();
     /* The same walk as pb__heapmap_find_freed: small blocks by their start,
      * larger ones through their chunks. */
@@ -339,23 +336,51 @@ static void keep_newest(size_t cap)
     lock_taken += l - keep_l;
 }
 
+/* The loaded objects' segments (pb__loaded_segments) in a malloc'd array:
+ * *n of them, or NULL (no memory: nothing is filtered). */
+static uintptr_t *loaded_segments(size_t *n)
+{
+    size_t cap = 512;
+    for (;;) {
+        uintptr_t *r = malloc(2 * cap * sizeof *r);
+        if (r == NULL)
+            return NULL;
+        size_t got = pb__loaded_segments(r, cap);
+        if (got <= cap) {
+            *n = got;
+            return r;
+        }
+        free(r);
+        cap = got + 64;
+    }
+}
+
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
 {
     /* Filter under the heap-map lock, queue outside it: the scanner takes its
-     * own lock, and may look addresses up here while holding it. */
-    size_t n = 0;
+     * own lock, and may look addresses up here while holding it.  Freed
+     * Python memory that a loaded object is mapped over now (pymalloc gave an
+     * arena back, then dlopen mapped a library there) is not Python's any
+     * more: the library's own pointers into its image would be reported as
+     * C keeping pointers into freed Python memory.  The segments are read
+     * before the lock (dl_iterate_phdr takes the loader's). */
+    size_t n = 0, nseg = 0;
     uintptr_t s, ls;
     uint64_t v, lv, serial;
+    uintptr_t *seg = loaded_segments(&nseg);
     hm_lock();
     keep_newest(cap);
     while (n < cap && take_next(&s, &v, &serial)) {
         if (hm_find_block(s, 1, &ls, &lv))
             continue; /* reused: the memory is live again */
+        if (seg != NULL && pb__segments_overlap(seg, nseg, s, (size_t)(v & SIZE_MASK)))
+            continue; /* reused: a loaded object is mapped there */
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
         n++;
     }
     hm_unlock();
+    free(seg);
     for (size_t i = 0; i < n; i++)
         if (pb__scan_retire(starts[i], sizes[i], first_id + i) != PB_OK)
             return i;

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "pb_heapmap.h"
+#include "pb_heapmap_clock.h"
 #include "pb_interpose.h"
 #include "pb_internal.h"
 
@@ -82,6 +83,7 @@ struct shard {
     size_t cap, used, tomb;
     size_t bytes, python;
     uint64_t allocations, frees, foreign;
+    size_t cfreed_head; /* next slot of cfreed[shard] to write */
     struct ent *e;
 } __attribute__((aligned(64)));
 
@@ -96,14 +98,16 @@ static struct shard shards[NSHARD];
  * not a pointer into Python memory (pb__interpose_c_reused). */
 #define CFREED_PER_SHARD 2048 /* 131072 in all, 4 MiB, touched as they fill */
 #define CFREED_SIZE_BITS 40   /* larger blocks are remembered as 1 TiB - 1: fewer addresses */
+#define CFREED_SIZE_MASK (((uint64_t)1 << CFREED_SIZE_BITS) - 1)
+/* Four plain words, written whole: no bit-field (whose store would first
+ * load the old word of a ring slot that is usually not in the L1 cache - a
+ * third of a free's cost when it was one). */
 struct cfreed {
-    uintptr_t ptr; /* 0: empty */
-    uint64_t size : CFREED_SIZE_BITS;
-    uint64_t epoch : 64 - CFREED_SIZE_BITS; /* the clock's epoch, truncated; 0: orders nothing */
+    uintptr_t ptr;      /* 0: empty */
+    uint64_t size_epoch; /* size | the clock's epoch (truncated; 0: orders nothing) << CFREED_SIZE_BITS */
     uint64_t gil, lock;
 };
 static struct cfreed cfreed[NSHARD][CFREED_PER_SHARD];
-static size_t cfreed_head[NSHARD];
 
 #if CFREED_PER_SHARD & (CFREED_PER_SHARD - 1)
 #error "CFREED_PER_SHARD must be a power of two"
@@ -115,16 +119,19 @@ static inline uint64_t epoch_bits(uint64_t epoch)
 }
 
 /* Shard s's lock held. */
-static void cfreed_push(struct shard *s, const struct ent *e)
+static inline void cfreed_push(struct shard *s, const struct ent *e)
 {
     struct pb_heapmap_clock c;
-    pb_heapmap_clock(&c);
+    hm_clock_read(&c); /* pb_heapmap_clock, inline */
     size_t i = (size_t)(s - shards);
-    size_t size = e->size ? e->size : 1;
-    if (size >> CFREED_SIZE_BITS)
-        size = ((size_t)1 << CFREED_SIZE_BITS) - 1;
-    cfreed[i][cfreed_head[i]++ & (CFREED_PER_SHARD - 1)] =
-        (struct cfreed){e->ptr, size, c.epoch ? epoch_bits(c.epoch) : 0, c.gil, c.lock};
+    uint64_t size = e->size ? e->size : 1;
+    if (size > CFREED_SIZE_MASK)
+        size = CFREED_SIZE_MASK;
+    cfreed[i][s->cfreed_head++ & (CFREED_PER_SHARD - 1)] =
+        (struct cfreed){e->ptr, size | (c.epoch ? epoch_bits(c.epoch) : 0) << CFREED_SIZE_BITS, c.gil, c.lock};
+    /* The next slot, for writing: the ring (64 KiB per shard) is mostly out
+     * of L1, and the shard lock's next exchange would wait for that store. */
+    __builtin_prefetch(&cfreed[i][s->cfreed_head & (CFREED_PER_SHARD - 1)], 1, 3);
 }
 
 static inline uint64_t hash_ptr(uintptr_t p)
@@ -173,7 +180,10 @@ static int shard_resize(struct shard *s, size_t newcap)
     return 0;
 }
 
-static void table_insert(uintptr_t p, size_t size, uintptr_t caller, int python)
+/* Inline in the hooks (a call and its register saves were a fifth of the
+ * hook's instructions). */
+static inline __attribute__((always_inline)) void table_insert(uintptr_t p, size_t size, uintptr_t caller,
+                                                               int python)
 {
     uint64_t h = hash_ptr(p);
     struct shard *s = shard_of(h);
@@ -213,7 +223,7 @@ static void table_insert(uintptr_t p, size_t size, uintptr_t caller, int python)
 }
 
 /* Removes p; fills *out (may be NULL) and returns 1 if it was known. */
-static int table_remove(uintptr_t p, struct ent *out)
+static inline __attribute__((always_inline)) int table_remove(uintptr_t p, struct ent *out)
 {
     uint64_t h = hash_ptr(p);
     struct shard *s = shard_of(h);
@@ -266,8 +276,11 @@ static void table_clear(void)
         s->e = NULL;
         s->cap = s->used = s->tomb = s->bytes = s->python = 0;
         s->allocations = s->frees = s->foreign = 0;
-        memset(cfreed[i], 0, sizeof cfreed[i]);
-        cfreed_head[i] = 0;
+        /* Only the slots written: a full clear would touch (make resident)
+         * all 4 MiB at every disable. */
+        size_t written = s->cfreed_head < CFREED_PER_SHARD ? s->cfreed_head : CFREED_PER_SHARD;
+        memset(cfreed[i], 0, written * sizeof cfreed[i][0]);
+        s->cfreed_head = 0;
         shard_unlock(s);
     }
 }
@@ -328,7 +341,8 @@ int pb__interpose_c_reused(uintptr_t addr)
         shard_lock(s);
         for (size_t k = 0; k < CFREED_PER_SHARD; k++) {
             const struct cfreed *f = &cfreed[i][k];
-            if (f->ptr != 0 && addr >= f->ptr && addr - f->ptr < f->size && f->epoch == epoch &&
+            if (f->ptr != 0 && addr >= f->ptr && addr - f->ptr < (f->size_epoch & CFREED_SIZE_MASK) &&
+                f->size_epoch >> CFREED_SIZE_BITS == epoch &&
                 f->gil >= need.gil && f->lock >= need.lock) {
                 found = 1;
                 break;
@@ -348,7 +362,7 @@ static inline int recording(void)
     return atomic_load_explicit(&enabled, memory_order_relaxed) && !in_hook;
 }
 
-static inline void record(void *p, size_t size, uintptr_t caller, int python)
+static inline __attribute__((always_inline)) void record(void *p, size_t size, uintptr_t caller, int python)
 {
     if (p == NULL || !recording())
         return;
@@ -476,7 +490,7 @@ static void release_held(void)
 
 /* Forgets p.  Returns the block the caller must give to libc's free: p
  * itself, or (for a held Python block) an older one, or NULL. */
-static inline void *forget(void *p)
+static inline __attribute__((always_inline)) void *forget(void *p)
 {
     /* Not enabled: the table was cleared (a block freed between the two
      * steps of disable is simply not found). */
@@ -1112,4 +1126,71 @@ int pb__interpose_is_loaded(uintptr_t base, size_t size)
     struct loaded_ctx c = {base, base + size, 0};
     dl_iterate_phdr(loaded_one, &c);
     return c.found;
+}
+
+struct segments_ctx {
+    uintptr_t *ranges;
+    size_t cap, n;
+};
+
+static int segments_one(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    struct segments_ctx *c = data;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_LOAD || ph->p_memsz == 0)
+            continue;
+        if (c->n < c->cap) {
+            c->ranges[2 * c->n] = info->dlpi_addr + ph->p_vaddr;
+            c->ranges[2 * c->n + 1] = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
+        }
+        c->n++;
+    }
+    return 0;
+}
+
+size_t pb__loaded_segments(uintptr_t *ranges, size_t cap)
+{
+    struct segments_ctx c = {ranges, cap, 0};
+    dl_iterate_phdr(segments_one, &c);
+    if (c.n > cap)
+        return c.n;
+    /* Insertion sort by start (a few hundred segments, mostly in order already), then merge. */
+    for (size_t i = 1; i < c.n; i++) {
+        uintptr_t a = ranges[2 * i], b = ranges[2 * i + 1];
+        size_t j = i;
+        for (; j > 0 && ranges[2 * (j - 1)] > a; j--) {
+            ranges[2 * j] = ranges[2 * (j - 1)];
+            ranges[2 * j + 1] = ranges[2 * (j - 1) + 1];
+        }
+        ranges[2 * j] = a;
+        ranges[2 * j + 1] = b;
+    }
+    size_t m = 0;
+    for (size_t i = 0; i < c.n; i++) {
+        if (m > 0 && ranges[2 * i] <= ranges[2 * (m - 1) + 1]) {
+            if (ranges[2 * i + 1] > ranges[2 * (m - 1) + 1])
+                ranges[2 * (m - 1) + 1] = ranges[2 * i + 1];
+            continue;
+        }
+        ranges[2 * m] = ranges[2 * i];
+        ranges[2 * m + 1] = ranges[2 * i + 1];
+        m++;
+    }
+    return m;
+}
+
+int pb__segments_overlap(const uintptr_t *ranges, size_t n, uintptr_t start, size_t size)
+{
+    uintptr_t end = start + (size ? size : 1);
+    size_t lo = 0, hi = n; /* the first range whose end is > start */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ranges[2 * mid + 1] <= start)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && ranges[2 * lo] < end;
 }

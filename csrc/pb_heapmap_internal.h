@@ -43,6 +43,7 @@
 #include <string.h>
 
 #include "pb_heapmap.h"
+#include "pb_heapmap_clock.h"
 
 #if defined(__GNUC__)
 #define LIKELY(x) __builtin_expect(!!(x), 1)

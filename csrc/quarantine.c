@@ -263,6 +263,16 @@ static void call_previous(int sig, siginfo_t *info, void *uctx, int sent)
     if (!(prev.sa_flags & SA_NODEFER))
         sigaddset(&mask, sig);
     pthread_sigmask(SIG_BLOCK, &mask, &old);
+    if ((prev.sa_flags & SA_NODEFER) && !sigismember(&prev.sa_mask, sig)) {
+        /* The kernel would leave sig deliverable.  Ours has SA_NODEFER too,
+         * but a runtime between the kernel and us may have blocked it
+         * (ThreadSanitizer runs handlers from its own, which blocks every
+         * signal): a nested fault in that handler must not kill the process. */
+        sigset_t self;
+        sigemptyset(&self);
+        sigaddset(&self, sig);
+        pthread_sigmask(SIG_UNBLOCK, &self, NULL);
+    }
     pid_t tid = current_tid();
     struct chain_rec *me = chain_record(tid, 1);
     char here;

@@ -1195,3 +1195,32 @@ def test_a_capped_retire_takes_the_newest_frees(hooked: None) -> None:
     finally:
         lib.pb__scan_cancel(0, 2**63)  # leave the scanner's queue as it was
     assert heapmap.stats().freed_dropped >= 200
+
+
+def test_freed_python_memory_a_library_is_mapped_over_now_is_not_retired(hooked: None) -> None:
+    # pymalloc gives an empty arena back (munmap) and dlopen may map a library there: the
+    # library's own pointers into its image must not be taken for C keeping freed Python memory.
+    # A "Python" block recorded over a loaded library's code stands for that (foreign blocks can be
+    # recorded at any address); a twin in anonymous memory must still be retired.
+    import mmap
+    from ptrbridge._bindings import lib
+
+    heapmap.take_freed()
+    libc = ctypes.CDLL(None)
+    in_library = ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    anon = mmap.mmap(-1, mmap.PAGESIZE)
+    elsewhere = data_address(anon)
+    assert in_library is not None
+    for p in (in_library & ~15, elsewhere):
+        lib.pb_heapmap_record_block(ffi.cast("void *", p), 64, lib.PB_HEAPMAP_DOMAIN_CFFI)
+        lib.pb_heapmap_forget_block(ffi.cast("void *", p))
+    cap = 1 << 12
+    starts, sizes = ffi.new("uintptr_t[]", cap), ffi.new("size_t[]", cap)
+    n = lib.pb__heapmap_retire_freed(1 << 40, starts, sizes, cap)
+    try:
+        retired = {(int(starts[i]), int(sizes[i])) for i in range(n)}
+        assert (elsewhere, 64) in retired
+        assert (in_library & ~15, 64) not in retired
+    finally:
+        lib.pb__scan_cancel(0, 2**63)  # leave the scanner's queue as it was
+        anon.close()

@@ -736,3 +736,31 @@ def test_interposition_can_be_turned_off_with_the_environment(holder_lib: Path) 
     """, {"PTRBRIDGE_INTERPOSE": "0"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False"]
+
+
+def test_a_target_a_library_is_mapped_over_now_is_not_reported() -> None:
+    """Freed Python memory can go back to the kernel and dlopen map a library there: the library's
+    own pointers into its image are not C keeping Python memory.  A target over libc's code stands
+    for that; a pointer to it in a registered root is not reported, while its twin in anonymous
+    memory is."""
+    import ctypes
+    import mmap
+
+    ffi = ptrbridge._bindings.ffi
+    in_library = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
+    assert in_library is not None
+    anon = mmap.mmap(-1, mmap.PAGESIZE)
+    elsewhere = int(ffi.cast("uintptr_t", ffi.from_buffer(anon)))
+    root = mmap.mmap(-1, mmap.PAGESIZE)
+    words = ffi.cast("uintptr_t *", ffi.from_buffer(root))
+    words[0], words[1] = in_library + 8, elsewhere + 8
+    base = int(ffi.cast("uintptr_t", words))
+    rid = ptrbridge.add_root(base, mmap.PAGESIZE)
+    try:
+        ptrbridge.scanning.retire(in_library, 64, "bytes(64)", "f", "x.py:1", "freed")
+        ptrbridge.scanning.retire(elsewhere, 64, "bytes(64)", "f", "x.py:2", "freed")
+        found = ptrbridge.scan()
+    finally:
+        ptrbridge.remove_root(rid)
+    assert [r.lent_at for r in found] == ["x.py:2"]
+    assert found[0].address == elsewhere + 8
