@@ -672,7 +672,7 @@ long long pb__heapmap_frees_since(uintptr_t addr, const uint64_t since[3])
 {
     long long n = 0;
     hm_lock();
-    uint64_t epoch = atomic_load_explicit(&freed_epoch, memory_order_relaxed); /* even under the lock */
+    uint64_t epoch = atomic_load_explicit(&hm_freed_epoch, memory_order_relaxed); /* even under the lock */
     uint64_t gil_end = atomic_load_explicit(&hm_gil_ring_done, memory_order_acquire);
     if (since[0] == 0 || since[0] != epoch || since[1] < oldest_of(gil_end) ||
         since[2] < oldest_of(lock_ring_seq)) {
