@@ -375,6 +375,8 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
             continue; /* reused: the memory is live again */
         if (seg != NULL && pb__segments_overlap(seg, nseg, s, (size_t)(v & SIZE_MASK)))
             continue; /* reused: a loaded object is mapped there */
+        if ((int)(v >> SIZE_SHIFT) == PB_HEAPMAP_CFFI)
+            continue; /* ffi.new memory: the interposer queues it itself, naming it (pb__interpose_take_freed) */
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
         n++;

@@ -347,6 +347,16 @@ with scanning._lock:
     print([t.description for t in scanning._targets.values() if t.start <= a < t.start + t.size])
     scanning._targets.clear()
     print(scanning._lends_overlapping(a, 3000))   # matched once: a later free there cannot match it
+q = ffi.new("char[5000]")
+b = int(ffi.cast("uintptr_t", q))
+del q
+lib, starts, sizes = ptrbridge._bindings.lib, scanning._scratch_starts, scanning._scratch_sizes
+with scanning._lock:   # each path queues what it takes: ffi.new memory is the interposer's alone
+    n = lib.pb__heapmap_retire_freed(1 << 40, starts, sizes, scanning._FREED_BATCH)
+    by_heap_map = sum(1 for i in range(n) if starts[i] <= b < starts[i] + sizes[i])
+    n = lib.pb__interpose_take_freed(starts, sizes, scanning._FREED_BATCH, ptrbridge._bindings.ffi.NULL)
+    by_interposer = sum(1 for i in range(n) if starts[i] <= b < starts[i] + sizes[i])
+print(by_heap_map, by_interposer)
 """
 
 
@@ -354,7 +364,7 @@ def test_lend_inside_freed_ffi_new_memory_names_it_once() -> None:
     proc = subprocess.run([sys.executable, "-c", _CFFI_PROVENANCE_CHILD], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == ["[\"bytearray(100) 'A'\"]", "[]"], proc.stdout
+    assert proc.stdout.splitlines() == ["[\"bytearray(100) 'A'\"]", "[]", "0 1"], proc.stdout
 
 
 def test_lend_history_keeps_the_newest_lends() -> None:
