@@ -368,6 +368,9 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
     uintptr_t s, ls;
     uint64_t v, lv, serial;
     uintptr_t *seg = loaded_segments(&nseg);
+    /* ffi.new memory the interposer records is queued by the interposer, naming it
+     * (pb__interpose_take_freed): not twice. */
+    int cffi_queued_elsewhere = pb_interpose_enabled();
     hm_lock();
     keep_newest(cap);
     while (n < cap && take_next(&s, &v, &serial)) {
@@ -375,8 +378,8 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
             continue; /* reused: the memory is live again */
         if (seg != NULL && pb__segments_overlap(seg, nseg, s, (size_t)(v & SIZE_MASK)))
             continue; /* reused: a loaded object is mapped there */
-        if ((int)(v >> SIZE_SHIFT) == PB_HEAPMAP_CFFI)
-            continue; /* ffi.new memory: the interposer queues it itself, naming it (pb__interpose_take_freed) */
+        if (cffi_queued_elsewhere && (int)(v >> SIZE_SHIFT) == PB_HEAPMAP_CFFI)
+            continue;
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
         n++;

@@ -304,6 +304,11 @@ size_t pb__interpose_blocks(struct pb_iblock *out, size_t cap)
     return n;
 }
 
+int pb_interpose_enabled(void)
+{
+    return atomic_load_explicit(&enabled, memory_order_acquire);
+}
+
 int pb__interpose_find(uintptr_t addr, struct pb_iblock *out)
 {
     /* Exact starts are hashed; an interior address needs a walk. */

@@ -112,6 +112,10 @@ int pb__interpose_classify(const char *path);
 
 /* PB_CDEF_END */
 
+/* 1 while the malloc family is interposed (pb__interpose_enable), else 0.
+ * Lock-free. */
+int pb_interpose_enabled(void);
+
 /* ---- C only: scan.c's view ---- */
 
 /* Calls visit(base, size, path, ctx) for each writable PT_LOAD segment of
