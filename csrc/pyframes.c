@@ -18,6 +18,7 @@
  * suspended.
  */
 #include "pb_py.h"
+#include "pb_slots.h"
 
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
 #define PB_INTERNAL_FRAMES 1
@@ -129,14 +130,524 @@ static PyObject *m_frame_variables(PyObject *self, PyObject *arg)
     return out;
 }
 
+/*
+ * The owners of one checked call: owner_index(args, frame, nframes, limit).
+ *
+ * The checker asks "which Python object does this address belong to?" for
+ * every slot value it cannot settle otherwise.  The candidates are the
+ * call's arguments (and the object a ctypes byref() wraps), the variables of
+ * the caller and of the frames above it (`nframes` in all) with the items of
+ * the lists, tuples and dicts among them, and what ctypes instances keep
+ * alive for their pointer fields (`_objects`).  The index reads them once,
+ * keeps (start, end, object, origin) of those that own memory, and answers
+ * each address with a scan in insertion order (the first owner wins, as the
+ * messages name it); the owner's text is made only for a hit.
+ *
+ * What owns memory (the rest owns nothing):
+ *   - owning cffi cdata: asked of checking's cdata_extent(obj);
+ *   - ctypes instances: their buffer (addressof, sizeof);
+ *   - bytes, bytearray, memoryview, array.array, and objects whose *type*
+ *     has __array_interface__ (numpy): their buffer, if it can be exported
+ *     and is contiguous (a failed export owns nothing).
+ * The index holds strong references only while it lives (the call's check);
+ * it holds neither frames nor the caller's namespaces.
+ */
+enum origin_base { ORIGIN_ARGUMENT, ORIGIN_LOCAL, ORIGIN_ITEM, ORIGIN_KEY };
+
+struct owner_entry {
+    uintptr_t start;
+    uintptr_t end;
+    PyObject *obj;
+    PyObject *name;  /* variable name (locals), or NULL */
+    PyObject *key;   /* dict key (ORIGIN_KEY), or NULL */
+    Py_ssize_t index; /* argument number or list index */
+    int base;
+    int kept; /* how many "kept alive by" lead the origin */
+};
+
+struct origin {
+    int base;
+    Py_ssize_t index;
+    PyObject *name; /* borrowed */
+    PyObject *key;  /* borrowed */
+    int kept;
+};
+
+typedef struct {
+    PyObject_HEAD
+    struct owner_entry *entries;
+    Py_ssize_t n, cap, limit;
+    uintptr_t low, high; /* bounds of every entry, for a quick miss */
+    PyObject **seen; /* open-addressing set of object pointers, during the build */
+    size_t seen_cap, seen_n;
+} OwnerIndex;
+
+static struct {
+    PyObject *never_owning; /* frozenset of types */
+    PyTypeObject *cdata_type;
+    PyObject *cdata_extent; /* callable(obj) -> None or (address, size) */
+    PyObject *ctypes_bases; /* tuple of the ctypes instance base classes */
+    PyObject *ctypes_extent;
+    PyTypeObject *carg_type; /* type(ctypes.byref(...)) */
+    PyTypeObject *array_type; /* array.array */
+    PyObject *str_objects, *str_obj, *str_array_interface;
+} owners_cfg;
+
+#define MAX_KEPT_DEPTH 8
+
+static void owner_index_dealloc(OwnerIndex *self)
+{
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        Py_XDECREF(self->entries[i].obj);
+        Py_XDECREF(self->entries[i].name);
+        Py_XDECREF(self->entries[i].key);
+    }
+    PyMem_Free(self->entries);
+    PyMem_Free(self->seen);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1 if obj was not seen before (and is now), 0 if seen, -1 on memory error. */
+static int mark_seen(OwnerIndex *self, PyObject *obj)
+{
+    if ((self->seen_n + 1) * 2 > self->seen_cap) {
+        size_t cap = self->seen_cap ? self->seen_cap * 2 : 256;
+        PyObject **table = PyMem_Calloc(cap, sizeof *table);
+        if (table == NULL)
+            return -1;
+        for (size_t i = 0; i < self->seen_cap; i++) {
+            PyObject *o = self->seen[i];
+            if (o == NULL)
+                continue;
+            size_t h = ((uintptr_t)o >> 4) & (cap - 1);
+            while (table[h] != NULL)
+                h = (h + 1) & (cap - 1);
+            table[h] = o;
+        }
+        PyMem_Free(self->seen);
+        self->seen = table;
+        self->seen_cap = cap;
+    }
+    size_t mask = self->seen_cap - 1;
+    size_t h = ((uintptr_t)obj >> 4) & mask;
+    while (self->seen[h] != NULL) {
+        if (self->seen[h] == obj)
+            return 0;
+        h = (h + 1) & mask;
+    }
+    self->seen[h] = obj; /* borrowed: every object seen is referenced by the caller for the build */
+    self->seen_n++;
+    return 1;
+}
+
+/* The buffer of obj: 1 and its extent, 0 if it exports none (or a non-contiguous one). */
+static int buffer_extent(PyObject *obj, uintptr_t *start, size_t *size)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_FULL_RO) < 0) {
+        PyErr_Clear(); /* a failed export: the object owns nothing */
+        return 0;
+    }
+    int ok = PyBuffer_IsContiguous(&view, 'A');
+    *start = (uintptr_t)view.buf;
+    *size = (size_t)view.len;
+    PyBuffer_Release(&view);
+    return ok;
+}
+
+static int pair_extent(PyObject *result, uintptr_t *start, size_t *size)
+{
+    if (result == NULL)
+        return -1;
+    int found = 0;
+    if (result != Py_None) {
+        if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2) {
+            PyErr_SetString(PyExc_TypeError, "owner_index: an extent function must return None or (address, size)");
+            Py_DECREF(result);
+            return -1;
+        }
+        *start = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(result, 0));
+        *size = (size_t)PyLong_AsSize_t(PyTuple_GET_ITEM(result, 1));
+        found = PyErr_Occurred() ? -1 : 1;
+    }
+    Py_DECREF(result);
+    return found;
+}
+
+static int is_ctypes_instance(PyObject *obj)
+{
+    return owners_cfg.ctypes_bases != NULL && PyObject_IsInstance(obj, owners_cfg.ctypes_bases) == 1;
+}
+
+/* 1 and the extent of the memory obj owns, 0 if none, -1 on error. */
+static int extent_of(PyObject *obj, int ctypes_instance, uintptr_t *start, size_t *size)
+{
+    if (owners_cfg.cdata_type != NULL && PyObject_TypeCheck(obj, owners_cfg.cdata_type))
+        return pair_extent(PyObject_CallOneArg(owners_cfg.cdata_extent, obj), start, size);
+    if (ctypes_instance) {
+        if (buffer_extent(obj, start, size))
+            return 1;
+        return pair_extent(PyObject_CallOneArg(owners_cfg.ctypes_extent, obj), start, size);
+    }
+    if (PyBytes_Check(obj) || PyByteArray_Check(obj) || PyMemoryView_Check(obj) ||
+        (owners_cfg.array_type != NULL && Py_TYPE(obj) == owners_cfg.array_type) ||
+        PyObject_HasAttr((PyObject *)Py_TYPE(obj), owners_cfg.str_array_interface))
+        return buffer_extent(obj, start, size);
+    return 0;
+}
+
+static int add_entry(OwnerIndex *self, PyObject *obj, uintptr_t start, size_t size, const struct origin *o)
+{
+    if (self->n == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 16;
+        struct owner_entry *grown = PyMem_Realloc(self->entries, (size_t)cap * sizeof *grown);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->entries = grown;
+        self->cap = cap;
+    }
+    struct owner_entry *e = &self->entries[self->n++];
+    e->start = start;
+    e->end = start + size;
+    e->obj = Py_NewRef(obj);
+    e->name = Py_XNewRef(o->name);
+    e->key = Py_XNewRef(o->key);
+    e->index = o->index;
+    e->base = o->base;
+    e->kept = o->kept;
+    if (self->n == 1 || start < self->low)
+        self->low = start;
+    if (self->n == 1 || e->end > self->high)
+        self->high = e->end;
+    return 0;
+}
+
+/* What a ctypes instance keeps alive for its pointer fields, flattened as
+ * checking's _ctypes_kept did: dict values, and their own records. */
+static int collect_kept(PyObject *obj, PyObject *out, int depth, Py_ssize_t limit)
+{
+    if (depth > MAX_KEPT_DEPTH || !is_ctypes_instance(obj))
+        return 0;
+    PyObject *kept = PyObject_GetAttr(obj, owners_cfg.str_objects);
+    if (kept == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int rc = 0;
+    PyObject *stack = PyList_New(0);
+    if (stack == NULL || (PyObject_IsTrue(kept) == 1 && PyList_Append(stack, kept) < 0))
+        rc = -1;
+    while (rc == 0 && stack != NULL && PyList_GET_SIZE(stack) > 0 && PyList_GET_SIZE(out) < limit) {
+        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(stack, last));
+        if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) {
+            Py_DECREF(item);
+            rc = -1;
+            break;
+        }
+        if (PyDict_Check(item)) {
+            PyObject *values = PyDict_Values(item);
+            if (values == NULL)
+                rc = -1;
+            for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(values); i++)
+                rc = PyList_Append(stack, PyList_GET_ITEM(values, i));
+            Py_XDECREF(values);
+        } else if (item != Py_None) {
+            rc = PyList_Append(out, item);
+            if (rc == 0)
+                rc = collect_kept(item, out, depth + 1, limit);
+        }
+        Py_DECREF(item);
+    }
+    Py_XDECREF(stack);
+    Py_DECREF(kept);
+    return rc;
+}
+
+static int never_owning(PyObject *obj)
+{
+    return PySet_Contains(owners_cfg.never_owning, (PyObject *)Py_TYPE(obj)) == 1;
+}
+
+static int add_object(OwnerIndex *self, PyObject *obj, const struct origin *o)
+{
+    if (self->n >= self->limit || never_owning(obj))
+        return 0;
+    int fresh = mark_seen(self, obj);
+    if (fresh <= 0)
+        return fresh < 0 ? (PyErr_NoMemory(), -1) : 0;
+    int ctypes_instance = is_ctypes_instance(obj);
+    uintptr_t start = 0;
+    size_t size = 0;
+    int found = extent_of(obj, ctypes_instance, &start, &size);
+    if (found < 0 || (found && add_entry(self, obj, start, size, o) < 0))
+        return -1;
+    if (!ctypes_instance)
+        return 0;
+    PyObject *kept = PyList_New(0);
+    if (kept == NULL || collect_kept(obj, kept, 0, self->limit) < 0) {
+        Py_XDECREF(kept);
+        return -1;
+    }
+    struct origin inner = *o;
+    inner.kept++;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(kept); i++) {
+        PyObject *item = PyList_GET_ITEM(kept, i);
+        rc = add_object(self, item, &inner);
+    }
+    Py_DECREF(kept);
+    return rc;
+}
+
+static int add_variable(OwnerIndex *self, PyObject *name, PyObject *value)
+{
+    if (never_owning(value))
+        return 0;
+    struct origin o = {ORIGIN_LOCAL, 0, name, NULL, 0};
+    if (add_object(self, value, &o) < 0)
+        return -1;
+    if (PyList_CheckExact(value) || PyTuple_CheckExact(value)) {
+        PyObject *items = PySequence_Fast(value, "");
+        if (items == NULL)
+            return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+        if (n > self->limit)
+            n = self->limit;
+        int rc = 0;
+        for (Py_ssize_t j = 0; rc == 0 && j < n && j < PySequence_Fast_GET_SIZE(items); j++) {
+            PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(items, j));
+            struct origin io = {ORIGIN_ITEM, j, name, NULL, 0};
+            rc = add_object(self, item, &io);
+            Py_DECREF(item);
+        }
+        Py_DECREF(items);
+        return rc;
+    }
+    if (PyDict_CheckExact(value)) {
+        PyObject *items = PyDict_Items(value);
+        if (items == NULL)
+            return -1;
+        Py_ssize_t n = PyList_GET_SIZE(items);
+        if (n > self->limit)
+            n = self->limit;
+        int rc = 0;
+        for (Py_ssize_t j = 0; rc == 0 && j < n; j++) {
+            PyObject *pair = PyList_GET_ITEM(items, j);
+            struct origin io = {ORIGIN_KEY, j, name, PyTuple_GET_ITEM(pair, 0), 0};
+            rc = add_object(self, PyTuple_GET_ITEM(pair, 1), &io);
+        }
+        Py_DECREF(items);
+        return rc;
+    }
+    return 0;
+}
+
+static PyTypeObject OwnerIndexType;
+
+static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "owner_index(args, frame, nframes, limit)");
+        return NULL;
+    }
+    if (owners_cfg.never_owning == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "owner_index: owners_init() was not called");
+        return NULL;
+    }
+    Py_ssize_t nframes = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if ((nframes == -1 || limit == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *call_args = PySequence_Fast(args[0], "owner_index: args must be a sequence");
+    if (call_args == NULL)
+        return NULL;
+    OwnerIndex *self = PyObject_New(OwnerIndex, &OwnerIndexType);
+    if (self == NULL) {
+        Py_DECREF(call_args);
+        return NULL;
+    }
+    self->entries = NULL;
+    self->n = self->cap = 0;
+    self->limit = limit;
+    self->low = self->high = 0;
+    self->seen = NULL;
+    self->seen_cap = self->seen_n = 0;
+    /* Objects met are kept referenced while the build runs (mark_seen borrows). */
+    PyObject *hold = PyList_New(0);
+    int rc = hold == NULL ? -1 : 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(call_args); i++) {
+        PyObject *arg = PySequence_Fast_GET_ITEM(call_args, i);
+        if (owners_cfg.carg_type != NULL && Py_TYPE(arg) == owners_cfg.carg_type) {
+            /* ctypes.byref() wraps its object in _obj */
+            PyObject *inner = PyObject_GetAttr(arg, owners_cfg.str_obj);
+            if (inner == NULL) {
+                PyErr_Clear();
+            } else {
+                rc = PyList_Append(hold, inner);
+                Py_DECREF(inner);
+                arg = inner; /* held by `hold` */
+            }
+        }
+        if (rc == 0) {
+            struct origin o = {ORIGIN_ARGUMENT, i + 1, NULL, NULL, 0};
+            rc = add_object(self, arg, &o);
+        }
+    }
+    PyObject *frame = args[1] == Py_None ? NULL : Py_NewRef(args[1]);
+    for (Py_ssize_t depth = 0; rc == 0 && frame != NULL && depth < nframes; depth++) {
+        if (!PyFrame_Check(frame))
+            break;
+        PyObject *vars = PyList_New(0);
+        if (vars == NULL || read_variables((PyFrameObject *)frame, vars) < 0 || PyList_Append(hold, vars) < 0) {
+            Py_XDECREF(vars);
+            rc = -1;
+            break;
+        }
+        Py_DECREF(vars); /* held by `hold` */
+        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(vars); i++) {
+            PyObject *pair = PyList_GET_ITEM(vars, i);
+            if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2)
+                rc = add_variable(self, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
+        }
+        PyObject *back = (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
+        Py_DECREF(frame);
+        frame = back;
+    }
+    Py_XDECREF(frame);
+    Py_DECREF(call_args);
+    /* The seen set borrows the objects `hold` and the entries keep alive: drop it first. */
+    PyMem_Free(self->seen);
+    self->seen = NULL;
+    self->seen_cap = self->seen_n = 0;
+    Py_XDECREF(hold);
+    if (rc < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *origin_text(const struct owner_entry *e)
+{
+    PyObject *text;
+    switch (e->base) {
+    case ORIGIN_ARGUMENT:
+        text = PyUnicode_FromFormat("argument %zd", e->index);
+        break;
+    case ORIGIN_LOCAL:
+        text = PyUnicode_FromFormat("local variable '%U'", e->name);
+        break;
+    case ORIGIN_ITEM:
+        text = PyUnicode_FromFormat("local variable '%U[%zd]'", e->name, e->index);
+        break;
+    default:
+        text = PyUnicode_FromFormat("local variable '%U[%R]'", e->name, e->key);
+        break;
+    }
+    for (int k = 0; text != NULL && k < e->kept; k++) {
+        PyObject *longer = PyUnicode_FromFormat("kept alive by %U", text);
+        Py_DECREF(text);
+        text = longer;
+    }
+    return text;
+}
+
+static PyObject *owner_index_find(OwnerIndex *self, PyObject *arg)
+{
+    uintptr_t address = (uintptr_t)PyLong_AsUnsignedLongLong(arg);
+    if (address == (uintptr_t)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->n == 0 || address < self->low || address > self->high)
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        const struct owner_entry *e = &self->entries[i];
+        if ((e->start <= address && address < e->end) || address == e->start) {
+            PyObject *origin = origin_text(e);
+            if (origin == NULL)
+                return NULL;
+            return Py_BuildValue("(KnON)", (unsigned long long)e->start, (Py_ssize_t)(e->end - e->start),
+                                 e->obj, origin);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t owner_index_len(OwnerIndex *self)
+{
+    return self->n;
+}
+
+static PyMethodDef owner_index_methods[] = {
+    {"find", (PyCFunction)owner_index_find, METH_O,
+     "find(address) -> None or (start, size, object, origin): the first owner containing address"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods owner_index_as_sequence = {
+    .sq_length = (lenfunc)owner_index_len,
+};
+
+static PyTypeObject OwnerIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ptrbridge._native.OwnerIndex",
+    .tp_basicsize = sizeof(OwnerIndex),
+    .tp_dealloc = (destructor)owner_index_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The Python objects one checked call can reach, by address (see owner_index).",
+    .tp_methods = owner_index_methods,
+    .tp_as_sequence = &owner_index_as_sequence,
+};
+
+static PyObject *m_owners_init(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 7 || !PyAnySet_Check(args[0]) || !PyType_Check(args[1]) || !PyTuple_Check(args[3]) ||
+        !PyType_Check(args[5]) || !PyType_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "owners_init(never_owning: frozenset, cdata_type, cdata_extent, ctypes_bases: tuple, "
+                        "ctypes_extent, byref_type, array_type)");
+        return NULL;
+    }
+    if (owners_cfg.str_objects == NULL) {
+        owners_cfg.str_objects = PyUnicode_InternFromString("_objects");
+        owners_cfg.str_obj = PyUnicode_InternFromString("_obj");
+        owners_cfg.str_array_interface = PyUnicode_InternFromString("__array_interface__");
+        if (owners_cfg.str_objects == NULL || owners_cfg.str_obj == NULL || owners_cfg.str_array_interface == NULL)
+            return NULL;
+    }
+    Py_XSETREF(owners_cfg.never_owning, Py_NewRef(args[0]));
+    Py_XSETREF(owners_cfg.cdata_type, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(owners_cfg.cdata_extent, Py_NewRef(args[2]));
+    Py_XSETREF(owners_cfg.ctypes_bases, Py_NewRef(args[3]));
+    Py_XSETREF(owners_cfg.ctypes_extent, Py_NewRef(args[4]));
+    Py_XSETREF(owners_cfg.carg_type, (PyTypeObject *)Py_NewRef(args[5]));
+    Py_XSETREF(owners_cfg.array_type, (PyTypeObject *)Py_NewRef(args[6]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef frame_functions[] = {
     {"frame_variables", m_frame_variables, METH_O,
      "frame_variables(frame) -> [(name, value)]: the frame's bound variables, without the\n"
      "f_locals snapshot that would keep them alive (CPython < 3.13)"},
+    {"owner_index", (PyCFunction)(void (*)(void))m_owner_index, METH_FASTCALL,
+     "owner_index(args, frame, nframes, limit) -> OwnerIndex: the Python objects a checked\n"
+     "call reaches (arguments, the variables of nframes frames from frame), by address"},
+    {"owners_init", (PyCFunction)(void (*)(void))m_owners_init, METH_FASTCALL,
+     "owners_init(never_owning, cdata_type, cdata_extent, ctypes_bases, ctypes_extent,\n"
+     "byref_type, array_type): what owner_index needs to know (called once by checking)"},
     {NULL, NULL, 0, NULL},
 };
 
 int pb__py_frames_init(PyObject *module)
 {
-    return pb__add_functions(module, frame_functions);
+    if (PyType_Ready(&OwnerIndexType) < 0)
+        return -1;
+    if (pb__add_functions(module, frame_functions) < 0)
+        return -1;
+    return pb__py_slots_init(module);
 }
+

@@ -37,6 +37,7 @@ already freed.  Level 2 (the heap map) recognises every Python allocation.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import struct
@@ -79,6 +80,9 @@ MAX_SLOTS = 1 << 16
 MAX_LOCAL_OBJECTS = 512
 LOCAL_FRAMES = 3  # the caller and two frames above it
 frame_variables = native.frame_variables
+_scan_slots = native.scan_slots
+_owner_index = native.owner_index
+_SLOT_WALKABLE = 1  # PB_SLOT_WALKABLE in csrc/pb_slots.h
 HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
 
 _CType = type(ffi.typeof("int"))
@@ -106,7 +110,7 @@ class Slot:
 class Layout:
     """The pointer slots of one C type, with a reader that extracts them in one step."""
 
-    __slots__ = ("ctype", "size", "slots", "_unpack", "span", "_arrays")
+    __slots__ = ("ctype", "size", "slots", "_unpack", "span", "_arrays", "_plan")
 
     def __init__(self, ctype: Any, size: int, slots: Sequence[Slot]) -> None:
         unique: Dict[int, Slot] = {}
@@ -125,6 +129,25 @@ class Layout:
         self.span = pos  # bytes that must be readable for the slots
         self._unpack = struct.Struct("".join(fmt)).unpack_from if ordered else None
         self._arrays: Dict[int, Any] = {}  # count -> unpacker for arrays of this type
+        self._plan: Optional[bytes] = None
+
+    @property
+    def plan(self) -> bytes:
+        """The slots packed for ``native.scan_slots`` (csrc/pb_slots.h), made on first use.
+
+        Made lazily, not in ``__init__``: whether a slot's pointee has slots of
+        its own needs the pointee's layout, and a self-referential struct's
+        layout is only known once this one is cached.
+        """
+        plan = self._plan
+        if plan is None:
+            parts = [struct.pack("=II", self.size, len(self.slots))]
+            for slot in self.slots:
+                pointee = layout_of(slot.pointee) if slot.pointee is not None else None
+                walkable = pointee is not None and bool(pointee.slots) and bool(pointee.size)
+                parts.append(struct.pack("=II", slot.offset, _SLOT_WALKABLE if walkable else 0))
+            plan = self._plan = b"".join(parts)
+        return plan
 
     def read(self, address: int) -> Tuple[int, ...]:
         """Values of every pointer slot of the object at ``address``."""
@@ -285,7 +308,7 @@ def _buffer_extent(obj: Any) -> Optional[Tuple[int, int]]:
             if not view.contiguous:
                 return None
             size = view.nbytes
-    except TypeError:
+    except Exception:  # a failed buffer export (TypeError, BufferError, ...): it owns nothing
         return None
     keeper = ffi.from_buffer("char[]", obj, require_writable=False)
     try:
@@ -300,26 +323,12 @@ def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
         return cdata_extent(obj)
     if isinstance(obj, (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase, _SimpleBase)):
         return ctypes_extent(obj)
-    if isinstance(obj, (bytes, bytearray, memoryview)) or hasattr(obj, "__array_interface__") or (
-        type(obj).__name__ == "array" and type(obj).__module__ == "array"
-    ):
+    # __array_interface__ is looked up on the type (numpy's is a descriptor there): an object
+    # whose __getattr__ answers every name is not an array.
+    if isinstance(obj, (bytes, bytearray, memoryview)) or type(obj) is _ArrayType or hasattr(
+            type(obj), "__array_interface__"):
         return _buffer_extent(obj)
     return None
-
-
-def _ctypes_kept(obj: Any, out: List[Any], depth: int = 0) -> None:
-    """Objects a ctypes instance keeps alive for its pointer fields."""
-    kept = getattr(obj, "_objects", None)
-    if not kept or depth > MAX_DEPTH:
-        return
-    stack: List[Any] = [kept]
-    while stack and len(out) < MAX_LOCAL_OBJECTS:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif item is not None:
-            out.append(item)
-            _ctypes_kept(item, out, depth + 1)
 
 
 class CallCheck:
@@ -333,39 +342,28 @@ class CallCheck:
         self.record = record  # instrumentation: findings are recorded, never raised
         self._pending: Optional[NestedPointerError] = None
         self._frame = frame  # the caller's frame: its locals, and the call site for messages
-        self._known: Optional[List[Owner]] = None
+        self._known: Any = None  # native.owner_index of this call, made on first need
         self._visited: set = set()
 
     # -- ownership -----------------------------------------------------
-    def _local_owners(self) -> List[Owner]:
-        """Python-owned objects known from this call: arguments, ctypes records, caller locals."""
-        if self._known is not None:
-            return self._known
-        known: List[Owner] = []
-        seen: set = set()
-        # A module-level helper, not a recursive closure: a closure that calls itself is a
-        # reference cycle, which would keep every object seen here alive until the next
-        # garbage collection (so an object the program drops after the call would not be
-        # freed, and a dangling pointer to it would go unseen).
-        add = functools.partial(_add_local_owner, known, seen)
-        for i, arg in enumerate(self.args, 1):
-            add(getattr(arg, "_obj", arg), f"argument {i}")  # ctypes.byref() wraps in _obj
-        frame, depth = self._frame, 0
-        while frame is not None and depth < LOCAL_FRAMES:
-            for name, value in frame_variables(frame):  # not f_locals: its snapshot keeps them alive
-                kind = type(value)
-                if kind in _NEVER_OWNING:
-                    continue
-                add(value, f"local variable '{name}'")
-                if kind is list or kind is tuple:
-                    for j, item in enumerate(value[:MAX_LOCAL_OBJECTS]):
-                        add(item, f"local variable '{name}[{j}]'")
-                elif kind is dict:
-                    for key, item in list(value.items())[:MAX_LOCAL_OBJECTS]:
-                        add(item, f"local variable '{name}[{key!r}]'")
-            frame, depth = frame.f_back, depth + 1
-        self._known = known
-        return known
+    def _local_owner(self, address: int) -> Optional[Owner]:
+        """The argument, caller local or object a ctypes argument keeps alive that owns ``address``.
+
+        The candidates are read once per call, in C (``native.owner_index``,
+        csrc/pyframes.c): the arguments (and what a ``ctypes.byref`` wraps),
+        the variables of the caller and the two frames above it with the items
+        of lists, tuples and dicts among them, and what ctypes instances keep
+        alive for their pointer fields (``_objects``).  The frames' variables
+        are read without ``f_locals``, whose snapshot would keep them alive.
+        """
+        index = self._known
+        if index is None:
+            index = self._known = _owner_index(self.args, self._frame, LOCAL_FRAMES, MAX_LOCAL_OBJECTS)
+        hit = index.find(address)
+        if hit is None:
+            return None
+        start, size, obj, origin = hit
+        return Owner(start, size, functools.partial(describe, obj, size), False, origin)
 
     def classify(self, address: int) -> Optional[Owner]:
         """Who owns ``address``: a pinned/unpinned Python owner, or None for C/unknown."""
@@ -386,9 +384,9 @@ class CallCheck:
             # No Python object can live there, so the caller-locals search (the slow part,
             # for pointer-heavy C structures such as librdkafka's) is skipped.
             return None
-        for owner in self._local_owners():
-            if owner.start <= address < owner.end or address == owner.start:
-                return owner
+        owner = self._local_owner(address)
+        if owner is not None:
+            return owner
         if levels._level == 2:
             block = heapmap.lookup_block(address)
             if block is not None:
@@ -538,9 +536,11 @@ class CallCheck:
         slots = layout.slots
         width = len(slots)
         indexed = indexed or count > 1  # what a pointer points to is shown as p->[i]
-        for k, value in enumerate(layout.read_array(address, count)):
-            if not value:
-                continue
+        hits = _scan_slots(address, layout.plan, count, levels._level == 2)
+        if hits is None:  # every slot NULL, C memory, or pinned with nothing to walk on
+            return
+        for i in range(0, len(hits), 2):
+            k, value = hits[i], hits[i + 1]
             owner = self.classify(value)
             if owner is None:
                 freed = self._find_freed(value)
@@ -587,21 +587,6 @@ def _record(check: CallCheck, kind: str, severity: str, rule: str, exc: BaseExce
     ))
 
 
-def _add_local_owner(known: List[Owner], seen: set, obj: Any, origin: str) -> None:
-    """Appends ``obj`` (and what a ctypes object keeps alive) to ``known`` as unpinned owners."""
-    if type(obj) in _NEVER_OWNING or id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
-        return
-    seen.add(id(obj))
-    extent = object_extent(obj)
-    if extent is not None:
-        size = extent[1]
-        known.append(Owner(extent[0], size, lambda: describe(obj, size), False, origin))
-    kept: List[Any] = []
-    _ctypes_kept(obj, kept)
-    for item in kept:
-        _add_local_owner(known, seen, item, f"kept alive by {origin}")
-
-
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:
     """The readable path of the k-th slot value of a walk (only built for messages)."""
     element, index = divmod(k, width)
@@ -627,3 +612,11 @@ def _in_c_heap_block(address: int) -> bool:
     """
     block = ffi.new("struct pb_iblock *")  # per call: the GIL may pass to another thread in between
     return bool(lib.pb__interpose_find(address, block)) and not block.python
+
+
+_ArrayType = array.array
+native.owners_init(
+    _NEVER_OWNING, ffi.CData, cdata_extent,
+    (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase, _SimpleBase), ctypes_extent,
+    type(ctypes.byref(ctypes.c_int())), array.array,
+)
