@@ -3,7 +3,8 @@
  * object (or an array of them) and sort out, in one C call, the slots that
  * need no further thought.
  *
- * scan_slots(address, plan, count, level2) reads `count` consecutive objects
+ * scan_slots(address, plan, count, level2) (address: an int or a pointer or
+ * array cdata) reads `count` consecutive objects
  * laid out as `plan` says (checking.Layout packs it once per C type) and
  * returns None when every slot is settled here, or a flat list
  * [k0, v0, k1, v1, ...] of the slot numbers (element * slots + slot) and
@@ -80,6 +81,58 @@ static int append_pair(PyObject **out, Py_ssize_t k, uintptr_t value)
     return rc;
 }
 
+/* cffi's exported C API (_cffi_backend._C_API, the table cffi-generated
+ * modules use): entry 11 converts an argument to a C pointer of a ctype, as
+ * a compiled call does.  With "void *" it is the address of any pointer or
+ * array cdata, without the Python-level ffi.cast. */
+static char *(*to_c_pointer)(PyObject *, PyObject *);
+static PyObject *voidp_ctype;
+
+/* The address `obj` stands for: an int, or a pointer/array cdata. */
+static int address_arg(PyObject *obj, uintptr_t *out)
+{
+    if (PyLong_Check(obj)) {
+        *out = (uintptr_t)PyLong_AsUnsignedLongLong(obj);
+        return (*out == (uintptr_t)-1 && PyErr_Occurred()) ? -1 : 0;
+    }
+    if (to_c_pointer == NULL) {
+        PyErr_SetString(PyExc_TypeError, "an address must be an int (slots_init() found no cffi C API)");
+        return -1;
+    }
+    char *p = to_c_pointer(obj, voidp_ctype);
+    if (PyErr_Occurred()) /* not a pointer or array (the value returned is then meaningless) */
+        return -1;
+    *out = (uintptr_t)p;
+    return 0;
+}
+
+static PyObject *m_cdata_address(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    uintptr_t address;
+    if (address_arg(arg, &address) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong((unsigned long long)address);
+}
+
+static PyObject *m_slots_init(PyObject *self, PyObject *ctype)
+{
+    (void)self;
+    PyObject *backend = PyImport_ImportModule("_cffi_backend");
+    PyObject *capsule = backend ? PyObject_GetAttrString(backend, "_C_API") : NULL;
+    Py_XDECREF(backend);
+    void **exports = NULL;
+    if (capsule != NULL && PyCapsule_IsValid(capsule, "cffi"))
+        exports = PyCapsule_GetPointer(capsule, "cffi");
+    Py_XDECREF(capsule);
+    PyErr_Clear();
+    to_c_pointer = NULL;
+    Py_XSETREF(voidp_ctype, Py_NewRef(ctype));
+    if (exports != NULL)
+        to_c_pointer = (char *(*)(PyObject *, PyObject *))exports[11];
+    return PyBool_FromLong(to_c_pointer != NULL);
+}
+
 static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -87,8 +140,8 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "scan_slots(address, plan: bytes, count, level2)");
         return NULL;
     }
-    uintptr_t base = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
-    if (base == (uintptr_t)-1 && PyErr_Occurred())
+    uintptr_t base;
+    if (address_arg(args[0], &base) < 0)
         return NULL;
     Py_ssize_t count = PyLong_AsSsize_t(args[2]);
     if (count == -1 && PyErr_Occurred())
@@ -133,6 +186,10 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 static PyMethodDef slot_functions[] = {
+    {"cdata_address", m_cdata_address, METH_O,
+     "cdata_address(p) -> int: the address of a pointer or array cdata (an int as is)"},
+    {"slots_init", m_slots_init, METH_O,
+     "slots_init(ffi.typeof('void *')) -> bool: use cffi's C API for cdata addresses"},
     {"scan_slots", (PyCFunction)(void (*)(void))m_scan_slots, METH_FASTCALL,
      "scan_slots(address, plan, count, level2) -> None or [k, value, ...]: the pointer slots\n"
      "of `count` objects laid out as `plan` that the checker must classify in Python"},

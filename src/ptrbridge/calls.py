@@ -37,12 +37,13 @@ from types import CodeType, FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import levels
-from ._bindings import address_of, ffi, lib
+from ._bindings import address_of, ffi, lib, native
 from .callsite import frame_site
 from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
-from .ownership import RegionInfo, cdata_extent, describe, lookup, register, unregister
+from .ownership import RegionInfo, cdata_address, cdata_extent, describe, lookup, register, unregister
+from .ownership import _CDATA_OWNING, _managed
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -67,6 +68,7 @@ _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
+_scan_slots = native.scan_slots
 
 # ---------------------------------------------------------------------------
 # Exceptions raised inside callbacks, re-raised when the checked call returns
@@ -234,6 +236,58 @@ def _cffi_param_plan(param: Any) -> Optional[str]:
     return None
 
 
+# Per C type, what a cdata argument of that type needs: (_FLAT, None, _) for pointers and
+# arrays whose items hold no pointers (void, char, opaque, function), (_WALK, plan, _) for
+# those whose items do, (_OTHER, None, _) for the rest (struct by value, scalars); the
+# third item says whether the type is an array.
+_FLAT, _WALK, _OTHER = 0, 1, 2
+_arg_shapes: Dict[Any, Tuple[int, Any, bool]] = {}
+
+
+def _arg_shape(ctype: Any) -> Tuple[int, Any, bool]:
+    shape = _arg_shapes.get(ctype)
+    if shape is None:
+        kind = ctype.kind
+        if kind in ("pointer", "array"):
+            layout = layout_of(ctype.item)
+            walk = layout is not None and bool(layout.slots) and bool(layout.size)
+            shape = (_WALK, layout.plan, kind == "array") if walk else (_FLAT, None, kind == "array")
+        else:
+            shape = (_OTHER, None, False)
+        if len(_arg_shapes) < 4096:
+            _arg_shapes[ctype] = shape
+    return shape
+
+
+def _settled_cffi(arg: Any, lent: List[Any]) -> bool:
+    """The common cdata arguments, settled without a CallCheck; False: take the full path.
+
+    True only where the full path (:func:`_check_cffi_arg`) would find
+    nothing and lend the same objects: an owning pointer or array whose
+    slots ``native.scan_slots`` settles in C (NULL, pinned, C memory), and a
+    non-owning pointer to items without pointers while nothing was freed
+    (level 1, no freed ptrbridge.new memory, no live ptrbridge.new block
+    that a non-owning cdata could point to).
+    """
+    if not isinstance(arg, ffi.CData):
+        return False
+    ctype = ffi.typeof(arg)
+    shape, plan, is_array = _arg_shapes.get(ctype) or _arg_shape(ctype)
+    if shape == _OTHER:
+        return False
+    if type(arg) in _CDATA_OWNING:
+        if shape == _WALK:
+            # As the full path: the owner's extent in items (an owning pointer has one).
+            count = max(1, len(arg)) if is_array else 1
+            if _scan_slots(arg, plan, count, _level == 2) is not None:
+                return False
+        lent.append(arg)
+        return True
+    if _level == 2 or ownership_history() or _managed:
+        return False
+    return shape == _FLAT or not cdata_address(arg)
+
+
 def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
     if isinstance(arg, ffi.CData):
         ctype = ffi.typeof(arg)
@@ -288,6 +342,33 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
         return
     if arg is not None:
         lent.append(arg)  # bytes / buffer for char *: lent for the call
+
+
+def _settled_ctypes(arg: Any, lent: List[Any]) -> bool:
+    """A ctypes structure, union or array (or a byref() of one) whose slots are settled in C.
+
+    True only where :func:`_check_ctypes_arg` would find nothing and lend the same object.
+    """
+    obj = arg._obj if type(arg) is _CArgObject else arg
+    kind = type(obj)
+    plan = _ctypes_plans.get(kind, False)
+    if plan is False:
+        if not issubclass(kind, _CTYPES_AGGREGATES):
+            return False
+        layout = layout_of(kind)
+        plan = layout.plan if layout is not None and layout.slots else None
+        if len(_ctypes_plans) < 4096:
+            _ctypes_plans[kind] = plan
+    if plan is not None and _scan_slots(ctypes.addressof(obj), plan, 1, _level == 2) is not None:
+        return False
+    lent.append(obj)
+    return True
+
+
+_CTYPES_AGGREGATES = (ctypes.Structure, ctypes.Union, ctypes.Array)
+# ctypes structure, union and array types -> their walk plan, or None when they hold no pointers
+# (a plain dict, as checking's layout cache that holds the same types).
+_ctypes_plans: Dict[type, Optional[bytes]] = {}
 
 
 def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -> None:
@@ -577,11 +658,20 @@ class CheckedLibrary:
             if record:
                 count_call("calls")
             if is_ctypes:
+                history = None
                 for i, arg in enumerate(args):
                     kind = type(arg)
-                    if kind is int and not (arg > 0 and (ownership_history() or _level == 2)):
-                        continue  # a raw address is checked only against freed memory
-                    if kind in _PLAIN:
+                    if kind is int:
+                        if history is None:
+                            history = ownership_history() or _level == 2
+                        if not (arg > 0 and history):
+                            continue  # a raw address is checked only against freed memory
+                    elif kind in _PLAIN:
+                        continue
+                    elif kind is bytes or kind is bytearray:
+                        lent.append(arg)  # a buffer: lent, holds no pointers
+                        continue
+                    elif _settled_ctypes(arg, lent):
                         continue
                     if check is None:
                         check = CallCheck(name, sys._getframe(1).f_back, args, record)
@@ -597,7 +687,7 @@ class CheckedLibrary:
                 if kind is bytes or kind is bytearray:
                     lent.append(arg)  # a buffer for char *: lent, holds no pointers
                     continue
-                if arg is None:
+                if arg is None or _settled_cffi(arg, lent):
                     continue
                 if check is None:
                     check = CallCheck(name, sys._getframe(1).f_back, args, record)
