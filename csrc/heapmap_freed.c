@@ -626,3 +626,45 @@ void hm_freed_stats_locked(struct pb_heapmap_stats *out)
         out->held_bytes += hm_gil_held[domain].bytes + hm_lock_held[domain].bytes;
     }
 }
+
+/* ---- ordering records against frees (pb__heapmap_frees_since) ------------------------ */
+
+void pb__heapmap_clock_read(uint64_t out[3])
+{
+    struct pb_heapmap_clock c;
+    pb_heapmap_clock(&c);
+    out[0] = c.epoch;
+    out[1] = c.gil;
+    out[2] = c.lock;
+}
+
+long long pb__heapmap_frees_since(uintptr_t addr, const uint64_t since[3])
+{
+    long long n = 0;
+    hm_lock();
+    uint64_t epoch = atomic_load_explicit(&freed_epoch, memory_order_relaxed); /* even under the lock */
+    uint64_t gil_end = atomic_load_explicit(&hm_gil_ring_done, memory_order_acquire);
+    if (since[0] == 0 || since[0] != epoch || since[1] < oldest_of(gil_end) ||
+        since[2] < oldest_of(lock_ring_seq)) {
+        hm_unlock();
+        return -1;
+    }
+    for (int r = 0; r < 2; r++) {
+        uint64_t end = r == 0 ? gil_end : lock_ring_seq;
+        for (uint64_t seq = since[1 + r]; seq < end; seq++) {
+            uintptr_t start;
+            uint64_t val;
+            if (!ring_read(r, seq, &start, &val)) {
+                if (r == 0) { /* overwritten while read: the free is lost, so nothing is known */
+                    hm_unlock();
+                    return -1;
+                }
+                continue;
+            }
+            if (addr >= start && addr - start < (val & SIZE_MASK))
+                n++;
+        }
+    }
+    hm_unlock();
+    return n;
+}

@@ -242,6 +242,19 @@ void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 /* 1 while the hooks record, else 0.  Cheap. */
 int pb__heapmap_installed(void);
 
+/* The free clock (see pb_heapmap_clock) as out[0] = epoch, out[1] = gil,
+ * out[2] = lock.  Lock-free; any thread. */
+void pb__heapmap_clock_read(uint64_t out[3]);
+
+/* How many frees of blocks containing addr the history holds since the
+ * clock since[3] (as pb__heapmap_clock_read gives it) was read, or -1 if
+ * that is not known: the history was forgotten since (another epoch), or
+ * has already dropped frees made after it.  For use-after-free reports: a
+ * record made while an object was alive names a freed block only if
+ * exactly one free of its address came after it.  Linear in the history
+ * newer than since; takes the heap map's lock; no GIL. */
+long long pb__heapmap_frees_since(uintptr_t addr, const uint64_t since[3]);
+
 /* PB_CDEF_END */
 
 #endif /* PB_HEAPMAP_H */

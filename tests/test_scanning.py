@@ -303,6 +303,60 @@ def test_heap_map_recognises_a_raw_address_c_kept(k: Any) -> None:
         k.keep_global(raw)
 
 
+_PROVENANCE_CHILD = """
+import ptrbridge
+from ptrbridge import heapmap, scanning
+ptrbridge.set_check_level(2)
+heapmap.set_hold(0, 0)              # freed blocks go straight back: pymalloc reuses them at once
+data = b"a" * int("60")               # a small bytes made now: one pymalloc block
+block = heapmap.lookup_block(id(data))
+scanning.remember_lend(id(data) + 32, 60, "bytes(60) 'A'", "keep", "prog.py:7")
+del data
+print(scanning.lent_provenance(block.start, block.size))   # A, freed once since its lend
+for _ in range(100):                # an object nobody lent takes A's place, and is freed in turn
+    other = b"b" * int("60")
+    if id(other) == block.start:
+        break
+    keep_away = other
+print(id(other) == block.start)
+del other
+print(scanning.lent_provenance(block.start, block.size))   # not A: two frees since A's lend
+"""
+
+
+def test_lend_provenance_names_only_the_object_that_was_lent() -> None:
+    """A use-after-free report names the lent object only if the freed block is that object's:
+    not an object that later took the same address and that nobody lent."""
+    proc = subprocess.run([sys.executable, "-c", _PROVENANCE_CHILD], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["(\"bytes(60) 'A'\", 'keep', 'prog.py:7')", "True", "None"], proc.stdout
+
+
+_CFFI_PROVENANCE_CHILD = """
+import cffi, ptrbridge
+from ptrbridge import scanning
+ptrbridge.set_check_level(2)
+ffi = cffi.FFI()
+p = ffi.new("char[3000]")
+a = int(ffi.cast("uintptr_t", p))
+scanning.remember_lend(a + 8, 100, "bytearray(100) 'A'", "keep", "prog.py:9")
+del p                               # freed by _cffi_backend: the interposer sees it
+scanning._retire_freed_cffi()
+with scanning._lock:
+    print([t.description for t in scanning._targets.values() if t.start <= a < t.start + t.size])
+    scanning._targets.clear()
+    print(scanning._lends_overlapping(a, 3000))   # matched once: a later free there cannot match it
+"""
+
+
+def test_lend_inside_freed_ffi_new_memory_names_it_once() -> None:
+    proc = subprocess.run([sys.executable, "-c", _CFFI_PROVENANCE_CHILD], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["[\"bytearray(100) 'A'\"]", "[]"], proc.stdout
+
+
 def test_heap_map_recognises_raw_addresses_in_structs(level2: None) -> None:
     libc_ffi = cffi.FFI()
     libc_ffi.cdef("struct iovec { void *iov_base; size_t iov_len; };"

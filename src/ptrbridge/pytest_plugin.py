@@ -140,10 +140,10 @@ class Harness:
                 extra = []
                 if isinstance(raised, ptrbridge.PointerError):
                     extra.append(from_error(raised, "failed the test"))
-                extra += probe.check(allow)
-                extra += [from_retention(r) for r in scanning.scan()]
-                if level >= 2:
+                extra += probe.check(allow)  # collects garbage: the test's objects are freed now
+                if level >= 2:  # before anything else allocates (see runtime._process_findings)
                     extra += [from_retention(r) for r in self._scan_freed()]
+                extra += [from_retention(r) for r in scanning.scan()]
                 self._counters[item.nodeid] = _delta(before, _findings.counters())
                 self._pending[item.nodeid] = found + gather(extra)
         finally:
@@ -199,9 +199,10 @@ class Harness:
         from .report import from_retention, gather
 
         self._watch_loaded_libraries()
-        extra = [from_retention(r) for r in scanning.scan()]
+        extra = []
         if self.level >= 2 and heapmap.installed():
             extra += [from_retention(r) for r in scanning.scan_freed_python_memory()]
+        extra += [from_retention(r) for r in scanning.scan()]
         self.session_findings += gather(extra)
 
     def _all(self) -> List[Finding]:

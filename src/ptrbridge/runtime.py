@@ -160,11 +160,16 @@ def _install_error_hooks() -> None:
 def _process_findings() -> List[Finding]:
     """The process's findings at exit: kept ones, the last scans, and leaks not already reported."""
     from . import scanning
-    from .report import from_retention, gather
 
     watch_pending(_pending_watch, _matched_watch)
-    found = [from_retention(r) for r in scanning.scan()]
-    found += [from_retention(r) for r in scanning.scan_freed_python_memory()]
+    # The scans first, freed Python memory first of all: every allocation made before its
+    # scan (an import, say) may reuse a block the heap map has given back (its hold is
+    # bounded), hiding a pointer C kept into it.
+    retentions = scanning.scan_freed_python_memory()
+    retentions += scanning.scan()
+    from .report import from_retention, gather
+
+    found = [from_retention(r) for r in retentions]
     if _probe is not None:
         for leak in _probe.check():
             kind = str(leak.extra.get("leak_kind", ""))
@@ -183,13 +188,13 @@ def write_report(activated: bool = True) -> None:
     if _written or not run_dir:
         return
     _written = True
-    from .report import finding_record
-
     if activated and _started:
+        found = _process_findings()  # first: it scans
         import ptrbridge
 
+        from .report import finding_record
+
         strict = _findings.strict()
-        found = _process_findings()
         now = ptrbridge.stats()
         process: Dict[str, Any] = {
             "pid": os.getpid(),

@@ -40,7 +40,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import findings as _findings
 from .callsite import user_stacklevel
@@ -181,33 +181,112 @@ _last_scan_end = time.perf_counter()
 LENT_HISTORY = 65536
 """How many lent regions keep their provenance (the call that lent them, file:line) after the
 scan that looked for them, so a pointer found later into the freed object still names the call."""
-# start -> (size, description, function, site), oldest first.
-_lent: "OrderedDict[int, Tuple[int, str, str, str]]" = OrderedDict()
+
+Description = Union[str, Callable[[], str]]
+"""A region's description, or a function that makes it (called only when a report needs it)."""
 
 
-def _remember_lend(start: int, size: int, description: str, function: str, site: str) -> None:
-    _lent.pop(start, None)
-    _lent[start] = (size, description, function, site)
+@dataclass
+class _Lend:
+    """What a call lent: kept until a report needs it, or the history is full."""
+
+    size: int
+    description: Description
+    function: str
+    site: Description
+    order: int
+    clock: Tuple[int, int, int]  # the heap map's free clock when lent (pb__heapmap_clock_read)
+
+
+_PAGE_SHIFT = 12
+# start -> _Lend, oldest first; indexed by the page each lend starts in (lends longer than a
+# page are also in _lent_long), so finding the lends inside a freed block is not a walk of all.
+_lent: "OrderedDict[int, _Lend]" = OrderedDict()
+_lent_pages: Dict[int, Set[int]] = {}
+_lent_long: Set[int] = set()
+_lent_order = itertools.count()
+_clock = ffi.new("uint64_t[3]")  # scratch for the clock, used under _lock
+
+
+def _text(description: Description) -> str:
+    return description() if callable(description) else description
+
+
+def _forget_lend(start: int) -> None:
+    lend = _lent.pop(start, None)
+    if lend is None:
+        return
+    page = start >> _PAGE_SHIFT
+    starts = _lent_pages.get(page)
+    if starts is not None:
+        starts.discard(start)
+        if not starts:
+            del _lent_pages[page]
+    _lent_long.discard(start)
+
+
+def _remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
+    _forget_lend(start)
+    lib.pb__heapmap_clock_read(_clock)
+    _lent[start] = _Lend(size, description, function, site, next(_lent_order),
+                         (int(_clock[0]), int(_clock[1]), int(_clock[2])))
+    _lent_pages.setdefault(start >> _PAGE_SHIFT, set()).add(start)
+    if size > 1 << _PAGE_SHIFT:
+        _lent_long.add(start)
     while len(_lent) > LENT_HISTORY:
-        _lent.popitem(last=False)
+        _forget_lend(next(iter(_lent)))
 
 
-def _lent_inside(start: int, size: int) -> Optional[_Target]:
-    """The most recent lend of memory inside [start, start + size), as a freed target."""
+def _lends_overlapping(start: int, size: int) -> List[int]:
+    """Starts of the remembered lends that overlap [start, start + size)."""
     end = start + max(size, 1)
-    for lent_start in reversed(_lent):
-        lsize, description, function, site = _lent[lent_start]
-        if start <= lent_start < end or lent_start <= start < lent_start + max(lsize, 1):
-            return _Target(start, size, description, function, site, "freed")
-    return None
+    first, last = (start >> _PAGE_SHIFT) - 1, (end - 1) >> _PAGE_SHIFT  # a page back: a lend that starts
+    if last - first > len(_lent_pages):                                 # just before and reaches in
+        candidates: Any = list(_lent)
+    else:
+        candidates = [s for page in range(first, last + 1) for s in _lent_pages.get(page, ())]
+        candidates += _lent_long
+    return [s for s in set(candidates)
+            if start <= s < end or s <= start < s + max(_lent[s].size, 1)]
 
 
-def remember_lend(start: int, size: int, description: str, function: str, site: str) -> None:
+def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Target]:
+    """The most recent lend of memory inside the freed block [start, start + size), as a freed target.
+
+    Only a lend made while the freed object was alive counts: a lend of an earlier object
+    at the same address (freed, its memory reused by an object nobody lent, freed again)
+    would name the wrong object.  For a block the heap map saw freed, exactly one heap map
+    free of that address must have come after the lend.  ``consume`` is for blocks freed
+    outside the heap map (ffi.new memory, taken in the order they were freed): the lends
+    inside are forgotten once matched, so a later free at the same address cannot match
+    them, and a lend whose address the heap map has seen freed twice since is not this block's.
+    """
+    best: Optional[Tuple[int, _Lend]] = None
+    for lent_start in _lends_overlapping(start, size):
+        lend = _lent[lent_start]
+        frees = int(lib.pb__heapmap_frees_since(lent_start, lend.clock))
+        if frees != 1 and not (consume and frees == 0):  # a big ffi.new block is malloc'd through
+            continue                                     # Python's raw allocator: the heap map saw it
+        if best is None or lend.order > best[1].order:
+            best = (lent_start, lend)
+    if consume:
+        for lent_start in _lends_overlapping(start, size):
+            _forget_lend(lent_start)
+    if best is None:
+        return None
+    lend = best[1]
+    return _Target(start, size, _text(lend.description), lend.function, _text(lend.site), "freed")
+
+
+def remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
     """Keep the provenance of Python memory a call reached without a lend record.
 
     A nested pointer into a live Python object (an ``iovec.iov_base`` set from
     a ``bytearray``), or the original of a quarantine shadow: if C's pointer
     into it dangles later, the report names the object and the call.
+    ``description`` and ``site`` may be functions that make the text: they are
+    called only if a report needs it, when the object and its frame may be
+    gone (so they must not hold either: that would keep them alive).
     """
     with _lock:
         _remember_lend(start, size, description, function, site)
@@ -217,20 +296,24 @@ def lent_provenance(start: int, size: int) -> Optional[Tuple[str, str, str]]:
     """``(description, function, site)`` of the most recent lend inside a freed block, or None.
 
     For use-after-free reports: names the object and the call that lent it
-    instead of the bare heap block.  Linear in the history; call it only for
-    a finding.
+    instead of the bare heap block, if the lend was of the object freed there
+    (not of an earlier one at the same address).  Reads the heap map's free
+    history; call it only for a finding.
     """
     with _lock:
         target = _lent_inside(start, size)
     return None if target is None else (target.description, target.function, target.site)
 
 
-def retire(start: int, size: int, description: str, function: str, site: str, state: str) -> None:
+def retire(start: int, size: int, description: Description, function: str, site: Description,
+           state: str) -> None:
     """Queue Python memory C must no longer hold; the next scan looks for it.
 
     Freed memory makes the next automatic scan run regardless of the batch.
+    A callable ``description`` or ``site`` is called now (the scan compares the texts).
     """
     global _scan_due
+    description, site = _text(description), _text(site)
     with _lock:
         if state == "freed":
             _scan_due = True
@@ -332,7 +415,8 @@ def scan() -> List[Retention]:
             if _live_again(int(f.value), target.start):
                 continue  # the address belongs to a live block now (the freed one was reused)
             if target.function.startswith("("):
-                target = _lent_inside(target.start, target.size) or target
+                with _lock:
+                    target = _lent_inside(target.start, target.size) or target
         prior = by_place.get(place)
         if prior is not None:
             old = prior[1]
@@ -419,7 +503,7 @@ def _retire_freed_cffi() -> int:
     with _lock:
         for i in range(n):
             start, size = int(starts[i]), int(sizes[i])
-            target = _lent_inside(start, size) or _Target(
+            target = _lent_inside(start, size, consume=True) or _Target(
                 start, size, f"ffi.new memory ({size} bytes)", "(not a checked call)",
                 "<freed cffi memory>", "freed")
             target_id = next(_target_ids)
