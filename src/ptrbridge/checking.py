@@ -48,8 +48,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import findings, heapmap, levels, scanning
 from ._bindings import address_of, ffi, lib, native
-from .callsite import frame_site
+from .callsite import _is_internal, format_location, frame_site
 from .errors import NestedPointerError, UseAfterFreeError
+from .ownership import _FROMBUF_TYPE
 from .ownership import (
     FreedRegion,
     has_freed_history,
@@ -363,7 +364,7 @@ class CallCheck:
         if hit is None:
             return None
         start, size, obj, origin = hit
-        return Owner(start, size, functools.partial(describe, obj, size), False, origin)
+        return Owner(start, size, _describer(obj, size), False, origin)
 
     def classify(self, address: int) -> Optional[Owner]:
         """Who owns ``address``: a pinned/unpinned Python owner, or None for C/unknown."""
@@ -402,6 +403,15 @@ class CallCheck:
     def site(self) -> str:
         """``file.py:line`` of the call (``<unknown>:0`` when C or the interpreter made it)."""
         return frame_site(self._frame)
+
+    def _lazy_site(self) -> Any:
+        """A function making :meth:`site`'s text later, holding the file name and line, not the frame."""
+        frame = self._frame
+        while frame is not None and _is_internal(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is None:
+            return "<unknown>:0"
+        return functools.partial(format_location, (frame.f_code.co_filename, frame.f_lineno))
 
     def _nested_error(self, argno: int, path: str, owner: Owner, holder: str) -> NestedPointerError:
         shown = path if path else "*"
@@ -494,7 +504,9 @@ class CallCheck:
                 self._pending = self._nested_error(argno, path, owner, holder)
             return
         if levels._level == 2:  # C was handed it: name it if C's pointer dangles later
-            scanning.remember_lend(owner.start, owner.size, owner.description, self.function, self.site())
+            # The texts are made only if a report needs them (neither callable holds the
+            # object or the frame, which must stay free to die).
+            scanning.remember_lend(owner.start, owner.size, owner.described, self.function, self._lazy_site())
         if findings.strict():
             exc = self._nested_error(argno, path, owner, holder)
             _record(self, "nested-unpinned", "portability", "R1", exc, owner.description, owner.size,
@@ -585,6 +597,28 @@ def _record(check: CallCheck, kind: str, severity: str, rule: str, exc: BaseExce
         created_at=created_at, function=check.function, lent_at=site, holder=None, state=state,
         extra={"path": path} if path else {},
     ))
+
+
+def _describer(obj: Any, size: int) -> Any:
+    """What :func:`~ptrbridge.ownership.describe` says of ``obj``, as a function that does not hold it.
+
+    The text is made when a report needs it, possibly after the object died;
+    an ``ffi.from_buffer`` view is named by its source, which only its repr
+    tells, so its text is made now.
+    """
+    if isinstance(obj, _FROMBUF_TYPE):
+        return describe(obj, size)
+    if isinstance(obj, ffi.CData):
+        return functools.partial(_cdata_text, ffi.typeof(obj), size)
+    return functools.partial(_type_text, type(obj), size)
+
+
+def _cdata_text(ctype: Any, size: int) -> str:
+    return f"cdata '{ctype.cname}'({size})"
+
+
+def _type_text(kind: type, size: int) -> str:
+    return f"{kind.__name__}({size})"
 
 
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:
