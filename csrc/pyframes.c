@@ -629,7 +629,19 @@ static PyObject *m_owners_init(PyObject *module, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+static PyObject *m_buffer_extent(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    uintptr_t start;
+    size_t size;
+    if (!buffer_extent(obj, &start, &size))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(Kn)", (unsigned long long)start, (Py_ssize_t)size);
+}
+
 static PyMethodDef frame_functions[] = {
+    {"buffer_extent", m_buffer_extent, METH_O,
+     "buffer_extent(obj) -> None or (address, size): obj's buffer, if it exports a contiguous one"},
     {"frame_variables", m_frame_variables, METH_O,
      "frame_variables(frame) -> [(name, value)]: the frame's bound variables, without the\n"
      "f_locals snapshot that would keep them alive (CPython < 3.13)"},

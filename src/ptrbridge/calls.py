@@ -470,7 +470,8 @@ def _message_text(value: Any) -> str:
 
 _INTERNAL = frozenset({
     "_lib", "_ffi", "_is_ctypes", "_mode", "_specs", "_error_message", "_use_errno", "_threads",
-    "_lock", "_executor", "_worker_ident", "_limit", "_cache", "_cache_lock", "__dict__", "__class__",
+    "_lock", "_executor", "_worker_ident", "_limit", "_cache", "_cache_lock", "_plain", "__dict__",
+    "__class__",
 })
 
 
@@ -502,6 +503,7 @@ class CheckedLibrary:
         self._worker_ident: Optional[int] = None
         self._limit = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self._cache: Dict[str, Tuple[Any, Any]] = {}
+        self._plain: Set[str] = set()  # names that are not functions (constants, types, variables)
         self._cache_lock = threading.Lock()
         _libraries.add(self)
         for name, convention in errcheck.items():
@@ -514,14 +516,21 @@ class CheckedLibrary:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        if name in self._plain:
+            return getattr(self._lib, name)
         cached = self._cache.get(name)
         if cached is None:
             raw = getattr(self._lib, name)
             checked = self._build(name, raw)
             if checked is None:
                 # A constant, type or C variable: read through every time, so
-                # that a variable C changes is never seen stale.
+                # that a variable C changes is never seen stale (the name is
+                # remembered, so that is all a later read does).
+                if len(self._plain) < 65536:
+                    self._plain.add(name)
                 return raw
+            if getattr(checked, "_ptrbridge_trivial", False):
+                checked = None  # nothing to check and nothing to do: the raw function at every level
             cached = (raw, checked)
             with self._cache_lock:
                 self._cache[name] = cached
@@ -732,7 +741,7 @@ class CheckedLibrary:
         only = plan[0][0] if len(plan) == 1 and not is_ctypes else None
 
         if not semantic and not checks_args:
-            # No pointer parameters: only exceptions from callbacks to re-raise.
+            # No pointer parameters: only exceptions from callbacks to re-raise (explicit wrap).
             def checked(*args: Any) -> Any:
                 if takes_functions:
                     args = _unwrap_functions(args, takes_functions)
@@ -801,6 +810,11 @@ class CheckedLibrary:
         checked.__wrapped__ = raw  # type: ignore[attr-defined]
         checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
         checked._ptrbridge_checked = True  # type: ignore[attr-defined]
+        # Instrumented (record mode), a function with no pointer and no function parameters
+        # behaves exactly as the raw one (it re-raises nothing and counts nothing): the raw
+        # function is handed out, and its calls are neither checked nor counted.
+        checked._ptrbridge_trivial = (  # type: ignore[attr-defined]
+            record and not semantic and not checks_args and not takes_functions)
         return checked
 
 

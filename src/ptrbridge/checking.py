@@ -304,18 +304,11 @@ class Owner:
 
 
 def _buffer_extent(obj: Any) -> Optional[Tuple[int, int]]:
-    try:
-        with memoryview(obj) as view:
-            if not view.contiguous:
-                return None
-            size = view.nbytes
-    except Exception:  # a failed buffer export (TypeError, BufferError, ...): it owns nothing
-        return None
-    keeper = ffi.from_buffer("char[]", obj, require_writable=False)
-    try:
-        return address_of(keeper), size
-    finally:
-        ffi.release(keeper)
+    """``(address, size)`` of ``obj``'s buffer, if it exports a contiguous one (else it owns nothing)."""
+    return _native_buffer_extent(obj)  # type: ignore[no-any-return]
+
+
+_native_buffer_extent = native.buffer_extent
 
 
 def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
