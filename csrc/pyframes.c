@@ -191,6 +191,7 @@ static struct {
     PyTypeObject *carg_type; /* type(ctypes.byref(...)) */
     PyTypeObject *array_type; /* array.array */
     PyObject *str_objects, *str_obj, *str_array_interface;
+    PyObject *types_seen; /* type -> enum type_class */
 } owners_cfg;
 
 #define MAX_KEPT_DEPTH 8
@@ -274,26 +275,59 @@ static int pair_extent(PyObject *result, uintptr_t *start, size_t *size)
     return found;
 }
 
+/* What objects of a type can own, decided once per type (types_seen caches it). */
+enum type_class { CLASS_NONE, CLASS_CDATA, CLASS_CTYPES, CLASS_BUFFER };
+
+static int classify_type(PyTypeObject *type)
+{
+    PyObject *cached = owners_cfg.types_seen != NULL ? PyDict_GetItemWithError(owners_cfg.types_seen, (PyObject *)type)
+                                                    : NULL;
+    if (cached != NULL)
+        return (int)PyLong_AsLong(cached);
+    if (PyErr_Occurred())
+        return -1;
+    int klass = CLASS_NONE;
+    if (owners_cfg.cdata_type != NULL && PyType_IsSubtype(type, owners_cfg.cdata_type)) {
+        klass = CLASS_CDATA;
+    } else if (owners_cfg.ctypes_bases != NULL && PyObject_IsSubclass((PyObject *)type, owners_cfg.ctypes_bases) == 1) {
+        klass = CLASS_CTYPES;
+    } else if (PyType_IsSubtype(type, &PyBytes_Type) || PyType_IsSubtype(type, &PyByteArray_Type) ||
+               PyType_IsSubtype(type, &PyMemoryView_Type) || type == owners_cfg.array_type ||
+               PyObject_HasAttr((PyObject *)type, owners_cfg.str_array_interface)) {
+        klass = CLASS_BUFFER; /* __array_interface__ is looked up on the type, as numpy defines it */
+    }
+    PyErr_Clear();
+    if (owners_cfg.types_seen != NULL && PyDict_GET_SIZE(owners_cfg.types_seen) < 4096) {
+        PyObject *value = PyLong_FromLong(klass);
+        if (value == NULL || PyDict_SetItem(owners_cfg.types_seen, (PyObject *)type, value) < 0) {
+            Py_XDECREF(value);
+            return -1;
+        }
+        Py_DECREF(value);
+    }
+    return klass;
+}
+
 static int is_ctypes_instance(PyObject *obj)
 {
-    return owners_cfg.ctypes_bases != NULL && PyObject_IsInstance(obj, owners_cfg.ctypes_bases) == 1;
+    return classify_type(Py_TYPE(obj)) == CLASS_CTYPES;
 }
 
 /* 1 and the extent of the memory obj owns, 0 if none, -1 on error. */
-static int extent_of(PyObject *obj, int ctypes_instance, uintptr_t *start, size_t *size)
+static int extent_of(PyObject *obj, int klass, uintptr_t *start, size_t *size)
 {
-    if (owners_cfg.cdata_type != NULL && PyObject_TypeCheck(obj, owners_cfg.cdata_type))
+    switch (klass) {
+    case CLASS_CDATA:
         return pair_extent(PyObject_CallOneArg(owners_cfg.cdata_extent, obj), start, size);
-    if (ctypes_instance) {
+    case CLASS_CTYPES:
         if (buffer_extent(obj, start, size))
             return 1;
         return pair_extent(PyObject_CallOneArg(owners_cfg.ctypes_extent, obj), start, size);
-    }
-    if (PyBytes_Check(obj) || PyByteArray_Check(obj) || PyMemoryView_Check(obj) ||
-        (owners_cfg.array_type != NULL && Py_TYPE(obj) == owners_cfg.array_type) ||
-        PyObject_HasAttr((PyObject *)Py_TYPE(obj), owners_cfg.str_array_interface))
+    case CLASS_BUFFER:
         return buffer_extent(obj, start, size);
-    return 0;
+    default:
+        return klass < 0 ? -1 : 0;
+    }
 }
 
 static int add_entry(OwnerIndex *self, PyObject *obj, uintptr_t start, size_t size, const struct origin *o)
@@ -378,13 +412,13 @@ static int add_object(OwnerIndex *self, PyObject *obj, const struct origin *o)
     int fresh = mark_seen(self, obj);
     if (fresh <= 0)
         return fresh < 0 ? (PyErr_NoMemory(), -1) : 0;
-    int ctypes_instance = is_ctypes_instance(obj);
+    int klass = classify_type(Py_TYPE(obj));
     uintptr_t start = 0;
     size_t size = 0;
-    int found = extent_of(obj, ctypes_instance, &start, &size);
+    int found = extent_of(obj, klass, &start, &size);
     if (found < 0 || (found && add_entry(self, obj, start, size, o) < 0))
         return -1;
-    if (!ctypes_instance)
+    if (klass != CLASS_CTYPES)
         return 0;
     PyObject *kept = PyList_New(0);
     if (kept == NULL || collect_kept(obj, kept, 0, self->limit) < 0) {
@@ -626,6 +660,9 @@ static PyObject *m_owners_init(PyObject *module, PyObject *const *args, Py_ssize
     Py_XSETREF(owners_cfg.ctypes_extent, Py_NewRef(args[4]));
     Py_XSETREF(owners_cfg.carg_type, (PyTypeObject *)Py_NewRef(args[5]));
     Py_XSETREF(owners_cfg.array_type, (PyTypeObject *)Py_NewRef(args[6]));
+    Py_XSETREF(owners_cfg.types_seen, PyDict_New());
+    if (owners_cfg.types_seen == NULL)
+        return NULL;
     Py_RETURN_NONE;
 }
 

@@ -7,8 +7,10 @@
  * array cdata) reads `count` consecutive objects
  * laid out as `plan` says (checking.Layout packs it once per C type) and
  * returns None when every slot is settled here, or a flat list
- * [k0, v0, k1, v1, ...] of the slot numbers (element * slots + slot) and
- * values that the Python checker must classify.  A slot is settled when its
+ * [k0, v0, n0, k1, v1, n1, ...] of the slot numbers (element * slots +
+ * slot), values and needs (1: in or at the end of a region, classify from
+ * the start; 2: in no region and not C memory, look among the call's
+ * owners) that the Python checker must classify.  A slot is settled when its
  * value is
  *
  *   - NULL;
@@ -46,38 +48,47 @@ static int is_pinned(uint64_t packed)
     return (packed & 3u) == (uint64_t)PB_REGION_PINNED;
 }
 
-/* 1 if the value needs Python's attention, 0 if settled. */
+/* 0 if the value is settled; else NEEDS_REGION (a region or a pin's end:
+ * Python classifies it from the start) or NEEDS_OWNER (in no region, not C
+ * memory: Python goes straight to the call's owners). */
+enum { SETTLED = 0, NEEDS_REGION = 1, NEEDS_OWNER = 2 };
+
 static int needs_python(uintptr_t value, uint32_t flags, int level2)
 {
     uint64_t packed = pb__region_lookup(value);
     if (packed)
-        return !(is_pinned(packed) && !(flags & PB_SLOT_WALKABLE));
+        return is_pinned(packed) && !(flags & PB_SLOT_WALKABLE) ? SETTLED : NEEDS_REGION;
     /* Not in a region but the byte before is: the value is that region's end
      * (C keeps end pointers, zlib's next_in).  One past a pin is the pin's. */
     packed = pb__region_lookup(value - 1);
     if (packed && is_pinned(packed))
-        return (flags & PB_SLOT_WALKABLE) != 0;
+        return (flags & PB_SLOT_WALKABLE) ? NEEDS_REGION : SETTLED;
+    if (packed)
+        return NEEDS_REGION;
     if (pb__alloc_block_size(value))
-        return 0;
+        return SETTLED;
     if (level2) {
         struct pb_iblock block;
         if (pb__interpose_find(value, &block) && !block.python)
-            return 0;
+            return SETTLED;
     }
-    return 1;
+    return NEEDS_OWNER;
 }
 
-static int append_pair(PyObject **out, Py_ssize_t k, uintptr_t value)
+static int append_hit(PyObject **out, Py_ssize_t k, uintptr_t value, int need)
 {
     if (*out == NULL && (*out = PyList_New(0)) == NULL)
         return -1;
     PyObject *key = PyLong_FromSsize_t(k);
     PyObject *val = PyLong_FromUnsignedLongLong((unsigned long long)value);
+    PyObject *how = PyLong_FromLong(need);
     int rc = -1;
-    if (key != NULL && val != NULL && PyList_Append(*out, key) == 0 && PyList_Append(*out, val) == 0)
+    if (key != NULL && val != NULL && how != NULL && PyList_Append(*out, key) == 0 &&
+        PyList_Append(*out, val) == 0 && PyList_Append(*out, how) == 0)
         rc = 0;
     Py_XDECREF(key);
     Py_XDECREF(val);
+    Py_XDECREF(how);
     return rc;
 }
 
@@ -172,9 +183,10 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
             memcpy(&slot, slots + (size_t)s * sizeof slot, sizeof slot);
             uintptr_t value;
             memcpy(&value, (const void *)(element + slot.offset), sizeof value);
-            if (value == 0 || !needs_python(value, slot.flags, level2))
+            int need = value == 0 ? SETTLED : needs_python(value, slot.flags, level2);
+            if (need == SETTLED)
                 continue;
-            if (append_pair(&out, e * (Py_ssize_t)head.nslots + s, value) < 0) {
+            if (append_hit(&out, e * (Py_ssize_t)head.nslots + s, value, need) < 0) {
                 Py_XDECREF(out);
                 return NULL;
             }
@@ -191,7 +203,7 @@ static PyMethodDef slot_functions[] = {
     {"slots_init", m_slots_init, METH_O,
      "slots_init(ffi.typeof('void *')) -> bool: use cffi's C API for cdata addresses"},
     {"scan_slots", (PyCFunction)(void (*)(void))m_scan_slots, METH_FASTCALL,
-     "scan_slots(address, plan, count, level2) -> None or [k, value, ...]: the pointer slots\n"
+     "scan_slots(address, plan, count, level2) -> None or [k, value, need, ...]: the pointer slots\n"
      "of `count` objects laid out as `plan` that the checker must classify in Python"},
     {NULL, NULL, 0, NULL},
 };

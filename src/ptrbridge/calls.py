@@ -475,6 +475,32 @@ _INTERNAL = frozenset({
 })
 
 
+def _is_cffi_constant(library: Any, name: str, value: Any) -> bool:
+    """Whether ``library.name`` is a constant (``#define``, enum) of a cffi library: it never changes.
+
+    An ABI-mode library caches constants in its instance dict and reads
+    variables through properties; an API-mode ``lib`` cannot take the address
+    of a constant (it can of a variable).
+    """
+    if isinstance(library, ctypes.CDLL):
+        return False
+    if type(library) is _LIB_TYPE:
+        try:
+            ffi.addressof(library, name)
+        except AttributeError as exc:
+            return "constant" in str(exc)
+        except Exception:
+            return False
+        return False
+    try:
+        return vars(library).get(name, _MISSING) is value
+    except TypeError:
+        return False
+
+
+_MISSING = object()
+
+
 def _unwrap_functions(args: Tuple[Any, ...], positions: Tuple[int, ...]) -> Tuple[Any, ...]:
     """Checked functions passed where C takes a function pointer: pass the real function."""
     items = list(args)
@@ -523,10 +549,12 @@ class CheckedLibrary:
             raw = getattr(self._lib, name)
             checked = self._build(name, raw)
             if checked is None:
-                # A constant, type or C variable: read through every time, so
-                # that a variable C changes is never seen stale (the name is
-                # remembered, so that is all a later read does).
-                if len(self._plain) < 65536:
+                if _is_cffi_constant(self._lib, name, raw):
+                    self.__dict__[name] = raw  # a constant never changes: a plain attribute from now on
+                elif len(self._plain) < 65536:
+                    # A type or C variable: read through every time, so that a variable
+                    # C changes is never seen stale (the name is remembered, so that is
+                    # all a later read does).
                     self._plain.add(name)
                 return raw
             if getattr(checked, "_ptrbridge_trivial", False):

@@ -279,28 +279,43 @@ def _sizeof(ctype: Any) -> int:
     return int(ffi.sizeof(ctype)) if isinstance(ctype, _CType) else ctypes.sizeof(ctype)
 
 
-@dataclass(frozen=True)
 class Owner:
-    """What a pointer target belongs to."""
+    """What a pointer target belongs to (immutable; compared by value)."""
 
-    start: int
-    size: int
-    described: Any  # the description, or a callable making it (caller locals: only when reported)
-    pinned: bool
-    origin: str  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
+    __slots__ = ("start", "size", "described", "pinned", "origin")
+
+    def __init__(self, start: int, size: int, described: Any, pinned: bool, origin: str) -> None:
+        self.start = start
+        self.size = size
+        # The description, or a callable making it (caller locals: only when reported).
+        self.described = described
+        self.pinned = pinned
+        self.origin = origin  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
 
     @property
     def description(self) -> str:
         """The object, e.g. ``bytearray(4096)`` (made on first use)."""
         text = self.described
         if callable(text):
-            text = text()
-            object.__setattr__(self, "described", text)
+            text = self.described = text()
         return str(text)
 
     @property
     def end(self) -> int:
         return self.start + self.size
+
+    def _key(self) -> Tuple[int, int, bool, str]:
+        return (self.start, self.size, self.pinned, self.origin)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Owner) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Owner(start={self.start:#x}, size={self.size}, description={self.description!r}, "
+                f"pinned={self.pinned}, origin={self.origin!r})")
 
 
 def _buffer_extent(obj: Any) -> Optional[Tuple[int, int]]:
@@ -378,6 +393,10 @@ class CallCheck:
             # No Python object can live there, so the caller-locals search (the slow part,
             # for pointer-heavy C structures such as librdkafka's) is skipped.
             return None
+        return self._classify_unknown(address)
+
+    def _classify_unknown(self, address: int) -> Optional[Owner]:
+        """:meth:`classify` for an address in no region and not C memory (as scan_slots found)."""
         owner = self._local_owner(address)
         if owner is not None:
             return owner
@@ -544,9 +563,10 @@ class CallCheck:
         hits = _scan_slots(address, layout.plan, count, levels._level == 2)
         if hits is None:  # every slot NULL, C memory, or pinned with nothing to walk on
             return
-        for i in range(0, len(hits), 2):
+        for i in range(0, len(hits), 3):
             k, value = hits[i], hits[i + 1]
-            owner = self.classify(value)
+            # NEEDS_OWNER (2): scan_slots found it in no region and not C memory.
+            owner = self._classify_unknown(value) if hits[i + 2] == 2 else self.classify(value)
             if owner is None:
                 freed = self._find_freed(value)
                 if freed is not None:
