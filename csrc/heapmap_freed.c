@@ -638,6 +638,11 @@ void pb__heapmap_clock_read(uint64_t out[3])
     out[2] = c.lock;
 }
 
+void pb__heapmap_clock_store(uint64_t *clocks, size_t slot)
+{
+    pb__heapmap_clock_read(clocks + 3 * slot);
+}
+
 long long pb__heapmap_frees_since(uintptr_t addr, const uint64_t since[3])
 {
     long long n = 0;

@@ -246,6 +246,10 @@ int pb__heapmap_installed(void);
  * out[2] = lock.  Lock-free; any thread. */
 void pb__heapmap_clock_read(uint64_t out[3]);
 
+/* The same, into clocks[3 * slot .. 3 * slot + 2]: one call for a table of
+ * stamps kept in C memory (ptrbridge.scanning's lend records). */
+void pb__heapmap_clock_store(uint64_t *clocks, size_t slot);
+
 /* How many frees of blocks containing addr the history holds since the
  * clock since[3] (as pb__heapmap_clock_read gives it) was read, or -1 if
  * that is not known: the history was forgotten since (another epoch), or

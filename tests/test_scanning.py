@@ -357,6 +357,25 @@ def test_lend_inside_freed_ffi_new_memory_names_it_once() -> None:
     assert proc.stdout.splitlines() == ["[\"bytearray(100) 'A'\"]", "[]"], proc.stdout
 
 
+def test_lend_history_keeps_the_newest_lends() -> None:
+    from ptrbridge import scanning
+
+    base = 0x7F0000000000
+    with scanning._lock:
+        try:
+            for i in range(scanning.LENT_HISTORY + 1000):
+                scanning._remember_lend(base + 64 * i, 32, "d", "f", "s")
+            scanning._remember_lend(base + 64 * 5000, 32, "again", "f", "s")  # re-lent: newest now
+            kept = [s for s in scanning._lent if base <= s < base + 64 * (scanning.LENT_HISTORY + 1000)]
+            assert len(scanning._lent) <= scanning.LENT_HISTORY
+            assert base + 64 * (scanning.LENT_HISTORY + 999) in kept  # the newest
+            assert base + 64 * 5000 in kept and base + 64 * 1000 not in kept  # the oldest went first
+            assert scanning._lends_overlapping(base + 64 * 5000 - 16, 64) == [base + 64 * 5000]
+        finally:
+            for start in [s for s in scanning._lent if base <= s < base + 64 * (scanning.LENT_HISTORY + 1000)]:
+                scanning._forget_lend(start)
+
+
 def test_heap_map_recognises_raw_addresses_in_structs(level2: None) -> None:
     libc_ffi = cffi.FFI()
     libc_ffi.cdef("struct iovec { void *iov_base; size_t iov_len; };"

@@ -38,7 +38,6 @@ import itertools
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
@@ -186,26 +185,20 @@ Description = Union[str, Callable[[], str]]
 """A region's description, or a function that makes it (called only when a report needs it)."""
 
 
-@dataclass
-class _Lend:
-    """What a call lent: kept until a report needs it, or the history is full."""
-
-    size: int
-    description: Description
-    function: str
-    site: Description
-    order: int
-    clock: Tuple[int, int, int]  # the heap map's free clock when lent (pb__heapmap_clock_read)
-
-
 _PAGE_SHIFT = 12
-# start -> _Lend, oldest first; indexed by the page each lend starts in (lends longer than a
-# page are also in _lent_long), so finding the lends inside a freed block is not a walk of all.
-_lent: "OrderedDict[int, _Lend]" = OrderedDict()
+# start -> (size, description, function, site, seq).  Lend number seq has slot
+# seq % LENT_HISTORY in _clocks (the heap map's free clock when it was made) and in
+# _slot_start; a new lend taking a slot forgets the old one, so at most LENT_HISTORY
+# are kept, the oldest going first.  Indexed by the page each lend starts in (lends
+# longer than a page are also in _lent_long), so finding the lends inside a freed
+# block is not a walk of them all.
+_Lend = Tuple[int, Description, str, Description, int]
+_lent: Dict[int, _Lend] = {}
 _lent_pages: Dict[int, Set[int]] = {}
 _lent_long: Set[int] = set()
-_lent_order = itertools.count()
-_clock = ffi.new("uint64_t[3]")  # scratch for the clock, used under _lock
+_lent_seq = 0
+_slot_start: List[Optional[int]] = [None] * LENT_HISTORY
+_clocks = ffi.new("uint64_t[]", 3 * LENT_HISTORY)  # written under _lock
 
 
 def _text(description: Description) -> str:
@@ -213,28 +206,35 @@ def _text(description: Description) -> str:
 
 
 def _forget_lend(start: int) -> None:
-    lend = _lent.pop(start, None)
-    if lend is None:
-        return
+    del _lent[start]
     page = start >> _PAGE_SHIFT
-    starts = _lent_pages.get(page)
-    if starts is not None:
-        starts.discard(start)
-        if not starts:
-            del _lent_pages[page]
+    starts = _lent_pages[page]
+    starts.discard(start)
+    if not starts:
+        del _lent_pages[page]
     _lent_long.discard(start)
 
 
 def _remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
-    _forget_lend(start)
-    lib.pb__heapmap_clock_read(_clock)
-    _lent[start] = _Lend(size, description, function, site, next(_lent_order),
-                         (int(_clock[0]), int(_clock[1]), int(_clock[2])))
-    _lent_pages.setdefault(start >> _PAGE_SHIFT, set()).add(start)
+    global _lent_seq
+    if start in _lent:
+        _forget_lend(start)
+    seq = _lent_seq
+    _lent_seq = seq + 1
+    slot = seq % LENT_HISTORY
+    old = _slot_start[slot]
+    if old is not None and old in _lent and _lent[old][4] % LENT_HISTORY == slot:
+        _forget_lend(old)  # the oldest lend kept: its slot is needed
+    _slot_start[slot] = start
+    lib.pb__heapmap_clock_store(_clocks, slot)
+    _lent[start] = (size, description, function, site, seq)
+    starts = _lent_pages.get(start >> _PAGE_SHIFT)
+    if starts is None:
+        _lent_pages[start >> _PAGE_SHIFT] = {start}
+    else:
+        starts.add(start)
     if size > 1 << _PAGE_SHIFT:
         _lent_long.add(start)
-    while len(_lent) > LENT_HISTORY:
-        _forget_lend(next(iter(_lent)))
 
 
 def _lends_overlapping(start: int, size: int) -> List[int]:
@@ -247,7 +247,7 @@ def _lends_overlapping(start: int, size: int) -> List[int]:
         candidates = [s for page in range(first, last + 1) for s in _lent_pages.get(page, ())]
         candidates += _lent_long
     return [s for s in set(candidates)
-            if start <= s < end or s <= start < s + max(_lent[s].size, 1)]
+            if start <= s < end or s <= start < s + max(_lent[s][0], 1)]
 
 
 def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Target]:
@@ -261,21 +261,21 @@ def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Targ
     inside are forgotten once matched, so a later free at the same address cannot match
     them, and a lend whose address the heap map has seen freed twice since is not this block's.
     """
-    best: Optional[Tuple[int, _Lend]] = None
+    best: Optional[_Lend] = None
     for lent_start in _lends_overlapping(start, size):
         lend = _lent[lent_start]
-        frees = int(lib.pb__heapmap_frees_since(lent_start, lend.clock))
+        clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
+        frees = int(lib.pb__heapmap_frees_since(lent_start, clock))
         if frees != 1 and not (consume and frees == 0):  # a big ffi.new block is malloc'd through
             continue                                     # Python's raw allocator: the heap map saw it
-        if best is None or lend.order > best[1].order:
-            best = (lent_start, lend)
+        if best is None or lend[4] > best[4]:
+            best = lend
     if consume:
         for lent_start in _lends_overlapping(start, size):
             _forget_lend(lent_start)
     if best is None:
         return None
-    lend = best[1]
-    return _Target(start, size, _text(lend.description), lend.function, _text(lend.site), "freed")
+    return _Target(start, size, _text(best[1]), best[2], _text(best[3]), "freed")
 
 
 def remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
