@@ -30,48 +30,52 @@
 #include <frameobject.h>
 #endif
 
-#if PY_VERSION_HEX < 0x030D0000
-static int append_pair(PyObject *out, PyObject *name, PyObject *value)
+/* Called with each bound variable (borrowed references, valid for the call;
+ * a visitor that may run Python code must hold `value` itself).  Returns 0,
+ * or -1 with an exception set to stop. */
+typedef int (*variable_visitor)(void *ctx, PyObject *name, PyObject *value);
+
+static int append_pair(void *out, PyObject *name, PyObject *value)
 {
     PyObject *pair = PyTuple_Pack(2, name, value);
     if (pair == NULL)
         return -1;
-    int rc = PyList_Append(out, pair);
+    int rc = PyList_Append((PyObject *)out, pair);
     Py_DECREF(pair);
     return rc;
 }
-#endif
 
-static int append_items(PyObject *out, PyObject *mapping)
+static int visit_items(PyObject *mapping, variable_visitor visit, void *ctx)
 {
-    PyObject *items = PyMapping_Items(mapping);
+    PyObject *items = PyMapping_Items(mapping); /* a copy: the visitor may change the mapping */
     if (items == NULL)
         return -1;
     Py_ssize_t n = PyList_GET_SIZE(items);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyList_Append(out, PyList_GET_ITEM(items, i)) < 0) {
-            Py_DECREF(items);
-            return -1;
-        }
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(items, i);
+        if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2)
+            rc = visit(ctx, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
     }
     Py_DECREF(items);
-    return 0;
+    return rc;
 }
 
-static int read_variables(PyFrameObject *frame, PyObject *out)
+/* Visits the frame's bound variables without building anything for a fast frame. */
+static int read_variables(PyFrameObject *frame, variable_visitor visit, void *out)
 {
 #if PY_VERSION_HEX >= 0x030D0000
     PyObject *view = PyFrame_GetLocals(frame); /* a write-through view: no snapshot */
     if (view == NULL)
         return -1;
-    int rc = append_items(out, view);
+    int rc = visit_items(view, visit, out);
     Py_DECREF(view);
     return rc;
 #elif defined(PB_INTERNAL_FRAMES)
     _PyInterpreterFrame *f = frame->f_frame;
     PyCodeObject *co = f->f_code;
     if (!(co->co_flags & CO_OPTIMIZED))
-        return f->f_locals != NULL ? append_items(out, f->f_locals) : 0;
+        return f->f_locals != NULL ? visit_items(f->f_locals, visit, out) : 0;
     for (int i = 0; i < co->co_nlocalsplus; i++) {
         PyObject *value = f->localsplus[i];
         if (value == NULL)
@@ -82,18 +86,18 @@ static int read_variables(PyFrameObject *frame, PyObject *out)
             if (value == NULL)
                 continue;
         }
-        if (append_pair(out, PyTuple_GET_ITEM(co->co_localsplusnames, i), value) < 0)
+        if (visit(out, PyTuple_GET_ITEM(co->co_localsplusnames, i), value) < 0)
             return -1;
     }
     return 0;
 #else
     PyCodeObject *co = frame->f_code;
     if (!(co->co_flags & CO_OPTIMIZED))
-        return frame->f_locals != NULL ? append_items(out, frame->f_locals) : 0;
+        return frame->f_locals != NULL ? visit_items(frame->f_locals, visit, out) : 0;
     int nlocals = co->co_nlocals;
     for (int i = 0; i < nlocals; i++) {
         PyObject *value = frame->f_localsplus[i];
-        if (value != NULL && append_pair(out, PyTuple_GET_ITEM(co->co_varnames, i), value) < 0)
+        if (value != NULL && visit(out, PyTuple_GET_ITEM(co->co_varnames, i), value) < 0)
             return -1;
     }
     /* Cell variables, then free variables, follow the locals; each slot holds a cell. */
@@ -104,7 +108,7 @@ static int read_variables(PyFrameObject *frame, PyObject *out)
         for (Py_ssize_t j = 0; j < n; j++, slot++) {
             PyObject *cell = frame->f_localsplus[slot];
             PyObject *value = cell != NULL && PyCell_Check(cell) ? PyCell_GET(cell) : NULL;
-            if (value != NULL && append_pair(out, PyTuple_GET_ITEM(groups[g], j), value) < 0)
+            if (value != NULL && visit(out, PyTuple_GET_ITEM(groups[g], j), value) < 0)
                 return -1;
         }
     }
@@ -123,7 +127,7 @@ static PyObject *m_frame_variables(PyObject *self, PyObject *arg)
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    if (read_variables((PyFrameObject *)arg, out) < 0) {
+    if (read_variables((PyFrameObject *)arg, append_pair, out) < 0) {
         Py_DECREF(out);
         return NULL;
     }
@@ -481,6 +485,23 @@ static int add_variable(OwnerIndex *self, PyObject *name, PyObject *value)
 
 static PyTypeObject OwnerIndexType;
 
+struct variable_ctx {
+    OwnerIndex *index;
+    PyObject *hold; /* keeps every variable's value referenced while the build runs */
+};
+
+static int index_variable(void *arg, PyObject *name, PyObject *value)
+{
+    struct variable_ctx *ctx = arg;
+    if (never_owning(value))
+        return 0;
+    /* The seen set borrows what it marks, and the visit may run Python code
+     * (cdata_extent) that rebinds the variable: hold the value and its name. */
+    if (PyList_Append(ctx->hold, value) < 0 || PyList_Append(ctx->hold, name) < 0)
+        return -1;
+    return add_variable(ctx->index, name, value);
+}
+
 static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -535,18 +556,8 @@ static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize
     for (Py_ssize_t depth = 0; rc == 0 && frame != NULL && depth < nframes; depth++) {
         if (!PyFrame_Check(frame))
             break;
-        PyObject *vars = PyList_New(0);
-        if (vars == NULL || read_variables((PyFrameObject *)frame, vars) < 0 || PyList_Append(hold, vars) < 0) {
-            Py_XDECREF(vars);
-            rc = -1;
-            break;
-        }
-        Py_DECREF(vars); /* held by `hold` */
-        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(vars); i++) {
-            PyObject *pair = PyList_GET_ITEM(vars, i);
-            if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2)
-                rc = add_variable(self, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
-        }
+        struct variable_ctx ctx = {self, hold};
+        rc = read_variables((PyFrameObject *)frame, index_variable, &ctx);
         PyObject *back = (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
         Py_DECREF(frame);
         frame = back;

@@ -197,7 +197,20 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
     return out;
 }
 
+static PyObject *m_in_c_heap(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    uintptr_t address;
+    if (address_arg(arg, &address) < 0)
+        return NULL;
+    struct pb_iblock block;
+    return PyBool_FromLong(pb__interpose_find(address, &block) && !block.python);
+}
+
 static PyMethodDef slot_functions[] = {
+    {"in_c_heap", m_in_c_heap, METH_O,
+     "in_c_heap(address) -> bool: inside a live block an interposed C library got from malloc\n"
+     "(not one the interposer marks as Python memory)"},
     {"cdata_address", m_cdata_address, METH_O,
      "cdata_address(p) -> int: the address of a pointer or array cdata (an int as is)"},
     {"slots_init", m_slots_init, METH_O,

@@ -343,7 +343,7 @@ def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
 class CallCheck:
     """Checks the arguments of one call.  Create one per call; not thread-shared."""
 
-    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending")
+    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending", "_c_heap")
 
     def __init__(self, function: str, frame: Any, args: Sequence[Any], record: bool = False) -> None:
         self.function = function
@@ -353,6 +353,7 @@ class CallCheck:
         self._frame = frame  # the caller's frame: its locals, and the call site for messages
         self._known: Any = None  # native.owner_index of this call, made on first need
         self._visited: set = set()
+        self._c_heap: Optional[Dict[int, bool]] = None  # address -> in a live interposed C block
 
     # -- ownership -----------------------------------------------------
     def _local_owner(self, address: int) -> Optional[Owner]:
@@ -388,7 +389,7 @@ class CallCheck:
             return Owner(edge.start, edge.size, edge.description, True, f"pinned at {edge.site}")
         if lib.pb__alloc_block_size(address):
             return None  # the start of a tracked C block: C memory
-        if levels._level == 2 and _in_c_heap_block(address):
+        if levels._level == 2 and self._in_c_heap(address):
             # Inside a live block that libc's malloc gave an interposed C library: C memory.
             # No Python object can live there, so the caller-locals search (the slow part,
             # for pointer-heavy C structures such as librdkafka's) is skipped.
@@ -407,6 +408,16 @@ class CallCheck:
                              f"Python memory block ({block.size} bytes, {block.domain} allocator)", False,
                              "found by the level-2 heap map")
         return None
+
+    def _in_c_heap(self, address: int) -> bool:
+        """:func:`_in_c_heap_block`, remembered for the call (classify and the freed search ask both)."""
+        memo = self._c_heap
+        if memo is None:
+            memo = self._c_heap = {}
+        known = memo.get(address)
+        if known is None:
+            known = memo[address] = _in_c_heap_block(address)
+        return known
 
     # -- messages --------------------------------------------------------
     def _where(self) -> str:
@@ -467,6 +478,12 @@ class CallCheck:
             if freed is not None and lookup(address) is None:
                 return freed
         if levels._level == 2:
+            if self._in_c_heap(address):
+                # Live C memory from an interposed library's malloc: whatever Python freed
+                # there before was given back and reused by C, so nothing dangles.  (And the
+                # heap map's freed-block search is the slow part of a level-2 call that
+                # passes a C object, such as a decoder state.)
+                return None
             block = heapmap.find_freed_block(address)  # None while a live block holds the address
             # Only pymalloc's small blocks are certain: nobody but Python reuses them, and a
             # reuse would be a live block.  A freed raw, numpy or large block is libc heap
@@ -657,8 +674,7 @@ def _in_c_heap_block(address: int) -> bool:
     Blocks the interposer marks as Python memory (``ffi.new`` through
     ``_cffi_backend``) are Python's, so they do not count.
     """
-    block = ffi.new("struct pb_iblock *")  # per call: the GIL may pass to another thread in between
-    return bool(lib.pb__interpose_find(address, block)) and not block.python
+    return bool(native.in_c_heap(address))
 
 
 _ArrayType = array.array
