@@ -145,7 +145,10 @@ static PyObject *m_frame_variables(PyObject *self, PyObject *arg)
  * alive for their pointer fields (`_objects`).  The index reads them once,
  * keeps (start, end, object, origin) of those that own memory, and answers
  * each address with a scan in insertion order (the first owner wins, as the
- * messages name it); the owner's text is made only for a hit.
+ * messages name it); the owner's text is made only for a hit.  The
+ * arguments are read at once, the frames one at a time and only when an
+ * address is in nothing read so far (usually the caller's own variables
+ * answer, and the frames above are never read).
  *
  * What owns memory (the rest owns nothing):
  *   - owning cffi cdata: asked of checking's cdata_extent(obj);
@@ -153,8 +156,9 @@ static PyObject *m_frame_variables(PyObject *self, PyObject *arg)
  *   - bytes, bytearray, memoryview, array.array, and objects whose *type*
  *     has __array_interface__ (numpy): their buffer, if it can be exported
  *     and is contiguous (a failed export owns nothing).
- * The index holds strong references only while it lives (the call's check);
- * it holds neither frames nor the caller's namespaces.
+ * The index holds strong references (to what it met, and to the next frame
+ * to read) only while it lives: the call's check, which drops it when the
+ * call returns.
  */
 enum origin_base { ORIGIN_ARGUMENT, ORIGIN_LOCAL, ORIGIN_ITEM, ORIGIN_KEY };
 
@@ -182,8 +186,11 @@ typedef struct {
     struct owner_entry *entries;
     Py_ssize_t n, cap, limit;
     uintptr_t low, high; /* bounds of every entry, for a quick miss */
-    PyObject **seen; /* open-addressing set of object pointers, during the build */
+    PyObject **seen; /* open-addressing set of the objects met (borrowed: `hold` keeps them) */
     size_t seen_cap, seen_n;
+    PyObject *hold;  /* list: every object met, referenced while the index lives */
+    PyObject *frame; /* the next frame to read, or NULL */
+    Py_ssize_t frames_left;
 } OwnerIndex;
 
 static struct {
@@ -209,6 +216,8 @@ static void owner_index_dealloc(OwnerIndex *self)
     }
     PyMem_Free(self->entries);
     PyMem_Free(self->seen);
+    Py_XDECREF(self->frame);
+    Py_XDECREF(self->hold);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -531,9 +540,10 @@ static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize
     self->low = self->high = 0;
     self->seen = NULL;
     self->seen_cap = self->seen_n = 0;
-    /* Objects met are kept referenced while the build runs (mark_seen borrows). */
-    PyObject *hold = PyList_New(0);
-    int rc = hold == NULL ? -1 : 0;
+    self->frame = NULL;
+    self->frames_left = 0;
+    self->hold = PyList_New(0);
+    int rc = self->hold == NULL ? -1 : 0;
     for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(call_args); i++) {
         PyObject *arg = PySequence_Fast_GET_ITEM(call_args, i);
         if (owners_cfg.carg_type != NULL && Py_TYPE(arg) == owners_cfg.carg_type) {
@@ -542,38 +552,48 @@ static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize
             if (inner == NULL) {
                 PyErr_Clear();
             } else {
-                rc = PyList_Append(hold, inner);
+                rc = PyList_Append(self->hold, inner);
                 Py_DECREF(inner);
                 arg = inner; /* held by `hold` */
             }
         }
+        if (rc == 0)
+            rc = PyList_Append(self->hold, arg); /* the seen set borrows it */
         if (rc == 0) {
             struct origin o = {ORIGIN_ARGUMENT, i + 1, NULL, NULL, 0};
             rc = add_object(self, arg, &o);
         }
     }
-    PyObject *frame = args[1] == Py_None ? NULL : Py_NewRef(args[1]);
-    for (Py_ssize_t depth = 0; rc == 0 && frame != NULL && depth < nframes; depth++) {
-        if (!PyFrame_Check(frame))
-            break;
-        struct variable_ctx ctx = {self, hold};
-        rc = read_variables((PyFrameObject *)frame, index_variable, &ctx);
-        PyObject *back = (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
-        Py_DECREF(frame);
-        frame = back;
-    }
-    Py_XDECREF(frame);
     Py_DECREF(call_args);
-    /* The seen set borrows the objects `hold` and the entries keep alive: drop it first. */
-    PyMem_Free(self->seen);
-    self->seen = NULL;
-    self->seen_cap = self->seen_n = 0;
-    Py_XDECREF(hold);
     if (rc < 0) {
         Py_DECREF(self);
         return NULL;
     }
+    /* The frames are read one at a time, when an address is found in nothing read so far. */
+    if (args[1] != Py_None && PyFrame_Check(args[1]) && nframes > 0) {
+        self->frame = Py_NewRef(args[1]);
+        self->frames_left = nframes;
+    }
     return (PyObject *)self;
+}
+
+/* Reads the next frame's variables into the index: 1 if it did, 0 if none is left, -1 on error. */
+static int read_next_frame(OwnerIndex *self)
+{
+    PyObject *frame = self->frame;
+    if (frame == NULL)
+        return 0;
+    self->frame = NULL;
+    struct variable_ctx ctx = {self, self->hold};
+    int rc = read_variables((PyFrameObject *)frame, index_variable, &ctx);
+    if (rc == 0 && --self->frames_left > 0) {
+        PyObject *back = (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
+        if (back != NULL && !PyFrame_Check(back))
+            Py_CLEAR(back);
+        self->frame = back;
+    }
+    Py_DECREF(frame);
+    return rc < 0 ? -1 : 1;
 }
 
 static PyObject *origin_text(const struct owner_entry *e)
@@ -606,19 +626,29 @@ static PyObject *owner_index_find(OwnerIndex *self, PyObject *arg)
     uintptr_t address = (uintptr_t)PyLong_AsUnsignedLongLong(arg);
     if (address == (uintptr_t)-1 && PyErr_Occurred())
         return NULL;
-    if (self->n == 0 || address < self->low || address > self->high)
-        Py_RETURN_NONE;
-    for (Py_ssize_t i = 0; i < self->n; i++) {
-        const struct owner_entry *e = &self->entries[i];
-        if ((e->start <= address && address < e->end) || address == e->start) {
-            PyObject *origin = origin_text(e);
-            if (origin == NULL)
-                return NULL;
-            return Py_BuildValue("(KnON)", (unsigned long long)e->start, (Py_ssize_t)(e->end - e->start),
-                                 e->obj, origin);
+    Py_ssize_t from = 0;
+    for (;;) {
+        int complete = self->frame == NULL;
+        if (!complete || !(self->n == 0 || address < self->low || address > self->high)) {
+            for (Py_ssize_t i = from; i < self->n; i++) {
+                const struct owner_entry *e = &self->entries[i];
+                if ((e->start <= address && address < e->end) || address == e->start) {
+                    PyObject *origin = origin_text(e);
+                    if (origin == NULL)
+                        return NULL;
+                    return Py_BuildValue("(KnON)", (unsigned long long)e->start,
+                                         (Py_ssize_t)(e->end - e->start), e->obj, origin);
+                }
+            }
         }
+        /* Not among the owners read so far: read the next frame (its owners come after). */
+        from = self->n;
+        int more = read_next_frame(self);
+        if (more < 0)
+            return NULL;
+        if (more == 0)
+            Py_RETURN_NONE;
     }
-    Py_RETURN_NONE;
 }
 
 static Py_ssize_t owner_index_len(OwnerIndex *self)

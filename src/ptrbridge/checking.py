@@ -543,6 +543,10 @@ class CallCheck:
 
     def finish(self) -> None:
         """End of the call's checks: raise the R1 violation found, if any (explicit wrap)."""
+        # The owner index may hold a frame above the caller (the next one it would read):
+        # dropped here, so that a raised error's traceback, which holds this check, makes
+        # no reference cycle through the caller's frames (they must die when the caller drops them).
+        self._known = None
         pending, self._pending = self._pending, None
         if pending is not None:
             raise pending
