@@ -250,8 +250,10 @@ def _arg_shape(ctype: Any) -> Tuple[int, Any, bool]:
         kind = ctype.kind
         if kind in ("pointer", "array"):
             layout = layout_of(ctype.item)
-            walk = layout is not None and bool(layout.slots) and bool(layout.size)
-            shape = (_WALK, layout.plan, kind == "array") if walk else (_FLAT, None, kind == "array")
+            if layout is not None and layout.slots and layout.size:
+                shape = (_WALK, layout.plan, kind == "array")
+            else:
+                shape = (_FLAT, None, kind == "array")
         else:
             shape = (_OTHER, None, False)
         if len(_arg_shapes) < 4096:
@@ -349,7 +351,7 @@ def _settled_ctypes(arg: Any, lent: List[Any]) -> bool:
 
     True only where :func:`_check_ctypes_arg` would find nothing and lend the same object.
     """
-    obj = arg._obj if type(arg) is _CArgObject else arg
+    obj = getattr(arg, "_obj") if type(arg) is _CArgObject else arg
     kind = type(obj)
     plan = _ctypes_plans.get(kind, False)
     if plan is False:
