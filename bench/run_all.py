@@ -95,7 +95,7 @@ def main() -> int:
         rows, seconds = run(name, script, full if opts.full else quick, opts.timeout)
         print(f"[{name}: {len(rows)} rows in {seconds:.0f} s]", file=sys.stderr)
         table.extend(rows)
-    width = min(max((len(r[0]) for r in table), default=10), 100)
+    width = min(max((len(r[0]) for r in table), default=10), 80)
     print(f"{'measure':<{width}}  {'result':>9}  {'target':<14}  verdict")
     for measure, result, target, mark in table:
         print(f"{measure[:width]:<{width}}  {result:>9}  {target[:14]:<14}  {mark}")

@@ -550,3 +550,20 @@ def test_level2_nested_lend_texts_do_not_keep_the_object_alive(cffi_lib: Tuple[A
     gc.collect()
     assert alive() is None  # neither the lend record nor its texts hold the object
     assert lend[1]() == "cdata 'char[]'(4)"
+
+
+def _classify_from_a_helper(address: int) -> Any:
+    helper_local = bytearray(3)  # noqa: F841 - an owner in the nearest frame, not the one asked for
+    return _check().classify(address)
+
+
+def test_owners_in_frames_above_the_caller_are_found_and_the_index_is_dropped_at_finish() -> None:
+    outer = bytearray(40)
+    address = int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(outer))) + 39
+    owner = _classify_from_a_helper(address)  # read lazily: the helper's frame, then this one
+    assert owner is not None and owner.origin == "local variable 'outer'" and owner.size == 40
+    check = _check()
+    assert check.classify(address) is not None and check._known is not None
+    check.finish()
+    assert check._known is None  # the index (and the frame it would read next) is gone
+    assert _check().classify(address + 1) is None  # one past the end of a local is not its
