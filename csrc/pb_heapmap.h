@@ -170,7 +170,7 @@ struct pb_heapmap_stats {
 /* Most freed blocks held back per domain (pb__heapmap_set_hold), and the
  * default hold: blocks and bytes per domain. */
 #define PB_HEAPMAP_HOLD_MAX 8192
-#define PB_HEAPMAP_HOLD_BLOCKS 1024
+#define PB_HEAPMAP_HOLD_BLOCKS 8192
 #define PB_HEAPMAP_HOLD_BYTES 4194304
 
 /* Installs the hooks and starts recording (takes the GIL).  numpy's handler

@@ -356,7 +356,7 @@ static const char *base_name(const char *path)
     return b;
 }
 
-static void put_backtrace(void *uctx, const char **where, const char **where_lib)
+static void put_backtrace(void *uctx, const char **where, const char **where_lib, uintptr_t *where_off)
 {
     void *frames[BACKTRACE_MAX];
     int n = backtrace(frames, BACKTRACE_MAX);
@@ -381,6 +381,7 @@ static void put_backtrace(void *uctx, const char **where, const char **where_lib
             *where = dl.dli_sname;
         if (dl.dli_fname != NULL)
             *where_lib = base_name(dl.dli_fname);
+        *where_off = pc - (uintptr_t)dl.dli_fbase;
     }
 }
 
@@ -456,7 +457,8 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_dec((uintmax_t)getpid());
     put_str("):\n");
     const char *where = NULL, *where_lib = NULL;
-    put_backtrace(uctx, &where, &where_lib);
+    uintptr_t where_off = 0;
+    put_backtrace(uctx, &where, &where_lib, &where_off);
     put_str("\n");
     put_hex(a);
     if (a >= s->data && a < end) {
@@ -502,11 +504,20 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_str(" (");
     put_str(access);
     put_str(") in ");
-    put_str(where != NULL ? where : "??");
-    if (where_lib != NULL) {
-        put_str(" (");
+    if (where != NULL) {
+        put_str(where);
+        if (where_lib != NULL) {
+            put_str(" (");
+            put_str(where_lib);
+            put_str(")");
+        }
+    } else if (where_lib != NULL) { /* no dynamic symbol (a static function): the library and
+                                       offset, as ASan prints them */
         put_str(where_lib);
-        put_str(")");
+        put_str("+");
+        put_hex(where_off);
+    } else {
+        put_str("??");
     }
     put_str(" on ");
     put_str(s->object);

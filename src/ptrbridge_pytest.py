@@ -95,11 +95,14 @@ def pytest_configure(config: Any) -> None:
         "PTRBRIDGE_QUARANTINE", True)
     from ptrbridge.pytest_plugin import Harness
 
-    config.pluginmanager.register(
-        Harness(int(level), watch, strict=strict, instrument=instrument, quarantine=quarantine,
-                report_path=config.getoption("ptrbridge_report", default=None)),
-        "ptrbridge-harness",
-    )
+    harness = Harness(int(level), watch, strict=strict, instrument=instrument, quarantine=quarantine,
+                      report_path=config.getoption("ptrbridge_report", default=None))
+    if harness.quarantine and config.getoption("capture", default="fd") == "fd":
+        # A quarantine report is written to fd 2 as the process dies of the signal: inside a test
+        # that is pytest's capture file, lost with the process.  fd 2 is the terminal here (the
+        # global capture is suspended while plugins configure, as for pytest's faulthandler).
+        harness.report_to_copy_of_stderr()
+    config.pluginmanager.register(harness, "ptrbridge-harness")
 
 
 def _env_flag(name: str, default: bool) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import ptrbridge
 from ptrbridge.testing import GrowthError, assert_no_growth, leaks
 
-from cbuild import build_extension
+from cbuild import build_extension, build_shared
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +448,37 @@ def test_run_instruments_an_unchanged_program(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checked"]["calls"] == 0 and report["findings"] == []
     assert any("checked 0 calls to C" in note for note in report["notes"])
+
+
+QUARANTINE_SUITE = """
+import cffi, os
+kffi = cffi.FFI()
+kffi.cdef("void keep_global(const char *p); int keeper_read(void);")
+k = kffi.dlopen(os.environ["KEEPER_SO"])   # unchanged: instrumented by the plugin
+
+
+def test_keeps_then_reads():
+    k.keep_global(b"lent for one call")   # C keeps the pointer...
+    assert k.keeper_read() > 0            # ...and reads it after the call returned
+"""
+
+
+@pytest.mark.parametrize("capture", ["fd", "no"])
+def test_quarantine_report_of_a_dying_test_reaches_the_terminal(tmp_path: Path, capture: str) -> None:
+    """The process dies of the signal inside a test, while pytest captures fd 2: the report must
+    not be lost with the capture file, nor printed twice when nothing is captured."""
+    so = build_shared("keeper.c", tmp_path)
+    (tmp_path / "test_q.py").write_text(QUARANTINE_SUITE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PTRBRIDGE_")}
+    env["KEEPER_SO"] = str(so)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ptrbridge=2",
+                           f"--capture={capture}", "test_q.py"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+    assert proc.returncode == -11, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("SUMMARY: ptrbridge: use-after-release (READ) in ") == 1, out
+    line = QUARANTINE_SUITE.splitlines().index('    k.keep_global(b"lent for one call")   # C keeps the pointer...') + 1
+    assert f"on bytes(17) lent to keep_global() at {tmp_path / 'test_q.py'}:{line}\n" in out, out
 
 
 def test_plugin_counts_instrumented_calls_per_test(pytester: pytest.Pytester) -> None:

@@ -42,7 +42,7 @@ void pbk_producer_free(struct pbk_producer *p)
     struct pbk_batch *b = p->head;
     while (b != NULL) {
         struct pbk_batch *next = b->next;
-        pb_free(b);
+        pbk_batch_free(b);
         b = next;
     }
     pthread_mutex_destroy(&p->lock);
@@ -51,7 +51,7 @@ void pbk_producer_free(struct pbk_producer *p)
 
 struct pbk_result *pbk_batch_results(struct pbk_batch *b)
 {
-    return (struct pbk_result *)(b + 1);
+    return b->results;
 }
 
 struct pbk_batch *pbk_batch_new(struct pbk_producer *p, int kind, uint32_t n,
@@ -59,10 +59,15 @@ struct pbk_batch *pbk_batch_new(struct pbk_producer *p, int kind, uint32_t n,
 {
     if (p == NULL || n == 0)
         return NULL;
-    struct pbk_batch *b = pb_malloc(sizeof *b + (size_t)n * sizeof(struct pbk_result));
+    struct pbk_batch *b = pb_malloc(sizeof *b);
     if (b == NULL)
         return NULL;
     memset(b, 0, sizeof *b);
+    b->results = pb_malloc((size_t)n * sizeof(struct pbk_result));
+    if (b->results == NULL) {
+        pb_free(b);
+        return NULL;
+    }
     b->n = n;
     b->remaining = n;
     b->kind = kind;
@@ -222,8 +227,10 @@ uint64_t pbk_inflight(struct pbk_producer *p)
 
 void pbk_batch_free(struct pbk_batch *b)
 {
-    if (b != NULL)
+    if (b != NULL) {
+        pb_free(b->results);
         pb_free(b);
+    }
 }
 
 const char *pbk_strerror(int status)

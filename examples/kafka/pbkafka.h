@@ -15,7 +15,9 @@
  *   PBK_HANDLE  the payloads are zero-copy, kept alive by a ptrbridge Handle:
  *               pb_handle_release(token);
  *   PBK_PIN     the payloads are zero-copy, pinned by a Pinner that Python
- *               unpins when it drains the batch.
+ *               unpins at the drain after the one that took the batch
+ *               (librdkafka may reference a payload from its ProduceRequest
+ *               buffer until just after it queued the reports).
  *
  * and appends the batch to the producer's completion queue (token, error
  * count), which Python drains in bulk with pbk_drain().
@@ -38,7 +40,7 @@
 enum pbk_kind {
     PBK_COPY = 1,    /* block: a transferred CBuffer, pb_free'd on completion */
     PBK_HANDLE = 2,  /* token: a Handle, pb_handle_release'd on completion */
-    PBK_PIN = 3      /* nothing in C: Python unpins on drain */
+    PBK_PIN = 3      /* nothing in C: Python unpins at the drain after this one */
 };
 
 /* The delivery report of one message (40 bytes; Python reads the array). */
@@ -64,7 +66,9 @@ struct pbk_batch {
     void *block;               /* PBK_COPY: the transferred CBuffer (NULL once freed) */
     struct pbk_producer *producer;
     struct pbk_batch *next;    /* completion queue link */
-    /* followed by n struct pbk_result (pbk_batch_results) */
+    struct pbk_result *results; /* n slots, a tracked block of their own: each block holds
+                                   exactly what the pointer to it says (one batch, n
+                                   results), as ptrbridge's checks read a T * into a block */
 };
 
 struct pbk_producer;

@@ -15,7 +15,7 @@ the delivery report.  :class:`Producer` offers the three ptrbridge ways:
     releases it with ``pb_handle_release`` when the last message is reported.
 ``strategy="pin"``
     Zero-copy: a :class:`ptrbridge.Pinner` per batch pins the payloads and is
-    unpinned when the batch is fully delivered (at level 2 the unpinned
+    unpinned once the batch is fully delivered, at the drain after (at level 2 the unpinned
     memory is scanned for pointers C kept).
 
 Delivery reports are handled in C (``pbkafka.c``): each message's report is
@@ -214,9 +214,19 @@ class Producer:
                       "pin": self._lib.PBK_PIN}[strategy]
         self._handles = ptrbridge.HandleTable(max_handles=max_inflight) if strategy == "handle" else None
         self._pinners: Dict[int, ptrbridge.Pinner] = {}  # batch id -> its Pinner ("pin")
+        # Pinners of batches fully reported, unpinned at the next drain (after one more
+        # rd_kafka_poll) or at close: see _drain
+        self._reported_pins: List[ptrbridge.Pinner] = []
         self._batches: Dict[int, Batch] = {}  # batch id -> Batch, in flight
         self._drain_buf = self._ffi.new("struct pbk_batch *[]", _DRAIN_MAX)
         self._next = self._ffi.new("uint32_t *")
+        # produce_batch's lengths and (pin) pointer arrays, allocated once and reused by
+        # every batch (grown by powers of two).  A fresh array per batch often lands where
+        # librdkafka freed messages whose neighbours still hold stale queue links to them;
+        # level 2 then reads those links as C keeping the array lent to pbk_produce (R2).
+        self._cap = 0
+        self._lens_a: Any = self._ffi.NULL
+        self._ptrs_a: Any = self._ffi.NULL
         self._errors: Dict[int, KafkaError] = {}
         self._slot_size = self._ffi.sizeof("struct pbk_result")
         assert self._slot_size == 8 * _SLOT_Q
@@ -359,7 +369,8 @@ class Producer:
         while lib.pbk_inflight(self._p) >= self.max_inflight:
             self.poll(0.001)
         sizes = list(map(len, payloads))
-        lens = ffi.new("size_t[]", sizes)
+        lens = self._arrays(n)
+        lens[0:n] = sizes
         pointers: Any = ffi.NULL
         keepalive: Any = None  # what backs `pointers` until the produce calls return
         pinner: Optional[ptrbridge.Pinner] = None
@@ -403,9 +414,20 @@ class Producer:
         self._batches[b.id] = batch
         if pinner is not None:
             self._pinners[b.id] = pinner
+            ffi.memmove(self._ptrs_a, pointers, n * ffi.sizeof("char *"))
+            pointers = self._ptrs_a
         self._enqueue(b, partition, pointers, lens)
         del keepalive
         return batch
+
+    def _arrays(self, n: int) -> Any:
+        """The reused arrays for ``n`` messages (grown as needed); returns the ``size_t[]`` lengths."""
+        if n > self._cap:
+            cap = max(64, 1 << (n - 1).bit_length())
+            self._lens_a = self._ffi.new("size_t[]", cap)
+            self._ptrs_a = self._ffi.new("char *[]", cap)
+            self._cap = cap
+        return self._lens_a
 
     def _new_handle(self, obj: Any) -> ptrbridge.Handle:
         assert self._handles is not None
@@ -444,10 +466,21 @@ class Producer:
         return self._drain()
 
     def _drain(self) -> int:
+        """Take the completed batches from C; unpin the Pinners of those taken before.
+
+        A batch's Pinner is not unpinned as soon as its last delivery report
+        is served: librdkafka may still reference a payload from its
+        ProduceRequest buffer (payloads that did not fit the buffer are pushed
+        by reference) until the broker thread destroys that buffer, just after
+        it queued the reports.  So a Pinner is unpinned at the drain after
+        (one more ``rd_kafka_poll`` later), and at :meth:`close` after
+        ``rd_kafka_destroy()`` joined librdkafka's threads.  At level 2 an
+        unpin that found C still pointing at a payload would say so (R2).
+        """
         ffi, lib, buf = self._ffi, self._lib, self._drain_buf
         total = 0
         problems: List[str] = []
-        raised: List[BaseException] = []
+        raised = self._unpin_reported()  # e.g. RetainedPointerError at level 2: raised after the loop
         while True:
             k = int(lib.pbk_drain(self._p, buf, _DRAIN_MAX))
             for i in range(k):
@@ -463,12 +496,10 @@ class Producer:
                         f" returned {ffi.string(lib.pbk_strerror(b.release_status)).decode()}"
                     )
                 lib.pbk_batch_free(b)
+                buf[i] = ffi.NULL  # no stale pointer to a freed batch left for the next pbk_drain's check
                 pinner = self._pinners.pop(batch_id, None)
                 if pinner is not None:
-                    try:
-                        pinner.unpin()  # every message reported: librdkafka dropped the pointers
-                    except Exception as exc:  # e.g. RetainedPointerError at level 2: report after the loop
-                        raised.append(exc)
+                    self._reported_pins.append(pinner)  # unpinned at the next drain
             total += k
             if k < _DRAIN_MAX:
                 break
@@ -477,6 +508,17 @@ class Producer:
         if problems:
             raise ProducerError("pbkafka: ptrbridge refused a release in the delivery callback: " + "; ".join(problems))
         return total
+
+    def _unpin_reported(self) -> List[BaseException]:
+        """Unpin the Pinners of the batches drained before; returns what the unpins raised."""
+        ready, self._reported_pins = self._reported_pins, []
+        raised: List[BaseException] = []
+        for pinner in ready:
+            try:
+                pinner.unpin()
+            except Exception as exc:
+                raised.append(exc)
+        return raised
 
     @property
     def inflight(self) -> int:
@@ -522,6 +564,11 @@ class Producer:
             self._drain()
             lib.pbk_producer_free(self._p)
             self._p = ffi.NULL
+        raised = self._unpin_reported()  # librdkafka's threads are gone
+        if raised:
+            raise raised[0]
+        self._lens_a = self._ptrs_a = ffi.NULL
+        self._cap = 0
 
     def __enter__(self) -> "Producer":
         return self
@@ -580,6 +627,8 @@ def consume(bootstrap_servers: str, topic: str, partition: int, count: int,
     """Read ``count`` messages of ``topic``/``partition`` from the start: ``[(offset, payload)]``.
 
     A plain librdkafka consumer (the legacy API), to check what was produced.
+    Gives up after ``timeout`` s without a new message (not ``timeout`` s in
+    all: under a checker each call may be slow) and returns what it read.
     """
     module = load(cache_dir)
     ffi, lib = module.ffi, module.lib
@@ -607,6 +656,7 @@ def consume(bootstrap_servers: str, topic: str, partition: int, count: int,
             try:
                 if m.err == 0:
                     out.append((int(m.offset), bytes(ffi.buffer(m.payload, m.len))))
+                    deadline = time.monotonic() + timeout
             finally:
                 lib.rd_kafka_message_destroy(m)
         lib.rd_kafka_consume_stop(rkt, partition)

@@ -97,6 +97,24 @@ class Harness:
         self._pending: Dict[str, List[Finding]] = {}
         self._counters: Dict[str, Dict[str, int]] = {}
 
+    def report_to_copy_of_stderr(self) -> None:
+        """Send a copy of quarantine fault reports to a duplicate of today's fd 2.
+
+        Unless a report log is set already (``python -m ptrbridge run`` sets one
+        to collect the reports of the processes it runs).
+        """
+        from . import quarantine
+        from ._bindings import lib
+
+        if os.environ.get(quarantine.LOG_ENV_VAR):
+            return
+        fd = os.dup(2)
+        os.set_inheritable(fd, False)
+        old = int(lib.pb__quarantine_set_log_fd(fd))
+        if old >= 0:  # someone set a log already: keep theirs
+            lib.pb__quarantine_set_log_fd(old)
+            os.close(fd)
+
     # --- settings read at the end ---------------------------------------------------
 
     @property

@@ -26,9 +26,13 @@ What is shadowed is exactly the memory C treats as bytes:
   arguments to simple types whose target is a known Python buffer (numpy's
   ``arr.ctypes.data_as(...)``);
 * reached through pointer slots of struct and array arguments in C memory
-  (``iov_base``, ``z_stream.next_in``, ``msg_iov[i].iov_base``): the slot is
+  (``iov_base``, ``z_stream.next_in``, ``msg_iov->iov_base``): the slot is
   pointed at the shadow for the call and translated back afterwards, so a
   pointer C advanced inside the shadow ends at the same offset in the original.
+  A ``struct T *`` (argument or slot) reaches one T, an array cdata its
+  elements: what a C block holds after the T is not read as more Ts (how
+  many C reads is the API's business, an ``iovcnt``), so the buffers of
+  ``iov[1..]`` in C memory are passed as they are, unquarantined.
 
 Never moved: structs, unions, arrays of pointers, anything pinned (C may keep
 a pinned buffer: that is what pinning is for) and anything whose address C
@@ -332,15 +336,23 @@ def _collect_fixups(address: int, ctype: Any, count: int, owners: _Classifier, d
                 found.append((slot_address, owner))
             continue
         if pointee_kind in ("struct", "union", "array"):
-            # Follow into C memory (or pinned Python memory) that holds more slots.
-            size = int(lib.pb__alloc_block_size(value))
+            # Follow into C memory (or pinned Python memory) that holds more slots:
+            # one T, and only where the whole T is inside memory known to hold it.
             try:
                 step = ffi.sizeof(pointee)
             except ffi.error:
                 continue  # opaque: nothing to look into
-            if step and (size or _pinned(value)):
-                n = max(1, size // step) if size else 1
-                _collect_fixups(value, pointee, n, owners, depth + 1, found, seen)
+            if step and _holds(value, step):
+                _collect_fixups(value, pointee, 1, owners, depth + 1, found, seen)
+
+
+def _holds(address: int, size: int) -> bool:
+    """Whether ``size`` bytes at ``address`` lie inside a tracked C block starting there, or a pin."""
+    block = int(lib.pb__alloc_block_size(address))
+    if block:
+        return size <= block
+    region = lookup(address)
+    return region is not None and region.kind == "pinned" and address + size <= region.start + region.size
 
 
 class _Use:
@@ -458,9 +470,11 @@ def _slot_uses(arg: Any, owners: _Classifier, uses: List[_Use]) -> None:
     address = address_of(arg)
     if not address or not step:
         return
-    extent = cdata_extent(arg)
-    block = extent[1] if extent is not None else int(lib.pb__alloc_block_size(address))
-    count = max(1, block // step) if block else 1
+    # A T * is one T, whatever the block it points into holds after it (a batch
+    # header followed by result slots, say): how many Ts C reads there is the
+    # API's business (an iovcnt), and reading the rest of the block as Ts
+    # follows words that are no pointers.  An array's type says its length.
+    count = len(arg) if ctype.kind == "array" else 1
     found: List[Tuple[int, Owner]] = []
     _collect_fixups(address, ctype.item, count, owners, 0, found, set())
     for slot_address, owner in found:

@@ -186,16 +186,17 @@ Description = Union[str, Callable[[], str]]
 
 
 _PAGE_SHIFT = 12
+_INDEXED_PAGES = 256  # a lend is indexed under every page it covers, up to this many (1 MiB)
 # start -> (size, description, function, site, seq).  Lend number seq has slot
 # seq % LENT_HISTORY in _clocks (the heap map's free clock when it was made) and in
 # _slot_start; a new lend taking a slot forgets the old one, so at most LENT_HISTORY
-# are kept, the oldest going first.  Indexed by the page each lend starts in (lends
-# longer than a page are also in _lent_long), so finding the lends inside a freed
-# block is not a walk of them all.
+# are kept, the oldest going first.  Indexed by page (_lent_pages: every page a lend
+# covers; _lent_huge: lends over _INDEXED_PAGES pages, looked at every time), so
+# finding the lends inside a freed block is not a walk of them all.
 _Lend = Tuple[int, Description, str, Description, int]
 _lent: Dict[int, _Lend] = {}
 _lent_pages: Dict[int, Set[int]] = {}
-_lent_long: Set[int] = set()
+_lent_huge: Set[int] = set()
 _lent_seq = 0
 _slot_start: List[Optional[int]] = [None] * LENT_HISTORY
 _clocks = ffi.new("uint64_t[]", 3 * LENT_HISTORY)  # written under _lock
@@ -205,14 +206,21 @@ def _text(description: Description) -> str:
     return description() if callable(description) else description
 
 
+def _pages(start: int, size: int) -> range:
+    return range(start >> _PAGE_SHIFT, ((start + max(size, 1) - 1) >> _PAGE_SHIFT) + 1)
+
+
 def _forget_lend(start: int) -> None:
-    del _lent[start]
-    page = start >> _PAGE_SHIFT
-    starts = _lent_pages[page]
-    starts.discard(start)
-    if not starts:
-        del _lent_pages[page]
-    _lent_long.discard(start)
+    size = _lent.pop(start)[0]
+    pages = _pages(start, size)
+    if len(pages) > _INDEXED_PAGES:
+        _lent_huge.discard(start)
+        return
+    for page in pages:
+        starts = _lent_pages[page]
+        starts.discard(start)
+        if not starts:
+            del _lent_pages[page]
 
 
 def _remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
@@ -228,26 +236,34 @@ def _remember_lend(start: int, size: int, description: Description, function: st
     _slot_start[slot] = start
     lib.pb__heapmap_clock_store(_clocks, slot)
     _lent[start] = (size, description, function, site, seq)
-    starts = _lent_pages.get(start >> _PAGE_SHIFT)
-    if starts is None:
-        _lent_pages[start >> _PAGE_SHIFT] = {start}
-    else:
-        starts.add(start)
-    if size > 1 << _PAGE_SHIFT:
-        _lent_long.add(start)
+    pages = _pages(start, size)
+    if len(pages) > _INDEXED_PAGES:
+        _lent_huge.add(start)
+        return
+    for page in pages:
+        starts = _lent_pages.get(page)
+        if starts is None:
+            _lent_pages[page] = {start}
+        else:
+            starts.add(start)
 
 
 def _lends_overlapping(start: int, size: int) -> List[int]:
     """Starts of the remembered lends that overlap [start, start + size)."""
+    if not _lent:
+        return []
     end = start + max(size, 1)
-    first, last = (start >> _PAGE_SHIFT) - 1, (end - 1) >> _PAGE_SHIFT  # a page back: a lend that starts
-    if last - first > len(_lent_pages):                                 # just before and reaches in
-        candidates: Any = list(_lent)
+    pages = _pages(start, size)
+    if len(pages) > len(_lent_pages):  # a block larger than all the indexed pages: look at each lend
+        candidates: Any = _lent
     else:
-        candidates = [s for page in range(first, last + 1) for s in _lent_pages.get(page, ())]
-        candidates += _lent_long
-    return [s for s in set(candidates)
-            if start <= s < end or s <= start < s + max(_lent[s][0], 1)]
+        found: Set[int] = set(_lent_huge)
+        for page in pages:
+            starts = _lent_pages.get(page)
+            if starts:
+                found |= starts
+        candidates = found
+    return [s for s in candidates if s < end and start < s + max(_lent[s][0], 1)]
 
 
 def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Target]:
@@ -256,22 +272,23 @@ def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Targ
     Only a lend made while the freed object was alive counts: a lend of an earlier object
     at the same address (freed, its memory reused by an object nobody lent, freed again)
     would name the wrong object.  For a block the heap map saw freed, exactly one heap map
-    free of that address must have come after the lend.  ``consume`` is for blocks freed
-    outside the heap map (ffi.new memory, taken in the order they were freed): the lends
-    inside are forgotten once matched, so a later free at the same address cannot match
-    them, and a lend whose address the heap map has seen freed twice since is not this block's.
+    free of that address must have come after the lend (a walk of the free history: for
+    reports only).  ``consume`` is for blocks freed outside the heap map (ffi.new memory,
+    taken in the order they were freed, each time a scan runs): the lends inside are
+    forgotten once matched, so a later free at the same address cannot match them.
     """
     best: Optional[_Lend] = None
-    for lent_start in _lends_overlapping(start, size):
+    overlapping = _lends_overlapping(start, size)
+    for lent_start in overlapping:
         lend = _lent[lent_start]
-        clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
-        frees = int(lib.pb__heapmap_frees_since(lent_start, clock))
-        if frees != 1 and not (consume and frees == 0):  # a big ffi.new block is malloc'd through
-            continue                                     # Python's raw allocator: the heap map saw it
+        if not consume:
+            clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
+            if int(lib.pb__heapmap_frees_since(lent_start, clock)) != 1:
+                continue
         if best is None or lend[4] > best[4]:
             best = lend
     if consume:
-        for lent_start in _lends_overlapping(start, size):
+        for lent_start in overlapping:
             _forget_lend(lent_start)
     if best is None:
         return None
@@ -481,26 +498,33 @@ def scan_freed_python_memory() -> List[Retention]:
     queued = _retire_freed_cffi()
     if heapmap.installed():
         heapmap.verify()  # re-hooks if another allocator hook cut the map out of the chain
-        batch = 1 << 16
-        starts = ffi.new("uintptr_t[]", batch)
-        sizes = ffi.new("size_t[]", batch)
         with _lock:
             first = next(_target_ids)
-            n = lib.pb__heapmap_retire_freed(first, starts, sizes, batch)
+            n = lib.pb__heapmap_retire_freed(first, _scratch_starts, _scratch_sizes, _FREED_BATCH)
             for _ in range(max(n - 1, 0)):
                 next(_target_ids)  # the ids first .. first + n - 1 are taken
-            _freed_batches.append((first, n, starts, sizes))
+            if n:  # kept until the scan names the findings: copies of the right size
+                starts = ffi.new("uintptr_t[]", n)
+                sizes = ffi.new("size_t[]", n)
+                ffi.memmove(starts, _scratch_starts, n * ffi.sizeof("uintptr_t"))
+                ffi.memmove(sizes, _scratch_sizes, n * ffi.sizeof("size_t"))
+                _freed_batches.append((first, n, starts, sizes))
         queued += n
     return scan() if queued else []
 
 
+_FREED_BATCH = 1 << 16
+# Scratch for taking freed blocks, used under _lock: allocated once, so that the scans do not
+# keep freeing ffi.new arrays of their own for the next scan to look for.
+_scratch_starts = ffi.new("uintptr_t[]", _FREED_BATCH)
+_scratch_sizes = ffi.new("size_t[]", _FREED_BATCH)
+
+
 def _retire_freed_cffi() -> int:
     """Queue the ffi.new blocks (_cffi_backend's, seen by the interposer) freed since last time."""
-    batch = 1 << 16
-    starts = ffi.new("uintptr_t[]", batch)
-    sizes = ffi.new("size_t[]", batch)
-    n = lib.pb__interpose_take_freed(starts, sizes, batch, ffi.NULL)
     with _lock:
+        starts, sizes = _scratch_starts, _scratch_sizes
+        n = lib.pb__interpose_take_freed(starts, sizes, _FREED_BATCH, ffi.NULL)
         for i in range(n):
             start, size = int(starts[i]), int(sizes[i])
             target = _lent_inside(start, size, consume=True) or _Target(

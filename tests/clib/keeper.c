@@ -108,6 +108,18 @@ int keeper_read(void)
     return sum;
 }
 
+/* keeper_read through a static function (no dynamic symbol: reports name the
+ * library and offset); noinline so that it is the faulting frame. */
+__attribute__((noinline)) static int read_kept_global(void)
+{
+    return kept_global ? (unsigned char)kept_global[0] : 0;
+}
+
+int keeper_read_static(void)
+{
+    return read_kept_global() + 1;
+}
+
 uintptr_t keeper_heap_block(void)
 {
     return (uintptr_t)heap_holder;
