@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -394,3 +395,55 @@ def test_unknown_function_names_are_errors(abi: Tuple[Any, Any], api: Any) -> No
         ptrbridge.declare(w, "nosuch", errcheck="nonzero")
     with pytest.raises(TypeError, match="errcheck must map"):
         ptrbridge.wrap(raw, errcheck=["add"])  # type: ignore[arg-type]
+
+
+# --- constants, variables and functions with nothing to check ---------------------------
+
+def test_cffi_constants_are_cached_and_variables_read_through(tmp_path: Path) -> None:
+    """A constant becomes a plain attribute of the wrapped library; a C variable is read anew."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cbuild import build_cffi_module
+
+    mod = build_cffi_module(
+        "_speed_consts", "#define SPEED_K 7\nenum { SPEED_E = 3 };\nextern int speed_var;\nvoid speed_set(int);",
+        "#define SPEED_K 7\nenum { SPEED_E = 3 };\nint speed_var = 1;\nvoid speed_set(int v) { speed_var = v; }",
+        tmp_path)
+    for library in (ptrbridge.wrap(mod.lib), ptrbridge.wrap(mod.lib)):
+        assert library.SPEED_K == 7 and library.SPEED_E == 3
+        assert library.__dict__["SPEED_K"] == 7  # cached: no __getattr__ from now on
+        assert library.speed_var == 1
+        assert "speed_var" not in library.__dict__
+        mod.lib.speed_set(42)  # C changes the variable
+        assert library.speed_var == 42
+        library.speed_var = 1  # assigned in C through the wrapped library
+        assert mod.lib.speed_var == 1
+
+
+def test_cffi_abi_constants_are_cached_and_variables_read_through() -> None:
+    ffi = cffi.FFI()
+    ffi.cdef("#define SPEED_ABI_K 11\nextern int opterr;")
+    raw = ffi.dlopen(None)
+    w = ptrbridge.wrap(raw)
+    old = raw.opterr
+    try:
+        assert w.SPEED_ABI_K == 11 and w.__dict__["SPEED_ABI_K"] == 11
+        assert w.opterr == old
+        raw.opterr = old + 5
+        assert w.opterr == old + 5 and "opterr" not in w.__dict__
+    finally:
+        raw.opterr = old
+
+
+def test_instrumented_function_without_pointers_is_the_raw_one(abi: Tuple[Any, Any]) -> None:
+    """Recording, a function with no pointer or function parameter has nothing to do: it is raw."""
+    inst = __import__("importlib").import_module("ptrbridge.instrument")
+
+    _ffi, raw = abi
+    proxy = inst._proxy(raw)
+    with ptrbridge.checking(1):
+        assert proxy.add(2, 3) == 5
+        assert proxy.add is raw.add
+        assert proxy.person_name_len is not raw.person_name_len  # has a pointer parameter
+    wrapped = ptrbridge.wrap(raw)  # explicit wrap keeps its wrapper (callback exceptions)
+    with ptrbridge.checking(1):
+        assert wrapped.add is not raw.add and wrapped.add(2, 3) == 5

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ptrbridge
+from ptrbridge._bindings import ffi as PBFFI
 from ptrbridge import NestedPointerError, Pinner, UseAfterFreeError
 
 HINT = "(pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer)"
@@ -408,3 +409,167 @@ def _field_offset(ffi: Any, obj: Any, path: str, base: int) -> int:
     else:
         address = int(ffi.cast("uintptr_t", ffi.addressof(owner, int(last_index))))
     return address - base
+
+
+# --- the walk and the owner search in C (csrc/pyslots.c, csrc/pyframes.c) ------------------
+
+def _check(args: Tuple[Any, ...] = ()) -> Any:
+    from ptrbridge.checking import CallCheck
+
+    return CallCheck("f", sys._getframe(1), args)
+
+
+def test_scan_slots_settles_null_pinned_and_c_memory_in_c() -> None:
+    with ptrbridge.checking(1):  # level 2's heap map knows every Python block
+        from ptrbridge._bindings import native
+        from ptrbridge.checking import layout_of
+
+        ffi = cffi.FFI()
+        ffi.cdef("struct four { char *a; char *b; char *c; char *d; };")
+        s = ffi.new("struct four *")
+        layout = layout_of(ffi.typeof("struct four"))
+        assert native.scan_slots(s, layout.plan, 1, False) is None  # all NULL
+        pinned, local = bytearray(8), bytearray(8)
+        cbuf = ptrbridge.CBuffer(8)
+        try:
+            _scan_case(ffi, s, layout, pinned, local, cbuf)
+        finally:
+            cbuf.free()
+
+
+def _scan_case(ffi: Any, s: Any, layout: Any, pinned: bytearray, local: bytearray, cbuf: Any) -> None:
+    from ptrbridge._bindings import native
+
+    with Pinner() as p:
+        s.a = ffi.cast("char *", int(PBFFI.cast("uintptr_t", p.pin(pinned))))
+        s.b = ffi.cast("char *", cbuf.address)
+        s.c = ffi.from_buffer(local)
+        hits = native.scan_slots(s, layout.plan, 1, False)
+        address_c = int(ffi.cast("uintptr_t", s.c))
+        assert hits == [2, address_c, 2]  # slot 2: in no region, not C memory -> the owners
+        assert native.scan_slots(int(ffi.cast("uintptr_t", s)), layout.plan, 1, False) == hits
+        assert _check().classify(address_c) is not None  # the caller's local bytearray
+
+
+def test_owner_search_order_and_origins() -> None:
+    with ptrbridge.checking(1):  # level 2's heap map knows every Python block
+        first = bytearray(16)
+        items = [bytearray(4), bytearray(5)]
+        table = {"k": bytearray(6)}
+        check = _check((first,))
+        owner = check.classify(int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(first))) + 3)
+        assert owner is not None and owner.origin == "argument 1" and owner.description == "bytearray(16)"
+        address = int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(items[1])))
+        owner = check.classify(address)
+        assert owner is not None and owner.origin == "local variable 'items[1]'" and owner.size == 5
+        address = int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(table["k"])))
+        owner = check.classify(address)
+        assert owner is not None and owner.origin == "local variable 'table['k']'"
+
+
+def test_ctypes_objects_are_read_only_from_ctypes_instances() -> None:
+    with ptrbridge.checking(1):  # level 2's heap map knows every Python block
+        class Impostor:
+            """Not a ctypes object, but with the attribute ctypes keeps its records in."""
+
+            def __init__(self, kept: Any) -> None:
+                self._objects = {"0": kept}
+
+        hidden = bytearray(32)
+        impostor = Impostor(hidden)
+        address = int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(hidden)))
+        del hidden  # reachable only through the impostor's _objects now
+        assert _check((impostor,)).classify(address) is None
+        assert impostor._objects  # (kept alive until here)
+
+        class Rec(ctypes.Structure):
+            _fields_ = [("p", ctypes.c_char_p)]
+
+        data = b"kept by ctypes"
+        rec = Rec(data)
+        del data
+        field = ctypes.c_void_p.from_buffer(rec, Rec.p.offset).value or 0  # the pointer C would read
+        owner = _check((rec,)).classify(field)
+        assert owner is not None and owner.origin == "kept alive by argument 1"
+
+
+def test_obj_is_read_only_from_byref() -> None:
+    with ptrbridge.checking(1):  # level 2's heap map knows every Python block
+        class Wrapper:
+            def __init__(self, inner: Any) -> None:
+                self._obj = inner
+
+        inner = ctypes.create_string_buffer(8)
+        address = ctypes.addressof(inner)
+        wrapper = Wrapper(inner)
+        del inner
+        assert _check((wrapper,)).classify(address) is None
+        owner = _check((ctypes.byref(wrapper._obj),)).classify(address)
+        assert owner is not None and owner.origin == "argument 1"
+
+
+def test_array_interface_is_looked_up_on_the_type_and_failed_exports_own_nothing() -> None:
+    from ptrbridge.checking import object_extent
+
+    class AnswersEverything:
+        def __getattr__(self, name: str) -> Any:
+            return {"data": (0, False)}
+
+    class ArrayWithoutBuffer:
+        __array_interface__ = {"data": (0, False)}
+
+    assert object_extent(AnswersEverything()) is None
+    assert object_extent(ArrayWithoutBuffer()) is None
+    view = memoryview(bytearray(4))
+    view.release()
+    assert object_extent(view) is None  # exporting a released view fails: owns nothing
+    assert object_extent(memoryview(bytearray(4))[::2]) is None  # not contiguous
+    odd, gone = AnswersEverything(), ArrayWithoutBuffer()
+    from ptrbridge._bindings import native
+
+    assert len(native.owner_index((odd, gone, view), None, 0, 64)) == 0
+
+
+def test_level2_nested_lend_texts_do_not_keep_the_object_alive(cffi_lib: Tuple[Any, Any]) -> None:
+    import gc
+    import weakref
+
+    inst = __import__("importlib").import_module("ptrbridge.instrument")
+    from ptrbridge import scanning
+
+    ffi, c = cffi_lib
+    raw = ptrbridge.unwrap(c)
+    proxy = inst._proxy(raw)
+    name = ffi.new("char[]", b"Ada")
+    alive = weakref.ref(name)
+    person = ffi.new("struct person *")
+    person.name = name
+    with ptrbridge.checking(2):
+        assert proxy.person_name_len(person) == 3
+    start = int(ffi.cast("uintptr_t", name))
+    lend = scanning._lent.get(start)  # (size, description, function, site, ...)
+    assert lend is not None
+    person.name = ffi.NULL
+    del name
+    gc.collect()
+    assert alive() is None  # neither the lend record nor its texts hold the object
+    text = lend[1]() if callable(lend[1]) else lend[1]  # (a quarantine shadow records text)
+    assert text == "cdata 'char[]'(4)"
+
+
+def _classify_from_a_helper(address: int) -> Any:
+    helper_local = bytearray(3)  # noqa: F841 - an owner in the nearest frame, not the one asked for
+    return _check().classify(address)
+
+
+def test_owners_in_frames_above_the_caller_are_found_and_the_index_is_dropped_at_finish() -> None:
+    with ptrbridge.checking(1):  # level 2's heap map knows every Python block
+        outer = bytearray(40)
+        address = int(PBFFI.cast("uintptr_t", PBFFI.from_buffer(outer))) + 39
+        owner = _classify_from_a_helper(address)  # read lazily: the helper's frame, then this one
+        assert owner is not None and owner.origin == "local variable 'outer'" and owner.size == 40
+        check = _check()
+        assert check.classify(address) is not None and check._known is not None
+        check.finish()
+        assert check._known is None  # the index (and the frame it would read next) is gone
+        assert _check().classify(address + 1) is None  # one past the end of a local is not its

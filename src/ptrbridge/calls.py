@@ -37,12 +37,13 @@ from types import CodeType, FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import levels
-from ._bindings import address_of, ffi, lib
+from ._bindings import address_of, ffi, lib, native
 from .callsite import frame_site
 from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
-from .ownership import RegionInfo, cdata_extent, describe, lookup, register, unregister
+from .ownership import RegionInfo, cdata_address, cdata_extent, describe, lookup, register, unregister
+from .ownership import _CDATA_OWNING, _managed
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -67,6 +68,7 @@ _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
+_scan_slots = native.scan_slots
 
 # ---------------------------------------------------------------------------
 # Exceptions raised inside callbacks, re-raised when the checked call returns
@@ -234,6 +236,60 @@ def _cffi_param_plan(param: Any) -> Optional[str]:
     return None
 
 
+# Per C type, what a cdata argument of that type needs: (_FLAT, None, _) for pointers and
+# arrays whose items hold no pointers (void, char, opaque, function), (_WALK, plan, _) for
+# those whose items do, (_OTHER, None, _) for the rest (struct by value, scalars); the
+# third item says whether the type is an array.
+_FLAT, _WALK, _OTHER = 0, 1, 2
+_arg_shapes: Dict[Any, Tuple[int, Any, bool]] = {}
+
+
+def _arg_shape(ctype: Any) -> Tuple[int, Any, bool]:
+    shape = _arg_shapes.get(ctype)
+    if shape is None:
+        kind = ctype.kind
+        if kind in ("pointer", "array"):
+            layout = layout_of(ctype.item)
+            if layout is not None and layout.slots and layout.size:
+                shape = (_WALK, layout.plan, kind == "array")
+            else:
+                shape = (_FLAT, None, kind == "array")
+        else:
+            shape = (_OTHER, None, False)
+        if len(_arg_shapes) < 4096:
+            _arg_shapes[ctype] = shape
+    return shape
+
+
+def _settled_cffi(arg: Any, lent: List[Any]) -> bool:
+    """The common cdata arguments, settled without a CallCheck; False: take the full path.
+
+    True only where the full path (:func:`_check_cffi_arg`) would find
+    nothing and lend the same objects: an owning pointer or array whose
+    slots ``native.scan_slots`` settles in C (NULL, pinned, C memory), and a
+    non-owning pointer to items without pointers while nothing was freed
+    (level 1, no freed ptrbridge.new memory, no live ptrbridge.new block
+    that a non-owning cdata could point to).
+    """
+    if not isinstance(arg, ffi.CData):
+        return False
+    ctype = ffi.typeof(arg)
+    shape, plan, is_array = _arg_shapes.get(ctype) or _arg_shape(ctype)
+    if shape == _OTHER:
+        return False
+    if type(arg) in _CDATA_OWNING:
+        if shape == _WALK:
+            # As the full path: the owner's extent in items (an owning pointer has one).
+            count = max(1, len(arg)) if is_array else 1
+            if _scan_slots(arg, plan, count, _level == 2) is not None:
+                return False
+        lent.append(arg)
+        return True
+    if _level == 2 or ownership_history() or _managed:
+        return False
+    return shape == _FLAT or not cdata_address(arg)
+
+
 def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
     if isinstance(arg, ffi.CData):
         ctype = ffi.typeof(arg)
@@ -288,6 +344,33 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
         return
     if arg is not None:
         lent.append(arg)  # bytes / buffer for char *: lent for the call
+
+
+def _settled_ctypes(arg: Any, lent: List[Any]) -> bool:
+    """A ctypes structure, union or array (or a byref() of one) whose slots are settled in C.
+
+    True only where :func:`_check_ctypes_arg` would find nothing and lend the same object.
+    """
+    obj = getattr(arg, "_obj") if type(arg) is _CArgObject else arg
+    kind = type(obj)
+    plan = _ctypes_plans.get(kind, False)
+    if plan is False:
+        if not issubclass(kind, _CTYPES_AGGREGATES):
+            return False
+        layout = layout_of(kind)
+        plan = layout.plan if layout is not None and layout.slots else None
+        if len(_ctypes_plans) < 4096:
+            _ctypes_plans[kind] = plan
+    if plan is not None and _scan_slots(ctypes.addressof(obj), plan, 1, _level == 2) is not None:
+        return False
+    lent.append(obj)
+    return True
+
+
+_CTYPES_AGGREGATES = (ctypes.Structure, ctypes.Union, ctypes.Array)
+# ctypes structure, union and array types -> their walk plan, or None when they hold no pointers
+# (a plain dict, as checking's layout cache that holds the same types).
+_ctypes_plans: Dict[type, Optional[bytes]] = {}
 
 
 def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -> None:
@@ -389,8 +472,35 @@ def _message_text(value: Any) -> str:
 
 _INTERNAL = frozenset({
     "_lib", "_ffi", "_is_ctypes", "_mode", "_specs", "_error_message", "_use_errno", "_threads",
-    "_lock", "_executor", "_worker_ident", "_limit", "_cache", "_cache_lock", "__dict__", "__class__",
+    "_lock", "_executor", "_worker_ident", "_limit", "_cache", "_cache_lock", "_plain", "__dict__",
+    "__class__",
 })
+
+
+def _is_cffi_constant(library: Any, name: str, value: Any) -> bool:
+    """Whether ``library.name`` is a constant (``#define``, enum) of a cffi library: it never changes.
+
+    An ABI-mode library caches constants in its instance dict and reads
+    variables through properties; an API-mode ``lib`` cannot take the address
+    of a constant (it can of a variable).
+    """
+    if isinstance(library, ctypes.CDLL):
+        return False
+    if type(library) is _LIB_TYPE:
+        try:
+            ffi.addressof(library, name)
+        except AttributeError as exc:
+            return "constant" in str(exc)
+        except Exception:
+            return False
+        return False
+    try:
+        return vars(library).get(name, _MISSING) is value
+    except TypeError:
+        return False
+
+
+_MISSING = object()
 
 
 def _unwrap_functions(args: Tuple[Any, ...], positions: Tuple[int, ...]) -> Tuple[Any, ...]:
@@ -421,6 +531,7 @@ class CheckedLibrary:
         self._worker_ident: Optional[int] = None
         self._limit = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self._cache: Dict[str, Tuple[Any, Any]] = {}
+        self._plain: Set[str] = set()  # names that are not functions (constants, types, variables)
         self._cache_lock = threading.Lock()
         _libraries.add(self)
         for name, convention in errcheck.items():
@@ -433,14 +544,23 @@ class CheckedLibrary:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        if name in self._plain:
+            return getattr(self._lib, name)
         cached = self._cache.get(name)
         if cached is None:
             raw = getattr(self._lib, name)
             checked = self._build(name, raw)
             if checked is None:
-                # A constant, type or C variable: read through every time, so
-                # that a variable C changes is never seen stale.
+                if _is_cffi_constant(self._lib, name, raw):
+                    self.__dict__[name] = raw  # a constant never changes: a plain attribute from now on
+                elif len(self._plain) < 65536:
+                    # A type or C variable: read through every time, so that a variable
+                    # C changes is never seen stale (the name is remembered, so that is
+                    # all a later read does).
+                    self._plain.add(name)
                 return raw
+            if getattr(checked, "_ptrbridge_trivial", False):
+                checked = None  # nothing to check and nothing to do: the raw function at every level
             cached = (raw, checked)
             with self._cache_lock:
                 self._cache[name] = cached
@@ -577,11 +697,20 @@ class CheckedLibrary:
             if record:
                 count_call("calls")
             if is_ctypes:
+                history = None
                 for i, arg in enumerate(args):
                     kind = type(arg)
-                    if kind is int and not (arg > 0 and (ownership_history() or _level == 2)):
-                        continue  # a raw address is checked only against freed memory
-                    if kind in _PLAIN:
+                    if kind is int:
+                        if history is None:
+                            history = ownership_history() or _level == 2
+                        if not (arg > 0 and history):
+                            continue  # a raw address is checked only against freed memory
+                    elif kind in _PLAIN:
+                        continue
+                    elif kind is bytes or kind is bytearray:
+                        lent.append(arg)  # a buffer: lent, holds no pointers
+                        continue
+                    elif _settled_ctypes(arg, lent):
                         continue
                     if check is None:
                         check = CallCheck(name, sys._getframe(1).f_back, args, record)
@@ -597,7 +726,7 @@ class CheckedLibrary:
                 if kind is bytes or kind is bytearray:
                     lent.append(arg)  # a buffer for char *: lent, holds no pointers
                     continue
-                if arg is None:
+                if arg is None or _settled_cffi(arg, lent):
                     continue
                 if check is None:
                     check = CallCheck(name, sys._getframe(1).f_back, args, record)
@@ -642,7 +771,7 @@ class CheckedLibrary:
         only = plan[0][0] if len(plan) == 1 and not is_ctypes else None
 
         if not semantic and not checks_args:
-            # No pointer parameters: only exceptions from callbacks to re-raise.
+            # No pointer parameters: only exceptions from callbacks to re-raise (explicit wrap).
             def checked(*args: Any) -> Any:
                 if takes_functions:
                     args = _unwrap_functions(args, takes_functions)
@@ -711,6 +840,11 @@ class CheckedLibrary:
         checked.__wrapped__ = raw  # type: ignore[attr-defined]
         checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
         checked._ptrbridge_checked = True  # type: ignore[attr-defined]
+        # Instrumented (record mode), a function with no pointer and no function parameters
+        # behaves exactly as the raw one (it re-raises nothing and counts nothing): the raw
+        # function is handed out, and its calls are neither checked nor counted.
+        checked._ptrbridge_trivial = (  # type: ignore[attr-defined]
+            record and not semantic and not checks_args and not takes_functions)
         return checked
 
 

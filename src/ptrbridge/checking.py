@@ -37,6 +37,7 @@ already freed.  Level 2 (the heap map) recognises every Python allocation.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import struct
@@ -47,8 +48,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import findings, heapmap, levels, scanning
 from ._bindings import address_of, ffi, lib, native
-from .callsite import frame_site
+from .callsite import _is_internal, format_location, frame_site
 from .errors import NestedPointerError, UseAfterFreeError
+from .ownership import _FROMBUF_TYPE
 from .ownership import (
     FreedRegion,
     has_freed_history,
@@ -79,6 +81,9 @@ MAX_SLOTS = 1 << 16
 MAX_LOCAL_OBJECTS = 512
 LOCAL_FRAMES = 3  # the caller and two frames above it
 frame_variables = native.frame_variables
+_scan_slots = native.scan_slots
+_owner_index = native.owner_index
+_SLOT_WALKABLE = 1  # PB_SLOT_WALKABLE in csrc/pb_slots.h
 HINT = "pin it with ptrbridge.Pinner or copy it with ptrbridge.CBuffer"
 
 _CType = type(ffi.typeof("int"))
@@ -106,7 +111,7 @@ class Slot:
 class Layout:
     """The pointer slots of one C type, with a reader that extracts them in one step."""
 
-    __slots__ = ("ctype", "size", "slots", "_unpack", "span", "_arrays")
+    __slots__ = ("ctype", "size", "slots", "_unpack", "span", "_arrays", "_plan")
 
     def __init__(self, ctype: Any, size: int, slots: Sequence[Slot]) -> None:
         unique: Dict[int, Slot] = {}
@@ -125,6 +130,25 @@ class Layout:
         self.span = pos  # bytes that must be readable for the slots
         self._unpack = struct.Struct("".join(fmt)).unpack_from if ordered else None
         self._arrays: Dict[int, Any] = {}  # count -> unpacker for arrays of this type
+        self._plan: Optional[bytes] = None
+
+    @property
+    def plan(self) -> bytes:
+        """The slots packed for ``native.scan_slots`` (csrc/pb_slots.h), made on first use.
+
+        Made lazily, not in ``__init__``: whether a slot's pointee has slots of
+        its own needs the pointee's layout, and a self-referential struct's
+        layout is only known once this one is cached.
+        """
+        plan = self._plan
+        if plan is None:
+            parts = [struct.pack("=II", self.size, len(self.slots))]
+            for slot in self.slots:
+                pointee = layout_of(slot.pointee) if slot.pointee is not None else None
+                walkable = pointee is not None and bool(pointee.slots) and bool(pointee.size)
+                parts.append(struct.pack("=II", slot.offset, _SLOT_WALKABLE if walkable else 0))
+            plan = self._plan = b"".join(parts)
+        return plan
 
     def read(self, address: int) -> Tuple[int, ...]:
         """Values of every pointer slot of the object at ``address``."""
@@ -255,43 +279,51 @@ def _sizeof(ctype: Any) -> int:
     return int(ffi.sizeof(ctype)) if isinstance(ctype, _CType) else ctypes.sizeof(ctype)
 
 
-@dataclass(frozen=True)
 class Owner:
-    """What a pointer target belongs to."""
+    """What a pointer target belongs to (immutable; compared by value)."""
 
-    start: int
-    size: int
-    described: Any  # the description, or a callable making it (caller locals: only when reported)
-    pinned: bool
-    origin: str  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
+    __slots__ = ("start", "size", "described", "pinned", "origin")
+
+    def __init__(self, start: int, size: int, described: Any, pinned: bool, origin: str) -> None:
+        self.start = start
+        self.size = size
+        # The description, or a callable making it (caller locals: only when reported).
+        self.described = described
+        self.pinned = pinned
+        self.origin = origin  # e.g. "argument 1", "local variable 'name'", "ptrbridge.new at x.py:3"
 
     @property
     def description(self) -> str:
         """The object, e.g. ``bytearray(4096)`` (made on first use)."""
         text = self.described
         if callable(text):
-            text = text()
-            object.__setattr__(self, "described", text)
+            text = self.described = text()
         return str(text)
 
     @property
     def end(self) -> int:
         return self.start + self.size
 
+    def _key(self) -> Tuple[int, int, bool, str]:
+        return (self.start, self.size, self.pinned, self.origin)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Owner) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Owner(start={self.start:#x}, size={self.size}, description={self.description!r}, "
+                f"pinned={self.pinned}, origin={self.origin!r})")
+
 
 def _buffer_extent(obj: Any) -> Optional[Tuple[int, int]]:
-    try:
-        with memoryview(obj) as view:
-            if not view.contiguous:
-                return None
-            size = view.nbytes
-    except TypeError:
-        return None
-    keeper = ffi.from_buffer("char[]", obj, require_writable=False)
-    try:
-        return address_of(keeper), size
-    finally:
-        ffi.release(keeper)
+    """``(address, size)`` of ``obj``'s buffer, if it exports a contiguous one (else it owns nothing)."""
+    return _native_buffer_extent(obj)  # type: ignore[no-any-return]
+
+
+_native_buffer_extent = native.buffer_extent
 
 
 def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
@@ -300,32 +332,18 @@ def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
         return cdata_extent(obj)
     if isinstance(obj, (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase, _SimpleBase)):
         return ctypes_extent(obj)
-    if isinstance(obj, (bytes, bytearray, memoryview)) or hasattr(obj, "__array_interface__") or (
-        type(obj).__name__ == "array" and type(obj).__module__ == "array"
-    ):
+    # __array_interface__ is looked up on the type (numpy's is a descriptor there): an object
+    # whose __getattr__ answers every name is not an array.
+    if isinstance(obj, (bytes, bytearray, memoryview)) or type(obj) is _ArrayType or hasattr(
+            type(obj), "__array_interface__"):
         return _buffer_extent(obj)
     return None
-
-
-def _ctypes_kept(obj: Any, out: List[Any], depth: int = 0) -> None:
-    """Objects a ctypes instance keeps alive for its pointer fields."""
-    kept = getattr(obj, "_objects", None)
-    if not kept or depth > MAX_DEPTH:
-        return
-    stack: List[Any] = [kept]
-    while stack and len(out) < MAX_LOCAL_OBJECTS:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif item is not None:
-            out.append(item)
-            _ctypes_kept(item, out, depth + 1)
 
 
 class CallCheck:
     """Checks the arguments of one call.  Create one per call; not thread-shared."""
 
-    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending")
+    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending", "_c_heap")
 
     def __init__(self, function: str, frame: Any, args: Sequence[Any], record: bool = False) -> None:
         self.function = function
@@ -333,39 +351,29 @@ class CallCheck:
         self.record = record  # instrumentation: findings are recorded, never raised
         self._pending: Optional[NestedPointerError] = None
         self._frame = frame  # the caller's frame: its locals, and the call site for messages
-        self._known: Optional[List[Owner]] = None
+        self._known: Any = None  # native.owner_index of this call, made on first need
         self._visited: set = set()
+        self._c_heap: Optional[Dict[int, bool]] = None  # address -> in a live interposed C block
 
     # -- ownership -----------------------------------------------------
-    def _local_owners(self) -> List[Owner]:
-        """Python-owned objects known from this call: arguments, ctypes records, caller locals."""
-        if self._known is not None:
-            return self._known
-        known: List[Owner] = []
-        seen: set = set()
-        # A module-level helper, not a recursive closure: a closure that calls itself is a
-        # reference cycle, which would keep every object seen here alive until the next
-        # garbage collection (so an object the program drops after the call would not be
-        # freed, and a dangling pointer to it would go unseen).
-        add = functools.partial(_add_local_owner, known, seen)
-        for i, arg in enumerate(self.args, 1):
-            add(getattr(arg, "_obj", arg), f"argument {i}")  # ctypes.byref() wraps in _obj
-        frame, depth = self._frame, 0
-        while frame is not None and depth < LOCAL_FRAMES:
-            for name, value in frame_variables(frame):  # not f_locals: its snapshot keeps them alive
-                kind = type(value)
-                if kind in _NEVER_OWNING:
-                    continue
-                add(value, f"local variable '{name}'")
-                if kind is list or kind is tuple:
-                    for j, item in enumerate(value[:MAX_LOCAL_OBJECTS]):
-                        add(item, f"local variable '{name}[{j}]'")
-                elif kind is dict:
-                    for key, item in list(value.items())[:MAX_LOCAL_OBJECTS]:
-                        add(item, f"local variable '{name}[{key!r}]'")
-            frame, depth = frame.f_back, depth + 1
-        self._known = known
-        return known
+    def _local_owner(self, address: int) -> Optional[Owner]:
+        """The argument, caller local or object a ctypes argument keeps alive that owns ``address``.
+
+        The candidates are read once per call, in C (``native.owner_index``,
+        csrc/pyframes.c): the arguments (and what a ``ctypes.byref`` wraps),
+        the variables of the caller and the two frames above it with the items
+        of lists, tuples and dicts among them, and what ctypes instances keep
+        alive for their pointer fields (``_objects``).  The frames' variables
+        are read without ``f_locals``, whose snapshot would keep them alive.
+        """
+        index = self._known
+        if index is None:
+            index = self._known = _owner_index(self.args, self._frame, LOCAL_FRAMES, MAX_LOCAL_OBJECTS)
+        hit = index.find(address)
+        if hit is None:
+            return None
+        start, size, obj, origin = hit
+        return Owner(start, size, _describer(obj, size), False, origin)
 
     def classify(self, address: int) -> Optional[Owner]:
         """Who owns ``address``: a pinned/unpinned Python owner, or None for C/unknown."""
@@ -381,14 +389,18 @@ class CallCheck:
             return Owner(edge.start, edge.size, edge.description, True, f"pinned at {edge.site}")
         if lib.pb__alloc_block_size(address):
             return None  # the start of a tracked C block: C memory
-        if levels._level == 2 and _in_c_heap_block(address):
+        if levels._level == 2 and self._in_c_heap(address):
             # Inside a live block that libc's malloc gave an interposed C library: C memory.
             # No Python object can live there, so the caller-locals search (the slow part,
             # for pointer-heavy C structures such as librdkafka's) is skipped.
             return None
-        for owner in self._local_owners():
-            if owner.start <= address < owner.end or address == owner.start:
-                return owner
+        return self._classify_unknown(address)
+
+    def _classify_unknown(self, address: int) -> Optional[Owner]:
+        """:meth:`classify` for an address in no region and not C memory (as scan_slots found)."""
+        owner = self._local_owner(address)
+        if owner is not None:
+            return owner
         if levels._level == 2:
             block = heapmap.lookup_block(address)
             if block is not None:
@@ -397,6 +409,16 @@ class CallCheck:
                              "found by the level-2 heap map")
         return None
 
+    def _in_c_heap(self, address: int) -> bool:
+        """:func:`_in_c_heap_block`, remembered for the call (classify and the freed search ask both)."""
+        memo = self._c_heap
+        if memo is None:
+            memo = self._c_heap = {}
+        known = memo.get(address)
+        if known is None:
+            known = memo[address] = _in_c_heap_block(address)
+        return known
+
     # -- messages --------------------------------------------------------
     def _where(self) -> str:
         return f"in call to {self.function}() at {self.site()}"
@@ -404,6 +426,15 @@ class CallCheck:
     def site(self) -> str:
         """``file.py:line`` of the call (``<unknown>:0`` when C or the interpreter made it)."""
         return frame_site(self._frame)
+
+    def _lazy_site(self) -> Any:
+        """A function making :meth:`site`'s text later, holding the file name and line, not the frame."""
+        frame = self._frame
+        while frame is not None and _is_internal(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is None:
+            return "<unknown>:0"
+        return functools.partial(format_location, (frame.f_code.co_filename, frame.f_lineno))
 
     def _nested_error(self, argno: int, path: str, owner: Owner, holder: str) -> NestedPointerError:
         shown = path if path else "*"
@@ -447,6 +478,12 @@ class CallCheck:
             if freed is not None and lookup(address) is None:
                 return freed
         if levels._level == 2:
+            if self._in_c_heap(address):
+                # Live C memory from an interposed library's malloc: whatever Python freed
+                # there before was given back and reused by C, so nothing dangles.  (And the
+                # heap map's freed-block search is the slow part of a level-2 call that
+                # passes a C object, such as a decoder state.)
+                return None
             block = heapmap.find_freed_block(address)  # None while a live block holds the address
             # Only pymalloc's small blocks are certain: nobody but Python reuses them, and a
             # reuse would be a live block.  A freed raw, numpy or large block is libc heap
@@ -496,7 +533,9 @@ class CallCheck:
                 self._pending = self._nested_error(argno, path, owner, holder)
             return
         if levels._level == 2:  # C was handed it: name it if C's pointer dangles later
-            scanning.remember_lend(owner.start, owner.size, owner.description, self.function, self.site())
+            # The texts are made only if a report needs them (neither callable holds the
+            # object or the frame, which must stay free to die).
+            scanning.remember_lend(owner.start, owner.size, owner.described, self.function, self._lazy_site())
         if findings.strict():
             exc = self._nested_error(argno, path, owner, holder)
             _record(self, "nested-unpinned", "portability", "R1", exc, owner.description, owner.size,
@@ -504,6 +543,10 @@ class CallCheck:
 
     def finish(self) -> None:
         """End of the call's checks: raise the R1 violation found, if any (explicit wrap)."""
+        # The owner index may hold a frame above the caller (the next one it would read):
+        # dropped here, so that a raised error's traceback, which holds this check, makes
+        # no reference cycle through the caller's frames (they must die when the caller drops them).
+        self._known = None
         pending, self._pending = self._pending, None
         if pending is not None:
             raise pending
@@ -538,10 +581,13 @@ class CallCheck:
         slots = layout.slots
         width = len(slots)
         indexed = indexed or count > 1  # what a pointer points to is shown as p->[i]
-        for k, value in enumerate(layout.read_array(address, count)):
-            if not value:
-                continue
-            owner = self.classify(value)
+        hits = _scan_slots(address, layout.plan, count, levels._level == 2)
+        if hits is None:  # every slot NULL, C memory, or pinned with nothing to walk on
+            return
+        for i in range(0, len(hits), 3):
+            k, value = hits[i], hits[i + 1]
+            # NEEDS_OWNER (2): scan_slots found it in no region and not C memory.
+            owner = self._classify_unknown(value) if hits[i + 2] == 2 else self.classify(value)
             if owner is None:
                 freed = self._find_freed(value)
                 if freed is not None:
@@ -587,19 +633,26 @@ def _record(check: CallCheck, kind: str, severity: str, rule: str, exc: BaseExce
     ))
 
 
-def _add_local_owner(known: List[Owner], seen: set, obj: Any, origin: str) -> None:
-    """Appends ``obj`` (and what a ctypes object keeps alive) to ``known`` as unpinned owners."""
-    if type(obj) in _NEVER_OWNING or id(obj) in seen or len(known) >= MAX_LOCAL_OBJECTS:
-        return
-    seen.add(id(obj))
-    extent = object_extent(obj)
-    if extent is not None:
-        size = extent[1]
-        known.append(Owner(extent[0], size, lambda: describe(obj, size), False, origin))
-    kept: List[Any] = []
-    _ctypes_kept(obj, kept)
-    for item in kept:
-        _add_local_owner(known, seen, item, f"kept alive by {origin}")
+def _describer(obj: Any, size: int) -> Any:
+    """What :func:`~ptrbridge.ownership.describe` says of ``obj``, as a function that does not hold it.
+
+    The text is made when a report needs it, possibly after the object died;
+    an ``ffi.from_buffer`` view is named by its source, which only its repr
+    tells, so its text is made now.
+    """
+    if isinstance(obj, _FROMBUF_TYPE):
+        return describe(obj, size)
+    if isinstance(obj, ffi.CData):
+        return functools.partial(_cdata_text, ffi.typeof(obj), size)
+    return functools.partial(_type_text, type(obj), size)
+
+
+def _cdata_text(ctype: Any, size: int) -> str:
+    return f"cdata '{ctype.cname}'({size})"
+
+
+def _type_text(kind: type, size: int) -> str:
+    return f"{kind.__name__}({size})"
 
 
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:
@@ -625,5 +678,12 @@ def _in_c_heap_block(address: int) -> bool:
     Blocks the interposer marks as Python memory (``ffi.new`` through
     ``_cffi_backend``) are Python's, so they do not count.
     """
-    block = ffi.new("struct pb_iblock *")  # per call: the GIL may pass to another thread in between
-    return bool(lib.pb__interpose_find(address, block)) and not block.python
+    return bool(native.in_c_heap(address))
+
+
+_ArrayType = array.array
+native.owners_init(
+    _NEVER_OWNING, ffi.CData, cdata_extent,
+    (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase, _SimpleBase), ctypes_extent,
+    type(ctypes.byref(ctypes.c_int())), array.array,
+)

@@ -201,17 +201,29 @@ def _make_exec_module(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _ctypes_check(fn: Any, args: Tuple[Any, ...], frame: Any) -> List[Any]:
-    """Check the arguments of one instrumented ctypes call; the lent objects."""
+    """Check the arguments of one instrumented ctypes call; the lent objects.
+
+    The same checks as a wrapped ctypes function's (calls.py): ints only
+    against freed memory, buffers lent without a look, structures, unions
+    and arrays whose slots native.scan_slots settles without a CallCheck.
+    """
     findings.count("calls")
     lent: List[Any] = []
     check: Optional[CallCheck] = None
-    level2 = calls._level == 2
-    history = calls.ownership_history()
+    history = None
     for i, arg in enumerate(args):
         kind = type(arg)
-        if kind is int and not (arg > 0 and (history or level2)):
+        if kind is int:
+            if history is None:
+                history = calls.ownership_history() or calls._level == 2
+            if not (arg > 0 and history):
+                continue
+        elif kind in _PLAIN:
             continue
-        if kind in _PLAIN:
+        elif kind is bytes or kind is bytearray:
+            lent.append(arg)
+            continue
+        elif calls._settled_ctypes(arg, lent):
             continue
         if check is None:
             check = CallCheck(getattr(fn, "__name__", "<C function>"), frame, args, True)

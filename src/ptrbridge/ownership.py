@@ -47,6 +47,10 @@ FREED_HISTORY = 4096
 _PAGE_SHIFT = 12
 _LARGE_PAGES = 64  # regions spanning more pages are kept in a short list instead
 
+# native.cdata_address reads a cdata's address through cffi's exported C API, a tenth
+# of ffi.cast("uintptr_t", p); None if this cffi exports none.
+_fast_address: Any = native.cdata_address if native.slots_init(ffi.typeof("void *")) else None
+
 # Types of cffi cdata that own (or hold) Python memory.
 _OWN_TYPE = type(ffi.new("char[]", 1))
 _FROMBUF_TYPE = type(ffi.from_buffer(b""))
@@ -111,14 +115,37 @@ def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
             return managed_extent(address_of(obj)) if ffi.typeof(obj).kind in ("pointer", "array") else None
         return None
     ctype = ffi.typeof(obj)
-    if ctype.kind == "pointer":  # ffi.new("struct s *"): the struct it points to
-        return address_of(obj), ffi.sizeof(ctype.item)
-    if ctype.kind == "array":
-        return address_of(obj), ffi.sizeof(obj)
-    if ctype.kind in ("struct", "union"):
+    shape = _shapes.get(ctype)
+    if shape is None:
+        shape = _shape(ctype)
+    kind, item_size = shape
+    if kind == "pointer":  # ffi.new("struct s *"): the struct it points to
+        return cdata_address(obj), item_size
+    if kind == "array":
+        return cdata_address(obj), ffi.sizeof(obj)
+    if kind in ("struct", "union"):
         # A struct or union value that refers to its owner, e.g. ffi.new("struct s *")[0].
-        return address_of(ffi.addressof(obj)), ffi.sizeof(obj)
+        return cdata_address(ffi.addressof(obj)), ffi.sizeof(obj)
     return None  # e.g. a callback's function pointer: code, not data
+
+
+_shapes: Dict[Any, Tuple[str, int]] = {}  # ctype -> (kind, size of the item a pointer points to)
+
+
+def _shape(ctype: Any) -> Tuple[str, int]:
+    kind = ctype.kind
+    item_size = ffi.sizeof(ctype.item) if kind == "pointer" else 0  # raises as before for void
+    shape = (kind, item_size)
+    if len(_shapes) < 4096:
+        _shapes[ctype] = shape
+    return shape
+
+
+def cdata_address(obj: Any) -> int:
+    """The address of a pointer or array cdata (cffi's C API; ``ffi.cast("uintptr_t", p)`` without it)."""
+    if _fast_address is not None:
+        return _fast_address(obj)  # type: ignore[no-any-return]
+    return int(ffi.cast("uintptr_t", obj))
 
 
 def ctypes_extent(obj: Any) -> Optional[Tuple[int, int]]:
