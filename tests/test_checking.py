@@ -198,6 +198,27 @@ def test_view_of_c_heap_memory_in_a_local_does_not_make_it_python_memory(tmp_pat
     assert proc.stdout.split() == ["None", "None"], proc.stdout
 
 
+def test_pointer_into_a_tracked_block_reaches_one_struct(cffi_lib: Tuple[Any, Any]) -> None:
+    """A ``T *`` into tracked C memory holding more than a T: only the T is walked.  The words after
+    it are not Ts; reading them as such found a 'dangling' pointer in a stale word (kafka's batch)."""
+    ffi, c = cffi_lib
+    size = ffi.sizeof("struct person")
+    block = ptrbridge.CBuffer(3 * size)
+    name = ptrbridge.cstring(b"one")
+    first = ffi.cast("struct person *", block.ptr)
+    first.name = ffi.cast("char *", name.ptr)
+    try:
+        with ptrbridge.checking(2):
+            gone = ffi.new("char[]", b"freed before the call")
+            first[1].name = gone   # a stale word after the T (freed next)
+            del gone
+            assert c.person_name_len(first) == 3
+            assert c.team_total(ffi.cast("struct person *", block.ptr), 1) == 3
+    finally:
+        name.free()
+        block.free()
+
+
 def test_bytes_argument_is_lent_not_walked(cffi_lib: Tuple[Any, Any]) -> None:
     ffi, c = cffi_lib
     assert c.text_len(b"hello") == 5

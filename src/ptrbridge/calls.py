@@ -321,7 +321,10 @@ def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: Li
             if block:
                 # C memory from the tracked allocator (cnew, CBuffer): Python
                 # memory it points to is lent to this call (rule R2 after it).
-                check.walk(argno, address, item, max(1, block // layout.size), "C", lend=lent)
+                # A `T *` reaches one T (a block may hold a T and more after it:
+                # those words are not Ts); an array argument reaches its items.
+                count = 1 if kind == "pointer" else max(1, block // layout.size)
+                check.walk(argno, address, item, count, "C", lend=lent)
                 return
         if levels._level == 2:
             owner = check.classify(address)  # the heap map knows raw Python addresses
