@@ -26,6 +26,10 @@ static inline PyObject *pb__xnew_ref(PyObject *o)
 #define Py_XNewRef(o) pb__xnew_ref((PyObject *)(o))
 #endif
 
+/* pybuffer.c: the function table _cffi_backend exports in its "_C_API"
+ * capsule, or NULL (an older cffi); never leaves an exception set. */
+void **pb__cffi_exports(void);
+
 /* pysite.c: "file.py:12" for a site id (new reference; "<unknown>:0" for 0). */
 PyObject *pb__site_text(uint32_t site);
 

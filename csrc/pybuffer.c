@@ -54,6 +54,19 @@ char *pb__charp(uintptr_t addr)
     return (char *)addr;
 }
 
+void **pb__cffi_exports(void)
+{
+    PyObject *backend = PyImport_ImportModule("_cffi_backend");
+    PyObject *capsule = backend ? PyObject_GetAttrString(backend, "_C_API") : NULL;
+    Py_XDECREF(backend);
+    void **exports = NULL;
+    if (capsule != NULL && PyCapsule_IsValid(capsule, "cffi"))
+        exports = PyCapsule_GetPointer(capsule, "cffi");
+    Py_XDECREF(capsule); /* _cffi_backend stays imported: the table outlives the capsule reference */
+    PyErr_Clear();
+    return exports;
+}
+
 PyObject *pb__charp_object(uintptr_t addr)
 {
     if (from_c_pointer != NULL)
@@ -454,14 +467,7 @@ static PyObject *m_buffers_init(PyObject *self, PyObject *args)
     Py_CLEAR(charp_ctype);
     if (ctype == Py_None)
         Py_RETURN_NONE;
-    PyObject *backend = PyImport_ImportModule("_cffi_backend");
-    PyObject *capsule = backend ? PyObject_GetAttrString(backend, "_C_API") : NULL;
-    Py_XDECREF(backend);
-    void **exports = NULL;
-    if (capsule != NULL && PyCapsule_IsValid(capsule, "cffi"))
-        exports = PyCapsule_GetPointer(capsule, "cffi");
-    Py_XDECREF(capsule);
-    PyErr_Clear();
+    void **exports = pb__cffi_exports();
     if (exports != NULL) {
         charp_ctype = Py_NewRef(ctype);
         from_c_pointer = (PyObject * (*)(char *, PyObject *)) exports[10];

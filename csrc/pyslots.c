@@ -129,14 +129,7 @@ static PyObject *m_cdata_address(PyObject *self, PyObject *arg)
 static PyObject *m_slots_init(PyObject *self, PyObject *ctype)
 {
     (void)self;
-    PyObject *backend = PyImport_ImportModule("_cffi_backend");
-    PyObject *capsule = backend ? PyObject_GetAttrString(backend, "_C_API") : NULL;
-    Py_XDECREF(backend);
-    void **exports = NULL;
-    if (capsule != NULL && PyCapsule_IsValid(capsule, "cffi"))
-        exports = PyCapsule_GetPointer(capsule, "cffi");
-    Py_XDECREF(capsule);
-    PyErr_Clear();
+    void **exports = pb__cffi_exports();
     to_c_pointer = NULL;
     Py_XSETREF(voidp_ctype, Py_NewRef(ctype));
     if (exports != NULL)
