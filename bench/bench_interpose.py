@@ -21,9 +21,7 @@ which counts instructions repeatably; compare with ``--callgrind-plain``).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -32,23 +30,15 @@ import ptrbridge
 from ptrbridge import heapmap, interposition
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import verdict  # noqa: E402  (bench/ is not a package)
+from holder import load_holder as open_holder  # noqa: E402  (bench/ is not a package)
+from timing import verdict  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET_NS = 40.0
 SIZE = 64
 
 
 def load_holder() -> Tuple[Any, Any]:
-    """Compile tests/clib/holder.c (-O2, as a library would ship) and dlopen it with cffi."""
-    import cffi
-
-    out = Path(tempfile.mkdtemp(prefix="ptrbridge-bench-")) / "libholder.so"
-    subprocess.run(["gcc", "-std=c11", "-O2", "-fPIC", "-shared", "-pthread", str(REPO / "tests/clib/holder.c"),
-                    "-o", str(out)], check=True)
-    hffi = cffi.FFI()
-    hffi.cdef("uint64_t holder_loop(size_t n, size_t size);")
-    return hffi, hffi.dlopen(str(out))
+    return open_holder("uint64_t holder_loop(size_t n, size_t size);")
 
 
 def _enter(mode: str) -> None:

@@ -51,7 +51,8 @@ import ptrbridge
 from ptrbridge._bindings import ffi, lib
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import verdict  # noqa: E402  (bench/ is not a package)
+from holder import load_holder as open_holder  # noqa: E402  (bench/ is not a package)
+from timing import verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -330,16 +331,8 @@ CHEAVY_TARGET = 1.5
 
 
 def _holder() -> Any:
-    import cffi
-    import subprocess
-    import tempfile
-
-    out = Path(tempfile.mkdtemp(prefix="ptrbridge-bench-")) / "libholder.so"
-    subprocess.run(["gcc", "-std=c11", "-O2", "-fPIC", "-shared", "-pthread", str(REPO / "tests/clib/holder.c"),
-                    "-o", str(out)], check=True)
-    hffi = cffi.FFI()
-    hffi.cdef("uint64_t holder_loop(size_t n, size_t size); void *holder_alloc(size_t); void holder_free(void *);")
-    return hffi, hffi.dlopen(str(out))
+    return open_holder("uint64_t holder_loop(size_t n, size_t size); void *holder_alloc(size_t); "
+                       "void holder_free(void *);")
 
 
 def bench_interposer(quick: bool) -> None:
