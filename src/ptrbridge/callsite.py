@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Modules of the package that act as users of the library: their frames count.
@@ -17,23 +17,24 @@ def _is_internal(filename: str) -> bool:
             and not filename.startswith(_USER_DIRS))
 
 
-def frame_site(frame: Any) -> str:
-    """``file.py:line`` of ``frame``, or of the nearest frame above it outside this package."""
+def frame_location(frame: Any) -> Optional[Tuple[str, int]]:
+    """``(filename, lineno)`` of ``frame``, or of the nearest frame above it outside this package."""
     while frame is not None and _is_internal(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
-        return "<unknown>:0"
-    return format_location((frame.f_code.co_filename, frame.f_lineno))
+        return None
+    return frame.f_code.co_filename, frame.f_lineno
+
+
+def frame_site(frame: Any) -> str:
+    """``file.py:line`` of ``frame``, or of the nearest frame above it outside this package."""
+    location = frame_location(frame)
+    return "<unknown>:0" if location is None else format_location(location)
 
 
 def caller_frame_location() -> Tuple[str, int]:
     """Return ``(filename, lineno)`` of the innermost frame outside this package."""
-    frame = sys._getframe(1)
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back  # type: ignore[assignment]
-    if frame is None:
-        return ("<unknown>", 0)
-    return (frame.f_code.co_filename, frame.f_lineno)
+    return frame_location(sys._getframe(1)) or ("<unknown>", 0)
 
 
 def user_stacklevel() -> int:

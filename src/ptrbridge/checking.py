@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import findings, heapmap, levels, scanning
-from ._bindings import address_of, ffi, lib, native
-from .callsite import _is_internal, format_location, frame_site
+from ._bindings import ffi, lib, native
+from .callsite import format_location, frame_location, frame_site
 from .errors import NestedPointerError, UseAfterFreeError
-from .ownership import _FROMBUF_TYPE
+from .ownership import _FROMBUF_TYPE, cdata_text, type_text
 from .ownership import (
     FreedRegion,
     has_freed_history,
@@ -429,12 +429,8 @@ class CallCheck:
 
     def _lazy_site(self) -> Any:
         """A function making :meth:`site`'s text later, holding the file name and line, not the frame."""
-        frame = self._frame
-        while frame is not None and _is_internal(frame.f_code.co_filename):
-            frame = frame.f_back
-        if frame is None:
-            return "<unknown>:0"
-        return functools.partial(format_location, (frame.f_code.co_filename, frame.f_lineno))
+        location = frame_location(self._frame)
+        return "<unknown>:0" if location is None else functools.partial(format_location, location)
 
     def _nested_error(self, argno: int, path: str, owner: Owner, holder: str) -> NestedPointerError:
         shown = path if path else "*"
@@ -643,16 +639,8 @@ def _describer(obj: Any, size: int) -> Any:
     if isinstance(obj, _FROMBUF_TYPE):
         return describe(obj, size)
     if isinstance(obj, ffi.CData):
-        return functools.partial(_cdata_text, ffi.typeof(obj), size)
-    return functools.partial(_type_text, type(obj), size)
-
-
-def _cdata_text(ctype: Any, size: int) -> str:
-    return f"cdata '{ctype.cname}'({size})"
-
-
-def _type_text(kind: type, size: int) -> str:
-    return f"{kind.__name__}({size})"
+        return functools.partial(cdata_text, ffi.typeof(obj), size)
+    return functools.partial(type_text, type(obj), size)
 
 
 def _path(prefix: str, k: int, width: int, indexed: bool, slots: Tuple[Slot, ...]) -> str:

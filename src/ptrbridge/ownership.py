@@ -100,8 +100,18 @@ def describe(obj: Any, size: int) -> str:
         if source is not None:
             return f"{source.group(1)}({size})"
     if isinstance(obj, ffi.CData):
-        return f"cdata '{ffi.typeof(obj).cname}'({size})"
-    return f"{type(obj).__name__}({size})"
+        return cdata_text(ffi.typeof(obj), size)
+    return type_text(type(obj), size)
+
+
+def cdata_text(ctype: Any, size: int) -> str:
+    """:func:`describe`'s text for a cdata of ``ctype``: ``cdata 'char[]'(64)``."""
+    return f"cdata '{ctype.cname}'({size})"
+
+
+def type_text(kind: type, size: int) -> str:
+    """:func:`describe`'s text for an object of type ``kind``: ``bytearray(4096)``."""
+    return f"{kind.__name__}({size})"
 
 
 def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
