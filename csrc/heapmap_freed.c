@@ -336,25 +336,6 @@ static void keep_newest(size_t cap)
     lock_taken += l - keep_l;
 }
 
-/* The loaded objects' segments (pb__loaded_segments) in a malloc'd array:
- * *n of them, or NULL (no memory: nothing is filtered). */
-static uintptr_t *loaded_segments(size_t *n)
-{
-    size_t cap = 512;
-    for (;;) {
-        uintptr_t *r = malloc(2 * cap * sizeof *r);
-        if (r == NULL)
-            return NULL;
-        size_t got = pb__loaded_segments(r, cap);
-        if (got <= cap) {
-            *n = got;
-            return r;
-        }
-        free(r);
-        cap = got + 64;
-    }
-}
-
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
 {
     /* Filter under the heap-map lock, queue outside it: the scanner takes its
@@ -367,7 +348,7 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
     size_t n = 0, nseg = 0;
     uintptr_t s, ls;
     uint64_t v, lv, serial;
-    uintptr_t *seg = loaded_segments(&nseg);
+    uintptr_t *seg = pb__loaded_segments_alloc(&nseg);
     /* ffi.new memory the interposer records is queued by the interposer, naming it
      * (pb__interpose_take_freed): not twice. */
     int cffi_queued_elsewhere = pb_interpose_enabled();

@@ -1155,7 +1155,9 @@ static int segments_one(struct dl_phdr_info *info, size_t size, void *data)
     return 0;
 }
 
-size_t pb__loaded_segments(uintptr_t *ranges, size_t cap)
+/* Up to cap ranges into ranges[] (see pb__loaded_segments_alloc); returns
+ * how many there are, which may exceed cap. */
+static size_t loaded_segments(uintptr_t *ranges, size_t cap)
 {
     struct segments_ctx c = {ranges, cap, 0};
     dl_iterate_phdr(segments_one, &c);
@@ -1184,6 +1186,23 @@ size_t pb__loaded_segments(uintptr_t *ranges, size_t cap)
         m++;
     }
     return m;
+}
+
+uintptr_t *pb__loaded_segments_alloc(size_t *n)
+{
+    size_t cap = 512;
+    for (;;) {
+        uintptr_t *r = malloc(2 * cap * sizeof *r);
+        if (r == NULL)
+            return NULL;
+        size_t got = loaded_segments(r, cap);
+        if (got <= cap) {
+            *n = got;
+            return r;
+        }
+        free(r); /* a library was loaded in between: room for it and a few more */
+        cap = got + 64;
+    }
 }
 
 int pb__segments_overlap(const uintptr_t *ranges, size_t n, uintptr_t start, size_t size)

@@ -128,13 +128,13 @@ size_t pb__interpose_foreach_segment(void (*visit)(uintptr_t base, size_t size, 
 int pb__interpose_is_loaded(uintptr_t base, size_t size);
 
 /* The PT_LOAD segments of every loaded object (the interposer need not be
- * enabled): up to cap [start, end) ranges into ranges[2*i], ranges[2*i+1],
- * sorted by start and merged where they overlap.  Returns how many there are
- * (may exceed cap: call again with more room).  Takes the loader's lock
- * (dl_iterate_phdr): not with a lock a library constructor could need. */
-size_t pb__loaded_segments(uintptr_t *ranges, size_t cap);
+ * enabled) as *n [start, end) ranges, ranges[2*i] and ranges[2*i+1], sorted
+ * by start and merged where they overlap, in an array the caller frees; NULL
+ * if out of memory.  Takes the loader's lock (dl_iterate_phdr): not with a
+ * lock a library constructor could need. */
+uintptr_t *pb__loaded_segments_alloc(size_t *n);
 
-/* Whether [start, start+size) overlaps one of n ranges from pb__loaded_segments. */
+/* Whether [start, start+size) overlaps one of n ranges from pb__loaded_segments_alloc. */
 int pb__segments_overlap(const uintptr_t *ranges, size_t n, uintptr_t start, size_t size);
 
 #endif /* PB_INTERPOSE_H */

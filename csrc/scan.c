@@ -490,7 +490,6 @@ static uint64_t cached_generation = UINT64_MAX;
 
 static void free_index(struct index *ix);
 
-/* Builds the index from a copy of the queued targets.  Returns 0 or -1. */
 /* Drops the targets a loaded object is mapped over now, compacting t[]:
  * their memory went back to the kernel (pymalloc gave its arena back, a
  * large block was unmapped) and dlopen mapped a library there, whose own
@@ -499,18 +498,10 @@ static void free_index(struct index *ix);
  * Returns the new count.  No memory for the segments: nothing is dropped. */
 static size_t drop_mapped_over(struct target *t, size_t n)
 {
-    size_t cap = 512, nseg;
-    uintptr_t *seg = NULL;
-    for (;;) {
-        seg = n ? malloc(2 * cap * sizeof *seg) : NULL;
-        if (seg == NULL)
-            return n;
-        nseg = pb__loaded_segments(seg, cap);
-        if (nseg <= cap)
-            break;
-        free(seg);
-        cap = nseg + 64;
-    }
+    size_t nseg = 0;
+    uintptr_t *seg = n ? pb__loaded_segments_alloc(&nseg) : NULL;
+    if (seg == NULL)
+        return n;
     size_t m = 0;
     for (size_t i = 0; i < n; i++)
         if (!pb__segments_overlap(seg, nseg, t[i].start, t[i].end - t[i].start))
@@ -519,6 +510,7 @@ static size_t drop_mapped_over(struct target *t, size_t n)
     return m;
 }
 
+/* Builds the index from a copy of the queued targets.  Returns 0 or -1. */
 static int build_index(struct index *ix, int keep)
 {
     memset(ix, 0, sizeof *ix);
