@@ -640,18 +640,13 @@ void hm_freed_stats_locked(struct pb_heapmap_stats *out)
 
 /* ---- ordering records against frees (pb__heapmap_frees_since) ------------------------ */
 
-void pb__heapmap_clock_read(uint64_t out[3])
+void pb__heapmap_clock_store(uint64_t *clocks, size_t slot)
 {
     struct pb_heapmap_clock c;
     pb_heapmap_clock(&c);
-    out[0] = c.epoch;
-    out[1] = c.gil;
-    out[2] = c.lock;
-}
-
-void pb__heapmap_clock_store(uint64_t *clocks, size_t slot)
-{
-    pb__heapmap_clock_read(clocks + 3 * slot);
+    clocks[3 * slot] = c.epoch;
+    clocks[3 * slot + 1] = c.gil;
+    clocks[3 * slot + 2] = c.lock;
 }
 
 long long pb__heapmap_frees_since(uintptr_t addr, const uint64_t since[3])

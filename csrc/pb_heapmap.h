@@ -242,16 +242,13 @@ void pb__heapmap_get_stats(struct pb_heapmap_stats *out);
 /* 1 while the hooks record, else 0.  Cheap. */
 int pb__heapmap_installed(void);
 
-/* The free clock (see pb_heapmap_clock) as out[0] = epoch, out[1] = gil,
- * out[2] = lock.  Lock-free; any thread. */
-void pb__heapmap_clock_read(uint64_t out[3]);
-
-/* The same, into clocks[3 * slot .. 3 * slot + 2]: one call for a table of
- * stamps kept in C memory (ptrbridge.scanning's lend records). */
+/* The free clock (see pb_heapmap_clock) into clocks[3 * slot ..]: epoch,
+ * gil, lock.  One call for a table of stamps kept in C memory
+ * (ptrbridge.scanning's lend records).  Lock-free; any thread. */
 void pb__heapmap_clock_store(uint64_t *clocks, size_t slot);
 
 /* How many frees of blocks containing addr the history holds since the
- * clock since[3] (as pb__heapmap_clock_read gives it) was read, or -1 if
+ * clock since[3] (as pb__heapmap_clock_store writes it) was read, or -1 if
  * that is not known: the history was forgotten since (another epoch), or
  * has already dropped frees made after it.  For use-after-free reports: a
  * record made while an object was alive names a freed block only if
