@@ -28,6 +28,7 @@
  * is not held (its memory behaves exactly as without ptrbridge).
  */
 #include "pb_heapmap_internal.h"
+#include "pb_quarantine.h"
 
 #include <unistd.h>
 
@@ -205,6 +206,8 @@ static HOT void hook_free(int domain, void *ctx, void *ptr)
         h->prev.free(h->prev.ctx, ptr);
         return;
     }
+    if (domain == PB_HEAPMAP_OBJ)
+        pb__quarantine_owner_freed(ptr); /* a quarantined shadow's original (a bytes) dies */
     struct evicted ev;
     int hold = forget_for_free(h, ptr, &ev);
     if (hold) {
@@ -349,11 +352,14 @@ static int hook_domain_gil(int domain)
     return 0;
 }
 
-/* Forgets every block and freed block.  GIL and lock held. */
+/* Forgets every block and freed block.  GIL and lock held.  The quarantine
+ * stops following the originals of its shadows too: frees are (or were)
+ * unseen, so a watched original may be gone. */
 static void clear_all_locked(void)
 {
     hm_index_clear_locked();
     hm_freed_clear_locked();
+    pb__quarantine_unwatch_all();
 }
 
 /* ---- fork ------------------------------------------------------------------------------------ */

@@ -13,7 +13,10 @@
 /* PB_CDEF_BEGIN */
 
 /* Copies len bytes from src into a shadow whose last byte touches a guard
- * page.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
+ * page.  `owner` is the address of the original's object when it is
+ * immutable (a bytes) and the heap map sees it freed, else 0: a later read
+ * of the closed shadow while that object lives is a kept read (recorded, the
+ * read goes on), after its free an error.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
  * lending call's "file.py:12") and `stack` (the
  * Python stack of the lending call, one "    #k file:line in name" line per
  * frame) are copied into the slot (truncated to fixed sizes) for the fault
@@ -22,7 +25,7 @@
  * thread if it has none.  Returns a slot number (>= 0) and stores the shadow
  * address in *shadow, or a negative PB_ERR_*: PB_ERR_NOMEM when no slot is
  * free, PB_ERR_INVALID for a NULL pointer argument.  Thread-safe. */
-int pb__quarantine_lend(const void *src, size_t len, const char *object, const char *function,
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char *object, const char *function,
                         const char *site, const char *stack, uintptr_t *shadow);
 
 /* Ends a lend: copies the shadow back to dst (if dst is not NULL), makes the
@@ -49,6 +52,42 @@ void pb__quarantine_force_mprotect(int on);
  * the descriptor open.  Returns the previous one.  Thread-safe. */
 int pb__quarantine_set_log_fd(int fd);
 
+/* Kept reads so far (reads of closed shadows whose original was alive and
+ * immutable: the read went on).  Thread-safe. */
+uint64_t pb__quarantine_kept_reads(void);
+
+/* Copies the report of kept read n (0-based) into out (NUL-terminated,
+ * truncated to cap); returns its length, or -1 if the ring of the last 16
+ * no longer holds it.  Thread-safe. */
+long pb__quarantine_kept_read(uint64_t n, char *out, size_t cap);
+
+/* Stops following every original (the heap map is going away): their
+ * shadows are no longer adopted on a read.  Thread-safe. */
+void pb__quarantine_unwatch_all(void);
+
 /* PB_CDEF_END */
+
+/* Watched originals, for the heap map's free hook: a count per bucket of the
+ * slots whose owner hashes there.  Internal. */
+#include <stdatomic.h>
+#include <stdint.h>
+#define PB_QWATCH_BUCKETS 1024
+extern _Atomic unsigned char pb__qwatch[PB_QWATCH_BUCKETS];
+
+static inline unsigned pb__qwatch_bucket(uintptr_t p)
+{
+    return (unsigned)((p >> 4) ^ (p >> 14)) & (PB_QWATCH_BUCKETS - 1);
+}
+
+void pb__quarantine_owner_freed_slow(uintptr_t object);
+
+/* Called for every object block the heap map sees freed: closes the
+ * adopted shadows of `p` again.  A relaxed load unless p is watched. */
+static inline void pb__quarantine_owner_freed(void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    if (__builtin_expect(atomic_load_explicit(&pb__qwatch[pb__qwatch_bucket(a)], memory_order_relaxed) != 0, 0))
+        pb__quarantine_owner_freed_slow(a);
+}
 
 #endif /* PB_QUARANTINE_H */

@@ -80,8 +80,10 @@
 #define MADV_GUARD_REMOVE 103
 #endif
 
-enum { FREE = 0, LENT = 1, QUARANTINED = 2, BROKEN = 3 };
-enum { OPEN = 0, CLOSED_GUARD = 1, CLOSED_MPROTECT = 2 };
+/* ADOPTING/ADOPTED: a closed shadow of a live immutable original that C read
+ * again; reopened for good while the original lives (see adopt()). */
+enum { FREE = 0, LENT = 1, QUARANTINED = 2, BROKEN = 3, ADOPTING = 4, ADOPTED = 5, EVICTING = 6 };
+enum { OPEN = 0, CLOSED_GUARD = 1, CLOSED_MPROTECT = 2, OPEN_READONLY = 3 };
 
 struct slot {
     _Atomic int state;
@@ -92,6 +94,9 @@ struct slot {
     uintptr_t closed;  /* start of the closed range (to area + area_bytes) */
     int how;           /* OPEN, CLOSED_GUARD or CLOSED_MPROTECT: how to reopen */
     int dedicated;     /* own mapping, unmapped when evicted */
+    uintptr_t src;     /* the original's bytes (read again when an adopted guard region is removed) */
+    _Atomic uintptr_t owner; /* the original's object while it is alive and immutable, else 0 */
+    _Atomic int owner_freed; /* the heap map saw the original freed since the lend: a read is an error */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
     char site[SITE_MAX];
@@ -121,6 +126,21 @@ struct chain_rec {
 };
 static struct chain_rec chain_threads[CHAIN_THREADS];
 
+/* Watched originals: a count per hash bucket of the owners of slots, read by
+ * the heap map's free hook (pb__quarantine_owner_freed) without the lock. */
+_Atomic unsigned char pb__qwatch[PB_QWATCH_BUCKETS];
+
+/* Kept reads (adoptions), formatted in the handler, taken by Python. */
+#define KEPT_RING 16
+#define KEPT_TEXT 8192
+struct kept_read {
+    _Atomic uint64_t seq; /* n + 1 once entry n is complete, 0 while it is written */
+    size_t len;
+    char text[KEPT_TEXT];
+};
+static struct kept_read kept[KEPT_RING];
+static _Atomic uint64_t kept_count;
+
 static pthread_key_t altstack_key;
 static pthread_once_t altstack_once = PTHREAD_ONCE_INIT;
 
@@ -141,8 +161,21 @@ static void put_fd(int fd, const char *s, size_t n)
     }
 }
 
+/* While a kept read is formatted, put() appends to its ring entry instead
+ * (the `reporting` flag is held: one writer). */
+static char *sink;
+static size_t sink_len, sink_cap;
+
 static void put(const char *s, size_t n)
 {
+    if (sink != NULL) {
+        size_t room = sink_cap - sink_len;
+        if (n > room)
+            n = room;
+        memcpy(sink + sink_len, s, n);
+        sink_len += n;
+        return;
+    }
     put_fd(STDERR_FILENO, s, n);
     int fd = atomic_load(&log_fd);
     if (fd >= 0)
@@ -400,13 +433,13 @@ static struct slot *slot_of(uintptr_t a)
     for (int i = 0; i < MAX_SLOTS; i++) {
         struct slot *s = &slots[i];
         int state = atomic_load_explicit(&s->state, memory_order_acquire);
-        if (state != LENT && state != QUARANTINED)
+        if (state != LENT && state != QUARANTINED && state != ADOPTING && state != ADOPTED)
             continue;
         if (s->area == 0 || a < s->area - page || a >= s->area + s->area_bytes + page)
             continue;
         if (state == LENT && a >= s->area && a < s->area + s->area_bytes)
             continue; /* open while lent: not a fault of ours */
-        if (state == QUARANTINED && a >= s->area && a < s->closed)
+        if (state != LENT && a >= s->area && a < s->closed)
             continue; /* below the closed pages: never part of the copy */
         return s;
     }
@@ -446,6 +479,17 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
             put_str(s->site);
             put_str(", caught by the quarantine's guard page)\n");
         }
+    } else if (state == ADOPTING) {
+        kind = "kept-read";
+        put_str("ptrbridge: C read a pointer to Python memory after the call that lent it returned "
+                "(R2, caught by quarantine; portability: the original is alive and immutable, so the read "
+                "went on): ");
+        put_str(s->object);
+        put_str(" lent to ");
+        put_str(s->function);
+        put_str("() at ");
+        put_str(s->site);
+        put_str("\n");
     } else {
         kind = "use-after-release";
         put_str("ptrbridge: C used a pointer to Python memory after the call that lent it returned "
@@ -502,6 +546,29 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
         put_str("still lent: the call to ");
         put_str(s->function);
         put_str("() has not returned; C went outside the buffer it was given.\n");
+    } else if (state == ADOPTING) {
+        put_str("released when the call to ");
+        put_str(s->function);
+        put_str("() returned; C kept the pointer and read through it later.\n"
+                "CPython does not move objects, so this works while the object lives and nothing changes it; "
+                "under Go's rule R2 (or a moving collector) it is a bug.  The shadow was reopened read-only "
+                "and the read went on; it is closed again when the object is freed, and a read after that "
+                "is an error.\n"
+                "Keep the object alive and pinned for as long as C keeps the pointer (ptrbridge.Pinner), "
+                "or give C its own copy (ptrbridge.CBuffer).\n");
+    } else if (atomic_load(&s->owner_freed)) {
+        put_str("released when the call to ");
+        put_str(s->function);
+        put_str("() returned (the shadow was closed then), and the object has been freed since.\n"
+                "C kept the pointer past the object's life: pin the object for its whole C lifetime, "
+                "copy it with ptrbridge.CBuffer, or pass a ptrbridge.Handle.\n");
+    } else if (state == ADOPTED) {
+        put_str("released when the call to ");
+        put_str(s->function);
+        put_str("() returned; C kept the pointer, read through it (a kept read), then wrote to the "
+                "immutable object through it.\n"
+                "C must not write into bytes: pass a bytearray (pinned for as long as C keeps it) or a "
+                "ptrbridge.CBuffer.\n");
     } else {
         put_str("released when the call to ");
         put_str(s->function);
@@ -538,6 +605,75 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_str("\n=================================================================\n");
 }
 
+/* Takes the `reporting` flag for formatting a kept read (2); 0 if a fatal
+ * report holds it (the process is about to die). */
+static int take_reporting_for_kept(void)
+{
+    for (;;) {
+        int expected = 0;
+        if (atomic_compare_exchange_strong(&reporting, &expected, 2))
+            return 1;
+        if (expected == 1)
+            return 0;
+        struct timespec t = {0, 100000};
+        nanosleep(&t, NULL);
+    }
+}
+
+/* A read of a closed shadow whose original is alive and immutable (bytes):
+ * what C read is what the original holds, and CPython does not move it, so
+ * the program is correct there (Go's R2 says otherwise: a portability
+ * finding).  The shadow is reopened read-only for good, refilled from the
+ * original where a guard region discarded it, and the read retried; the heap
+ * map's free hook closes it again when the original is freed.  Returns 1 if
+ * adopted.  Async-signal-safe (atomics, madvise, mprotect, memcpy). */
+static int adopt(struct slot *s, uintptr_t a, void *uctx)
+{
+    if (atomic_load(&s->owner) == 0 || fault_is_write(uctx) == 1)
+        return 0; /* freed, mutable, or a write into bytes: an error */
+    int expected = QUARANTINED;
+    if (!atomic_compare_exchange_strong(&s->state, &expected, ADOPTING))
+        return 0;
+    if (atomic_load(&s->owner) == 0) { /* freed meanwhile (the free hook clears it first) */
+        atomic_store(&s->state, QUARANTINED);
+        return 0;
+    }
+    void *addr = (void *)s->closed;
+    size_t n = s->area + s->area_bytes - s->closed;
+    int rc = 0;
+    if (s->how == CLOSED_GUARD) {
+        rc = madvise(addr, n, MADV_GUARD_REMOVE);
+        if (rc == 0) {
+            memcpy((void *)s->data, (const void *)s->src, s->len); /* the guard discarded the copy */
+            rc = mprotect(addr, n, PROT_READ);
+        }
+    } else if (s->how == CLOSED_MPROTECT) {
+        rc = mprotect(addr, n, PROT_READ);
+    }
+    if (rc != 0) {
+        atomic_store(&s->state, QUARANTINED);
+        return 0;
+    }
+    s->how = OPEN_READONLY;
+    if (take_reporting_for_kept()) {
+        uint64_t k = atomic_load(&kept_count);
+        struct kept_read *e = &kept[k % KEPT_RING];
+        atomic_store(&e->seq, 0);
+        sink = e->text;
+        sink_len = 0;
+        sink_cap = sizeof e->text - 1;
+        report(s, ADOPTING, a, uctx);
+        e->len = sink_len;
+        e->text[sink_len] = '\0';
+        sink = NULL;
+        atomic_store(&e->seq, k + 1);
+        atomic_store(&kept_count, k + 1);
+        atomic_store(&reporting, 0);
+    }
+    atomic_store(&s->state, ADOPTED);
+    return 1;
+}
+
 static void on_fault(int sig, siginfo_t *info, void *uctx)
 {
     int saved_errno = errno;
@@ -569,12 +705,30 @@ static void on_fault(int sig, siginfo_t *info, void *uctx)
     struct slot *s = sent ? NULL : slot_of((uintptr_t)info->si_addr);
     if (s != NULL) {
         int state = atomic_load_explicit(&s->state, memory_order_acquire);
-        int expected = 0;
-        if (!atomic_compare_exchange_strong(&reporting, &expected, 1)) {
-            /* Another thread is reporting and will end the process. */
-            struct timespec t = {1, 0};
-            for (;;)
-                nanosleep(&t, NULL);
+        if (state == QUARANTINED && adopt(s, (uintptr_t)info->si_addr, uctx)) {
+            errno = saved_errno;
+            return; /* the read is retried on the reopened shadow */
+        }
+        while (state == ADOPTING) { /* another thread is reopening it: retry after it did */
+            struct timespec t = {0, 100000};
+            nanosleep(&t, NULL);
+            state = atomic_load_explicit(&s->state, memory_order_acquire);
+            if (state != ADOPTING) {
+                errno = saved_errno;
+                return;
+            }
+        }
+        for (;;) {
+            int expected = 0;
+            if (atomic_compare_exchange_strong(&reporting, &expected, 1))
+                break;
+            if (expected == 1) { /* another thread is reporting and will end the process */
+                struct timespec t = {1, 0};
+                for (;;)
+                    nanosleep(&t, NULL);
+            }
+            struct timespec t = {0, 100000}; /* a kept read is being written down: wait for it */
+            nanosleep(&t, NULL);
         }
         report(s, state, (uintptr_t)info->si_addr, uctx);
         call_previous(sig, info, uctx, sent); /* faulthandler adds the Python traceback */
@@ -722,6 +876,8 @@ static int open_slot(struct slot *s)
     int rc = 0;
     if (n == 0 || s->how == OPEN)
         rc = 0;
+    else if (s->how == OPEN_READONLY)
+        rc = mprotect(addr, n, PROT_READ | PROT_WRITE);
     else if (s->how == CLOSED_GUARD)
         rc = madvise(addr, n, MADV_GUARD_REMOVE);
     else
@@ -796,13 +952,37 @@ static int init_pool(void)
     return 0;
 }
 
-/* Reopens the oldest quarantined slot.  Lock held. */
+/* Watches (owner != 0) or stops watching a slot's original.  Lock held. */
+static void watch_locked(struct slot *s, uintptr_t owner)
+{
+    atomic_store(&s->owner_freed, 0);
+    atomic_store(&s->owner, owner);
+    if (owner != 0)
+        atomic_fetch_add(&pb__qwatch[pb__qwatch_bucket(owner)], 1);
+}
+
+static void unwatch_locked(struct slot *s)
+{
+    uintptr_t owner = atomic_exchange(&s->owner, 0);
+    if (owner != 0)
+        atomic_fetch_sub(&pb__qwatch[pb__qwatch_bucket(owner)], 1);
+}
+
+/* Puts a closed slot at the end of the FIFO, evicting the oldest if full.  Lock held. */
+static void enqueue_locked(int index);
+
+/* Reopens the oldest quarantined slot.  An adopted one leaves the FIFO as it
+ * is: C still reads it; it comes back when its original is freed.  Lock held. */
 static void evict_one(void)
 {
     int i = fifo[fifo_head];
     fifo_head = (fifo_head + 1) % QUARANTINE_DEPTH;
     fifo_count--;
     struct slot *s = &slots[i];
+    int expected = QUARANTINED;
+    if (!atomic_compare_exchange_strong(&s->state, &expected, EVICTING))
+        return; /* adopted (or being adopted) */
+    unwatch_locked(s);
     if (s->dedicated) {
         atomic_store_explicit(&s->state, FREE, memory_order_release);
         unmap_area(s);
@@ -816,7 +996,7 @@ static void evict_one(void)
     atomic_store_explicit(&s->state, FREE, memory_order_release);
 }
 
-int pb__quarantine_lend(const void *src, size_t len, const char *object, const char *function,
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char *object, const char *function,
                         const char *site, const char *stack, uintptr_t *shadow)
 {
     if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
@@ -876,6 +1056,8 @@ int pb__quarantine_lend(const void *src, size_t len, const char *object, const c
     copy_text(s->function, sizeof s->function, function);
     copy_text(s->site, sizeof s->site, site);
     copy_text(s->stack, sizeof s->stack, stack);
+    s->src = (uintptr_t)src;
+    watch_locked(s, owner);
     atomic_store_explicit(&s->state, LENT, memory_order_release);
     *shadow = s->data;
     pthread_mutex_unlock(&lock);
@@ -899,6 +1081,7 @@ int pb__quarantine_finish(int index, void *dst)
     s->closed = s->data & ~(uintptr_t)(page - 1); /* the pages that held the copy */
     if (close_slot(s) != 0) {
         /* Cannot close it: release it at once, unquarantined. */
+        unwatch_locked(s);
         s->closed = s->area + s->area_bytes;
         s->how = OPEN;
         if (s->dedicated) {
@@ -911,10 +1094,79 @@ int pb__quarantine_finish(int index, void *dst)
         return PB_OK;
     }
     atomic_store_explicit(&s->state, QUARANTINED, memory_order_release);
-    fifo[(fifo_head + fifo_count) % QUARANTINE_DEPTH] = index;
-    fifo_count++;
+    enqueue_locked(index);
     pthread_mutex_unlock(&lock);
     return PB_OK;
+}
+
+static void enqueue_locked(int index)
+{
+    if (fifo_count == QUARANTINE_DEPTH)
+        evict_one();
+    fifo[(fifo_head + fifo_count) % QUARANTINE_DEPTH] = index;
+    fifo_count++;
+}
+
+void pb__quarantine_owner_freed_slow(uintptr_t object)
+{
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        struct slot *s = &slots[i];
+        if (atomic_load_explicit(&s->owner, memory_order_relaxed) != object)
+            continue;
+        pthread_mutex_lock(&lock);
+        if (atomic_load(&s->owner) == object) {
+            unwatch_locked(s); /* first: adopt() checks it after claiming the slot */
+            atomic_store(&s->owner_freed, 1);
+            int state;
+            while ((state = atomic_load(&s->state)) == ADOPTING) {
+                struct timespec t = {0, 100000}; /* a handler is reopening it on another thread */
+                nanosleep(&t, NULL);
+            }
+            if (state == ADOPTED) {
+                /* Closed again: C reading it from now on reads freed memory. */
+                if (open_slot(s) == 0 && close_slot(s) == 0) {
+                    atomic_store_explicit(&s->state, QUARANTINED, memory_order_release);
+                    enqueue_locked(i);
+                } else {
+                    atomic_store_explicit(&s->state, BROKEN, memory_order_release); /* never lent again */
+                }
+            }
+        }
+        pthread_mutex_unlock(&lock);
+    }
+}
+
+void pb__quarantine_unwatch_all(void)
+{
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        struct slot *s = &slots[i];
+        if (atomic_load(&s->owner) != 0) {
+            unwatch_locked(s);
+            /* An adopted slot's original can no longer be followed: it stays open (read-only). */
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+uint64_t pb__quarantine_kept_reads(void)
+{
+    return atomic_load(&kept_count);
+}
+
+long pb__quarantine_kept_read(uint64_t n, char *out, size_t cap)
+{
+    if (out == NULL || cap == 0)
+        return PB_ERR_INVALID;
+    struct kept_read *e = &kept[n % KEPT_RING];
+    if (atomic_load(&e->seq) != n + 1)
+        return -1; /* overwritten by a later one, or not written yet */
+    size_t len = e->len < cap - 1 ? e->len : cap - 1;
+    memcpy(out, e->text, len);
+    out[len] = '\0';
+    if (atomic_load(&e->seq) != n + 1)
+        return -1; /* overwritten while copied */
+    return (long)len;
 }
 
 int pb__quarantine_held(void)

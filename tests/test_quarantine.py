@@ -35,6 +35,8 @@ k = ptrbridge.wrap(kffi.dlopen({so!r}))
 ptrbridge.set_check_level(2)
 ptrbridge.set_quarantine(True)
 ptrbridge.set_on_violation("collect")  # let the program go on to the bad read
+def fresh(text):
+    return bytes(bytearray(text))  # a bytes of its own, freed when the call that lends it returns
 {body}
 print("read", k.keeper_read(), flush=True)
 print("findings", len(ptrbridge.violations()), flush=True)
@@ -48,7 +50,7 @@ def _run(so: Path, body: str, *flags: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("keep", ["keep_global", "keep_heap", "keep_indirect"])
 def test_kept_pointer_used_later_is_a_reported_crash(keeper_so: Path, keep: str) -> None:
-    proc = _run(keeper_so, f'k.{keep}(b"lent for one call")')
+    proc = _run(keeper_so, f'k.{keep}(fresh(b"lent for one call"))')
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
     assert REPORT in proc.stderr
     assert f"bytes(17) lent to {keep}() at <string>:" in proc.stderr
@@ -58,7 +60,7 @@ def test_kept_pointer_used_later_is_a_reported_crash(keeper_so: Path, keep: str)
 
 
 def test_summary_names_library_and_offset_when_the_function_has_no_dynamic_symbol(keeper_so: Path) -> None:
-    code = PROGRAM.format(so=str(keeper_so), body='k.keep_global(b"lent for one call")').replace(
+    code = PROGRAM.format(so=str(keeper_so), body='k.keep_global(fresh(b"lent for one call"))').replace(
         "int keeper_read(void);", "int keeper_read(void); int keeper_read_static(void);").replace(
         "k.keeper_read()", "k.keeper_read_static()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -69,7 +71,7 @@ def test_summary_names_library_and_offset_when_the_function_has_no_dynamic_symbo
 
 
 def test_report_comes_before_faulthandler(keeper_so: Path) -> None:
-    proc = _run(keeper_so, 'k.keep_global(b"xyz")', "-X", "faulthandler")
+    proc = _run(keeper_so, 'k.keep_global(fresh(b"xyz"))', "-X", "faulthandler")
     assert proc.returncode == -signal.SIGSEGV
     assert REPORT in proc.stderr and "Fatal Python error: Segmentation fault" in proc.stderr
     assert proc.stderr.index(REPORT) < proc.stderr.index("Fatal Python error")
@@ -79,7 +81,7 @@ def test_handler_goes_back_on_top_when_faulthandler_came_later(keeper_so: Path) 
     body = """
         k.keep_copy(b"first", 5)        # installs ptrbridge's handler
         faulthandler.enable()          # now faulthandler is on top
-        k.keep_global(b"second call")  # a quarantined call puts ptrbridge back on top
+        k.keep_global(fresh(b"second call"))  # a quarantined call puts ptrbridge back on top
     """
     proc = _run(keeper_so, body)
     assert proc.returncode == -signal.SIGSEGV
@@ -215,7 +217,7 @@ w = ptrbridge.wrap(k)
 ptrbridge.set_check_level(2)
 ptrbridge.set_quarantine(True)
 ptrbridge.set_on_violation("collect")
-w.keep_global(b"ctypes lent")
+w.keep_global(bytes(bytearray(b"ctypes lent")))  # freed when the call returns
 print("read", w.keeper_read(), flush=True)
 """
 
@@ -769,6 +771,113 @@ def test_numpy_program_unchanged_under_quarantine(buggy_so: Path) -> None:
     assert runs[1].stdout.split()[1] == "True"  # the numpy pointers were shadowed, written back
 
 
+# ---------------------------------------------------------------------------
+# Kept reads: C reading a live, immutable original after the call is correct
+# on CPython (a portability finding, the program goes on); after the original
+# is freed it is an error.
+
+KEPT_ALIVE = """
+    from ptrbridge import report
+    from ptrbridge._bindings import lib as native
+    native.pb__quarantine_force_mprotect({mprotect})
+    data = fresh(b"kept, and alive")
+    k.keep_global(data)
+    reads = [k.keeper_read() for _ in range(3)]  # the first faults and is adopted, the rest just read
+    kept = [f for f in report.gather() if f.extra.get("kept_read")]
+    print("reads", reads, "expected", data[0], flush=True)
+    print("kept", len(kept), kept[0].severity, kept[0].rule, kept[0].object, kept[0].function, kept[0].lent_at,
+          flush=True)
+    print(kept[0].message, flush=True)
+    del data  # freed: the shadow is closed again, and the read at the end is a use after free
+"""
+
+
+@pytest.mark.parametrize("mprotect", [0, 1], ids=["guard-region", "mprotect"])
+def test_kept_read_of_a_live_bytes_goes_on_then_a_read_after_its_free_dies(keeper_so: Path, mprotect: int) -> None:
+    proc = _run(keeper_so, KEPT_ALIVE.format(mprotect=mprotect))
+    out = proc.stdout
+    assert "reads [107, 107, 107] expected 107" in out, out + proc.stderr
+    assert "kept 1 portability R2 bytes(15) keep_global <string>:" in out
+    assert "the original is alive and immutable, so the read went on" in out
+    assert "is offset 0 into it" in out
+    assert "#0 <string>:" in out  # the lending call's Python stack
+    assert re.search(r"^SUMMARY: ptrbridge: kept-read \(READ\) in .* on bytes\(15\) lent to keep_global\(\) at "
+                     r"<string>:\d+$", out, re.M)
+    # after `del data`: an error, and the process dies of it
+    assert proc.returncode == -signal.SIGSEGV, out + proc.stderr
+    assert REPORT in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
+    assert "\nread " not in out
+
+
+ZSTD_BY_REFERENCE = r'''
+import cffi, hashlib, os, sys
+ffi = cffi.FFI()
+ffi.cdef("""
+    typedef struct ZSTD_CCtx_s ZSTD_CCtx; typedef struct ZSTD_DCtx_s ZSTD_DCtx; typedef struct ZSTD_DDict_s ZSTD_DDict;
+    ZSTD_CCtx *ZSTD_createCCtx(void); size_t ZSTD_freeCCtx(ZSTD_CCtx *);
+    ZSTD_DCtx *ZSTD_createDCtx(void); size_t ZSTD_freeDCtx(ZSTD_DCtx *);
+    size_t ZSTD_compress_usingDict(ZSTD_CCtx *, void *dst, size_t cap, const void *src, size_t n,
+                                   const void *dict, size_t dictSize, int level);
+    ZSTD_DDict *ZSTD_createDDict_byReference(const void *dict, size_t dictSize);
+    size_t ZSTD_freeDDict(ZSTD_DDict *);
+    size_t ZSTD_decompress_usingDDict(ZSTD_DCtx *, void *dst, size_t cap, const void *src, size_t n,
+                                      const ZSTD_DDict *);
+    unsigned ZSTD_isError(size_t);
+""")
+z = ffi.dlopen("libzstd.so.1")
+if sys.argv[1] != "plain":
+    import ptrbridge
+    z = ptrbridge.wrap(z)
+    ptrbridge.set_check_level(2)
+    ptrbridge.set_quarantine(True)
+    ptrbridge.set_on_violation("collect")
+dictionary = b"".join(b"record %d: the quick brown fox jumps over the lazy dog; " % i for i in range(300))
+copy = bytes(bytearray(dictionary))
+cctx, dctx = z.ZSTD_createCCtx(), z.ZSTD_createDCtx()
+ddict = z.ZSTD_createDDict_byReference(dictionary, len(dictionary))  # zstd keeps the pointer: by reference
+out = []
+for i in range(20):
+    if i == 10 and sys.argv[1] == "drop":
+        del dictionary  # a real bug: zstd goes on reading it
+    msg = b"record %d: the quick brown fox jumps over the lazy dog; again and again" % (i * 7)
+    comp = ffi.new("char[]", 4096)
+    n = z.ZSTD_compress_usingDict(cctx, comp, 4096, msg, len(msg), copy, len(copy), 3)
+    back = ffi.new("char[]", 4096)
+    m = z.ZSTD_decompress_usingDDict(dctx, back, 4096, comp, n, ddict)  # reads the kept dictionary
+    assert not z.ZSTD_isError(m), m
+    out.append(ffi.buffer(back, m)[:])
+    assert out[-1] == msg
+z.ZSTD_freeDDict(ddict)
+print(len(out), hashlib.sha256(b"".join(out)).hexdigest(), flush=True)
+if sys.argv[1] != "plain":
+    from ptrbridge import report
+    print("findings", sorted({(f.kind, f.severity, f.object) for f in report.gather()}))
+'''
+
+
+def test_zstd_dictionary_by_reference_runs_unchanged_under_quarantine() -> None:
+    """python-zstandard's case: ZSTD_createDDict_byReference on a live bytes, read by later calls."""
+    plain, checked = (subprocess.run([sys.executable, "-c", ZSTD_BY_REFERENCE, mode], capture_output=True,
+                                     text=True, timeout=120) for mode in ("plain", "quarantine"))
+    assert plain.returncode == 0 and checked.returncode == 0, plain.stderr + checked.stderr
+    assert checked.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert "('use-after-release', 'portability', 'bytes(16990)')" in checked.stdout
+    assert "'error'" not in checked.stdout
+    assert "SUMMARY" not in checked.stderr  # nothing fatal was reported
+
+
+def test_zstd_dictionary_freed_while_zstd_reads_it_dies() -> None:
+    proc = subprocess.run([sys.executable, "-c", ZSTD_BY_REFERENCE, "drop"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert REPORT in proc.stderr
+    assert "bytes(16990) lent to ZSTD_createDDict_byReference()" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
+    assert re.search(r"^SUMMARY: ptrbridge: use-after-release \(READ\) in .*libzstd|^SUMMARY: ptrbridge: "
+                     r"use-after-release \(READ\) in .*libc", proc.stderr, re.M)
+
+
 def test_mprotect_fallback_still_catches_and_reuses_slots(keeper_so: Path) -> None:
     body = """
         from ptrbridge._bindings import lib as native
@@ -779,7 +888,7 @@ def test_mprotect_fallback_still_catches_and_reuses_slots(keeper_so: Path) -> No
         for i in range(40):
             k.keep_copy(b"y" * 5, 5)  # the guard-region slots and the mprotect ones mix in the FIFO
         native.pb__quarantine_force_mprotect(1)
-        k.keep_global(b"caught anyway")
+        k.keep_global(fresh(b"caught anyway"))
     """
     proc = _run(keeper_so, body)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr

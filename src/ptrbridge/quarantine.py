@@ -47,7 +47,7 @@ import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import scanning
+from . import heapmap, scanning
 from ._bindings import address_of, ffi, lib
 from .callsite import _is_internal
 from .checking import CallCheck, Owner, layout_of, object_extent
@@ -56,7 +56,7 @@ from .ownership import cdata_extent, describe, lookup
 
 __all__ = ["set_quarantine", "quarantine_enabled", "quarantine_sample", "shadow_arguments",
            "shadow_ctypes_arguments", "finish", "held", "due", "findings_from_report", "record_report",
-           "set_report_log", "ENV_VAR", "LOG_ENV_VAR"]
+           "set_report_log", "take_kept_reads", "ENV_VAR", "LOG_ENV_VAR"]
 
 ENV_VAR = "PTRBRIDGE_QUARANTINE"
 LOG_ENV_VAR = "PTRBRIDGE_QUARANTINE_LOG"  # a file that gets a copy of every fault report
@@ -191,6 +191,45 @@ def findings_from_report(text: str) -> List[Finding]:
     return out
 
 
+_KEPT_SUMMARY = re.compile(r"^SUMMARY: ptrbridge: kept-read \((\w+)\) in (.*?) on (.*) lent to "
+                           r"(\w+)\(\) at (.*)$", re.M)
+_kept_taken = 0
+
+
+def take_kept_reads() -> List[Finding]:
+    """The kept reads since the last call, as portability findings.
+
+    A kept read is C reading a closed shadow after the call that lent it
+    returned while the original - a ``bytes`` - is alive: what C read is what
+    the original holds, and CPython does not move it, so the program is
+    correct there, but it breaks Go's rule R2 (a moving collector would break
+    it).  The handler reopened the shadow and the read went on; it wrote the
+    report into a ring of the last 16, which this turns into findings.
+    """
+    global _kept_taken
+    total = int(lib.pb__quarantine_kept_reads())
+    out: List[Finding] = []
+    if total == _kept_taken:
+        return out
+    buf = ffi.new("char[]", 8192)
+    for n in range(_kept_taken, total):
+        length = int(lib.pb__quarantine_kept_read(n, buf, len(buf)))
+        if length < 0:
+            continue  # the ring moved on before it was taken
+        text = ffi.string(buf, length).decode("utf-8", "replace").strip().strip("=").strip()
+        match = _KEPT_SUMMARY.search(text)
+        if match is None:
+            continue
+        access, where, obj, function, site = match.groups()
+        size = _OBJECT_SIZE.search(obj)
+        out.append(Finding("use-after-release", "portability", "R2", text, object=obj,
+                           object_size=int(size.group(1)) if size else None, function=function, lent_at=site,
+                           holder=f"C code in {where}", state="returned (object alive)",
+                           extra={"access": access, "kept_read": True}))
+    _kept_taken = total
+    return out
+
+
 def record_report(text: str) -> int:
     """Record every quarantine report in ``text`` with :func:`ptrbridge.findings.record`; returns how many."""
     found = findings_from_report(text)
@@ -239,11 +278,15 @@ def _lend_context(frame: Any) -> Tuple[bytes, str]:
     return "".join(lines).encode("utf-8", "replace"), site
 
 
-def _lend_one(address: int, size: int, obj_text: str, function: str, site: str,
+def _lend_one(address: int, size: int, owner: int, obj_text: str, function: str, site: str,
               stack: bytes) -> Optional[Tuple[int, int]]:
-    """(slot, shadow address) of a new shadow, or None when no shadow is free."""
+    """(slot, shadow address) of a new shadow, or None when no shadow is free.
+
+    ``owner``: the address of the original when it is a ``bytes`` the heap map
+    sees freed (a read after the call while it lives is a kept read), else 0.
+    """
     out = ffi.new("uintptr_t *")
-    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, obj_text.encode("utf-8", "replace"),
+    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, owner, obj_text.encode("utf-8", "replace"),
                                    function.encode("utf-8", "replace"), site.encode("utf-8", "replace"),
                                    stack, out)
     return None if slot < 0 else (int(slot), int(out[0]))
@@ -358,12 +401,13 @@ def _holds(address: int, size: int) -> bool:
 class _Use:
     """One way C reaches a buffer in this call: an argument, or a pointer slot in C memory."""
 
-    __slots__ = ("start", "size", "writable", "keeper", "text", "arg", "target", "slot")
+    __slots__ = ("start", "size", "writable", "keeper", "text", "arg", "target", "slot", "immutable")
 
     def __init__(self, start: int, size: int, writable: bool, keeper: Any, text: str, arg: int = -1,
-                 target: Any = None, slot: int = 0) -> None:
+                 target: Any = None, slot: int = 0, immutable: int = 0) -> None:
         self.start, self.size, self.writable, self.keeper, self.text = start, size, writable, keeper, text
         self.arg, self.target, self.slot = arg, target, slot  # argument index and type, or slot address
+        self.immutable = immutable  # id() of the bytes this is the data of, else 0
 
 
 def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], bool],
@@ -393,7 +437,7 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         start = group[0].start
         size = max(u.start + u.size for u in group) - start
         text = max(group, key=lambda u: u.size).text
-        lent_one = _lend_one(start, size, text, function, ctx[1], ctx[0])
+        lent_one = _lend_one(start, size, _immutable_owner(group), text, function, ctx[1], ctx[0])
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
         slot, shadow = lent_one
@@ -410,6 +454,20 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         writable = any(u.writable for u in group)
         shadows.append((slot, start if writable else None, ([u.keeper for u in group], tuple(fixups)), shadow,
                         size, f"{text} lent to {function}() at {ctx[1]}"))
+
+
+def _immutable_owner(group: List[_Use]) -> int:
+    """The bytes object every use of the group views, if the heap map will see it freed; else 0.
+
+    A read of its closed shadow while it lives is what C would read from the
+    original on CPython (a kept read: recorded, the read goes on); once it is
+    freed a read is an error.  Without the heap map its free is not seen, so
+    every read after the call stays an error.
+    """
+    owner = group[0].immutable
+    if not owner or any(u.immutable != owner for u in group) or not heapmap.installed():
+        return 0
+    return owner
 
 
 def _pointing(target: Any, address: int) -> Any:
@@ -448,7 +506,8 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
         target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
         # bytes: described by its length, as everywhere else; the shadow also holds the NUL
         text = describe(arg, len(arg) if type(arg) is bytes else size)
-        uses.append(_Use(address, size, writable, keeper, text, i, target))
+        uses.append(_Use(address, size, writable, keeper, text, i, target,
+                         immutable=id(arg) if type(arg) is bytes else 0))
     if uses:
         _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
@@ -590,7 +649,8 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
             text = describe(obj, len(obj))
         else:
             text = describe(keeper if isinstance(obj, _PointerBase) else obj, size)
-        uses.append(_Use(address, size, writable, keeper, text, i, _ctypes_converter(declared, obj, offset)))
+        uses.append(_Use(address, size, writable, keeper, text, i, _ctypes_converter(declared, obj, offset),
+                         immutable=id(obj) if type(obj) is bytes else 0))
     if uses:
         _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows

@@ -310,12 +310,14 @@ def _key(f: Finding) -> Tuple[Any, ...]:
 def gather(extra: Sequence[Finding] = ()) -> List[Finding]:
     """Every finding recorded since the last gather (plus ``extra``), each once.
 
-    Takes :func:`findings.take` and the scanner's collected retentions
-    (:func:`ptrbridge.clear_violations`), converted with :func:`from_retention`.
+    Takes :func:`findings.take`, the scanner's collected retentions
+    (:func:`ptrbridge.clear_violations`), converted with :func:`from_retention`,
+    and the quarantine's kept reads (:func:`quarantine.take_kept_reads`).
     """
-    from . import scanning
+    from . import quarantine, scanning
 
-    found = list(extra) + _findings.take() + [from_retention(r) for r in scanning.clear_violations()]
+    found = (list(extra) + _findings.take() + [from_retention(r) for r in scanning.clear_violations()]
+             + quarantine.take_kept_reads())
     seen = set()
     out = []
     for f in found:
