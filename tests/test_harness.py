@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,62 @@ def test_retention_is_a_portability_finding_that_fails_only_when_strict(pytester
                                            "-W", "ignore::ptrbridge.PinLeakWarning")
     strict.assert_outcomes(passed=1, failed=1)
     assert "strict: portability findings fail" in strict.stdout.str()
+
+
+ZSTD_DICTIONARY_TESTS = '''
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        typedef struct ZSTD_CCtx_s ZSTD_CCtx; typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+        typedef struct ZSTD_DDict_s ZSTD_DDict;
+        ZSTD_CCtx *ZSTD_createCCtx(void); size_t ZSTD_freeCCtx(ZSTD_CCtx *);
+        ZSTD_DCtx *ZSTD_createDCtx(void); size_t ZSTD_freeDCtx(ZSTD_DCtx *);
+        size_t ZSTD_compress_usingDict(ZSTD_CCtx *, void *dst, size_t cap, const void *src, size_t n,
+                                       const void *dict, size_t dictSize, int level);
+        ZSTD_DDict *ZSTD_createDDict(const void *dict, size_t dictSize);
+        ZSTD_DDict *ZSTD_createDDict_byReference(const void *dict, size_t dictSize);
+        size_t ZSTD_freeDDict(ZSTD_DDict *);
+        size_t ZSTD_decompress_usingDDict(ZSTD_DCtx *, void *dst, size_t cap, const void *src, size_t n,
+                                          const ZSTD_DDict *);
+    """)
+    z = ffi.dlopen("libzstd.so.1")
+    DICTIONARY = b"".join(b"entry %d of a shared dictionary; " % i for i in range(400))
+
+    def roundtrip(create):
+        cctx, dctx = z.ZSTD_createCCtx(), z.ZSTD_createDCtx()
+        ddict = create(DICTIONARY, len(DICTIONARY))
+        for i in range(5):
+            msg = b"entry %d of a shared dictionary; and more" % (i * 31)
+            comp = ffi.new("char[]", 1024)
+            n = z.ZSTD_compress_usingDict(cctx, comp, 1024, msg, len(msg), DICTIONARY, len(DICTIONARY), 3)
+            back = ffi.new("char[]", 1024)
+            m = z.ZSTD_decompress_usingDDict(dctx, back, 1024, comp, n, ddict)
+            assert ffi.buffer(back, m)[:] == msg
+        z.ZSTD_freeDDict(ddict)
+        z.ZSTD_freeCCtx(cctx)
+        z.ZSTD_freeDCtx(dctx)
+
+    def test_dictionary_by_reference():  # correct on CPython: DICTIONARY lives, bytes never change
+        roundtrip(z.ZSTD_createDDict_byReference)
+
+    def test_dictionary_copied():
+        roundtrip(z.ZSTD_createDDict)
+'''
+
+
+def test_kept_read_under_quarantine_is_a_portability_finding(pytester: pytest.Pytester) -> None:
+    """python-zstandard's by-reference dictionary, unchanged: the run goes on, the read is reported."""
+    pytester.makepyfile(test_zdict=ZSTD_DICTIONARY_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ptrbridge=2")
+    out = result.stdout.str()
+    result.assert_outcomes(passed=2)
+    assert "SUMMARY: ptrbridge: kept-read (READ) in " in out
+    assert re.search(r"bytes\(\d+\) lent to ZSTD_createDDict_byReference\(\) at .*test_zdict.py:\d+", out)
+    assert "portability (does not fail: not strict)" in out
+    # one kept read, in the test that lent by reference (the copying twin has none)
+    assert out.count("SUMMARY: ptrbridge: kept-read") == 1
+    by_reference = out[out.index("test_zdict.py::test_dictionary_by_reference (checked"):]
+    assert "kept-read" in by_reference[:by_reference.index("test_zdict.py::test_dictionary_copied (checked")]
 
 
 def test_marker_level_and_fixture(pytester: pytest.Pytester) -> None:
