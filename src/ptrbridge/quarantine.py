@@ -285,11 +285,23 @@ def _lend_one(address: int, size: int, owner: int, obj_text: str, function: str,
     ``owner``: the address of the original when it is a ``bytes`` the heap map
     sees freed (a read after the call while it lives is a kept read), else 0.
     """
-    out = ffi.new("uintptr_t *")
+    out = _shadow_out  # the GIL is held from the call to the read
     slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, owner, obj_text.encode("utf-8", "replace"),
-                                   function.encode("utf-8", "replace"), site.encode("utf-8", "replace"),
-                                   stack, out)
+                                   _encoded(function), _encoded(site), stack, out)
     return None if slot < 0 else (int(slot), int(out[0]))
+
+
+_shadow_out = ffi.new("uintptr_t *")
+_encodings: Dict[str, bytes] = {}  # function names and call sites, as the C slot stores them
+
+
+def _encoded(text: str) -> bytes:
+    data = _encodings.get(text)
+    if data is None:
+        data = text.encode("utf-8", "replace")
+        if len(_encodings) < 4096:
+            _encodings[text] = data
+    return data
 
 
 def _pinned(address: int) -> bool:
@@ -418,16 +430,19 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
     and a struct slot reaching the same buffer, see one shadow: C sees the
     same aliasing as without quarantine, and one copy-back ends the call.
     """
-    uses.sort(key=lambda u: u.start)
     groups: List[List[_Use]] = []
-    end = -1
-    for use in uses:
-        if groups and use.start < end:
-            groups[-1].append(use)
-            end = max(end, use.start + use.size)
-        else:
-            groups.append([use])
-            end = use.start + use.size
+    if len(uses) == 1:
+        groups.append(uses)
+    else:
+        uses.sort(key=lambda u: u.start)
+        end = -1
+        for use in uses:
+            if groups and use.start < end:
+                groups[-1].append(use)
+                end = max(end, use.start + use.size)
+            else:
+                groups.append([use])
+                end = use.start + use.size
     ctx: Optional[Tuple[bytes, str]] = None
     for group in groups:
         if not draw():
@@ -435,8 +450,11 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         if ctx is None:
             ctx = _lend_context(frame)
         start = group[0].start
-        size = max(u.start + u.size for u in group) - start
-        text = max(group, key=lambda u: u.size).text
+        if len(group) == 1:
+            size, text = group[0].size, group[0].text
+        else:
+            size = max(u.start + u.size for u in group) - start
+            text = max(group, key=lambda u: u.size).text
         lent_one = _lend_one(start, size, _immutable_owner(group), text, function, ctx[1], ctx[0])
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
