@@ -37,6 +37,18 @@ What is shadowed is exactly the memory C treats as bytes:
 Never moved: structs, unions, arrays of pointers, anything pinned (C may keep
 a pinned buffer: that is what pinning is for) and anything whose address C
 may keep as identity (a ``z_stream``: zlib checks ``state->strm == strm``).
+
+Kept reads.  A read of a closed shadow whose original is a ``bytes`` the heap
+map has not seen freed is what C would have read from the original, which
+CPython never moves or changes: correct there, against Go's R2 (python-
+zstandard's dictionaries kept with ``ZSTD_dlm_byRef``).  The handler reopens
+the shadow read-only, refilled from the original, records the report, and the
+read goes on; :func:`take_kept_reads` (called by ``report.gather``) makes the
+reports portability findings.  When the heap map's free hook sees the
+``bytes`` freed, the shadow is closed again and a read is an error.  Mutable
+originals and writes are always errors: C would go on with a copy that no
+longer matches.  Without the heap map (level 1 sampling) frees are not seen,
+so every read after the call is an error.
 """
 from __future__ import annotations
 
