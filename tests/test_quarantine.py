@@ -427,6 +427,26 @@ def test_kept_pointer_used_later(buggy_so: Path, use: str, keep: str) -> None:
         assert tid != pid.rstrip("):")  # the C thread, not the main thread
 
 
+@pytest.mark.parametrize("use, keep", [("use_kept()", "keep"), ("use_context()", "keep_in_context"),
+                                       ("use_kept_in_thread()", "keep")])
+def test_kept_read_of_a_live_bytes_runs_as_without_quarantine(buggy_so: Path, use: str, keep: str) -> None:
+    """From a global, a malloc'd context and a C thread: the program's output does not change."""
+    body = f"""
+        from ptrbridge import report
+        data = bytes(bytearray(b"kept, and read while alive"))
+        b.{keep}(data)
+        print("reads", [b.{use} for _ in range(4)], flush=True)
+        kept = [f for f in report.gather() if f.extra.get("kept_read")]
+        print("kept", [(f.severity, f.object, f.function) for f in kept], flush=True)
+    """
+    on, off = _buggy(buggy_so, body), _buggy(buggy_so, body, quarantine_on="False")
+    assert on.returncode == 0 and off.returncode == 0, on.stdout + on.stderr + off.stderr
+    assert on.stdout.splitlines()[0] == off.stdout.splitlines()[0]
+    assert f"kept [('portability', 'bytes(26)', '{keep}')]" in on.stdout
+    assert "kept []" in off.stdout
+    assert "survived" in on.stdout and "SUMMARY" not in on.stderr
+
+
 def test_iovec_base_reached_through_a_struct(buggy_so: Path) -> None:
     proc = _buggy(buggy_so, """
         iov = ptrbridge.CBuffer(ffi.sizeof("struct iovec"))
