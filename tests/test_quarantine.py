@@ -894,8 +894,9 @@ def test_zstd_dictionary_freed_while_zstd_reads_it_dies() -> None:
     assert REPORT in proc.stderr
     assert "bytes(16990) lent to ZSTD_createDDict_byReference()" in proc.stderr
     assert "and the object has been freed since" in proc.stderr
-    assert re.search(r"^SUMMARY: ptrbridge: use-after-release \(READ\) in .*libzstd|^SUMMARY: ptrbridge: "
-                     r"use-after-release \(READ\) in .*libc", proc.stderr, re.M)
+    # the innermost frame is whatever copies for zstd (libc's memcpy, or ASan's under .ci/sanitize)
+    assert re.search(r"^SUMMARY: ptrbridge: use-after-release \(READ\) in \S.* on bytes\(16990\) lent to "
+                     r"ZSTD_createDDict_byReference\(\) at <string>:\d+$", proc.stderr, re.M)
 
 
 def test_mprotect_fallback_still_catches_and_reuses_slots(keeper_so: Path) -> None:
