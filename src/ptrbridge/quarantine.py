@@ -456,23 +456,27 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
                 groups.append([use])
                 end = use.start + use.size
     ctx: Optional[Tuple[bytes, str]] = None
+    mapped = False  # the heap map is on (level 2): frees are seen, and lends are remembered for its reports
     for group in groups:
         if not draw():
             continue
         if ctx is None:
             ctx = _lend_context(frame)
+            mapped = heapmap.installed()
         start = group[0].start
         if len(group) == 1:
             size, text = group[0].size, group[0].text
         else:
             size = max(u.start + u.size for u in group) - start
             text = max(group, key=lambda u: u.size).text
-        lent_one = _lend_one(start, size, _immutable_owner(group), text, function, ctx[1], ctx[0])
+        lent_one = _lend_one(start, size, _immutable_owner(group) if mapped else 0, text, function, ctx[1], ctx[0])
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
         slot, shadow = lent_one
-        # The original, for later use-after-free reports (file.py:line as other findings show it).
-        scanning.remember_lend(start, size, text, function, os.path.basename(ctx[1]))
+        if mapped:
+            # The original, for the heap map's later use-after-free reports (file.py:line as
+            # other findings show it).  Without the heap map nothing would read it.
+            scanning.remember_lend(start, size, text, function, os.path.basename(ctx[1]))
         fixups: List[Fixup] = []
         for use in group:
             if use.arg >= 0:
@@ -487,7 +491,7 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
 
 
 def _immutable_owner(group: List[_Use]) -> int:
-    """The bytes object every use of the group views, if the heap map will see it freed; else 0.
+    """The bytes object every use of the group views, else 0 (the caller checks the heap map is on).
 
     A read of its closed shadow while it lives is what C would read from the
     original on CPython (a kept read: recorded, the read goes on); once it is
@@ -495,7 +499,7 @@ def _immutable_owner(group: List[_Use]) -> int:
     every read after the call stays an error.
     """
     owner = group[0].immutable
-    if not owner or any(u.immutable != owner for u in group) or not heapmap.installed():
+    if not owner or any(u.immutable != owner for u in group):
         return 0
     return owner
 
