@@ -1020,8 +1020,13 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char
             if (found < 0 && fifo_count > 0)
                 evict_one();
         }
-    } else {
+    }
+    /* A large buffer, or a small one when adopted shadows (kept reads of live
+     * bytes) hold the pool: a mapping of its own. */
+    if (found < 0) {
         size_t area_bytes = (len + page - 1) / page * page;
+        if (area_bytes == 0)
+            area_bytes = page;
         for (int attempt = 0; attempt < 2 && found < 0; attempt++) {
             if (dedicated_bytes + area_bytes <= DEDICATED_MAX_BYTES) {
                 for (int i = POOL_SLOTS; i < MAX_SLOTS; i++)

@@ -515,7 +515,7 @@ k = kffi.dlopen(os.environ["KEEPER_SO"])   # unchanged: instrumented by the plug
 
 
 def test_keeps_then_reads():
-    k.keep_global(b"lent for one call")   # C keeps the pointer...
+    k.keep_global(bytes(bytearray(b"lent for one call")))   # C keeps the pointer (the bytes dies)...
     assert k.keeper_read() > 0            # ...and reads it after the call returned
 """
 
@@ -534,7 +534,7 @@ def test_quarantine_report_of_a_dying_test_reaches_the_terminal(tmp_path: Path, 
     assert proc.returncode == -11, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert out.count("SUMMARY: ptrbridge: use-after-release (READ) in ") == 1, out
-    line = QUARANTINE_SUITE.splitlines().index('    k.keep_global(b"lent for one call")   # C keeps the pointer...') + 1
+    line = QUARANTINE_SUITE.splitlines().index('    k.keep_global(bytes(bytearray(b"lent for one call")))   # C keeps the pointer (the bytes dies)...') + 1
     assert f"on bytes(17) lent to keep_global() at {tmp_path / 'test_q.py'}:{line}\n" in out, out
 
 

@@ -447,6 +447,26 @@ def test_kept_read_of_a_live_bytes_runs_as_without_quarantine(buggy_so: Path, us
     assert "survived" in on.stdout and "SUMMARY" not in on.stderr
 
 
+def test_adopted_shadows_do_not_use_up_the_quarantine(buggy_so: Path) -> None:
+    """More live bytes read through kept pointers than the pool has slots: later lends are still caught."""
+    proc = _buggy(buggy_so, """
+        from ptrbridge._bindings import lib as native
+        live = [bytes(bytearray(b"live %d" % i)) for i in range(48)]  # the pool has 32 slots
+        for data in live:
+            b.keep(data)
+            b.use_kept()  # a kept read: the shadow stays open for as long as data lives
+        print("kept reads", native.pb__quarantine_kept_reads(), flush=True)
+        def lend():
+            b.keep(ffi.from_buffer(bytearray(b"lent for one call")))
+        lend()
+        b.use_kept()
+    """)
+    assert "kept reads 48" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytearray(17) lent to keep() at <string>:" in proc.stderr
+    assert "survived" not in proc.stdout
+
+
 def test_iovec_base_reached_through_a_struct(buggy_so: Path) -> None:
     proc = _buggy(buggy_so, """
         iov = ptrbridge.CBuffer(ffi.sizeof("struct iovec"))
