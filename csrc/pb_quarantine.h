@@ -14,9 +14,11 @@
 
 /* Copies len bytes from src into a shadow whose last byte touches a guard
  * page.  `owner` is the address of the original's object when it is
- * immutable (a bytes) and the heap map sees it freed, else 0: a later read
- * of the closed shadow while that object lives is a kept read (recorded, the
- * read goes on), after its free an error.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
+ * immutable (a bytes), else 0: a later read of the closed shadow while that
+ * object lives is a kept read (recorded, the read goes on), after its free an
+ * error.  Its free is seen by the heap map's free hook, or, with `held` set
+ * (no heap map), Python holds one reference to it for the slot and the
+ * object is alive while anything else references it.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
  * lending call's "file.py:12") and `stack` (the
  * Python stack of the lending call, one "    #k file:line in name" line per
  * frame) are copied into the slot (truncated to fixed sizes) for the fault
@@ -25,8 +27,17 @@
  * thread if it has none.  Returns a slot number (>= 0) and stores the shadow
  * address in *shadow, or a negative PB_ERR_*: PB_ERR_NOMEM when no slot is
  * free, PB_ERR_INVALID for a NULL pointer argument.  Thread-safe. */
-int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char *object, const char *function,
-                        const char *site, const char *stack, uintptr_t *shadow);
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                        const char *function, const char *site, const char *stack, uintptr_t *shadow);
+
+/* 1 if slot's shadow was adopted (a kept read: open read-only while its
+ * original lives).  Thread-safe. */
+int pb__quarantine_adopted(int slot);
+
+/* The original `object` of watched shadows is gone: their adopted shadows
+ * close again, and a read after that is an error.  The heap map's free hook
+ * calls it; so does Python for a held original it lets go of.  Thread-safe. */
+void pb__quarantine_owner_freed_slow(uintptr_t object);
 
 /* Ends a lend: copies the shadow back to dst (if dst is not NULL), makes the
  * shadow inaccessible and puts it in the quarantine FIFO (evicting the
@@ -78,8 +89,6 @@ static inline unsigned pb__qwatch_bucket(uintptr_t p)
 {
     return (unsigned)((p >> 4) ^ (p >> 14)) & (PB_QWATCH_BUCKETS - 1);
 }
-
-void pb__quarantine_owner_freed_slow(uintptr_t object);
 
 /* Called for every object block the heap map sees freed: closes the
  * adopted shadows of `p` again.  A relaxed load unless p is watched. */

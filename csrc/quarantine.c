@@ -58,6 +58,7 @@
 #include <unistd.h>
 
 #include "pb_internal.h"
+#include "pb_py.h" /* Py_REFCNT of a held original (read, never changed, in the handler) */
 #include "pb_quarantine.h"
 
 #define POOL_SLOTS 32
@@ -97,6 +98,7 @@ struct slot {
     uintptr_t src;     /* the original's bytes (read again when an adopted guard region is removed) */
     _Atomic uintptr_t owner; /* the original's object while it is alive and immutable, else 0 */
     _Atomic int owner_freed; /* the heap map saw the original freed since the lend: a read is an error */
+    int held;          /* Python holds a reference to owner for the slot (no heap map): alive while > 1 */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
     char site[SITE_MAX];
@@ -446,6 +448,18 @@ static struct slot *slot_of(uintptr_t a)
     return NULL;
 }
 
+/* Whether the slot's original is alive in the program: watched and not seen
+ * freed, and, when only ptrbridge's reference keeps it (held), referenced by
+ * someone else too.  Reads the reference count without the GIL: a count
+ * changing meanwhile is a race the program has anyway. */
+static int owner_alive(struct slot *s)
+{
+    uintptr_t owner = atomic_load(&s->owner);
+    if (owner == 0)
+        return 0;
+    return !s->held || Py_REFCNT((PyObject *)owner) > 1;
+}
+
 static void report(struct slot *s, int state, uintptr_t a, void *uctx)
 {
     int write_access = fault_is_write(uctx);
@@ -556,7 +570,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
                 "is an error.\n"
                 "Keep the object alive and pinned for as long as C keeps the pointer (ptrbridge.Pinner), "
                 "or give C its own copy (ptrbridge.CBuffer).\n");
-    } else if (atomic_load(&s->owner_freed)) {
+    } else if (atomic_load(&s->owner_freed) || (s->held && atomic_load(&s->owner) != 0 && !owner_alive(s))) {
         put_str("released when the call to ");
         put_str(s->function);
         put_str("() returned (the shadow was closed then), and the object has been freed since.\n"
@@ -629,12 +643,12 @@ static int take_reporting_for_kept(void)
  * adopted.  Async-signal-safe (atomics, madvise, mprotect, memcpy). */
 static int adopt(struct slot *s, uintptr_t a, void *uctx)
 {
-    if (atomic_load(&s->owner) == 0 || fault_is_write(uctx) == 1)
+    if (!owner_alive(s) || fault_is_write(uctx) == 1)
         return 0; /* freed, mutable, or a write into bytes: an error */
     int expected = QUARANTINED;
     if (!atomic_compare_exchange_strong(&s->state, &expected, ADOPTING))
         return 0;
-    if (atomic_load(&s->owner) == 0) { /* freed meanwhile (the free hook clears it first) */
+    if (!owner_alive(s)) { /* freed meanwhile (the free hook clears it first) */
         atomic_store(&s->state, QUARANTINED);
         return 0;
     }
@@ -996,8 +1010,8 @@ static void evict_one(void)
     atomic_store_explicit(&s->state, FREE, memory_order_release);
 }
 
-int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char *object, const char *function,
-                        const char *site, const char *stack, uintptr_t *shadow)
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                        const char *function, const char *site, const char *stack, uintptr_t *shadow)
 {
     if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
         stack == NULL)
@@ -1062,6 +1076,7 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, const char
     copy_text(s->site, sizeof s->site, site);
     copy_text(s->stack, sizeof s->stack, stack);
     s->src = (uintptr_t)src;
+    s->held = owner != 0 && held;
     watch_locked(s, owner);
     atomic_store_explicit(&s->state, LENT, memory_order_release);
     *shadow = s->data;
@@ -1152,6 +1167,14 @@ void pb__quarantine_unwatch_all(void)
         }
     }
     pthread_mutex_unlock(&lock);
+}
+
+int pb__quarantine_adopted(int slot)
+{
+    if (slot < 0 || slot >= MAX_SLOTS)
+        return 0;
+    int state = atomic_load(&slots[slot].state);
+    return state == ADOPTED || state == ADOPTING;
 }
 
 uint64_t pb__quarantine_kept_reads(void)

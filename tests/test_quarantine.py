@@ -447,6 +447,26 @@ def test_kept_read_of_a_live_bytes_runs_as_without_quarantine(buggy_so: Path, us
     assert "survived" in on.stdout and "SUMMARY" not in on.stderr
 
 
+def test_kept_read_when_sampling_at_level_1_goes_on_until_the_program_lets_go(buggy_so: Path) -> None:
+    """No heap map: the shadow holds the bytes, alive while the program references it too."""
+    proc = _buggy(buggy_so, """
+        from ptrbridge import report
+        data = bytes(bytearray(b"kept while alive"))
+        b.keep(data)
+        print("reads", [b.use_kept() for _ in range(3)], flush=True)
+        print("kept", [(f.severity, f.object) for f in report.gather() if f.extra.get("kept_read")], flush=True)
+        del data                                      # the program lets go of it...
+        b.first_byte(ffi.from_buffer(bytearray(b"z")))  # ...a sampled lend notices...
+        b.use_kept()                                  # ...and this read is a use after free
+    """, level=1)
+    assert f"reads {[ord('k')] * 3}" in proc.stdout, proc.stdout + proc.stderr
+    assert "kept [('portability', 'bytes(16)')]" in proc.stdout
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "bytes(16) lent to keep() at <string>:" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
+    assert "survived" not in proc.stdout
+
+
 def test_adopted_shadows_do_not_use_up_the_quarantine(buggy_so: Path) -> None:
     """More live bytes read through kept pointers than the pool has slots: later lends are still caught."""
     proc = _buggy(buggy_so, """

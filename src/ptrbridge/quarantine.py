@@ -45,15 +45,17 @@ zstandard's dictionaries kept with ``ZSTD_dlm_byRef``).  The handler reopens
 the shadow read-only, refilled from the original, records the report, and the
 read goes on; :func:`take_kept_reads` (called by ``report.gather``) makes the
 reports portability findings.  When the heap map's free hook sees the
-``bytes`` freed, the shadow is closed again and a read is an error.  Mutable
-originals and writes are always errors: C would go on with a copy that no
-longer matches.  Without the heap map (level 1 sampling) frees are not seen,
-so every read after the call is an error.
+``bytes`` freed, the shadow is closed again and a read is an error.  Without
+the heap map (level 1 sampling) the slot holds one reference to the ``bytes``
+instead, and it is alive while anything else references it: a sampled lend
+closes the adopted shadows of those the program let go of.  Mutable originals
+and writes are always errors: C would go on with a copy that no longer matches.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import itertools
 import random
 import re
@@ -290,17 +292,42 @@ def _lend_context(frame: Any) -> Tuple[bytes, str]:
     return "".join(lines).encode("utf-8", "replace"), site
 
 
-def _lend_one(address: int, size: int, owner: int, obj_text: str, function: str, site: str,
-              stack: bytes) -> Optional[Tuple[int, int]]:
+def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, obj_text: str, function: str,
+              site: str, stack: bytes) -> Optional[Tuple[int, int]]:
     """(slot, shadow address) of a new shadow, or None when no shadow is free.
 
-    ``owner``: the address of the original when it is a ``bytes`` the heap map
-    sees freed (a read after the call while it lives is a kept read), else 0.
+    ``original``: the ``bytes`` the buffer is the data of, else None.  A read
+    of the closed shadow while it lives is a kept read (recorded, the read
+    goes on).  With the heap map (``mapped``) its free is seen; without it the
+    slot holds a reference to it, and it is alive while anything else has one.
     """
     out = _shadow_out  # the GIL is held from the call to the read
-    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, owner, obj_text.encode("utf-8", "replace"),
-                                   _encoded(function), _encoded(site), stack, out)
-    return None if slot < 0 else (int(slot), int(out[0]))
+    held = original is not None and not mapped
+    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, id(original) if original is not None else 0,
+                                   held, obj_text.encode("utf-8", "replace"), _encoded(function), _encoded(site),
+                                   stack, out)
+    if slot < 0:
+        return None
+    if held:
+        _held[slot] = original  # type: ignore[assignment]
+    elif _held:
+        _held.pop(slot, None)
+    return int(slot), int(out[0])
+
+
+_held: Dict[int, bytes] = {}  # slot -> the bytes its shadow copies, while no heap map sees frees
+
+
+def _release_dropped() -> None:
+    """Close again the adopted shadows whose held ``bytes`` only ptrbridge still references.
+
+    Run at sampled lends once there are kept reads: the program let go of the
+    object, so a read by C from now on is a use after free.
+    """
+    for slot in [k for k in _held if sys.getrefcount(_held[k]) <= 2]:  # _held's and the argument's
+        if lib.pb__quarantine_adopted(slot):
+            original = _held.pop(slot)
+            lib.pb__quarantine_owner_freed_slow(id(original))
 
 
 _shadow_out = ffi.new("uintptr_t *")
@@ -428,10 +455,10 @@ class _Use:
     __slots__ = ("start", "size", "writable", "keeper", "text", "arg", "target", "slot", "immutable")
 
     def __init__(self, start: int, size: int, writable: bool, keeper: Any, text: str, arg: int = -1,
-                 target: Any = None, slot: int = 0, immutable: int = 0) -> None:
+                 target: Any = None, slot: int = 0, immutable: Optional[bytes] = None) -> None:
         self.start, self.size, self.writable, self.keeper, self.text = start, size, writable, keeper, text
         self.arg, self.target, self.slot = arg, target, slot  # argument index and type, or slot address
-        self.immutable = immutable  # id() of the bytes this is the data of, else 0
+        self.immutable = immutable  # the bytes this is the data of, else None
 
 
 def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], bool],
@@ -455,6 +482,8 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
             else:
                 groups.append([use])
                 end = use.start + use.size
+    if _held and lib.pb__quarantine_kept_reads():
+        _release_dropped()
     ctx: Optional[Tuple[bytes, str]] = None
     mapped = False  # the heap map is on (level 2): frees are seen, and lends are remembered for its reports
     for group in groups:
@@ -469,7 +498,7 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         else:
             size = max(u.start + u.size for u in group) - start
             text = max(group, key=lambda u: u.size).text
-        lent_one = _lend_one(start, size, _immutable_owner(group) if mapped else 0, text, function, ctx[1], ctx[0])
+        lent_one = _lend_one(start, size, _immutable_original(group), mapped, text, function, ctx[1], ctx[0])
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
         slot, shadow = lent_one
@@ -490,18 +519,17 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
                         size, f"{text} lent to {function}() at {ctx[1]}"))
 
 
-def _immutable_owner(group: List[_Use]) -> int:
-    """The bytes object every use of the group views, else 0 (the caller checks the heap map is on).
+def _immutable_original(group: List[_Use]) -> Optional[bytes]:
+    """The ``bytes`` every use of the group views, else None.
 
     A read of its closed shadow while it lives is what C would read from the
     original on CPython (a kept read: recorded, the read goes on); once it is
-    freed a read is an error.  Without the heap map its free is not seen, so
-    every read after the call stays an error.
+    freed a read is an error.
     """
-    owner = group[0].immutable
-    if not owner or any(u.immutable != owner for u in group):
-        return 0
-    return owner
+    original = group[0].immutable
+    if original is None or any(u.immutable is not original for u in group):
+        return None
+    return original
 
 
 def _pointing(target: Any, address: int) -> Any:
@@ -541,7 +569,7 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
         # bytes: described by its length, as everywhere else; the shadow also holds the NUL
         text = describe(arg, len(arg) if type(arg) is bytes else size)
         uses.append(_Use(address, size, writable, keeper, text, i, target,
-                         immutable=id(arg) if type(arg) is bytes else 0))
+                         immutable=arg if type(arg) is bytes else None))
     if uses:
         _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
@@ -684,7 +712,7 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
         else:
             text = describe(keeper if isinstance(obj, _PointerBase) else obj, size)
         uses.append(_Use(address, size, writable, keeper, text, i, _ctypes_converter(declared, obj, offset),
-                         immutable=id(obj) if type(obj) is bytes else 0))
+                         immutable=obj if type(obj) is bytes else None))
     if uses:
         _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
