@@ -460,6 +460,16 @@ static int owner_alive(struct slot *s)
     return !s->held || Py_REFCNT((PyObject *)owner) > 1;
 }
 
+/* "bytes(241) lent to produce() at file.py:12" */
+static void put_lent(const struct slot *s)
+{
+    put_str(s->object);
+    put_str(" lent to ");
+    put_str(s->function);
+    put_str("() at ");
+    put_str(s->site);
+}
+
 static void report(struct slot *s, int state, uintptr_t a, void *uctx)
 {
     int write_access = fault_is_write(uctx);
@@ -498,21 +508,13 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
         put_str("ptrbridge: C read a pointer to Python memory after the call that lent it returned "
                 "(R2, caught by quarantine; portability: the original is alive and immutable, so the read "
                 "went on): ");
-        put_str(s->object);
-        put_str(" lent to ");
-        put_str(s->function);
-        put_str("() at ");
-        put_str(s->site);
+        put_lent(s);
         put_str("\n");
     } else {
         kind = "use-after-release";
         put_str("ptrbridge: C used a pointer to Python memory after the call that lent it returned "
                 "(R2, caught by quarantine): ");
-        put_str(s->object);
-        put_str(" lent to ");
-        put_str(s->function);
-        put_str("() at ");
-        put_str(s->site);
+        put_lent(s);
         put_str("\n");
     }
     /* 1. the access */
@@ -611,11 +613,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
         put_str("??");
     }
     put_str(" on ");
-    put_str(s->object);
-    put_str(" lent to ");
-    put_str(s->function);
-    put_str("() at ");
-    put_str(s->site);
+    put_lent(s);
     put_str("\n=================================================================\n");
 }
 
