@@ -789,7 +789,15 @@ class CheckedLibrary:
                     args = _unwrap_functions(args, takes_functions)
                 level = _level
                 if level:
-                    if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
+                    if level == 1 and not record and len(args) > only and type(args[only]) in _CDATA_OWNING:
+                        # Inlined _settled_cffi for an owning cdata (level 1 ignores `lent`):
+                        # a flat item type, or slots that scan_slots settles in C, need no CallCheck.
+                        arg = args[only]
+                        shape, walk, is_array = _arg_shapes.get(ffi.typeof(arg)) or _arg_shape(ffi.typeof(arg))
+                        if shape == _OTHER or (shape == _WALK and _scan_slots(
+                                arg, walk, max(1, len(arg)) if is_array else 1, False) is not None):
+                            check_args(args)
+                    elif level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
                         lent = check_args(args)
                         if level == 2 and (lent or quarantine._enabled):
                             return run_level2(name, args, lent, sys._getframe().f_back)
