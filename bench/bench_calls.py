@@ -409,6 +409,9 @@ def measure_instrumented(brotli_site: Optional[str], rounds: int, block_s: float
 
 
 def closure_of(fn: Callable[..., Any]) -> Dict[str, Any]:
+    """The closure variables of a checked function (cffi: the function; ctypes: its ``__call__``)."""
+    if not hasattr(fn, "__code__"):  # a ctypes CheckedFunction: a _FuncPtr whose __call__ is the closure
+        fn = type(fn).__dict__["__call__"].__func__
     return {name: cell.cell_contents
             for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
 

@@ -68,6 +68,7 @@ _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
+_OWN_CDATA, _FROMBUF_CDATA = _CDATA_OWNING  # the types of ffi.new and ffi.from_buffer results
 _scan_slots = native.scan_slots
 
 # ---------------------------------------------------------------------------
@@ -789,10 +790,25 @@ class CheckedLibrary:
                     args = _unwrap_functions(args, takes_functions)
                 level = _level
                 if level:
-                    if level == 2 or (len(args) > only and type(args[only]) not in _PLAIN_CFFI):
+                    if level == 2:
                         lent = check_args(args)
-                        if level == 2 and (lent or quarantine._enabled):
+                        if lent or quarantine._enabled:
                             return run_level2(name, args, lent, sys._getframe().f_back)
+                    elif len(args) > only:
+                        arg = args[only]
+                        kind = type(arg)
+                        if kind in _PLAIN_CFFI:
+                            pass  # bytes or NULL: no walk at level 1
+                        elif not record and (kind is _OWN_CDATA or kind is _FROMBUF_CDATA):
+                            # Inlined _settled_cffi for an owning cdata (level 1 ignores `lent`):
+                            # a flat item type, or slots scan_slots settles in C, need no CallCheck.
+                            ctype = ffi.typeof(arg)
+                            shape, walk, is_array = _arg_shapes.get(ctype) or _arg_shape(ctype)
+                            if shape == _OTHER or (shape == _WALK and _scan_slots(
+                                    arg, walk, max(1, len(arg)) if is_array else 1, False) is not None):
+                                check_args(args)
+                        else:
+                            check_args(args)
                     if level == 1 and quarantine._enabled and quarantine._tick():
                         return run_sampled(name, args, sys._getframe().f_back)
                 result = raw(*args)

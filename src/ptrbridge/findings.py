@@ -122,11 +122,31 @@ def peek() -> List[Finding]:
         return list(_findings)
 
 
+# strict() runs on hot paths (once per nested-unpinned slot when instrumenting): parsing
+# os.environ each time costs ~1 us.  The parsed answer is cached against the raw value,
+# which is read from os.environ's backing dict (one dict lookup; os.environ, putenv and
+# monkeypatch.setenv all update it), so a change of the variable is still seen at once.
+_ENV_DATA: Any = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = os.environ.encodekey(STRICT_ENV) if _ENV_DATA is not None else None  # type: ignore[attr-defined]
+_env_cache: List[Any] = [object(), False]  # [raw value last parsed, its answer]
+
+
+def _parse_strict(raw: Optional[str]) -> bool:
+    return (raw or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def strict() -> bool:
     """Whether portability findings fail (``PTRBRIDGE_STRICT=1`` or :func:`set_strict`)."""
     if _strict is not None:
         return _strict
-    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if _ENV_DATA is None:
+        return _parse_strict(os.environ.get(STRICT_ENV))
+    raw = _ENV_DATA.get(_ENV_KEY)
+    cache = _env_cache
+    if raw is not cache[0]:
+        cache[1] = _parse_strict(os.environ.get(STRICT_ENV))
+        cache[0] = raw
+    return cache[1]
 
 
 def set_strict(on: Optional[bool]) -> Optional[bool]:
