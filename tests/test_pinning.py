@@ -290,3 +290,33 @@ def test_unpinning_the_oldest_batch_keeps_the_newer_batches_pinned() -> None:
     pinners[1].unpin()
     single.unpin()
     assert not any(is_pinned(b) for batch in batches for b in batch) and not is_pinned(lone)
+
+
+def test_level2_unpin_retires_only_what_no_other_pinner_covers() -> None:
+    """At level 2 unpin retires (for the R2 scan) the memory no other live Pinner still pins."""
+    from ptrbridge import pinning
+
+    whole = bytearray(4096)
+    other = bytearray(64)
+    keeper = Pinner()
+    keeper.pin(whole)
+    try:
+        _check_coverage(whole, other)
+    finally:
+        keeper.unpin()
+    start = int(ffi.cast("uintptr_t", ffi.from_buffer(whole)))
+    assert pinning._pinned_elsewhere()(start, 1) is False
+
+
+def _check_coverage(whole: bytearray, other: bytearray) -> None:
+    from ptrbridge import pinning
+
+    with ptrbridge.checking(2):
+        covered = pinning._pinned_elsewhere()
+        view = memoryview(whole)
+        assert covered(int(ffi.cast("uintptr_t", ffi.from_buffer(view[100:200]))), 100)
+        start = int(ffi.cast("uintptr_t", ffi.from_buffer(whole)))
+        assert covered(start, 4096) and not covered(start, 4097) and not covered(start - 1, 10)
+        assert not covered(int(ffi.cast("uintptr_t", ffi.from_buffer(other))), 64)
+        for probe in ((start, 4096), (start + 4000, 96), (start + 4000, 97), (start - 1, 2)):
+            assert covered(*probe) == pinning._still_pinned(*probe)
