@@ -32,12 +32,15 @@ struct pin {
     uint32_t site;
 };
 
+#define INLINE_PINS 2
+
 typedef struct PinnerBase {
     PyObject_HEAD
     struct pin *pins;
     Py_ssize_t n, cap;
     PyObject *weakreflist;
     struct PinnerBase *prev, *next; /* every live pinner */
+    struct pin inline_pins[INLINE_PINS]; /* pins is this until more are needed: no malloc for one pin */
 } PinnerBase;
 
 static PinnerBase *pinners;
@@ -59,6 +62,8 @@ static PyObject *pn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (pinners != NULL)
         pinners->prev = self;
     pinners = self;
+    self->pins = self->inline_pins;
+    self->cap = INLINE_PINS;
     return (PyObject *)self;
 }
 
@@ -72,13 +77,24 @@ static void release_pin(struct pin *p)
 }
 
 /* Detaches every pin, removes the regions, releases the exports.  A small
- * array is kept for the next pins unless releasing re-entered this Pinner. */
+ * array is kept for the next pins unless releasing re-entered this Pinner.
+ * Inline pins are copied out first: releasing may run Python code that pins
+ * into this Pinner again. */
 static void unpin_all(PinnerBase *self, PyObject *collect)
 {
+    struct pin local[INLINE_PINS];
     struct pin *pins = self->pins;
     Py_ssize_t n = self->n, cap = self->cap;
-    self->pins = NULL;
-    self->n = self->cap = 0;
+    if (n == 0)
+        return;
+    if (pins == self->inline_pins) {
+        memcpy(local, pins, (size_t)n * sizeof *pins);
+        pins = local;
+        cap = 0;
+    }
+    self->pins = self->inline_pins;
+    self->cap = INLINE_PINS;
+    self->n = 0;
     if (n == 1) {
         pb_region_remove(pins[0].region);
     } else if (n > 1) {
@@ -105,7 +121,9 @@ static void unpin_all(PinnerBase *self, PyObject *collect)
         }
         release_pin(&pins[i]);
     }
-    if (self->pins == NULL && cap <= 64) {
+    if (pins == local)
+        return;
+    if (self->pins == self->inline_pins && self->n == 0 && cap <= 64) {
         self->pins = pins;
         self->cap = cap;
     } else {
@@ -139,8 +157,10 @@ static void pn_dealloc(PinnerBase *self)
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     unpin_all(self, NULL);
-    free(self->pins);
+    if (self->pins != self->inline_pins)
+        free(self->pins);
     self->pins = NULL;
+    self->n = self->cap = 0;
     if (self->prev != NULL)
         self->prev->next = self->next;
     else if (pinners == self)
@@ -165,11 +185,14 @@ static int reserve(PinnerBase *self, Py_ssize_t more)
     Py_ssize_t cap = self->cap ? self->cap : 4;
     while (cap < self->n + more)
         cap *= 2;
-    struct pin *p = realloc(self->pins, (size_t)cap * sizeof *p);
+    int was_inline = self->pins == self->inline_pins;
+    struct pin *p = realloc(was_inline ? NULL : self->pins, (size_t)cap * sizeof *p);
     if (p == NULL) {
         PyErr_NoMemory();
         return -1;
     }
+    if (was_inline)
+        memcpy(p, self->inline_pins, (size_t)self->n * sizeof *p);
     self->pins = p;
     self->cap = cap;
     return 0;

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "pb_internal.h"
 
@@ -142,21 +143,66 @@ int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int
     return PB_OK;
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int has_id(const uint64_t *sorted, size_t n, uint64_t id)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && sorted[lo] == id;
+}
+
 void pb__region_remove_many(const uint64_t *ids, size_t n)
 {
-    /* Newest first: pins are removed in reverse order of addition, so each
-     * id is usually found at or near the end of the array. */
-    pthread_mutex_lock(&lock);
-    for (size_t k = n; k-- > 0;) {
-        for (size_t i = region_count; i-- > 0;) {
-            if (regions[i].id == ids[k]) {
-                kind_count[regions[i].kind]--;
-                regions[i] = regions[--region_count];
-                break;
-            }
+    /* One compacting pass over the array, O(regions * log n): an id-by-id
+     * search is O(regions * n) once other regions were added after these
+     * (a producer unpinning its oldest batch while newer ones are pinned).
+     * A Pinner's ids are ascending (ids only grow), so sorting is usually a
+     * check; ids outside [min, max] are rejected by two compares. */
+    if (n == 0)
+        return;
+    uint64_t small[64];
+    uint64_t *sorted = n <= 64 ? small : malloc(n * sizeof *sorted);
+    if (sorted == NULL) {
+        for (size_t k = n; k-- > 0;)
+            pb_region_remove(ids[k]);
+        return;
+    }
+    memcpy(sorted, ids, n * sizeof *sorted);
+    for (size_t k = 1; k < n; k++) {
+        if (sorted[k - 1] > sorted[k]) {
+            qsort(sorted, n, sizeof *sorted, cmp_id);
+            break;
         }
     }
+    uint64_t lo = sorted[0], hi = sorted[n - 1];
+    pthread_mutex_lock(&lock);
+    size_t out = 0, removed = 0;
+    for (size_t i = 0; i < region_count; i++) {
+        uint64_t id = regions[i].id;
+        if (removed < n && id >= lo && id <= hi && has_id(sorted, n, id)) {
+            kind_count[regions[i].kind]--;
+            removed++;
+            continue;
+        }
+        if (out != i)
+            regions[out] = regions[i];
+        out++;
+    }
+    region_count = out;
     pthread_mutex_unlock(&lock);
+    if (sorted != small)
+        free(sorted);
 }
 
 PB_FORK_SAFE_LOCK(lock);

@@ -263,3 +263,60 @@ def test_a_pins_site_is_the_callers_line() -> None:
 def test_span_messages_name_span_not_pinner() -> None:
     with pytest.raises(TypeError, match=r"^ptrbridge.Span: cannot make a span of int"):
         ptrbridge.Span(3)
+
+
+def test_unpinning_the_oldest_batch_keeps_the_newer_batches_pinned() -> None:
+    """A producer unpins its oldest batch while newer ones are still pinned (FIFO)."""
+    from ptrbridge._bindings import lib
+
+    def is_pinned(buf: bytes) -> bool:
+        region = ffi.new("struct pb_region *")
+        found = lib.pb_region_find(ffi.from_buffer(buf), region)
+        return bool(found and region.kind == lib.PB_REGION_PINNED)
+
+    batches = [[bytes([i]) * 100 for _ in range(300)] for i in range(3)]
+    pinners = [Pinner() for _ in batches]
+    for pinner, batch in zip(pinners, batches):
+        pinner.pin_many(batch)
+    single = Pinner()
+    lone = b"x" * 100
+    single.pin(lone)
+    pinners[0].unpin()
+    assert not any(is_pinned(b) for b in batches[0])
+    assert all(is_pinned(b) for b in batches[1] + batches[2]) and is_pinned(lone)
+    pinners[2].unpin()
+    assert all(is_pinned(b) for b in batches[1]) and is_pinned(lone)
+    assert not any(is_pinned(b) for b in batches[2])
+    pinners[1].unpin()
+    single.unpin()
+    assert not any(is_pinned(b) for batch in batches for b in batch) and not is_pinned(lone)
+
+
+def test_level2_unpin_retires_only_what_no_other_pinner_covers() -> None:
+    """At level 2 unpin retires (for the R2 scan) the memory no other live Pinner still pins."""
+    from ptrbridge import pinning
+
+    whole = bytearray(4096)
+    other = bytearray(64)
+    keeper = Pinner()
+    keeper.pin(whole)
+    try:
+        _check_coverage(whole, other)
+    finally:
+        keeper.unpin()
+    start = int(ffi.cast("uintptr_t", ffi.from_buffer(whole)))
+    assert pinning._pinned_elsewhere()(start, 1) is False
+
+
+def _check_coverage(whole: bytearray, other: bytearray) -> None:
+    from ptrbridge import pinning
+
+    with ptrbridge.checking(2):
+        covered = pinning._pinned_elsewhere()
+        view = memoryview(whole)
+        assert covered(int(ffi.cast("uintptr_t", ffi.from_buffer(view[100:200]))), 100)
+        start = int(ffi.cast("uintptr_t", ffi.from_buffer(whole)))
+        assert covered(start, 4096) and not covered(start, 4097) and not covered(start - 1, 10)
+        assert not covered(int(ffi.cast("uintptr_t", ffi.from_buffer(other))), 64)
+        for probe in ((start, 4096), (start + 4000, 96), (start + 4000, 97), (start - 1, 2)):
+            assert covered(*probe) == pinning._still_pinned(*probe)
