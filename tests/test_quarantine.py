@@ -467,6 +467,29 @@ def test_kept_read_when_sampling_at_level_1_goes_on_until_the_program_lets_go(bu
     assert "survived" not in proc.stdout
 
 
+def test_threads_lending_at_once_each_get_their_own_shadow(buggy_so: Path) -> None:
+    """cffi releases the GIL inside the lend: a shadow address must never cross to another thread's call."""
+    proc = _buggy(buggy_so, """
+        import sys
+        sys.setswitchinterval(1e-6)
+        bad = []
+        def worker(k):
+            for i in range(300):
+                data = bytes(bytearray(range(k, k + 10 + 7 * k)))   # a length of its own per thread
+                got = b.produce(data, len(data), 0)
+                if got != sum(data):
+                    bad.append((k, i, got, sum(data)))
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print("bad", bad[:3], flush=True)
+    """)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bad []" in proc.stdout
+
+
 def test_adopted_shadows_do_not_use_up_the_quarantine(buggy_so: Path) -> None:
     """More live bytes read through kept pointers than the pool has slots: later lends are still caught."""
     proc = _buggy(buggy_so, """

@@ -301,7 +301,7 @@ def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, 
     goes on).  With the heap map (``mapped``) its free is seen; without it the
     slot holds a reference to it, and it is alive while anything else has one.
     """
-    out = _shadow_out  # the GIL is held from the call to the read
+    out = ffi.new("uintptr_t *")  # per call: cffi releases the GIL during the lend, other threads lend too
     held = original is not None and not mapped
     slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, id(original) if original is not None else 0,
                                    held, obj_text.encode("utf-8", "replace"), _encoded(function), _encoded(site),
@@ -330,7 +330,6 @@ def _release_dropped() -> None:
             lib.pb__quarantine_owner_freed_slow(id(original))
 
 
-_shadow_out = ffi.new("uintptr_t *")
 _encodings: Dict[str, bytes] = {}  # function names and call sites, as the C slot stores them
 
 
