@@ -643,6 +643,48 @@ int pb__interpose_c_reused(uintptr_t addr)
     return found ? 2 : 0;
 }
 
+/* ---- the loader's own memory ------------------------------------------- */
+
+#define PB_LINK_MAP_SPAN 1536
+
+struct in_lm_ctx {
+    uintptr_t addr;
+    int done, found;
+};
+
+static int in_link_map_one(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)info;
+    (void)size;
+    struct in_lm_ctx *c = data;
+    if (c->done)
+        return 1;
+    c->done = 1; /* the whole list once, under the lock dl_iterate_phdr holds */
+    struct link_map *head = _r_debug.r_map;
+    for (struct link_map *m = head; m != NULL; m = m->l_next) {
+        uintptr_t lm = (uintptr_t)m;
+        if (c->addr >= lm && c->addr - lm < PB_LINK_MAP_SPAN) {
+            c->found = 1;
+            break;
+        }
+        if (m->l_name != NULL && m->l_name[0] != '\0') {
+            uintptr_t name = (uintptr_t)m->l_name;
+            if (c->addr >= name && c->addr - name <= strlen(m->l_name)) {
+                c->found = 1;
+                break;
+            }
+        }
+    }
+    return 1;
+}
+
+int pb__interpose_in_link_map(uintptr_t addr)
+{
+    struct in_lm_ctx c = {addr, 0, 0};
+    dl_iterate_phdr(in_link_map_one, &c);
+    return c.found;
+}
+
 /* ---- the hooks -------------------------------------------------------- */
 
 #define CALLER() ((uintptr_t)__builtin_return_address(0))
