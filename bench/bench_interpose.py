@@ -14,6 +14,15 @@ interleaved round by round, best round kept:
 Printed: ns per pair for each and the extra cost per pair over plain, and the
 ratio level 2 / plain.  Target (issue 9): <= 40 ns extra per pair at level 2.
 
+``--lookup`` measures instead ``pb__interpose_find`` (the live block containing an
+interior address, which level 2 asks per unresolved slot value) against the
+number of live interposed blocks: N blocks of mixed sizes (48 B to 256 KiB) are
+allocated by the holder library at level 2, then interior addresses of random
+blocks are looked up through cffi; the cost of a trivial native call
+(``pb_api_version``) measured interleaved in the same rounds is
+subtracted.  Before issue 9's index the lookup walked the whole table (linear
+in N); it should now be flat.
+
 ``--callgrind`` runs only the level-2 loop once (for
 ``valgrind --tool=callgrind python bench/bench_interpose.py --callgrind``,
 which counts instructions repeatably; compare with ``--callgrind-plain``).
@@ -77,13 +86,58 @@ def measure(quick: bool = False, rounds: int = 0) -> Dict[str, float]:
     return best
 
 
+def measure_lookup(sizes: Tuple[int, ...] = (1_000, 10_000, 100_000), rounds: int = 7) -> Dict[int, float]:
+    """ns per interior-address lookup (native call cost subtracted) for each table size."""
+    import random
+
+    from ptrbridge._native import ffi, lib
+
+    _, holder = open_holder("void *holder_alloc(size_t); void holder_free(void *);")
+    rng = random.Random(9)
+    out = ffi.new("struct pb_iblock *")
+    result: Dict[int, float] = {}
+    ptrbridge.set_check_level(2)
+    try:
+        for n in sizes:
+            blocks = []
+            for _ in range(n):
+                size = rng.choice((48, 200, 1000, 5000, 30000, 262144))
+                blocks.append((holder.holder_alloc(size), size))
+            addrs = [int(ffi.cast("uintptr_t", p)) + rng.randrange(size) for p, size in rng.sample(blocks, min(n, 2000))]
+            best_find, best_base = float("inf"), float("inf")
+            for _ in range(rounds):
+                began = time.perf_counter_ns()
+                for a in addrs:
+                    lib.pb__interpose_find(a, out)
+                best_find = min(best_find, (time.perf_counter_ns() - began) / len(addrs))
+                began = time.perf_counter_ns()
+                for a in addrs:
+                    lib.pb_api_version()
+                best_base = min(best_base, (time.perf_counter_ns() - began) / len(addrs))
+            found = sum(bool(lib.pb__interpose_find(a, out)) for a in addrs)
+            if found != len(addrs):
+                raise RuntimeError(f"bench_interpose: {len(addrs) - found} interior addresses not resolved")
+            result[n] = best_find - best_base
+            for p, _ in blocks:
+                holder.holder_free(p)
+    finally:
+        ptrbridge.set_check_level(0)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs and rounds")
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 21, 5 with --quick)")
     parser.add_argument("--callgrind", action="store_true", help="one level-2 loop of 100 000 pairs, untimed")
     parser.add_argument("--callgrind-plain", action="store_true", help="the same loop at level 0")
+    parser.add_argument("--lookup", action="store_true", help="interior-address lookup cost vs table size")
     args = parser.parse_args()
+    if args.lookup:
+        print("pb__interpose_find(interior address), native call cost subtracted, best of 7:")
+        for n, ns in measure_lookup().items():
+            print(f"  {n:7d} live blocks  {ns:8.1f} ns/lookup")
+        return 0
     if args.callgrind or args.callgrind_plain:
         _, holder = load_holder()
         if args.callgrind:

@@ -85,6 +85,8 @@ struct shard {
     uint64_t allocations, frees, foreign;
     size_t cfreed_head; /* next slot of cfreed[shard] to write */
     struct ent *e;
+    size_t pcap, pused; /* the page index (see below) */
+    struct pent *pg;
 } __attribute__((aligned(64)));
 
 static struct shard shards[NSHARD];
@@ -140,11 +142,6 @@ static inline uint64_t hash_ptr(uintptr_t p)
     return h ^ (h >> 29);
 }
 
-static inline struct shard *shard_of(uint64_t h)
-{
-    return &shards[h >> 58];
-}
-
 static inline void shard_lock(struct shard *s)
 {
     while (atomic_exchange_explicit(&s->lock, 1, memory_order_acquire)) {
@@ -156,6 +153,295 @@ static inline void shard_lock(struct shard *s)
 static inline void shard_unlock(struct shard *s)
 {
     atomic_store_explicit(&s->lock, 0, memory_order_release);
+}
+
+/* ---- the interior-address index ----------------------------------------
+ *
+ * "Which live block contains address A" (pb__interpose_find) is a
+ * predecessor query: the live block with the greatest start <= A contains A
+ * or none does (live blocks do not overlap).  Blocks are sharded by the page
+ * (PB_PAGE bytes) of their start, so one shard's lock covers every block
+ * starting in a page, and each shard keeps, besides its exact-address table,
+ * a page index: page -> a bitmap of the 16-byte granules where a block
+ * starts.  A "small" block (16-byte aligned start, size <= PB_SMALL_MAX) is
+ * found by looking at the bitmaps of A's page and the PB_SMALL_MAX / PB_PAGE
+ * pages before it (at most five lookups); every other block (larger, or an
+ * unaligned start, or one whose page entry could not be allocated) is in one
+ * sorted array, `big`, under its own lock.  The hooks pay one more probe of a
+ * small, cache-hot table per malloc and per free (and a bit flip); page
+ * entries are never deleted one by one (a page's bitmap goes to zero and
+ * stays for reuse) but dropped when the index is rebuilt on growth.  Lock
+ * order: a shard's lock, then big's; a lookup never holds two. */
+#define PB_PAGE_SHIFT 12
+#define PB_SMALL_MAX ((size_t)4 << PB_PAGE_SHIFT)
+#define PB_SMALL_PAGES (PB_SMALL_MAX >> PB_PAGE_SHIFT)
+
+struct pent {
+    uintptr_t page; /* page number + 1; 0: empty */
+    uint64_t bits[4];
+};
+
+static struct {
+    atomic_int lock;
+    size_t n, cap;
+    struct ent *v; /* sorted by ptr */
+} big;
+
+static inline uint64_t hash_page(uintptr_t page)
+{
+    uint64_t h = (uint64_t)page * 0x9E3779B97F4A7C15ULL;
+    return h ^ (h >> 31);
+}
+
+static inline struct shard *shard_of_addr(uintptr_t p)
+{
+    return &shards[hash_page(p >> PB_PAGE_SHIFT) >> 58];
+}
+
+static inline int is_small(uintptr_t p, size_t size)
+{
+    return (p & 15) == 0 && size <= PB_SMALL_MAX;
+}
+
+static inline int ent_contains(const struct ent *e, uintptr_t addr)
+{
+    return addr >= e->ptr && addr - e->ptr < (e->size ? e->size : 1);
+}
+
+/* Shard lock held.  The entry of page number `page`, or NULL. */
+static inline struct pent *page_get(struct shard *s, uintptr_t page)
+{
+    if (s->pcap == 0)
+        return NULL;
+    size_t mask = s->pcap - 1;
+    for (size_t j = (size_t)hash_page(page) & mask;; j = (j + 1) & mask) {
+        if (s->pg[j].page == page + 1)
+            return &s->pg[j];
+        if (s->pg[j].page == 0)
+            return NULL;
+    }
+}
+
+/* Shard lock held.  Rebuilds the page index keeping only pages with a bit
+ * set, in a table with room for one more.  Returns 0 or -1. */
+static int page_rebuild(struct shard *s)
+{
+    size_t live = 0;
+    for (size_t i = 0; i < s->pcap; i++) {
+        const struct pent *q = &s->pg[i];
+        if (q->page && (q->bits[0] | q->bits[1] | q->bits[2] | q->bits[3]))
+            live++;
+    }
+    size_t cap = 64;
+    while ((live + 1) * 2 > cap)
+        cap *= 2;
+    struct pent *n = calloc(cap, sizeof *n);
+    if (n == NULL)
+        return -1;
+    for (size_t i = 0; i < s->pcap; i++) {
+        const struct pent *q = &s->pg[i];
+        if (!q->page || !(q->bits[0] | q->bits[1] | q->bits[2] | q->bits[3]))
+            continue;
+        size_t j = (size_t)hash_page(q->page - 1) & (cap - 1);
+        while (n[j].page)
+            j = (j + 1) & (cap - 1);
+        n[j] = *q;
+    }
+    free(s->pg);
+    s->pg = n;
+    s->pcap = cap;
+    s->pused = live;
+    return 0;
+}
+
+/* Shard lock held.  Marks a small block's start.  Returns 0 or -1 (no
+ * memory: the caller puts the block in `big` instead). */
+static inline int page_mark(struct shard *s, uintptr_t p)
+{
+    uintptr_t page = p >> PB_PAGE_SHIFT;
+    unsigned g = (unsigned)(p >> 4) & 255;
+    struct pent *q = page_get(s, page);
+    if (q == NULL) {
+        if ((s->pused + 1) * 4 > s->pcap * 3 && page_rebuild(s) != 0)
+            return -1;
+        size_t mask = s->pcap - 1, j = (size_t)hash_page(page) & mask;
+        while (s->pg[j].page)
+            j = (j + 1) & mask;
+        q = &s->pg[j];
+        *q = (struct pent){page + 1, {0, 0, 0, 0}};
+        s->pused++;
+    }
+    q->bits[g >> 6] |= (uint64_t)1 << (g & 63);
+    return 0;
+}
+
+/* Shard lock held.  Clears a small block's start; returns 1 if it was set. */
+static inline int page_unmark(struct shard *s, uintptr_t p)
+{
+    struct pent *q = page_get(s, p >> PB_PAGE_SHIFT);
+    unsigned g = (unsigned)(p >> 4) & 255;
+    uint64_t bit = (uint64_t)1 << (g & 63);
+    if (q == NULL || !(q->bits[g >> 6] & bit))
+        return 0;
+    q->bits[g >> 6] &= ~bit;
+    return 1;
+}
+
+static inline void big_lock(void)
+{
+    while (atomic_exchange_explicit(&big.lock, 1, memory_order_acquire)) {
+        while (atomic_load_explicit(&big.lock, memory_order_relaxed))
+            sched_yield();
+    }
+}
+
+static inline void big_unlock(void)
+{
+    atomic_store_explicit(&big.lock, 0, memory_order_release);
+}
+
+/* big locked.  The index of the first entry with ptr > p. */
+static size_t big_upper(uintptr_t p)
+{
+    size_t lo = 0, hi = big.n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (big.v[mid].ptr <= p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Adds (or replaces) e in big.  On no memory the block stays out of the
+ * index: pb__interpose_find does not see its interior. */
+static void big_add(const struct ent *e)
+{
+    big_lock();
+    size_t i = big_upper(e->ptr);
+    if (i > 0 && big.v[i - 1].ptr == e->ptr) {
+        big.v[i - 1] = *e;
+    } else {
+        if (big.n == big.cap) {
+            size_t cap = big.cap ? big.cap * 2 : 64;
+            struct ent *v = realloc(big.v, cap * sizeof *v);
+            if (v == NULL) {
+                big_unlock();
+                return;
+            }
+            big.v = v;
+            big.cap = cap;
+        }
+        memmove(&big.v[i + 1], &big.v[i], (big.n - i) * sizeof *big.v);
+        big.v[i] = *e;
+        big.n++;
+    }
+    big_unlock();
+}
+
+static void big_del(uintptr_t p)
+{
+    big_lock();
+    size_t i = big_upper(p);
+    if (i > 0 && big.v[i - 1].ptr == p) {
+        memmove(&big.v[i - 1], &big.v[i], (big.n - i) * sizeof *big.v);
+        big.n--;
+    }
+    big_unlock();
+}
+
+/* Shard lock held: e was just put in the table (was: the entry it replaced,
+ * ptr EMPTY if none). */
+static inline void index_add(struct shard *s, const struct ent *e, const struct ent *was)
+{
+    if (was->ptr != EMPTY && !is_small(was->ptr, was->size))
+        big_del(was->ptr);
+    if (is_small(e->ptr, e->size)) {
+        if (page_mark(s, e->ptr) == 0)
+            return;
+    } else if (was->ptr != EMPTY) {
+        page_unmark(s, e->ptr);
+    }
+    big_add(e);
+}
+
+/* Shard lock held: e was just taken out of the table. */
+static inline void index_remove(struct shard *s, const struct ent *e)
+{
+    if (!(is_small(e->ptr, e->size) && page_unmark(s, e->ptr)))
+        big_del(e->ptr);
+}
+
+/* Shard lock held.  The table's entry for exactly p, or NULL. */
+static const struct ent *table_get(const struct shard *s, uintptr_t p)
+{
+    if (s->cap == 0)
+        return NULL;
+    size_t mask = s->cap - 1;
+    for (size_t j = (size_t)hash_ptr(p) & mask;; j = (j + 1) & mask) {
+        if (s->e[j].ptr == p)
+            return &s->e[j];
+        if (s->e[j].ptr == EMPTY)
+            return NULL;
+    }
+}
+
+/* The greatest set bit <= limit in bits[4], or -1. */
+static inline int bits_pred(const uint64_t bits[4], unsigned limit)
+{
+    for (int w = (int)(limit >> 6); w >= 0; w--) {
+        uint64_t m = bits[w];
+        if ((unsigned)w == limit >> 6 && (limit & 63) != 63)
+            m &= ((uint64_t)1 << ((limit & 63) + 1)) - 1;
+        if (m)
+            return w * 64 + 63 - __builtin_clzll(m);
+    }
+    return -1;
+}
+
+/* 1: *out is the small block containing addr; 0: no small block does. */
+static int find_small(uintptr_t addr, struct ent *out)
+{
+    uintptr_t apage = addr >> PB_PAGE_SHIFT;
+    for (uintptr_t k = 0; k <= PB_SMALL_PAGES && k <= apage; k++) {
+        uintptr_t page = apage - k;
+        struct shard *s = shard_of_addr(page << PB_PAGE_SHIFT);
+        int verdict = -1; /* -1: look at the page before */
+        shard_lock(s);
+        const struct pent *q = page_get(s, page);
+        int limit = k == 0 ? (int)((addr >> 4) & 255) : 255;
+        while (q != NULL && limit >= 0) {
+            int g = bits_pred(q->bits, (unsigned)limit);
+            if (g < 0)
+                break;
+            const struct ent *e = table_get(s, (page << PB_PAGE_SHIFT) | ((uintptr_t)g << 4));
+            if (e != NULL) {
+                verdict = ent_contains(e, addr);
+                if (verdict)
+                    *out = *e;
+                break;
+            }
+            limit = g - 1; /* a bit without its entry (cannot happen): the next one */
+        }
+        shard_unlock(s);
+        if (verdict >= 0)
+            return verdict;
+    }
+    return 0;
+}
+
+static int find_big(uintptr_t addr, struct ent *out)
+{
+    int found = 0;
+    big_lock();
+    size_t i = big_upper(addr);
+    if (i > 0 && ent_contains(&big.v[i - 1], addr)) {
+        *out = big.v[i - 1];
+        found = 1;
+    }
+    big_unlock();
+    return found;
 }
 
 /* Rehashes into a table of newcap entries.  Returns 0 or -1 (no memory). */
@@ -186,7 +472,7 @@ static inline __attribute__((always_inline)) void table_insert(uintptr_t p, size
                                                                int python)
 {
     uint64_t h = hash_ptr(p);
-    struct shard *s = shard_of(h);
+    struct shard *s = shard_of_addr(p);
     shard_lock(s);
     if ((s->used + s->tomb + 1) * 4 > s->cap * 3) {
         size_t newcap = s->cap ? ((s->used + 1) * 2 > s->cap ? s->cap * 2 : s->cap) : 256;
@@ -196,9 +482,11 @@ static inline __attribute__((always_inline)) void table_insert(uintptr_t p, size
         }
     }
     size_t mask = s->cap - 1, j = (size_t)h & mask, tomb = SIZE_MAX;
+    struct ent was = {EMPTY, 0, 0, 0};
     for (;; j = (j + 1) & mask) {
         uintptr_t q = s->e[j].ptr;
         if (q == p) { /* a free we never saw (by unpatched code): replace it */
+            was = s->e[j];
             s->bytes -= s->e[j].size;
             s->python -= s->e[j].python ? 1 : 0;
             s->used--;
@@ -215,6 +503,7 @@ static inline __attribute__((always_inline)) void table_insert(uintptr_t p, size
     if (tomb != SIZE_MAX)
         j = tomb;
     s->e[j] = (struct ent){p, size, caller, (uintptr_t)python};
+    index_add(s, &s->e[j], &was);
     s->used++;
     s->bytes += size;
     s->python += python ? 1 : 0;
@@ -226,7 +515,7 @@ static inline __attribute__((always_inline)) void table_insert(uintptr_t p, size
 static inline __attribute__((always_inline)) int table_remove(uintptr_t p, struct ent *out)
 {
     uint64_t h = hash_ptr(p);
-    struct shard *s = shard_of(h);
+    struct shard *s = shard_of_addr(p);
     int found = 0;
     shard_lock(s);
     if (s->cap) {
@@ -243,6 +532,7 @@ static inline __attribute__((always_inline)) int table_remove(uintptr_t p, struc
                 s->used--;
                 s->frees++;
                 found = 1;
+                index_remove(s, &s->e[j]);
                 if (!s->e[j].python)
                     cfreed_push(s, &s->e[j]);
                 if (s->e[(j + 1) & mask].ptr == EMPTY) {
@@ -275,6 +565,9 @@ static void table_clear(void)
         free(s->e);
         s->e = NULL;
         s->cap = s->used = s->tomb = s->bytes = s->python = 0;
+        free(s->pg);
+        s->pg = NULL;
+        s->pcap = s->pused = 0;
         s->allocations = s->frees = s->foreign = 0;
         /* Only the slots written: a full clear would touch (make resident)
          * all 4 MiB at every disable. */
@@ -283,6 +576,11 @@ static void table_clear(void)
         s->cfreed_head = 0;
         shard_unlock(s);
     }
+    big_lock();
+    free(big.v);
+    big.v = NULL;
+    big.n = big.cap = 0;
+    big_unlock();
 }
 
 size_t pb__interpose_blocks(struct pb_iblock *out, size_t cap)
@@ -311,24 +609,11 @@ int pb_interpose_enabled(void)
 
 int pb__interpose_find(uintptr_t addr, struct pb_iblock *out)
 {
-    /* Exact starts are hashed; an interior address needs a walk. */
-    int found = 0;
-    for (size_t i = 0; i < NSHARD && !found; i++) {
-        struct shard *s = &shards[i];
-        shard_lock(s);
-        for (size_t j = 0; j < s->cap; j++) {
-            const struct ent *e = &s->e[j];
-            if (e->ptr == EMPTY || e->ptr == TOMB)
-                continue;
-            if (addr >= e->ptr && addr - e->ptr < (e->size ? e->size : 1)) {
-                *out = (struct pb_iblock){e->ptr, e->size, e->caller, (int)e->python};
-                found = 1;
-                break;
-            }
-        }
-        shard_unlock(s);
-    }
-    return found;
+    struct ent e;
+    if (!find_small(addr, &e) && !find_big(addr, &e))
+        return 0;
+    *out = (struct pb_iblock){e.ptr, e.size, e.caller, (int)e.python};
+    return 1;
 }
 
 int pb__interpose_c_reused(uintptr_t addr)
@@ -356,6 +641,48 @@ int pb__interpose_c_reused(uintptr_t addr)
         shard_unlock(s);
     }
     return found ? 2 : 0;
+}
+
+/* ---- the loader's own memory ------------------------------------------- */
+
+#define PB_LINK_MAP_SPAN 1536
+
+struct in_lm_ctx {
+    uintptr_t addr;
+    int done, found;
+};
+
+static int in_link_map_one(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)info;
+    (void)size;
+    struct in_lm_ctx *c = data;
+    if (c->done)
+        return 1;
+    c->done = 1; /* the whole list once, under the lock dl_iterate_phdr holds */
+    struct link_map *head = _r_debug.r_map;
+    for (struct link_map *m = head; m != NULL; m = m->l_next) {
+        uintptr_t lm = (uintptr_t)m;
+        if (c->addr >= lm && c->addr - lm < PB_LINK_MAP_SPAN) {
+            c->found = 1;
+            break;
+        }
+        if (m->l_name != NULL && m->l_name[0] != '\0') {
+            uintptr_t name = (uintptr_t)m->l_name;
+            if (c->addr >= name && c->addr - name <= strlen(m->l_name)) {
+                c->found = 1;
+                break;
+            }
+        }
+    }
+    return 1;
+}
+
+int pb__interpose_in_link_map(uintptr_t addr)
+{
+    struct in_lm_ctx c = {addr, 0, 0};
+    dl_iterate_phdr(in_link_map_one, &c);
+    return c.found;
 }
 
 /* ---- the hooks -------------------------------------------------------- */
@@ -958,6 +1285,7 @@ static void fork_prepare(void)
     pthread_mutex_lock(&obj_lock);
     for (size_t i = 0; i < NSHARD; i++)
         shard_lock(&shards[i]);
+    big_lock();
     while (atomic_exchange_explicit(&freed_lock, 1, memory_order_acquire))
         sched_yield();
 }
@@ -965,6 +1293,7 @@ static void fork_prepare(void)
 static void fork_release(void)
 {
     atomic_store_explicit(&freed_lock, 0, memory_order_release);
+    big_unlock();
     for (size_t i = NSHARD; i-- > 0;)
         shard_unlock(&shards[i]);
     pthread_mutex_unlock(&obj_lock);

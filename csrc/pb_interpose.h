@@ -89,6 +89,16 @@ int pb__interpose_find(uintptr_t addr, struct pb_iblock *out);
  * in the table and the C frees remembered: for findings, not hot paths. */
 int pb__interpose_c_reused(uintptr_t addr);
 
+/* 1 if addr lies in the loader's own record of a loaded object: a live
+ * link_map of the base namespace (what dlopen() returns and libraries such
+ * as libsasl2 keep), taken as PB_LINK_MAP_SPAN bytes from its start - glibc's
+ * internal struct link_map and the name copy allocated with it, ~1.2 KiB on
+ * x86-64 - or its l_name string.  ld.so allocates these with libc malloc
+ * outside the interposer, often where Python freed a block before: a pointer
+ * to one is C memory, not freed Python memory.  Walks the list under the
+ * loader's lock (inside dl_iterate_phdr); for findings, not hot paths. */
+int pb__interpose_in_link_map(uintptr_t addr);
+
 /* Loaded object number i (in dl_iterate_phdr order at the last refresh):
  * its path (static storage until the next refresh; "" for the executable)
  * and class.  Returns 0 past the end. */

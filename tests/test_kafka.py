@@ -305,14 +305,6 @@ def run_level_2(cache: Path, tmp_path: Path, select: str, *flags: str) -> "subpr
     """``pytest --ptrbridge=2`` on this file's tests that ``select`` picks, in a subprocess."""
     env = dict(os.environ, PBKAFKA_CACHE=str(cache))
     env.pop("PTRBRIDGE_CHECK", None)
-    # libsasl2 (loaded by librdkafka) keeps the dlopen() handles of its plugins: ld.so's
-    # link_maps, in memory ld.so got from libc without the interposer seeing it, often where
-    # Python freed a block before.  The level-2 scan takes them for pointers into freed Python
-    # memory (a false finding, for scanning.py to fix).  The mock cluster needs no SASL: an
-    # empty plugin directory keeps libsasl2 from loading any.
-    sasl = tmp_path / "no-sasl-plugins"
-    sasl.mkdir(exist_ok=True)
-    env["SASL_PATH"] = str(sasl)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "--ptrbridge=2", *flags, "-q", "-p", "no:cacheprovider",
          str(Path(__file__)), "-k", select],

@@ -10,6 +10,7 @@ scanner's C core directly at its edges.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import gc
 import importlib.util
 import json
@@ -1034,3 +1035,28 @@ def test_retention_is_a_frozen_record() -> None:
                              "bytes(4) lent to f() at a.py:1 is still pointed to by registered root #1")
     assert issubclass(RetainedPointerWarning, ptrbridge.PointerWarning)
     assert issubclass(RetainedPointerError, ptrbridge.PointerError)
+
+
+def test_a_live_link_map_is_c_memory_not_freed_python_memory() -> None:
+    """ld.so's link_map (what dlopen() returns; libsasl2 keeps its plugins' handles) is allocated by
+    the loader with libc malloc, outside the interposer, and can land where Python freed a block: a
+    word pointing at it is C's, so _live_again excuses it (it was a false 'pointer into freed Python
+    memory' in librdkafka's suite).  Checked on the real handles of loaded libraries: the handle
+    itself, a field inside it and its l_name; a Python buffer is not."""
+    from ptrbridge import scanning
+
+    z = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+    handle = z._handle
+
+    class LinkMap(ctypes.Structure):
+        _fields_ = [("l_addr", ctypes.c_void_p), ("l_name", ctypes.c_void_p), ("l_ld", ctypes.c_void_p),
+                    ("l_next", ctypes.c_void_p), ("l_prev", ctypes.c_void_p)]
+
+    lm = LinkMap.from_address(handle)
+    assert pb_lib.pb__interpose_in_link_map(handle) == 1
+    assert pb_lib.pb__interpose_in_link_map(handle + 3 * ctypes.sizeof(ctypes.c_void_p)) == 1
+    assert pb_lib.pb__interpose_in_link_map(lm.l_name) == 1
+    assert scanning._live_again(handle, freed_start=handle)
+    data = bytearray(4096)
+    assert pb_lib.pb__interpose_in_link_map(ctypes.addressof((ctypes.c_char * 4096).from_buffer(data)) + 2048) == 0
+    assert pb_lib.pb__interpose_in_link_map(0) == 0

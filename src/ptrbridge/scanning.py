@@ -473,7 +473,11 @@ def _live_again(address: int, freed_start: int) -> bool:
     interposed C block (libc gave the memory to C since), a live Python block carved differently
     (C may legitimately point into either now), or a block an interposed library got from libc
     after Python's last free there and has freed itself since (the word is that library's own
-    stale pointer into its own freed memory, not a pointer into Python memory)."""
+    stale pointer into its own freed memory, not a pointer into Python memory), or the loader's own
+    record of a loaded object (a live link_map, i.e. a dlopen() handle, or its name: ld.so gets that
+    memory from libc without the interposer seeing it, often where Python freed a block)."""
+    if lib.pb__interpose_in_link_map(address):
+        return True
     out = ffi.new("struct pb_iblock *")
     for probe in (address, address - 1):  # inside a live block, or one past its end (a consumed next_in)
         if lib.pb__interpose_find(probe, out) and not (out.python and int(out.ptr) == freed_start):
