@@ -302,6 +302,8 @@ def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, 
     slot holds a reference to it, and it is alive while anything else has one.
     """
     out = ffi.new("uintptr_t *")  # per call: cffi releases the GIL during the lend, other threads lend too
+    if original is not None and not mapped and size > _HELD_MAX:
+        original = None  # not held (it could stay alive until its slot is lent again): reads are errors
     held = original is not None and not mapped
     slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, id(original) if original is not None else 0,
                                    held, obj_text.encode("utf-8", "replace"), _encoded(function), _encoded(site),
@@ -316,6 +318,7 @@ def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, 
 
 
 _held: Dict[int, bytes] = {}  # slot -> the bytes its shadow copies, while no heap map sees frees
+_HELD_MAX = 64 << 10  # bytes held that way are at most a pool slot each: a few MiB over every slot
 
 
 def _release_dropped() -> None:
