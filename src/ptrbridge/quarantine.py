@@ -47,8 +47,9 @@ read goes on; :func:`take_kept_reads` (called by ``report.gather``) makes the
 reports portability findings.  When the heap map's free hook sees the
 ``bytes`` freed, the shadow is closed again and a read is an error.  Without
 the heap map (level 1 sampling) the slot holds one reference to the ``bytes``
-instead, and it is alive while anything else references it: a sampled lend
-closes the adopted shadows of those the program let go of.  Mutable originals
+instead (only up to 64 KiB, so holding is bounded), and it is alive while
+anything else references it: a sampled lend closes the adopted shadows of
+those the program let go of.  Mutable originals
 and writes are always errors: C would go on with a copy that no longer matches.
 """
 from __future__ import annotations
