@@ -1032,9 +1032,11 @@ buf = bytearray(b"p" * n)
 start = ctypes.addressof((ctypes.c_char * n).from_buffer(buf))
 assert heapmap.lookup(start) is not None
 del buf
-first_page = (start + 4095) & ~4095
-print(ctypes.string_at(start, first_page - start) == b"\\xdd" * (first_page - start),
-      ctypes.string_at(start + n - 50, 50 - 1) == b"\\xdd" * 49, flush=True)
+first_page = (start + 4095) & ~4095      # the partial pages at both ends stay readable
+last_page = (start + n) & ~4095          # (the block's tail may be only a few bytes of it)
+head, tail = first_page - start, start + n - last_page
+print(ctypes.string_at(start, head) == b"\\xdd" * head,
+      ctypes.string_at(last_page, tail) == b"\\xdd" * tail, flush=True)
 ctypes.string_at(first_page + 10, 1)   # a whole page inside the block: no access
 print("read freed memory", flush=True)
 """
