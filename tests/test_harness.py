@@ -507,6 +507,25 @@ def test_run_instruments_an_unchanged_program(tmp_path: Path) -> None:
     assert any("checked 0 calls to C" in note for note in report["notes"])
 
 
+@pytest.mark.parametrize("first_import", ["import ctypes", "import ctypes.util", "import ptrbridge, ctypes"])
+def test_run_instruments_a_program_whose_first_import_is_ctypes(tmp_path: Path, first_import: str) -> None:
+    # Starting ptrbridge at the program's first `import ctypes` imports ctypes itself: the program
+    # must get that module, not a second copy of it whose CDLL was never instrumented.
+    proc = _run(tmp_path, f"""
+        {first_import}
+        import ctypes, sys
+        assert sys.modules["ctypes"] is ctypes and ctypes.__spec__.name == "ctypes"
+        assert ctypes.__spec__.origin.endswith("__init__.py"), ctypes.__spec__
+        libc = ctypes.CDLL("libc.so.6")
+        libc.strlen.argtypes = [ctypes.c_char_p]
+        print(libc.strlen(b"hello"))
+    """, "--check", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["5"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checked"]["calls"] == 1, proc.stderr
+
+
 QUARANTINE_SUITE = """
 import cffi, os
 kffi = cffi.FFI()

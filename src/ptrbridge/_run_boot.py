@@ -90,21 +90,33 @@ class _PtrbridgeRunFinder:
             except ValueError:
                 pass
             activate()
-        module = sys.modules.get(name)
-        if module is not None:  # starting imported it: hand the import the module as it is
-            return _existing_spec(name, module)
+            # Starting imported the module this import is looking for (ptrbridge imports ctypes
+            # and cffi).  Hand the import that module as it is: if it found it in sys.modules,
+            # the import system would run the module's code a second time and the program would
+            # get a new ctypes, whose CDLL is not the one instrumented.
+            module = sys.modules.pop(name, None)
+            if module is not None:
+                return _existing_spec(name, module)
         return None
 
 
 class _ExistingLoader:
+    """Loads an already executed module: the import puts it back in sys.modules unchanged."""
+
     def __init__(self, module):
         self.module = module
+        self.spec = getattr(module, "__spec__", None)
+        self.loader = getattr(module, "__loader__", None)
 
     def create_module(self, spec):
         return self.module
 
     def exec_module(self, module):
-        pass
+        # The import system set __spec__ (and __loader__ if unset) to this loader's: restore them.
+        if self.spec is not None:
+            module.__spec__ = self.spec
+        if self.loader is not None:
+            module.__loader__ = self.loader
 
 
 def _existing_spec(name, module):
