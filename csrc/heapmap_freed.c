@@ -416,7 +416,15 @@ void hm_poison_block(struct held_block *b)
 }
 
 /* Holds b back if the limits allow (poisoning it), evicting the oldest
- * blocks (at most EVICT_MAX; the caller releases them).  1 if b was taken. */
+ * blocks (at most EVICT_MAX; the caller releases them).  1 if b was taken.
+ *
+ * A block larger than what EVICT_MAX evictions give back (a 60 KiB bytes
+ * freed after thousands of small blocks filled the byte limit) is held all
+ * the same while the total stays within twice the limit: refusing it would
+ * hand exactly the large buffers C keeps pointers to back unpoisoned, and a
+ * stale read through them would return the old bytes.  The small frees that
+ * follow evict up to EVICT_MAX blocks each and bring the total back within
+ * the limit. */
 COLD int hm_quarantine_put(struct quarantine *q, const struct held_block *b, struct evicted *ev)
 {
     size_t max_blocks = atomic_load_explicit(&hm_hold_max_blocks, memory_order_relaxed);
@@ -428,7 +436,7 @@ COLD int hm_quarantine_put(struct quarantine *q, const struct held_block *b, str
         q->head = (q->head + 1) & HOLD_MASK;
         q->count--;
     }
-    if (max_blocks == 0 || q->count >= max_blocks || q->bytes + size > max_bytes)
+    if (max_blocks == 0 || q->count >= max_blocks || size > max_bytes || q->bytes + size > 2 * max_bytes)
         return 0;
     struct held_block *slot = &q->q[(q->head + q->count) & HOLD_MASK];
     *slot = *b;

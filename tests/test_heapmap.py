@@ -1012,6 +1012,32 @@ def test_poisoning_can_be_turned_off_for_measuring(hooked: None) -> None:
         assert heapmap.set_poison(True) is False
 
 
+LARGE_AFTER_SMALL = """
+import ctypes
+from ptrbridge import heapmap
+heapmap.install()
+medium = [bytearray(b"x" * 1000) for _ in range(8000)]  # 8 MB when freed: the byte limit is full
+del medium
+before = heapmap.stats().held_bytes
+big = bytes(bytearray(b"k" * 60000))
+start = ctypes.cast(ctypes.c_char_p(big), ctypes.c_void_p).value
+del big
+print(before >= heapmap.DEFAULT_HOLD_BYTES // 2, ctypes.string_at(start, 16).hex(), flush=True)
+for _ in range(20000):  # the frees that follow bring the hold back within its limit
+    bytearray(b"y" * 1000)
+print(heapmap.stats().held_bytes <= heapmap.DEFAULT_HOLD_BYTES * len(heapmap.DOMAINS))
+"""
+
+
+def test_a_large_block_freed_into_a_hold_full_of_smaller_ones_is_held_and_poisoned() -> None:
+    # The byte limit is reached with 1000-byte blocks; then a 60 000-byte bytes is freed.  Four
+    # evictions give back 4 000 bytes: the hold must still take it (poisoned), not hand it back
+    # with its old contents, which a stale C read would return as if nothing were wrong.
+    # (A subprocess: the hold's state in this process depends on the tests before.)
+    proc = subprocess.run([sys.executable, "-c", LARGE_AFTER_SMALL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "dd" * 16, "True"]
+
 def test_a_realloc_that_moves_holds_and_poisons_the_old_block(hooked: None) -> None:
     buf = bytearray(b"r" * 300)
     old = data_address(buf)
@@ -1065,8 +1091,8 @@ lib = ctypes.CDLL(sys.argv[1])
 lib.stale_keep.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 lib.stale_read.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 size = int(sys.argv[2])
-secret = bytes(bytearray(b"the-right-answer-%d-" % size)) * (size // 24 + 1)  # made at run time
-secret = secret[:size]
+unit = bytes(bytearray(b"the-right-answer-%d-" % size))    # made at run time
+secret = (unit * (size // len(unit) + 1))[:size]            # exactly size bytes
 lib.stale_keep(secret, size)
 expected = secret.decode()
 del secret                                                  # freed: C's pointer dangles
@@ -1110,7 +1136,7 @@ def test_a_use_after_free_that_fails_plainly_does_not_pass_at_level_2(stale_prog
 
 def test_a_stale_read_of_a_large_freed_buffer_faults_at_level_2(stale_program: Tuple[Path, Path]) -> None:
     prog, so = stale_program
-    size = str(64 << 10)  # below malloc's mmap threshold: plainly the heap keeps most old bytes
+    size = str(64 << 10)  # below malloc's mmap threshold: the block is held, its inner pages PROT_NONE
     cmd = [sys.executable, "-m", "ptrbridge", "run", "--check", "2", "--", sys.executable, str(prog), str(so), size]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     out = [line for line in proc.stdout.splitlines() if line in ("right", "wrong")]

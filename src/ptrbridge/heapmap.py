@@ -369,7 +369,10 @@ def set_hold(max_blocks: int = DEFAULT_HOLD_BLOCKS, max_bytes: int = DEFAULT_HOL
     move a block of up to 4 KiB is done as allocate + copy + free, so that
     the old block is held too.  It costs time
     on allocation-heavy code (pymalloc cannot reuse the blocks it just freed)
-    and up to ``max_bytes`` per domain.  ``set_hold(0, 0)`` turns it off;
+    and up to ``max_bytes`` per domain; briefly up to twice that, because a
+    block larger than what a few evictions give back (a large buffer freed
+    after many small ones) is held all the same and the frees after it bring
+    the total back within the limit.  ``set_hold(0, 0)`` turns it off;
     ``max_blocks`` is at most ``lib.PB_HEAPMAP_HOLD_MAX``.  Raises
     ValueError for a negative or too large value.
     """
