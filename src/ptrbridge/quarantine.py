@@ -201,7 +201,7 @@ def findings_from_report(text: str) -> List[Finding]:
         state = "lent" if kind == "overrun" else "returned"
         out.append(Finding(kind, "error", "R2" if kind == "use-after-release" else "overrun",
                            block.strip(), object=obj, object_size=int(size.group(1)) if size else None,
-                           function=function, lent_at=site, holder=f"C code in {where}", state=state,
+                           function=function, lent_at=_site_name(site), holder=f"C code in {where}", state=state,
                            extra={"access": access}))
     return out
 
@@ -209,6 +209,11 @@ def findings_from_report(text: str) -> List[Finding]:
 _KEPT_SUMMARY = re.compile(r"^SUMMARY: ptrbridge: kept-read \((\w+)\) in (.*?) on (.*) lent to "
                            r"(\w+)\(\) at (.*)$", re.M)
 _kept_taken = 0
+
+
+def _site_name(site: str) -> str:
+    """``file.py:line`` of a report's ``/path/to/file.py:line``, as the other findings name call sites."""
+    return os.path.basename(site)
 
 
 def take_kept_reads() -> List[Finding]:
@@ -238,7 +243,8 @@ def take_kept_reads() -> List[Finding]:
         access, where, obj, function, site = match.groups()
         size = _OBJECT_SIZE.search(obj)
         out.append(Finding("use-after-release", "portability", "R2", text, object=obj,
-                           object_size=int(size.group(1)) if size else None, function=function, lent_at=site,
+                           object_size=int(size.group(1)) if size else None, function=function,
+                           lent_at=_site_name(site),
                            holder=f"C code in {where}", state="returned (object alive)",
                            extra={"access": access, "kept_read": True}))
     _kept_taken = total
