@@ -65,6 +65,16 @@ int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int
 /* Forgets n regions (unknown ids are ignored), newest first. */
 void pb__region_remove_many(const uint64_t *ids, size_t n);
 
+/* lends.c: a level-2 call lends [start, start + size) to C: drops the scan
+ * targets the range had (lent again) and adds a PB_REGION_LENT region.
+ * Returns its id, or 0 when out of memory. */
+uint64_t pb__lend_add(uintptr_t start, size_t size);
+
+/* The call returned: removes the region and, unless a pinned region covers
+ * start, queues the range for the next scan as target_id.  Returns 1 if
+ * queued, 0 if pinned, or a negative PB_ERR_* code. */
+int pb__lend_return(uint64_t region, uintptr_t start, size_t size, uint64_t target_id);
+
 /* Allocates a handle slot and returns its token, or 0 when out of memory.
  * Called from Python only (the object lives in a Python dict). */
 uintptr_t pb__handle_new(void);

@@ -58,3 +58,29 @@ def test_pin_ptrbridge_new() -> None:
     p = ptrbridge.new("char[]", b"pin me")
     with ptrbridge.Pinner() as pinner:
         assert pinner.pin(p) == ffi.cast("char *", p)
+
+
+def test_a_buffer_lent_to_a_level_2_call_is_a_lent_region_while_the_call_runs() -> None:
+    # qsort calls back into Python while it holds the lent buffer: the registry says "lent" and
+    # names the object; after the call the region is gone.
+    qffi = cffi.FFI()
+    qffi.cdef("void qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *));")
+    libc = ptrbridge.wrap(qffi.dlopen(None))
+    data = bytearray(b"dcba")
+    start = int(qffi.cast("uintptr_t", qffi.from_buffer(data)))
+    seen = []
+
+    @qffi.callback("int(const void *, const void *)")
+    def cmp(a, b):  # type: ignore[no-untyped-def]
+        if not seen:
+            seen.append(ownership.lookup(start))
+        return qffi.cast("unsigned char *", a)[0] - qffi.cast("unsigned char *", b)[0]
+
+    with ptrbridge.checking(2):
+        libc.qsort(qffi.from_buffer(data), 4, 1, cmp)
+        after = ownership.lookup(start)
+    assert data == bytearray(b"abcd")
+    (info,) = seen
+    assert info is not None and info.kind == "lent" and info.start == start and info.size == 4
+    assert info.description == "bytearray(4)" and info.site == "<in call>"
+    assert after is None

@@ -361,6 +361,28 @@ print(by_heap_map, by_interposer)
 """
 
 
+_RELENT_CHILD = """
+import ptrbridge
+from ptrbridge import heapmap, scanning
+ptrbridge.set_check_level(2)
+heapmap.set_hold(0, 0)
+data = b"a" * int("60")
+block = heapmap.lookup_block(id(data))
+for _ in range(3):                  # a loop lending the same bytes to the same call: one record, refreshed
+    scanning.remember_lend(id(data) + 32, 60, "bytes(60) 'A'", "keep", "prog.py:7")
+with scanning._lock:
+    print(sum(1 for s in scanning._lent if block.start <= s < block.start + block.size))
+del data
+print(scanning.lent_provenance(block.start, block.size))
+"""
+
+
+def test_the_same_lend_again_refreshes_its_record_and_still_names_the_object() -> None:
+    proc = subprocess.run([sys.executable, "-c", _RELENT_CHILD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["1", "(\"bytes(60) 'A'\", 'keep', 'prog.py:7')"], proc.stdout
+
+
 def test_lend_inside_freed_ffi_new_memory_names_it_once() -> None:
     proc = subprocess.run([sys.executable, "-c", _CFFI_PROVENANCE_CHILD], capture_output=True, text=True,
                           timeout=120)

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
 import sys
 import threading
@@ -37,13 +36,13 @@ from types import CodeType, FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from . import levels
-from ._bindings import address_of, ffi, lib, native
+from ._bindings import address_of, check, ffi, lib, native
 from .callsite import frame_site
 from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
-from .ownership import RegionInfo, cdata_address, cdata_extent, describe, lookup, register, unregister
-from .ownership import _CDATA_OWNING, _managed
+from .ownership import Lend, cdata_address, cdata_extent, describe, lend
+from .ownership import _CDATA_OWNING, _lends, _managed
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -408,34 +407,32 @@ def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -
 # The checked function
 
 
-def _lend(lent: List[Any]) -> List[RegionInfo]:
+def _lend(lent: List[Any]) -> List[Lend]:
     """Level 2: record the lent arguments in the registry for the call's duration."""
     regions = []
     for obj in lent:
         if isinstance(obj, Owner):  # Python memory reached through C memory
-            extent: Optional[Tuple[int, int]] = (obj.start, obj.size)
-            text = obj.description
-        else:
-            extent = object_extent(obj)
-            text = describe(obj, extent[1]) if extent is not None else ""
-        if extent is None:
+            regions.append(lend(obj.start, obj.size, obj.description))
             continue
-        scanning.cancel(extent[0], extent[1])  # lent again: not a retained pointer any more
-        regions.append(register(2, extent[0], extent[1], text, "<in call>"))
+        extent = object_extent(obj)
+        if extent is not None:
+            regions.append(lend(extent[0], extent[1], describe(obj, extent[1])))
     if regions:
         findings.count("lends", len(regions))
     return regions
 
 
-def _return_lent(regions: List[RegionInfo], function: str, frame: Any) -> None:
+def _return_lent(regions: List[Lend], function: str, frame: Any) -> None:
     """Level 2: the call returned; C must not hold what it was lent unless it is pinned."""
     site = frame_site(frame)
     for region in regions:
-        unregister(region)
-        owner = lookup(region.start)
-        if owner is not None and owner.kind == "pinned":
-            continue
-        scanning.retire(region.start, region.size, region.description, function, site, "returned")
+        _lends.pop(region.id, None)
+        target_id = scanning.next_target_id()
+        queued = lib.pb__lend_return(region.id, region.start, region.size, target_id)
+        if queued == 1:
+            scanning.returned(region.start, region.size, region.description, function, site, target_id)
+        elif queued < 0:
+            check(queued, f"queueing {region.description} for the scan")
     scanning.after_call()
 
 
@@ -756,7 +753,7 @@ class CheckedLibrary:
                     quarantine.finish(shadows)
                     for _slot, _back, _keeper, shadow, size, text in shadows:
                         # C must not keep the shadow either: look for it too.
-                        regions.append(register(2, shadow, size, text.split(" lent to ")[0], "<shadow>"))
+                        regions.append(lend(shadow, size, text.split(" lent to ")[0]))
                 _return_lent(regions, function, frame)
             return finish(result, err, exc)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Modules of the package that act as users of the library: their frames count.
@@ -26,10 +26,27 @@ def frame_location(frame: Any) -> Optional[Tuple[str, int]]:
     return frame.f_code.co_filename, frame.f_lineno
 
 
+_sites: Dict[Tuple[Any, int], str] = {}  # (code, instruction offset) -> "file.py:12"
+
+
 def frame_site(frame: Any) -> str:
-    """``file.py:line`` of ``frame``, or of the nearest frame above it outside this package."""
-    location = frame_location(frame)
-    return "<unknown>:0" if location is None else format_location(location)
+    """``file.py:line`` of ``frame``, or of the nearest frame above it outside this package.
+
+    The text of a (code, instruction offset) is made once: level 2 asks for
+    it at every checked call, and the same call site comes back each time.
+    """
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>:0"
+    key = (frame.f_code, frame.f_lasti)
+    site = _sites.get(key)
+    if site is None:
+        site = format_location((frame.f_code.co_filename, frame.f_lineno))
+        if len(_sites) >= 4096:
+            _sites.clear()
+        _sites[key] = site
+    return site
 
 
 def caller_frame_location() -> Tuple[str, int]:

@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from . import levels, scanning
 from ._bindings import address_of, check, ffi, lib, native
@@ -88,6 +88,7 @@ _freed_large: List[FreedRegion] = []
 
 
 _FROM_BUFFER_SOURCE = re.compile(r" from '([^']+)' object>$")
+_view_sources: Dict[int, Tuple[Any, str]] = {}  # id of an ffi.from_buffer view -> (weakref, viewed type)
 
 
 def describe(obj: Any, size: int) -> str:
@@ -96,8 +97,16 @@ def describe(obj: Any, size: int) -> str:
     An ``ffi.from_buffer`` view is described by the object it views.
     """
     if isinstance(obj, _FROMBUF_TYPE):
+        # The viewed object's type is only in the view's repr: read once per view (a loop
+        # passes the same view at every call), checked through a weak reference.
+        cached = _view_sources.get(id(obj))
+        if cached is not None and cached[0]() is obj:
+            return f"{cached[1]}({size})"
         source = _FROM_BUFFER_SOURCE.search(repr(obj))
         if source is not None:
+            if len(_view_sources) >= 4096:
+                _view_sources.clear()
+            _view_sources[id(obj)] = (weakref.ref(obj), source.group(1))
             return f"{source.group(1)}({size})"
     if isinstance(obj, ffi.CData):
         return cdata_text(ffi.typeof(obj), size)
@@ -227,6 +236,30 @@ def unregister(info: RegionInfo, freed_at: Optional[str] = None) -> None:
 _pin_infos: Dict[int, RegionInfo] = {}  # region id -> RegionInfo of a pin made in C, built on demand
 
 
+class Lend(NamedTuple):
+    """Memory a level-2 call lends to C, while the call runs (a ``PB_REGION_LENT`` region)."""
+
+    id: int
+    start: int
+    size: int
+    description: str
+
+
+# region id -> the Lend of a call in flight.  Lends are added by one C call
+# (lends.c) and kept as tuples: a RegionInfo is made only if a check asks.
+_lends: Dict[int, Lend] = {}
+
+
+def lend(start: int, size: int, description: str) -> Lend:
+    """Lend ``[start, start + size)`` to a call: a lent region, and no scan target for it until it returns."""
+    region = lib.pb__lend_add(start, size)
+    if not region:
+        raise MemoryError(f"ptrbridge: registering {description}: out of memory")
+    entry = Lend(region, start, size, description)
+    _lends[region] = entry
+    return entry
+
+
 def lookup(address: int) -> Optional[RegionInfo]:
     """The live region containing ``address`` (a pinned one if several), or None."""
     packed = lib.pb__region_lookup(address)
@@ -234,6 +267,10 @@ def lookup(address: int) -> Optional[RegionInfo]:
         return None
     region_id = packed >> 2
     info = _regions.get(region_id)
+    if info is None and (packed & 3) == lib.PB_REGION_LENT:
+        entry = _lends.get(region_id)
+        if entry is not None:
+            return RegionInfo(region_id, entry.start, entry.size, "lent", entry.description, "<in call>")
     if info is None and (packed & 3) == lib.PB_REGION_PINNED:
         # Pins are registered by one C call (csrc/pypin.c); their description
         # and site text are made here, the first time a check asks.  Region ids

@@ -187,13 +187,14 @@ Description = Union[str, Callable[[], str]]
 
 _PAGE_SHIFT = 12
 _INDEXED_PAGES = 256  # a lend is indexed under every page it covers, up to this many (1 MiB)
-# start -> (size, description, function, site, seq).  Lend number seq has slot
+# start -> (size, description, function, site, seq, slot).  Lend number seq took slot
 # seq % LENT_HISTORY in _clocks (the heap map's free clock when it was made) and in
 # _slot_start; a new lend taking a slot forgets the old one, so at most LENT_HISTORY
-# are kept, the oldest going first.  Indexed by page (_lent_pages: every page a lend
+# are kept, the oldest going first.  The same lend again (same start, size and texts:
+# a buffer a loop passes to C at every call) keeps its slot and gets a new seq and clock.  Indexed by page (_lent_pages: every page a lend
 # covers; _lent_huge: lends over _INDEXED_PAGES pages, looked at every time), so
 # finding the lends inside a freed block is not a walk of them all.
-_Lend = Tuple[int, Description, str, Description, int]
+_Lend = Tuple[int, Description, str, Description, int, int]
 _lent: Dict[int, _Lend] = {}
 _lent_pages: Dict[int, Set[int]] = {}
 _lent_huge: Set[int] = set()
@@ -225,17 +226,22 @@ def _forget_lend(start: int) -> None:
 
 def _remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
     global _lent_seq
-    if start in _lent:
-        _forget_lend(start)
     seq = _lent_seq
     _lent_seq = seq + 1
+    prior = _lent.get(start)
+    if prior is not None:
+        if prior[0] == size and prior[2] == function and prior[1] == description and prior[3] == site:
+            lib.pb__heapmap_clock_store(_clocks, prior[5])  # lent again: the free clock of now
+            _lent[start] = (size, description, function, site, seq, prior[5])
+            return
+        _forget_lend(start)
     slot = seq % LENT_HISTORY
     old = _slot_start[slot]
-    if old is not None and old in _lent and _lent[old][4] % LENT_HISTORY == slot:
+    if old is not None and old in _lent and _lent[old][5] == slot:
         _forget_lend(old)  # the oldest lend kept: its slot is needed
     _slot_start[slot] = start
     lib.pb__heapmap_clock_store(_clocks, slot)
-    _lent[start] = (size, description, function, site, seq)
+    _lent[start] = (size, description, function, site, seq, slot)
     pages = _pages(start, size)
     if len(pages) > _INDEXED_PAGES:
         _lent_huge.add(start)
@@ -282,7 +288,7 @@ def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Targ
     for lent_start in overlapping:
         lend = _lent[lent_start]
         if not consume:
-            clock = _clocks + 3 * (lend[4] % LENT_HISTORY)
+            clock = _clocks + 3 * lend[5]
             if int(lib.pb__heapmap_frees_since(lent_start, clock)) != 1:
                 continue
         if best is None or lend[4] > best[4]:
@@ -339,6 +345,22 @@ def retire(start: int, size: int, description: Description, function: str, site:
         target_id = next(_target_ids)
         _targets[target_id] = _Target(start, size, description, function, site, state)
         check(lib.pb__scan_retire(start, size, target_id), f"queueing {description} for the scan")
+
+
+def returned(start: int, size: int, description: str, function: str, site: str, target_id: int) -> None:
+    """A level-2 call returned and ``pb__lend_return`` queued its lend as ``target_id``: keep the texts.
+
+    What :func:`retire` does for a range in state ``"returned"``, after the C
+    side of it is done (see ``calls._return_lent``).
+    """
+    with _lock:
+        _remember_lend(start, size, description, function, site)
+        _targets[target_id] = _Target(start, size, description, function, site, "returned")
+
+
+def next_target_id() -> int:
+    """A new id for a scan target (:func:`returned`)."""
+    return next(_target_ids)
 
 
 def cancel(start: int, size: int) -> None:
