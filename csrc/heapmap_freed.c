@@ -568,6 +568,25 @@ int pb__heapmap_set_hold(size_t max_blocks, size_t max_bytes)
     return PB_OK;
 }
 
+int pb__heapmap_held_large(uintptr_t addr)
+{
+    /* Blocks over SMALL_MAX are held on the locked path only. */
+    int found = 0;
+    hm_lock();
+    for (int d = 0; d < DOMAINS && !found; d++) {
+        const struct quarantine *q = &hm_lock_held[d];
+        for (size_t i = 0; i < q->count; i++) {
+            const struct held_block *b = &q->q[(q->head + i) & HOLD_MASK];
+            if (addr - (uintptr_t)b->ptr < b->size) {
+                found = 1;
+                break;
+            }
+        }
+    }
+    hm_unlock();
+    return found;
+}
+
 int pb__heapmap_set_poison(int on)
 {
     return atomic_exchange(&hm_poison, on ? 1 : 0);

@@ -204,6 +204,11 @@ struct pb_heapmap_block pb__heapmap_lookup(uintptr_t addr);
  * No GIL. */
 struct pb_heapmap_block pb__heapmap_find_freed(uintptr_t addr);
 
+/* 1 if addr is inside a freed block over 512 bytes that the hold still keeps
+ * back from its allocator (so nothing can have reused it), else 0.  A walk of
+ * the held blocks: for reports only.  No GIL. */
+int pb__heapmap_held_large(uintptr_t addr);
+
 /* Moves up to cap freed blocks not yet taken (oldest first) into
  * starts[]/sizes[] and returns how many.  *dropped (may be NULL) receives
  * how many were dropped from the history before being taken, in total. */

@@ -221,11 +221,14 @@ def test_freed_iovec_base_and_msghdr_chain(instrumented: None, level2: None, che
     assert parts[0] == b"one"
 
 
-def test_explicit_wrap_names_a_freed_struct_field_at_level_2(level2: None, abi: Tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("size", [10, 600, 3000], ids=["small", "over-pymalloc", "3000"])  # < a page: no fault
+def test_explicit_wrap_names_a_freed_struct_field_at_level_2(level2: None, abi: Tuple[Any, Any], size: int) -> None:
+    # Over pymalloc's 512 bytes the freed block is libc heap, but the heap map still holds it
+    # back: nothing can have reused it, so the pointer certainly dangles.
     ffi, raw = abi
     w = ptrbridge.wrap(raw)
     p = ffi.new("struct person *")
-    temp = bytearray(b"temporary\0")
+    temp = bytearray(b"temporary".ljust(size - 1, b"-") + b"\0")
     p.name = ffi.from_buffer(temp)
     del temp
     with pytest.raises(UseAfterFreeError, match=r"\.name -> Python memory block .*person_name_len\(\)"):

@@ -481,11 +481,14 @@ class CallCheck:
                 # passes a C object, such as a decoder state.)
                 return None
             block = heapmap.find_freed_block(address)  # None while a live block holds the address
-            # Only pymalloc's small blocks are certain: nobody but Python reuses them, and a
-            # reuse would be a live block.  A freed raw, numpy or large block is libc heap
-            # that C's own malloc may have handed out again (ptrbridge's C blocks included),
-            # which only an interposed C heap could tell apart: not reported.
-            if block is not None and block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX:
+            # Certain: pymalloc's small blocks (nobody but Python reuses them, and a reuse would
+            # be a live block), and any block the heap map still holds back from its allocator.
+            # A freed raw, numpy or large block given back is libc heap that C's own malloc may
+            # have handed out again (ptrbridge's C blocks included), which only an interposed C
+            # heap could tell apart: not reported.
+            if block is not None and (
+                    (block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX)
+                    or lib.pb__heapmap_held_large(address)):
                 lent = scanning.lent_provenance(block.start, block.size)
                 if lent is not None:  # the object an earlier checked call was lent
                     return FreedRegion(block.start, block.size, lent[0],
