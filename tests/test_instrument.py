@@ -235,6 +235,51 @@ def test_explicit_wrap_names_a_freed_struct_field_at_level_2(level2: None, abi: 
         w.person_name_len(p)
 
 
+ZLIB_CDEF = """typedef struct { unsigned char *next_in; unsigned avail_in; unsigned long total_in;
+  unsigned char *next_out; unsigned avail_out; unsigned long total_out; char *msg; void *state;
+  void *zalloc, *zfree, *opaque; int data_type; unsigned long adler, reserved; } z_stream;
+const char *zlibVersion(void); int deflateInit_(z_stream *s, int level, const char *v, int size);
+int deflate(z_stream *s, int flush); int deflateEnd(z_stream *s);"""
+
+
+@pytest.mark.parametrize("consumed", [True, False], ids=["all-input-taken", "input-left"])
+def test_zlib_next_in_left_at_the_end_of_a_freed_chunk_is_not_dangling(instrumented: None, level2: None,
+                                                                       consumed: bool) -> None:
+    # A correct streaming loop: each chunk is a temporary; once deflate() has taken all of it,
+    # next_in points one past its end (avail_in 0), at none of its bytes.  Left pointing into
+    # the chunk with input still to read, it is a use after free at the next call.
+    zffi = cffi.FFI()
+    zffi.cdef(ZLIB_CDEF)
+    z = zffi.dlopen("libz.so.1")
+    s = zffi.new("z_stream *")
+    pins = ptrbridge.Pinner()
+    pins.pin(s)  # zlib keeps a pointer back to its stream: pinned, as R2 asks
+    assert z.deflateInit_(s, 6, z.zlibVersion(), zffi.sizeof("z_stream")) == 0
+    out = zffi.new("unsigned char[]", 1 << 16)
+    s.next_out, s.avail_out = out, 1 << 16
+
+    def feed(text: str) -> None:
+        data = (text * 20).encode()  # a temporary bytes of 400 bytes
+        s.next_in, s.avail_in = zffi.from_buffer(data), len(data)
+        assert z.deflate(s, 0) == 0 and s.avail_in == 0
+        if not consumed:
+            s.next_in, s.avail_in = zffi.from_buffer(data), 10  # BUG: 10 bytes of it left to read
+
+    feed("0123456789abcdefghij")
+    findings.take()
+    if not consumed:
+        s.avail_in = 0  # (what C would read is poison: keep the stream sane, the check is at the call)
+    z.deflate(s, 4)
+    z.deflateEnd(s)
+    pins.unpin()
+    dangling = _only("dangling-argument")
+    if consumed:
+        assert dangling == []
+    else:
+        assert [f.extra["path"] for f in dangling] == [".next_in", ".next_in"], dangling
+        assert all(f.severity == "error" and "bytes(400) (lent to deflate()" in f.message for f in dangling)
+
+
 # --- cffi API mode: the lib of compiled modules ---------------------------------------
 
 API_CDEF = """

@@ -489,6 +489,12 @@ class CallCheck:
             if block is not None and (
                     (block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX)
                     or lib.pb__heapmap_held_large(address)):
+                extent = scanning.lent_extent(block.start, block.size)
+                if extent is not None and address == extent[0] + extent[1]:
+                    # One past the end of the object a checked call was lent: it points at
+                    # none of its bytes.  zlib's next_in once all the input is consumed (and
+                    # avail_in is 0) is this, in every correct streaming loop.
+                    return None
                 lent = scanning.lent_provenance(block.start, block.size)
                 if lent is not None:  # the object an earlier checked call was lent
                     return FreedRegion(block.start, block.size, lent[0],

@@ -272,6 +272,24 @@ def _lends_overlapping(start: int, size: int) -> List[int]:
     return [s for s in candidates if s < end and start < s + max(_lent[s][0], 1)]
 
 
+def _best_lend(start: int, size: int, consume: bool = False) -> Optional[Tuple[int, _Lend]]:
+    """(start, record) of the lend :func:`_lent_inside` names, or None."""
+    best: Optional[Tuple[int, _Lend]] = None
+    overlapping = _lends_overlapping(start, size)
+    for lent_start in overlapping:
+        lend = _lent[lent_start]
+        if not consume:
+            clock = _clocks + 3 * lend[5]
+            if int(lib.pb__heapmap_frees_since(lent_start, clock)) != 1:
+                continue
+        if best is None or lend[4] > best[1][4]:
+            best = (lent_start, lend)
+    if consume:
+        for lent_start in overlapping:
+            _forget_lend(lent_start)
+    return best
+
+
 def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Target]:
     """The most recent lend of memory inside the freed block [start, start + size), as a freed target.
 
@@ -283,21 +301,10 @@ def _lent_inside(start: int, size: int, consume: bool = False) -> Optional[_Targ
     taken in the order they were freed, each time a scan runs): the lends inside are
     forgotten once matched, so a later free at the same address cannot match them.
     """
-    best: Optional[_Lend] = None
-    overlapping = _lends_overlapping(start, size)
-    for lent_start in overlapping:
-        lend = _lent[lent_start]
-        if not consume:
-            clock = _clocks + 3 * lend[5]
-            if int(lib.pb__heapmap_frees_since(lent_start, clock)) != 1:
-                continue
-        if best is None or lend[4] > best[4]:
-            best = lend
-    if consume:
-        for lent_start in overlapping:
-            _forget_lend(lent_start)
-    if best is None:
+    found = _best_lend(start, size, consume)
+    if found is None:
         return None
+    best = found[1]
     return _Target(start, size, _text(best[1]), best[2], _text(best[3]), "freed")
 
 
@@ -313,6 +320,13 @@ def remember_lend(start: int, size: int, description: Description, function: str
     """
     with _lock:
         _remember_lend(start, size, description, function, site)
+
+
+def lent_extent(start: int, size: int) -> Optional[Tuple[int, int]]:
+    """``(start, size)`` of the lend :func:`lent_provenance` names for a freed block, or None."""
+    with _lock:
+        found = _best_lend(start, size)
+    return None if found is None else (found[0], found[1][0])
 
 
 def lent_provenance(start: int, size: int) -> Optional[Tuple[str, str, str]]:
