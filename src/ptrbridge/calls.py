@@ -436,6 +436,14 @@ def _return_lent(regions: List[Lend], function: str, frame: Any) -> None:
     scanning.after_call()
 
 
+def _finish_shadows(shadows: List[Any], regions: List[Lend]) -> None:
+    """Level 2 with quarantine, after the call: close the shadows; the scan looks for them too."""
+    quarantine.finish(shadows)
+    for _slot, _back, _keeper, shadow, size, text in shadows:
+        # C must not keep the shadow either: look for it too.
+        regions.append(lend(shadow, size, text.split(" lent to ")[0]))
+
+
 def _errcheck_fn(convention: ErrorConvention, is_pointer: bool) -> Callable[[Any], bool]:
     if callable(convention):
         return convention
@@ -750,10 +758,7 @@ class CheckedLibrary:
                 result, err, exc = dispatch(args)
             finally:
                 if shadows:
-                    quarantine.finish(shadows)
-                    for _slot, _back, _keeper, shadow, size, text in shadows:
-                        # C must not keep the shadow either: look for it too.
-                        regions.append(lend(shadow, size, text.split(" lent to ")[0]))
+                    _finish_shadows(shadows, regions)
                 _return_lent(regions, function, frame)
             return finish(result, err, exc)
 

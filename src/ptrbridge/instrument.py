@@ -56,7 +56,7 @@ from collections import OrderedDict
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import calls, findings, levels
+from . import calls, findings, levels, quarantine
 from ._bindings import address_of, ffi as _pb_ffi, lib as _pb_lib
 from .callsite import caller_site, frame_site
 from .checking import CallCheck, object_extent
@@ -232,16 +232,32 @@ def _ctypes_check(fn: Any, args: Tuple[Any, ...], frame: Any) -> List[Any]:
 
 
 def _ctypes_call(self: Any, *args: Any) -> Any:
-    if not calls._level:
+    level = calls._level
+    if not level:
         return _base_call(self, *args)
     frame = sys._getframe().f_back
     lent = _ctypes_check(self, args, frame)
-    if calls._level == 2 and lent:
+    if level == 2 and (lent or quarantine._enabled):
+        # As a wrapped ctypes function's level-2 call (calls.py): byte buffers go to C as
+        # quarantine shadows, closed when the call returns, so that C's later use faults.
+        name = getattr(self, "__name__", "<C function>")
+        shadows = None
+        if quarantine._enabled:
+            args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, lent)
         regions = calls._lend(lent)
         try:
             return _base_call(self, *args)
         finally:
-            calls._return_lent(regions, getattr(self, "__name__", "<C function>"), frame)
+            if shadows:
+                calls._finish_shadows(shadows, regions)
+            calls._return_lent(regions, name, frame)
+    if level == 1 and quarantine._enabled and quarantine._tick():  # sampling drew this call
+        args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), getattr(
+            self, "__name__", "<C function>"), frame, (), True)
+        try:
+            return _base_call(self, *args)
+        finally:
+            quarantine.finish(shadows)
     return _base_call(self, *args)
 
 
