@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -524,6 +525,74 @@ def test_run_instruments_a_program_whose_first_import_is_ctypes(tmp_path: Path, 
     assert proc.stdout.split() == ["5"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checked"]["calls"] == 1, proc.stderr
+
+
+@pytest.mark.parametrize("buffer", ["bytes(bytearray(b'kept by C, read later'))",
+                                    "ctypes.create_string_buffer(b'kept by C, read later')"],
+                         ids=["bytes", "create_string_buffer"])
+def test_run_quarantines_the_buffers_of_instrumented_ctypes_calls(tmp_path: Path, buffer: str) -> None:
+    # A ctypes-only program, unchanged: C keeps a temporary's pointer and reads it at a later call.
+    so = build_shared("keeper.c", tmp_path)
+    proc = _run(tmp_path, f"""
+        import ctypes
+        k = ctypes.CDLL({str(so)!r})
+        k.keep_global.argtypes = [ctypes.c_char_p]
+        k.keep_global({buffer})   # BUG: the temporary dies when the call returns
+        print("read", k.keeper_read(), flush=True)
+    """)
+    assert proc.returncode == 128 + signal.SIGSEGV, proc.stderr
+    assert "read" not in proc.stdout
+    assert "caught by quarantine" in proc.stderr
+    assert re.search(r"SUMMARY: ptrbridge: use-after-release \(READ\) in keeper_read .* lent to keep_global\(\) "
+                     r"at .*program\.py:5", proc.stderr), proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    (found,) = [f for f in report["findings"] if f["kind"] == "use-after-release"]
+    assert found["severity"] == "error" and found["function"] == "keep_global"
+
+
+ZLIB_STALE_NEXT_IN = """
+import ctypes, random
+z = ctypes.CDLL("libz.so.1")
+P = ctypes.POINTER(ctypes.c_ubyte)
+class ZStream(ctypes.Structure):
+    _fields_ = [("next_in", P), ("avail_in", ctypes.c_uint), ("total_in", ctypes.c_ulong),
+                ("next_out", P), ("avail_out", ctypes.c_uint), ("total_out", ctypes.c_ulong),
+                ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p), ("zalloc", ctypes.c_void_p),
+                ("zfree", ctypes.c_void_p), ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
+                ("adler", ctypes.c_ulong), ("reserved", ctypes.c_ulong)]
+z.zlibVersion.restype = ctypes.c_char_p
+z.deflateInit_.argtypes = [ctypes.POINTER(ZStream), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+z.deflate.argtypes = [ctypes.POINTER(ZStream), ctypes.c_int]
+strm = ZStream()
+assert z.deflateInit_(strm, 6, z.zlibVersion(), ctypes.sizeof(ZStream)) == 0
+out = ctypes.create_string_buffer(400000)
+data = bytes(random.Random(1).getrandbits(8) for _ in range(200000))
+strm.next_in, strm.avail_in = ctypes.cast(data, P), 10
+strm.next_out, strm.avail_out = ctypes.cast(out, P), len(out)
+z.deflate(strm, 0)                    # the first 10 bytes
+strm.avail_in = len(data) - 10        # and the rest at the next call
+del data                              # BUG: freed while zlib has input left to read
+z.deflate(strm, 4)                    # reads the rest through next_in: freed, held, PROT_NONE
+print("survived")
+"""
+
+
+def test_run_keeps_the_errors_of_a_process_that_dies_of_the_bug(tmp_path: Path) -> None:
+    # The check reports the dangling next_in at the call; then zlib reads it and the process
+    # dies (SIGSEGV on the heap map's held pages) before it can write its report.
+    proc = _run(tmp_path, ZLIB_STALE_NEXT_IN, "--no-quarantine")
+    assert proc.returncode == 128 + signal.SIGSEGV, proc.stderr
+    assert "survived" not in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert ptrbridge.validate_report(report) == []
+    (found,) = report["findings"]
+    assert found["kind"] == "dangling-argument" and found["severity"] == "error"
+    assert found["function"] == "deflate"
+    assert ".next_in -> bytes(200000) (lent to deflate() at program.py:20" in found["message"], found["message"]
+    assert "in call to deflate() at program.py:23" in found["message"]
+    assert re.search(r"process \d+ \(.*program\.py\) started ptrbridge and died before writing its report: "
+                     r"the 1 error\(s\) it recorded before are listed above", proc.stderr), proc.stderr
+    assert "no Python process of the command started ptrbridge" not in proc.stderr
 
 
 QUARANTINE_SUITE = """

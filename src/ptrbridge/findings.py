@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = [
     "Finding",
@@ -98,6 +98,9 @@ _strict: Optional[bool] = None
 _counters: Dict[str, int] = {"calls": 0, "callbacks": 0, "lends": 0}
 
 
+_on_error: Optional[Callable[[Finding], None]] = None  # called for each error recorded (run's journal)
+
+
 def record(finding: Finding) -> None:
     """Add a finding to the process's list (thread-safe)."""
     global _dropped
@@ -106,6 +109,19 @@ def record(finding: Finding) -> None:
             _findings.append(finding)
         else:
             _dropped += 1
+    if _on_error is not None and finding.severity == "error":
+        _on_error(finding)
+
+
+def on_error(callback: Optional[Callable[[Finding], None]]) -> None:
+    """Call ``callback`` with every error finding as it is recorded (None: stop).
+
+    ``python -m ptrbridge run`` writes them down at once, so that a process
+    that dies of the bug (the C code reading freed memory after the call was
+    reported) still has them in the run's summary.
+    """
+    global _on_error
+    _on_error = callback
 
 
 def take() -> List[Finding]:

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, Set, TextIO
 
 from . import report as _report
 from .runtime import INSTRUMENT_ENV, RUN_DIR_ENV, WATCH_ENV
@@ -86,9 +86,10 @@ def run_command(command: Sequence[str], check: int = 2, quarantine: bool = True,
             return 127
         reports = _read_reports(run_dir)
         faults = _read_faults(fault_log, strict) if fault_log else []
+        journals = _read_journals(run_dir, {r["process"]["pid"] for r in reports})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    summary = _merge(command, status, reports, check, strict, quarantine, instrument, watch, faults)
+    summary = _merge(command, status, reports, check, strict, quarantine, instrument, watch, faults, journals)
     _print_summary(summary, out)
     if report:
         with open(report, "w", encoding="utf-8") as f:
@@ -109,6 +110,38 @@ def _read_reports(run_dir: str) -> List[Dict[str, Any]]:
                             "findings": [], "tests": [], "watch_matched": [],
                             "notes": [f"could not read the report {os.path.basename(path)}: {exc}"]})
     return reports
+
+
+def _read_journals(run_dir: str, reported: Set[int]) -> Dict[int, Dict[str, Any]]:
+    """The journals (runtime._open_journal) of processes that started ptrbridge and wrote no report.
+
+    pid -> {"argv": [...], "findings": [records]}: the errors such a process
+    found before it died.
+    """
+    out: Dict[int, Dict[str, Any]] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "journal-*.jsonl"))):
+        try:
+            pid = int(os.path.basename(path)[len("journal-"):-len(".jsonl")])
+        except ValueError:
+            continue
+        if pid in reported:
+            continue
+        entry: Dict[str, Any] = {"argv": [], "findings": []}
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by the crash
+                    if "started" in item:
+                        entry["argv"] = list(item["started"].get("argv", []))
+                    elif "finding" in item:
+                        entry["findings"].append(item["finding"])
+        except OSError:
+            continue
+        out[pid] = entry
+    return out
 
 
 _LOG_ENV = "PTRBRIDGE_QUARANTINE_LOG"  # ptrbridge.quarantine.LOG_ENV_VAR: importing that module here
@@ -147,12 +180,16 @@ def _signal_name(number: int) -> str:
 
 def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], check: int, strict: bool,
            quarantine: bool, instrument: bool, watch: Sequence[str],
-           faults: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+           faults: Sequence[Dict[str, Any]] = (), journals: Optional[Dict[int, Dict[str, Any]]] = None
+           ) -> Dict[str, Any]:
+    journals = journals or {}
     records = []
     for r in reports:
         for record in r["findings"]:
             record = dict(record, fails=record["severity"] == "error" or strict)
             records.append(record)
+    for entry in journals.values():
+        records.extend(dict(record, fails=True) for record in entry["findings"])
     records.extend(faults)
     checked: Dict[str, int] = {}
     for r in reports:
@@ -170,11 +207,18 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
     if lost:
         notes.append(f"process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded above) "
                      f"before writing a report, so their other findings and counts are lost")
+    died = sorted(pid for pid in journals if pid not in lost)
+    for pid in died:
+        argv = " ".join(journals[pid]["argv"]) or "?"
+        found = len(journals[pid]["findings"])
+        notes.append(f"process {pid} ({argv}) started ptrbridge and died before writing its report: "
+                     + (f"the {found} error(s) it recorded before are listed above; " if found else "")
+                     + "its other findings and its counts are lost")
     activated = [r for r in reports if r["process"]["activated"]]
     if reports and not activated:
         notes.append("ptrbridge was never loaded: no Python process of the command imported cffi, ctypes "
                      "or ptrbridge")
-    elif not reports and not faults:  # a process that died of a fault did start ptrbridge
+    elif not reports and not faults and not journals:  # a process that died did start ptrbridge
         notes.append("no Python process of the command started ptrbridge (not Python, or run with -S/-I)")
     note = _report.checked_note(checked) if reports else None  # no report: nothing was counted
     if note:

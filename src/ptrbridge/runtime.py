@@ -123,7 +123,68 @@ def start() -> None:
     watch_pending(_pending_watch, _matched_watch)
     _probe = LeakProbe()
     _install_error_hooks()
+    _open_journal()
     atexit.register(write_report)
+
+
+_journal_fd: Optional[int] = None
+
+
+def _open_journal() -> None:
+    """Start ``journal-<pid>.jsonl`` in the run directory: this process started, and its errors.
+
+    Each error finding is appended as it is recorded, so a process that dies
+    of the bug (a SIGSEGV in the C call right after the check reported it)
+    is still in the run's summary with what it found.  The report written at
+    exit supersedes it.
+    """
+    if not _open_journal_file():
+        return
+    _findings.on_error(_journal_error)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_journal_after_fork)
+
+
+def _journal_after_fork() -> None:
+    """A forked child keeps a journal of its own (it writes its own report too)."""
+    global _journal_fd
+    fd, _journal_fd = _journal_fd, None
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        _open_journal_file()
+
+
+def _open_journal_file() -> bool:
+    global _journal_fd
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        return False
+    try:
+        _journal_fd = os.open(os.path.join(run_dir, f"journal-{os.getpid()}.jsonl"),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    _journal_write({"started": {"pid": os.getpid(), "argv": [str(a) for a in sys.argv]}})
+    return True
+
+
+def _journal_write(entry: Dict[str, Any]) -> None:
+    fd = _journal_fd
+    if fd is None:
+        return
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode("utf-8"))
+    except (OSError, TypeError, ValueError):
+        pass  # the journal is a fallback: never fail the program for it
+
+
+def _journal_error(finding: Finding) -> None:
+    from .report import finding_record
+
+    _journal_write({"finding": finding_record(finding, _findings.strict(), os.getpid())})
 
 
 def _record_error(exc: BaseException, where: str) -> None:
