@@ -550,6 +550,29 @@ def test_run_quarantines_the_buffers_of_instrumented_ctypes_calls(tmp_path: Path
     assert found["severity"] == "error" and found["function"] == "keep_global"
 
 
+@pytest.mark.parametrize("level", ["1", "2"])
+def test_run_counts_calls_with_nothing_to_walk(tmp_path: Path, level: str) -> None:
+    # strlen(bytes) at level 1 needs no walk; call_each takes only a function pointer and an
+    # int: both are calls the run checked, and the summary must not say it checked none.
+    so = build_shared("checked.c", tmp_path)
+    proc = _run(tmp_path, f"""
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("size_t strlen(const char *); int call_each(int (*fn)(int), int n);")
+        libc, c = ffi.dlopen(None), ffi.dlopen({str(so)!r})
+        print(libc.strlen(b"hello"), libc.strlen(b"hi"))
+        @ffi.callback("int(int)")
+        def double(i):
+            return 2 * i
+        print(c.call_each(double, 3))
+    """, "--check", level)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:2] == ["5", "2"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checked"]["calls"] == 3, proc.stderr
+    assert "checked 0 calls to C" not in proc.stderr
+
+
 ZLIB_STALE_NEXT_IN = """
 import ctypes, random
 z = ctypes.CDLL("libz.so.1")

@@ -781,6 +781,8 @@ class CheckedLibrary:
             def checked(*args: Any) -> Any:
                 if takes_functions:
                     args = _unwrap_functions(args, takes_functions)
+                if record and _level:
+                    count_call("calls")  # nothing to check, but a call the run checked
                 result = raw(*args)
                 if _deferred and not record:
                     _raise_deferred(sys._getframe())
@@ -800,7 +802,8 @@ class CheckedLibrary:
                         arg = args[only]
                         kind = type(arg)
                         if kind in _PLAIN_CFFI:
-                            pass  # bytes or NULL: no walk at level 1
+                            if record:  # bytes or NULL: no walk at level 1
+                                count_call("calls")
                         elif not record and (kind is _OWN_CDATA or kind is _FROMBUF_CDATA):
                             # Inlined _settled_cffi for an owning cdata (level 1 ignores `lent`):
                             # a flat item type, or slots scan_slots settles in C, need no CallCheck.
