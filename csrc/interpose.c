@@ -754,31 +754,57 @@ size_t pb__interpose_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, ui
 /* Freed Python blocks are held back (and poisoned) before libc gets them:
  * while held, their memory cannot be reused, so a pointer C keeps into one
  * is certainly stale, and a read through it sees the pattern, not old data.
- * The oldest is released when the hold is full.  Guarded by freed_lock. */
+ * The hold is bounded by blocks and by bytes, like the heap map's hold of a
+ * domain (PB_HEAPMAP_HOLD_BYTES by default): the oldest are released until
+ * a new block fits.  A count alone let it keep 4096 blocks of any size - a
+ * producer freeing one 8 KB pointer array per batch had 32 MiB held, filled
+ * only after 4096 batches (a soak's resident memory kept growing that long).
+ * Guarded by freed_lock. */
 #define HOLD_MAX 4096
+#define HOLD_BYTES ((size_t)PB_HEAPMAP_HOLD_BYTES)
 #define PB_FREED_POISON 0xDB
 static void *held[HOLD_MAX];
 static size_t held_size[HOLD_MAX];
-static size_t held_head, held_count;
+static size_t held_head, held_count, held_bytes;
 
-/* Holds p (a block of `size` bytes just removed from the table); returns
- * the block to give back to libc now (the evicted oldest, or NULL). */
+/* Holds p (a block of `size` bytes just removed from the table), first
+ * giving libc back the oldest held blocks it does not fit beside; returns
+ * the block to give back to libc now: p if it is not held (larger than the
+ * byte limit), else NULL. */
 static void *hold_freed(void *p, size_t size)
 {
+    if (size > HOLD_BYTES)
+        return p;
     memset(p, PB_FREED_POISON, size);
-    void *evicted = NULL;
+    for (;;) {
+        void *evicted = NULL;
+        while (atomic_exchange_explicit(&freed_lock, 1, memory_order_acquire))
+            sched_yield();
+        if (held_count > 0 && (held_count == HOLD_MAX || held_bytes + size > HOLD_BYTES)) {
+            evicted = held[held_head];
+            held_bytes -= held_size[held_head];
+            held_count--;
+            held_head = (held_head + 1) % HOLD_MAX;
+        } else {
+            held[(held_head + held_count) % HOLD_MAX] = p;
+            held_size[(held_head + held_count) % HOLD_MAX] = size;
+            held_count++;
+            held_bytes += size;
+        }
+        atomic_store_explicit(&freed_lock, 0, memory_order_release);
+        if (evicted == NULL)
+            return NULL;
+        free(evicted); /* outside the lock; then try again */
+    }
+}
+
+static void held_counts(uint64_t *blocks, uint64_t *bytes)
+{
     while (atomic_exchange_explicit(&freed_lock, 1, memory_order_acquire))
         sched_yield();
-    if (held_count == HOLD_MAX) {
-        evicted = held[held_head];
-        held_count--;
-        held_head = (held_head + 1) % HOLD_MAX;
-    }
-    held[(held_head + held_count) % HOLD_MAX] = p;
-    held_size[(held_head + held_count) % HOLD_MAX] = size;
-    held_count++;
+    *blocks = held_count;
+    *bytes = held_bytes;
     atomic_store_explicit(&freed_lock, 0, memory_order_release);
-    return evicted;
 }
 
 int pb__interpose_find_held(uintptr_t address, uintptr_t *start, size_t *size)
@@ -810,6 +836,7 @@ static void release_held(void)
             sched_yield();
         if (held_count) {
             p = held[held_head];
+            held_bytes -= held_size[held_head];
             held_head = (held_head + 1) % HOLD_MAX;
             held_count--;
         }
@@ -1409,6 +1436,7 @@ void pb__interpose_get_stats(struct pb_interpose_stats *out)
     out->slots_patched = nslots;
     out->rewalks = rewalks;
     out->enabled = atomic_load(&enabled);
+    held_counts(&out->held_blocks, &out->held_bytes);
     pthread_mutex_unlock(&obj_lock);
 }
 

@@ -53,6 +53,8 @@ struct pb_interpose_stats {
     uint64_t frees;            /* frees of blocks the table knew */
     uint64_t foreign_frees;    /* frees of blocks it never saw (straight to libc) */
     uint64_t rewalks;          /* times the loaded-object list was re-read */
+    uint64_t held_blocks;      /* freed ffi.new blocks held back from libc (poisoned) */
+    uint64_t held_bytes;       /* their bytes: at most PB_HEAPMAP_HOLD_BYTES */
     int enabled;
 };
 
@@ -114,7 +116,7 @@ size_t pb__interpose_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, ui
 /* Whether `address` lies in a freed ffi.new block still held back (poisoned,
  * not yet given back to libc, so certainly not reused by anyone): 1 and the
  * block's start and size, or 0.  Thread-safe; linear in the hold (at most
- * 4096 blocks). */
+ * 4096 blocks and PB_HEAPMAP_HOLD_BYTES bytes, the oldest given back first). */
 int pb__interpose_find_held(uintptr_t address, uintptr_t *start, size_t *size);
 
 /* The class the interposer gives an object path (see the list above). */

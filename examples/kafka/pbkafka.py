@@ -220,13 +220,14 @@ class Producer:
         self._batches: Dict[int, Batch] = {}  # batch id -> Batch, in flight
         self._drain_buf = self._ffi.new("struct pbk_batch *[]", _DRAIN_MAX)
         self._next = self._ffi.new("uint32_t *")
-        # produce_batch's lengths and (pin) pointer arrays, allocated once and reused by
+        # produce_batch's lengths and (pin, handle) pointer arrays, allocated once and reused by
         # every batch (grown by powers of two).  A fresh array per batch often lands where
         # librdkafka freed messages whose neighbours still hold stale queue links to them;
         # level 2 then reads those links as C keeping the array lent to pbk_produce (R2).
         self._cap = 0
         self._lens_a: Any = self._ffi.NULL
         self._ptrs_a: Any = self._ffi.NULL
+        self._addrs_a: Any = self._ffi.NULL
         self._errors: Dict[int, KafkaError] = {}
         self._slot_size = self._ffi.sizeof("struct pbk_result")
         assert self._slot_size == 8 * _SLOT_Q
@@ -389,7 +390,13 @@ class Producer:
                     _check_immutable(x)
             keep = tuple(payloads)  # the Handle keeps the payloads alive until C releases it
             handle = self._new_handle(keep)
-            pointers, keepalive = _bytes_pointers(ffi, keep, fast=self._call is lib)
+            if self._call is lib and _BYTES_OFFSET is not None:
+                # the addresses go into the reused pointer array (see _arrays), not a fresh
+                # n-word array per batch: at level 2 each freed one was held back (poisoned)
+                self._addrs_a[0:n] = [id(x) + _BYTES_OFFSET for x in keep]
+                pointers = self._ptrs_a
+            else:
+                pointers, keepalive = _bytes_pointers(ffi, keep, fast=self._call is lib)
             b = lib.pbk_batch_new(self._p, self._kind, n, ffi.NULL, int(handle))
             if b == ffi.NULL:
                 handle.delete()
@@ -426,6 +433,7 @@ class Producer:
             cap = max(64, 1 << (n - 1).bit_length())
             self._lens_a = self._ffi.new("size_t[]", cap)
             self._ptrs_a = self._ffi.new("char *[]", cap)
+            self._addrs_a = self._ffi.cast("uintptr_t *", self._ptrs_a)  # the same words ("handle")
             self._cap = cap
         return self._lens_a
 
@@ -567,7 +575,7 @@ class Producer:
         raised = self._unpin_reported()  # librdkafka's threads are gone
         if raised:
             raise raised[0]
-        self._lens_a = self._ptrs_a = ffi.NULL
+        self._lens_a = self._ptrs_a = self._addrs_a = ffi.NULL
         self._cap = 0
 
     def __enter__(self) -> "Producer":

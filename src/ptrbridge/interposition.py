@@ -94,6 +94,10 @@ class InterposeStats:
     frees: int
     foreign_frees: int
     rewalks: int
+    held_blocks: int = 0
+    """Freed ffi.new blocks held back from libc, poisoned (at most 4096 and ``held_bytes`` bounded)."""
+    held_bytes: int = 0
+    """Their bytes: at most ``heapmap.DEFAULT_HOLD_BYTES``, the oldest given back first."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ def stats() -> InterposeStats:
         frees=int(st.frees),
         foreign_frees=int(st.foreign_frees),
         rewalks=int(st.rewalks),
+        held_blocks=int(st.held_blocks),
+        held_bytes=int(st.held_bytes),
     )
 
 
