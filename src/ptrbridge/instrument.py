@@ -231,10 +231,28 @@ def _ctypes_check(fn: Any, args: Tuple[Any, ...], frame: Any) -> List[Any]:
     return lent
 
 
+_counters = findings._counters  # findings.count("calls"), inlined below
+_NO_WALK = (float, bool, str, type(None), bytes, bytearray)
+
+
 def _ctypes_call(self: Any, *args: Any) -> Any:
     level = calls._level
     if not level:
         return _base_call(self, *args)
+    if level == 1 and not quarantine._enabled:
+        # Level 1's common case, settled here: scalars, strings and byte buffers need no walk
+        # (bytes are lent, which matters only for the quarantine), and an int is an address to
+        # check only when freed memory is on record.
+        for arg in args:
+            kind = type(arg)
+            if kind is int:
+                if arg > 0 and calls.ownership_history():
+                    break
+            elif kind not in _NO_WALK:
+                break
+        else:
+            _counters["calls"] = _counters.get("calls", 0) + 1
+            return _base_call(self, *args)
     frame = sys._getframe().f_back
     lent = _ctypes_check(self, args, frame)
     if level == 2 and (lent or quarantine._enabled):
