@@ -59,6 +59,10 @@ int pb__scan_retire(uintptr_t start, size_t size, uint64_t id);
  * or none: returns PB_OK or PB_ERR_NOMEM (nothing queued).  Thread-safe. */
 int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t first_id, size_t n);
 
+/* pb__heapmap_clock_store(clocks, slots[i]) for each i: the free clock of now
+ * into the lend records of a batch (ptrbridge.scanning.retire_many). */
+void pb__scan_clocks_store(uint64_t *clocks, const size_t *slots, size_t n);
+
 /* Drops queued targets overlapping [start, start+size) (the memory is
  * legitimately lent or pinned again).  Returns how many were dropped. */
 size_t pb__scan_cancel(uintptr_t start, size_t size);

@@ -186,6 +186,12 @@ int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t 
     return PB_OK;
 }
 
+void pb__scan_clocks_store(uint64_t *clocks, const size_t *slots, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        pb__heapmap_clock_store(clocks, slots[i]);
+}
+
 size_t pb__scan_cancel(uintptr_t start, size_t size)
 {
     uintptr_t end = start + (size ? size : 1);
