@@ -308,6 +308,38 @@ def test_level2_unpin_retires_only_what_no_other_pinner_covers() -> None:
     assert pinning._pinned_elsewhere()(start, 1) is False
 
 
+def test_batch_filter_of_pins_held_elsewhere_agrees_with_the_one_by_one_check() -> None:
+    """``_not_pinned_elsewhere`` (a whole batch at once) keeps exactly the pins that
+    ``_pinned_elsewhere`` (one query at a time) says no live pin covers, with overlapping
+    live pins (a pin inside a longer one) and zero-length queries."""
+    from ptrbridge import pinning
+
+    whole, other = bytearray(4096), bytearray(64)
+    start = _buffer_address(whole)
+    elsewhere = _buffer_address(other)
+    pinners = [Pinner(), Pinner(), Pinner()]
+    try:
+        pinners[0].pin(whole)
+        pinners[1].pin(memoryview(whole)[10:20])  # starts after whole, ends before it
+        pinners[2].pin(other)
+        probes = [(start, 4096), (start, 4097), (start - 1, 2), (start + 10, 10), (start + 4000, 96),
+                  (start + 4000, 97), (elsewhere, 64), (elsewhere + 1, 64), (elsewhere - 64, 8)]
+        queries = [(None, s, n, 0) for s, n in probes]
+        covered = pinning._pinned_elsewhere()
+        expected = [q for q in queries if not covered(q[1], q[2])]
+        assert [q[1:3] for q in expected] == [(start, 4097), (start - 1, 2), (start + 4000, 97),
+                                              (elsewhere + 1, 64), (elsewhere - 64, 8)]
+        assert pinning._not_pinned_elsewhere(queries) == expected
+        with_empty = queries + [(None, start + 5, 0, 0), (None, elsewhere - 64, 0, 0)]
+        assert pinning._not_pinned_elsewhere(with_empty) == [q for q in with_empty if not covered(q[1], q[2])]
+        for p in pinners:
+            p.unpin()
+        assert pinning._not_pinned_elsewhere(queries) == queries  # nothing pinned any more
+    finally:
+        for p in pinners:
+            p.unpin()
+
+
 def test_level2_unpin_of_a_batch_reports_each_pin_c_kept() -> None:
     """A level-2 unpin of many pins (retired as one batch) reports each pin C still points to,
     with its own description and ``file.py:line``; a pin another Pinner still holds is not
