@@ -54,6 +54,15 @@ struct pb_finding {
  * PB_OK or PB_ERR_NOMEM.  Thread-safe. */
 int pb__scan_retire(uintptr_t start, size_t size, uint64_t id);
 
+/* Queues n targets at once: [starts[i], starts[i]+sizes[i]) with id
+ * first_id + i, in order (as n pb__scan_retire calls, under one lock).  All
+ * or none: returns PB_OK or PB_ERR_NOMEM (nothing queued).  Thread-safe. */
+int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t first_id, size_t n);
+
+/* pb__heapmap_clock_store(clocks, slots[i]) for each i: the free clock of now
+ * into the lend records of a batch (ptrbridge.scanning.retire_many). */
+void pb__scan_clocks_store(uint64_t *clocks, const size_t *slots, size_t n);
+
 /* Drops queued targets overlapping [start, start+size) (the memory is
  * legitimately lent or pinned again).  Returns how many were dropped. */
 size_t pb__scan_cancel(uintptr_t start, size_t size);

@@ -151,6 +151,47 @@ int pb__scan_retire(uintptr_t start, size_t size, uint64_t id)
     return PB_OK;
 }
 
+int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t first_id, size_t n)
+{
+    pthread_once(&atfork_once, register_atfork);
+    if (n == 0)
+        return PB_OK;
+    pthread_mutex_lock(&target_lock);
+    if (n > target_cap - target_count) {
+        size_t cap = target_cap ? target_cap : 256;
+        while (cap - target_count < n) {
+            if (cap > SIZE_MAX / 2 / sizeof *targets) {
+                pthread_mutex_unlock(&target_lock);
+                return PB_ERR_NOMEM;
+            }
+            cap *= 2;
+        }
+        struct target *t = realloc(targets, cap * sizeof *t);
+        if (t == NULL) {
+            pthread_mutex_unlock(&target_lock);
+            return PB_ERR_NOMEM;
+        }
+        targets = t;
+        target_cap = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uintptr_t start = starts[i];
+        uintptr_t end = start + (sizes[i] ? sizes[i] : 1);
+        if (end < start)
+            end = UINTPTR_MAX;
+        targets[target_count++] = (struct target){start, end, first_id + i};
+    }
+    target_generation++;
+    pthread_mutex_unlock(&target_lock);
+    return PB_OK;
+}
+
+void pb__scan_clocks_store(uint64_t *clocks, const size_t *slots, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        pb__heapmap_clock_store(clocks, slots[i]);
+}
+
 size_t pb__scan_cancel(uintptr_t start, size_t size)
 {
     uintptr_t end = start + (size ? size : 1);

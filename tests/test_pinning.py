@@ -308,6 +308,88 @@ def test_level2_unpin_retires_only_what_no_other_pinner_covers() -> None:
     assert pinning._pinned_elsewhere()(start, 1) is False
 
 
+def test_batch_filter_of_pins_held_elsewhere_agrees_with_the_one_by_one_check() -> None:
+    """``_not_pinned_elsewhere`` (a whole batch at once) keeps exactly the pins that
+    ``_pinned_elsewhere`` (one query at a time) says no live pin covers, with overlapping
+    live pins (a pin inside a longer one) and zero-length queries."""
+    from ptrbridge import pinning
+
+    whole, other = bytearray(4096), bytearray(64)
+    start = _buffer_address(whole)
+    elsewhere = _buffer_address(other)
+    pinners = [Pinner(), Pinner(), Pinner()]
+    try:
+        pinners[0].pin(whole)
+        pinners[1].pin(memoryview(whole)[10:20])  # starts after whole, ends before it
+        pinners[2].pin(other)
+        probes = [(start, 4096), (start, 4097), (start - 1, 2), (start + 10, 10), (start + 4000, 96),
+                  (start + 4000, 97), (elsewhere, 64), (elsewhere + 1, 64), (elsewhere - 64, 8)]
+        queries = [(None, s, n, 0) for s, n in probes]
+        covered = pinning._pinned_elsewhere()
+        expected = [q for q in queries if not covered(q[1], q[2])]
+        assert [q[1:3] for q in expected] == [(start, 4097), (start - 1, 2), (start + 4000, 97),
+                                              (elsewhere + 1, 64), (elsewhere - 64, 8)]
+        assert pinning._not_pinned_elsewhere(queries) == expected
+        with_empty = queries + [(None, start + 5, 0, 0), (None, elsewhere - 64, 0, 0)]
+        assert pinning._not_pinned_elsewhere(with_empty) == [q for q in with_empty if not covered(q[1], q[2])]
+        for p in pinners:
+            p.unpin()
+        assert pinning._not_pinned_elsewhere(queries) == queries  # nothing pinned any more
+    finally:
+        for p in pinners:
+            p.unpin()
+
+
+def test_level2_unpin_of_a_batch_reports_each_pin_c_kept() -> None:
+    """A level-2 unpin of many pins (retired as one batch) reports each pin C still points to,
+    with its own description and ``file.py:line``; a pin another Pinner still holds is not
+    reported until that Pinner unpins too."""
+    import os
+    import sys
+
+    from ptrbridge import scanning
+
+    here = os.path.basename(__file__)
+    objs = [bytearray(b"a" * 24), b"b" * 40, bytearray(b"c" * 24), ffi.new("char[16]"), bytearray(b"d" * 8),
+            bytearray(b"e" * 200)]
+    root = ctypes.create_string_buffer(8 * len(objs))
+    base = ctypes.addressof(root)
+    rid = ptrbridge.add_root(base, len(root))
+    old_mode = ptrbridge.set_on_violation("collect")
+    p, q = Pinner(), Pinner()
+    try:
+        with ptrbridge.checking(2):
+            ptrbridge.scan()
+            ptrbridge.clear_violations()
+            first_line = sys._getframe().f_lineno + 1
+            pointers = p.pin_many(objs[:4])
+            p.pin(objs[4])
+            q.pin(objs[2])  # pinned by q as well: C may keep it until q unpins
+            for i, pointer in enumerate(list(pointers) + [p.pin(objs[4]), p.pin(objs[5])]):
+                ctypes.c_void_p.from_address(base + 8 * i).value = _address(pointer) + i
+            ctypes.c_void_p.from_address(base + 8 * 5).value = 0  # C let go of the last one
+            p.unpin()
+            found = sorted(ptrbridge.clear_violations(), key=lambda r: r.offset)
+            assert [(r.description, r.function, r.lent_at, r.state, r.offset, r.object_offset) for r in found] == [
+                ("bytearray(24)", "Pinner.pin", f"{here}:{first_line}", "unpinned", 0, 0),
+                ("bytes(40)", "Pinner.pin", f"{here}:{first_line}", "unpinned", 8, 1),
+                ("cdata 'char[16]'(16)", "Pinner.pin", f"{here}:{first_line}", "unpinned", 24, 3),
+                ("bytearray(8)", "Pinner.pin", f"{here}:{first_line + 1}", "unpinned", 32, 4)]
+            assert str(found[0]).startswith("ptrbridge: C kept a pointer to Python memory after it was unpinned "
+                                            f"(R2): bytearray(24) lent to Pinner.pin() at {here}:{first_line} ")
+            assert ptrbridge.scan() == []  # each looked for once
+            q.unpin()
+            (r,) = ptrbridge.clear_violations()
+            assert (r.description, r.lent_at, r.offset) == ("bytearray(24)", f"{here}:{first_line + 2}", 16)
+            assert not scanning._retired_batches
+    finally:
+        p.unpin()
+        q.unpin()
+        ptrbridge.remove_root(rid)
+        ptrbridge.set_on_violation(old_mode)
+        ptrbridge.clear_violations()
+
+
 def _check_coverage(whole: bytearray, other: bytearray) -> None:
     from ptrbridge import pinning
 

@@ -383,6 +383,84 @@ def test_the_same_lend_again_refreshes_its_record_and_still_names_the_object() -
     assert proc.stdout.splitlines() == ["1", "(\"bytes(60) 'A'\", 'keep', 'prog.py:7')"], proc.stdout
 
 
+_RETIRE_MANY_PROVENANCE_CHILD = """
+import ptrbridge
+from ptrbridge import heapmap, scanning
+ptrbridge.set_check_level(2)
+heapmap.set_hold(0, 0)
+data = [b"a" * int("400"), b"b" * int("460")]  # sizes of their own: no other block takes their place
+blocks = [heapmap.lookup_block(id(d)) for d in data]
+for _ in range(2):                  # retired twice with the same texts: one record each, refreshed
+    scanning.retire_many([id(d) + 32 for d in data], [400, 460], ["bytes(400)", "bytes(460)"], "Pinner.pin",
+                         ["prog.py:7", "prog.py:8"], "unpinned")
+    print(len(ptrbridge.scan()))
+with scanning._lock:
+    print(sum(1 for b in blocks for s in scanning._lent if b.start <= s < b.start + b.size))
+del data
+found = [scanning.lent_provenance(b.start, b.size) for b in blocks]  # before printing allocates
+for f in found:
+    print(f)
+"""
+
+
+def test_retire_many_keeps_the_provenance_of_every_range() -> None:
+    """Ranges retired in a batch keep their lend records, refreshed when retired again with the
+    same texts, so a use-after-free report later names each object and where it was pinned."""
+    proc = subprocess.run([sys.executable, "-c", _RETIRE_MANY_PROVENANCE_CHILD], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["0", "0", "2", "('bytes(400)', 'Pinner.pin', 'prog.py:7')",
+                                        "('bytes(460)', 'Pinner.pin', 'prog.py:8')"], proc.stdout
+
+
+def _retire_and_scan(batch: bool, objs: List[Any], descriptions: List[str], sites: List[str]) -> List[Retention]:
+    from ptrbridge import scanning
+
+    starts = [_addr(pb_ffi.from_buffer(o)) for o in objs]
+    sizes = [len(o) for o in objs]
+    if batch:
+        scanning.retire_many(starts, sizes, descriptions, "Pinner.pin", sites, "unpinned")
+    else:
+        for start, size, description, site in zip(starts, sizes, descriptions, sites):
+            scanning.retire(start, size, description, "Pinner.pin", site, "unpinned")
+    return sorted(ptrbridge.scan(), key=lambda r: r.offset)
+
+
+def test_retire_many_finds_what_retire_one_by_one_finds(level2: None) -> None:
+    """retire_many queues every range with its own texts: a scan reports exactly what it reports
+    after retire() of each range in turn, each range once; a cancelled range is not reported."""
+    objs = [bytearray(16), bytearray(40), b"x" * 24, bytearray(8)]
+    descriptions = ["bytearray(16)", "bytearray(40)", "bytes(24)", "ffi.new-like(8)"]  # the last: kept eagerly
+    sites = ["a.py:1", "b.py:2", "a.py:1", "c.py:3"]
+    root = ctypes.create_string_buffer(8 * 5)
+    base = ctypes.addressof(root)
+    starts = [_addr(pb_ffi.from_buffer(o)) for o in objs]
+    for i, pointer in enumerate([starts[0], starts[1] + 8, starts[2] + 23, starts[3], 0]):
+        ctypes.c_void_p.from_address(base + 8 * i).value = pointer
+    rid = ptrbridge.add_root(base, 8 * 5)
+    try:
+        one_by_one = _retire_and_scan(False, objs, descriptions, sites)
+        batched = _retire_and_scan(True, objs, descriptions, sites)
+        assert batched == one_by_one and len(batched) == 4
+        assert [(r.description, r.function, r.lent_at, r.state, r.offset, r.object_offset) for r in batched] == [
+            ("bytearray(16)", "Pinner.pin", "a.py:1", "unpinned", 0, 0),
+            ("bytearray(40)", "Pinner.pin", "b.py:2", "unpinned", 8, 8),
+            ("bytes(24)", "Pinner.pin", "a.py:1", "unpinned", 16, 23),
+            ("ffi.new-like(8)", "Pinner.pin", "c.py:3", "unpinned", 24, 0)]
+        assert ptrbridge.scan() == [] and pb_lib.pb__scan_pending() == 0  # each range looked for once
+        from ptrbridge import scanning
+
+        scanning.retire_many(starts[:2], [16, 40], descriptions[:2], "Pinner.pin", sites[:2], "unpinned")
+        scanning.cancel(starts[1], 40)  # pinned again before the scan: C may hold it
+        assert [r.description for r in ptrbridge.scan()] == ["bytearray(16)"]
+        scanning.retire_many([], [], [], "Pinner.pin", [], "unpinned")  # nothing to queue
+        assert pb_lib.pb__scan_pending() == 0
+        with pytest.raises(ValueError, match="differ in length"):
+            scanning.retire_many(starts[:2], [16], descriptions[:2], "Pinner.pin", sites[:2], "unpinned")
+    finally:
+        ptrbridge.remove_root(rid)
+
+
 def test_lend_inside_freed_ffi_new_memory_names_it_once() -> None:
     proc = subprocess.run([sys.executable, "-c", _CFFI_PROVENANCE_CHILD], capture_output=True, text=True,
                           timeout=120)

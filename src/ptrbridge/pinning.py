@@ -20,8 +20,10 @@ from __future__ import annotations
 import atexit
 import bisect
 import itertools
+import operator
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Tuple
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import levels, scanning
 from ._bindings import address_of, ffi, lib, native
@@ -97,12 +99,21 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
         """``unpin()`` at check level 2 (called by the C method): unpin, retire, scan."""
         pins = self._unpin_all(True)
         if pins:
-            still_pinned = _pinned_elsewhere()
-            for obj, start, size, site in pins:
-                if still_pinned(start, size):
-                    continue  # another Pinner pins the same memory: C may still hold it
-                scanning.retire(start, size, describe(obj, size), "Pinner.pin", native.site_text(site),
-                                "unpinned")
+            pins = _not_pinned_elsewhere(pins)  # another Pinner pins the rest: C may still hold it
+            starts = list(map(itemgetter(1), pins))
+            sizes = list(map(itemgetter(2), pins))
+            site_ids = list(map(itemgetter(3), pins))
+            # Each text made once per batch: one per call site, one per (type, size) of the objects.
+            site_texts = {site: native.site_text(site) for site in set(site_ids)}
+            sites = list(map(site_texts.__getitem__, site_ids))
+            objs = list(map(itemgetter(0), pins))
+            if any(issubclass(kind, ffi.CData) for kind in set(map(type, objs))):
+                descriptions = list(map(describe, objs, sizes))  # a cdata's text depends on more than its type
+            else:
+                keys = list(zip(map(type, objs), sizes))
+                texts = {key: describe(obj, key[1]) for key, obj in dict(zip(keys, objs)).items()}
+                descriptions = list(map(texts.__getitem__, keys))
+            scanning.retire_many(starts, sizes, descriptions, "Pinner.pin", sites, "unpinned")
             scanning.scan_and_report()
 
     def __enter__(self) -> "Pinner":
@@ -128,23 +139,38 @@ class Pinner(native.PinnerBase):  # type: ignore[misc, name-defined]
     # Dropped with pins held: the C finalizer calls _warn_leaks() and unpin().
 
 
-def _pinned_elsewhere() -> Callable[[int, int], bool]:
-    """A ``_still_pinned`` for many queries: one pass over the live pins, then a bisect per query.
+def _coverage() -> Optional[Tuple[List[int], List[int]]]:
+    """The live pins as ``(starts, max_end)`` for bisecting, or None to ask ``_still_pinned``.
 
-    ``_still_pinned`` scans the region array once per query (O(pins in flight)
-    each, which made a level-2 unpin of 1000 pins with a few batches in flight
-    cost ~20 ms).  Used only when every pinned region belongs to a live
-    Pinner (regions added through the C API with kind PINNED are not in
-    ``_pins()``); otherwise it is ``_still_pinned`` itself.
+    Sorted starts and, at ``i``, the furthest end of the pins ``0..i``: one pass over the live
+    pins for many queries (``_still_pinned`` scans the region array once per query, O(pins in
+    flight) each, which made a level-2 unpin of 1000 pins with a few batches in flight cost
+    ~20 ms).  Only when every pinned region belongs to a live Pinner (regions added through
+    the C API with kind PINNED are not in ``_pins()``).
     """
-    extents = sorted((start, start + size) for pinner in native.pinners_live()
-                     for _obj, start, size, _site in pinner._pins())
-    if len(extents) != lib.pb_region_count(lib.PB_REGION_PINNED):
+    pins = list(itertools.chain.from_iterable(pinner._pins() for pinner in native.pinners_live()))
+    if len(pins) != lib.pb_region_count(lib.PB_REGION_PINNED):
+        return None
+    pins.sort(key=itemgetter(1))  # by start (the order among equal starts does not change max_end)
+    starts = list(map(itemgetter(1), pins))
+    ends = list(map(operator.add, starts, map(itemgetter(2), pins)))
+    # max_end[i]: the furthest end of the pins 0..i; the ends themselves when no pin sticks
+    # out past a later one (pins that do not overlap), found without a loop in Python
+    max_end = ends if ends == sorted(ends) else list(itertools.accumulate(ends, max))
+    return starts, max_end
+
+
+def _pinned_elsewhere() -> Callable[[int, int], bool]:
+    """A ``_still_pinned`` for many queries: one pass over the live pins, then a bisect per query."""
+    coverage = _coverage()
+    if coverage is None:
         return _still_pinned
-    if not extents:
+    return _covered_by(*coverage)
+
+
+def _covered_by(starts: List[int], max_end: List[int]) -> Callable[[int, int], bool]:
+    if not starts:
         return lambda start, size: False
-    starts = [start for start, _end in extents]
-    max_end = list(itertools.accumulate((end for _start, end in extents), max))  # furthest end in [0..i]
 
     def covered(start: int, size: int) -> bool:
         if size == 0:
@@ -153,6 +179,29 @@ def _pinned_elsewhere() -> Callable[[int, int], bool]:
         return i > 0 and max_end[i - 1] >= start + size
 
     return covered
+
+
+_Pin = Tuple[Any, int, int, int]  # (object, start, size, call site id), as _pins() gives them
+
+
+def _not_pinned_elsewhere(pins: List[_Pin]) -> List[_Pin]:
+    """The pins of ``pins`` no live pin covers: ``_pinned_elsewhere`` for a whole batch."""
+    coverage = _coverage()
+    if coverage is None:
+        return [pin for pin in pins if not _still_pinned(pin[1], pin[2])]
+    starts, max_end = coverage
+    if not starts:
+        return pins
+    pin_starts = list(map(itemgetter(1), pins))
+    pin_sizes = list(map(itemgetter(2), pins))
+    if 0 in pin_sizes:  # zero-length regions: the C rules exactly, for those
+        covered = _covered_by(starts, max_end)
+        return [pin for pin in pins if not covered(pin[1], pin[2])]
+    # Covered iff a live pin starting at or before it reaches its end (no loop in Python):
+    # reach[i] is the furthest end of the first i live pins (by start).
+    reach = [-1] + max_end
+    furthest = map(reach.__getitem__, map(bisect.bisect_right, itertools.repeat(starts), pin_starts))
+    return list(itertools.compress(pins, map(operator.lt, furthest, map(operator.add, pin_starts, pin_sizes))))
 
 
 def _still_pinned(start: int, size: int) -> bool:

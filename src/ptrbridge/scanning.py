@@ -35,6 +35,7 @@ collect findings for :func:`violations`.
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 import time
 import warnings
@@ -52,6 +53,7 @@ __all__ = [
     "RetainedPointerWarning",
     "scan",
     "retire",
+    "retire_many",
     "cancel",
     "set_on_violation",
     "set_scan_batch",
@@ -161,6 +163,10 @@ _targets: Dict[int, _Target] = {}
 # Freed Python blocks queued in bulk: (first id, count, starts, sizes); their
 # _Target is made only if a finding names them.
 _freed_batches: List[Tuple[int, int, Any, Any]] = []
+# Ranges queued by retire_many: (first id, starts, sizes, descriptions, function, sites, state);
+# their _Target is made only if a finding names them.
+_RetiredBatch = Tuple[int, List[int], List[int], List[str], str, List[str], str]
+_retired_batches: List[_RetiredBatch] = []
 _target_ids = itertools.count(1)
 _on_violation = "raise"
 _violations: List[Retention] = []
@@ -361,6 +367,88 @@ def retire(start: int, size: int, description: Description, function: str, site:
         check(lib.pb__scan_retire(start, size, target_id), f"queueing {description} for the scan")
 
 
+def retire_many(starts: List[int], sizes: List[int], descriptions: List[str], function: str,
+                sites: List[str], state: str) -> None:
+    """The batch form of :func:`retire`: range ``i`` is ``[starts[i], starts[i] + sizes[i])``,
+    with the texts ``descriptions[i]`` and ``sites[i]``.
+
+    The same as calling :func:`retire` for each range in turn (provenance kept, targets
+    queued in order), under one lock acquisition and with one C call for the whole batch;
+    a range's target record is made only if a finding names it.  The texts are strings
+    (a batch usually repeats a few: make each once and pass the same string).
+    """
+    global _scan_due
+    n = len(starts)
+    if not (n == len(sizes) == len(descriptions) == len(sites)):
+        raise ValueError("ptrbridge.scanning.retire_many: starts, sizes, descriptions and sites differ in length")
+    if not n:
+        return
+    c_starts, c_sizes = ffi.new("uintptr_t[]", starts), ffi.new("size_t[]", sizes)
+    # scan() looks up the ffi.new targets among the _Target records: those are made now
+    eager = any(text.startswith("ffi.new") for text in set(descriptions))
+    with _lock:
+        if state == "freed":
+            _scan_due = True
+        elif function and not function.startswith("("):
+            _remember_lends(starts, sizes, descriptions, function, sites)
+        # n ids in one step (a C loop: no other thread takes one in between): first .. last
+        last = next(itertools.islice(_target_ids, n - 1, None))
+        first = last - n + 1
+        if eager:
+            _targets.update(zip(range(first, last + 1), map(
+                _Target, starts, sizes, descriptions, itertools.repeat(function), sites, itertools.repeat(state))))
+        check(lib.pb__scan_retire_many(c_starts, c_sizes, first, n), f"queueing {n} ranges for the scan")
+        if not eager:
+            _retired_batches.append((first, list(starts), list(sizes), list(descriptions), function,
+                                     list(sites), state))
+
+
+def _remember_lends(starts: List[int], sizes: List[int], descriptions: List[str], function: str,
+                    sites: List[str]) -> None:
+    """:func:`_remember_lend` for each range in turn, the same records (under ``_lock``).
+
+    The common case inlined: a buffer lent again with the same texts (a pool of payloads
+    pinned batch after batch) only refreshes its record.
+    """
+    global _lent_seq
+    lent = _lent
+    n = len(starts)
+    priors = list(map(lent.get, starts, itertools.repeat(_NO_LEND, n)))
+    texts = list(zip(sizes, descriptions, itertools.repeat(function, n), sites))
+    if texts == list(map(_LEND_TEXTS, priors)):  # every one lent again with the same texts
+        # What the loop below does for each, without a Python loop: new seqs, same slots.
+        slots = list(map(_LEND_SLOT, priors))
+        seq = _lent_seq
+        _lent_seq = seq + n
+        lent.update(zip(starts, map(operator.add, texts, zip(range(seq, seq + n), slots))))
+        lib.pb__scan_clocks_store(_clocks, ffi.new("size_t[]", slots), n)  # the free clock of now
+        return
+    store, clocks = lib.pb__heapmap_clock_store, _clocks
+    for start, size, description, site in zip(starts, sizes, descriptions, sites):
+        prior = lent.get(start)
+        if (prior is not None and prior[0] == size and prior[2] == function and prior[1] == description
+                and prior[3] == site):
+            slot = prior[5]
+            store(clocks, slot)  # lent again: the free clock of now
+            lent[start] = (size, description, function, site, _lent_seq, slot)
+            _lent_seq += 1
+        else:
+            _remember_lend(start, size, description, function, site)
+
+
+_NO_LEND = (None, None, None, None, None, None)
+_LEND_TEXTS = operator.itemgetter(slice(0, 4))  # (size, description, function, site) of a _Lend
+_LEND_SLOT = operator.itemgetter(5)
+
+
+def _retired_target(batches: List[_RetiredBatch], target_id: int) -> Optional[_Target]:
+    for first, starts, sizes, descriptions, function, sites, state in batches:
+        if first <= target_id < first + len(starts):
+            i = target_id - first
+            return _Target(starts[i], sizes[i], descriptions[i], function, sites[i], state)
+    return None
+
+
 def returned(start: int, size: int, description: str, function: str, site: str, target_id: int) -> None:
     """A level-2 call returned and ``pb__lend_return`` queued its lend as ``target_id``: keep the texts.
 
@@ -379,7 +467,7 @@ def next_target_id() -> int:
 
 def cancel(start: int, size: int) -> None:
     """Drop queued targets overlapping this range: it is lent or pinned again, legitimately."""
-    if _targets:
+    if _targets or _retired_batches:
         lib.pb__scan_cancel(start, size)
 
 
@@ -440,7 +528,7 @@ def scan() -> List[Retention]:
     global _calls_since_scan, _last_scan_end, _scan_due
     with _lock:
         _scan_due = False
-        if not _targets and not _freed_batches:
+        if not _targets and not _freed_batches and not _retired_batches:
             _calls_since_scan = 0
             return []
         out = ffi.new("struct pb_finding[]", _MAX_FINDINGS)
@@ -448,22 +536,27 @@ def scan() -> List[Retention]:
         total = lib.pb__scan_run(out, _MAX_FINDINGS, 0, scanned)
         targets = dict(_targets)
         _targets.clear()
-        cffi_freed = {t.start: t for t in targets.values() if t.description.startswith("ffi.new")}
         batches, _freed_batches[:] = list(_freed_batches), []
+        retired, _retired_batches[:] = list(_retired_batches), []
         _calls_since_scan = 0
     found: List[Retention] = []
     # One place in memory is one finding, even when two roots cover it (a registered
     # root inside an interposed block, a watched library's segment) or two targets
     # do (memory lent by a call and freed since: reported as freed, naming the call).
     by_place: Dict[int, Tuple[Any, _Target]] = {}
+    cffi_freed: Optional[Dict[int, _Target]] = None  # made at the first finding that needs it
     for i in range(min(total, _MAX_FINDINGS)):
         f = out[i]
         place = int(f.root_base) + int(f.offset)
-        target = targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
+        target = (targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
+                  or _retired_target(retired, int(f.target_id)))
         if target is None:
             continue
-        if target.function.startswith("(") and target.start in cffi_freed:
-            target = cffi_freed[target.start]  # the heap map's record of an ffi.new block: say so
+        if target.function.startswith("("):
+            if cffi_freed is None:
+                cffi_freed = {t.start: t for t in targets.values() if t.description.startswith("ffi.new")}
+            if target.start in cffi_freed:
+                target = cffi_freed[target.start]  # the heap map's record of an ffi.new block: say so
         if target.state == "freed":
             if _live_again(int(f.value), target.start):
                 continue  # the address belongs to a live block now (the freed one was reused)
