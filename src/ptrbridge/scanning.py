@@ -167,7 +167,31 @@ _freed_batches: List[Tuple[int, int, Any, Any]] = []
 # their _Target is made only if a finding names them.
 _RetiredBatch = Tuple[int, List[int], List[int], List[str], str, List[str], str]
 _retired_batches: List[_RetiredBatch] = []
-_target_ids = itertools.count(1)
+class _Ids:
+    """Scan target ids: one at a time, or a block of consecutive ones.
+
+    A block is taken in one step, so no other thread gets an id inside it (the
+    scanner prefers the newest target, by id).  Not an ``itertools.islice`` of
+    a counter: that makes and frees an int per id, which would fill the heap
+    map's freed history with ptrbridge's own garbage.
+    """
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def take(self, n: int = 1) -> int:
+        """The first of ``n`` new consecutive ids."""
+        with self._lock:
+            first = self._next
+            self._next = first + n
+        return first
+
+    def __next__(self) -> int:
+        return self.take()
+
+
+_target_ids = _Ids()
 _on_violation = "raise"
 _violations: List[Retention] = []
 _library_ids = itertools.count(1)
@@ -391,9 +415,8 @@ def retire_many(starts: List[int], sizes: List[int], descriptions: List[str], fu
             _scan_due = True
         elif function and not function.startswith("("):
             _remember_lends(starts, sizes, descriptions, function, sites)
-        # n ids in one step (a C loop: no other thread takes one in between): first .. last
-        last = next(itertools.islice(_target_ids, n - 1, None))
-        first = last - n + 1
+        first = _target_ids.take(n)  # first .. last, in one step
+        last = first + n - 1
         if eager:
             _targets.update(zip(range(first, last + 1), map(
                 _Target, starts, sizes, descriptions, itertools.repeat(function), sites, itertools.repeat(state))))
@@ -632,10 +655,11 @@ def scan_freed_python_memory() -> List[Retention]:
     if heapmap.installed():
         heapmap.verify()  # re-hooks if another allocator hook cut the map out of the chain
         with _lock:
-            first = next(_target_ids)
+            # Ids first .. first + _FREED_BATCH - 1 are taken before the C call (which cffi makes
+            # without the GIL: a call on another thread taking an id meanwhile must not get one of
+            # them).
+            first = _target_ids.take(_FREED_BATCH)
             n = lib.pb__heapmap_retire_freed(first, _scratch_starts, _scratch_sizes, _FREED_BATCH)
-            for _ in range(max(n - 1, 0)):
-                next(_target_ids)  # the ids first .. first + n - 1 are taken
             if n:  # kept until the scan names the findings: copies of the right size
                 starts = ffi.new("uintptr_t[]", n)
                 sizes = ffi.new("size_t[]", n)
