@@ -130,25 +130,7 @@ static void register_atfork(void)
 
 int pb__scan_retire(uintptr_t start, size_t size, uint64_t id)
 {
-    pthread_once(&atfork_once, register_atfork);
-    pthread_mutex_lock(&target_lock);
-    if (target_count == target_cap) {
-        size_t cap = target_cap ? target_cap * 2 : 256;
-        struct target *t = realloc(targets, cap * sizeof *t);
-        if (t == NULL) {
-            pthread_mutex_unlock(&target_lock);
-            return PB_ERR_NOMEM;
-        }
-        targets = t;
-        target_cap = cap;
-    }
-    uintptr_t end = start + (size ? size : 1);
-    if (end < start)
-        end = UINTPTR_MAX;
-    targets[target_count++] = (struct target){start, end, id};
-    target_generation++;
-    pthread_mutex_unlock(&target_lock);
-    return PB_OK;
+    return pb__scan_retire_many(&start, &size, id, 1);
 }
 
 int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t first_id, size_t n)
