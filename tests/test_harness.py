@@ -527,6 +527,25 @@ def test_run_instruments_a_program_whose_first_import_is_ctypes(tmp_path: Path, 
     assert report["checked"]["calls"] == 1, proc.stderr
 
 
+def test_run_says_which_processes_wrote_no_report_without_calling_them_dead(tmp_path: Path) -> None:
+    # A forked worker that ends with os._exit (as multiprocessing's fork workers do) writes no report;
+    # it found nothing, so the summary counts it without a "died" line, and the run passes.
+    proc = _run(tmp_path, """
+        import ctypes, os
+        libc = ctypes.CDLL("libc.so.6")
+        pid = os.fork()
+        if pid == 0:
+            libc.strlen(b"child")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(libc.strlen(b"parent"))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"1 process\(es\) \(\d+\) started ptrbridge and wrote no report \(they died, or ended "
+                     r"with os\._exit\)", proc.stderr), proc.stderr
+    assert "died before writing its report" not in proc.stderr
+
+
 @pytest.mark.parametrize("buffer", ["bytes(bytearray(b'kept by C, read later'))",
                                     "ctypes.create_string_buffer(b'kept by C, read later')"],
                          ids=["bytes", "create_string_buffer"])

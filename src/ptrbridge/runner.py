@@ -207,13 +207,19 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
     if lost:
         notes.append(f"process(es) {', '.join(map(str, lost))} died of a quarantine fault (recorded above) "
                      f"before writing a report, so their other findings and counts are lost")
-    died = sorted(pid for pid in journals if pid not in lost)
-    for pid in died:
-        argv = " ".join(journals[pid]["argv"]) or "?"
+    silent = []
+    for pid in sorted(pid for pid in journals if pid not in lost):
         found = len(journals[pid]["findings"])
+        if not found:
+            silent.append(pid)  # e.g. a forked worker that ended with os._exit
+            continue
+        argv = " ".join(journals[pid]["argv"]) or "?"
         notes.append(f"process {pid} ({argv}) started ptrbridge and died before writing its report: "
-                     + (f"the {found} error(s) it recorded before are listed above; " if found else "")
-                     + "its other findings and its counts are lost")
+                     f"the {found} error(s) it recorded before are listed above; its other findings and "
+                     f"its counts are lost")
+    if silent:
+        notes.append(f"{len(silent)} process(es) ({', '.join(map(str, silent))}) started ptrbridge and wrote no "
+                     f"report (they died, or ended with os._exit): their findings and counts are lost")
     activated = [r for r in reports if r["process"]["activated"]]
     if reports and not activated:
         notes.append("ptrbridge was never loaded: no Python process of the command imported cffi, ctypes "
