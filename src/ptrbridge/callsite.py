@@ -17,10 +17,16 @@ def _is_internal(filename: str) -> bool:
             and not filename.startswith(_USER_DIRS))
 
 
-def frame_location(frame: Any) -> Optional[Tuple[str, int]]:
-    """``(filename, lineno)`` of ``frame``, or of the nearest frame above it outside this package."""
+def _user_frame(frame: Any) -> Any:
+    """``frame``, or the nearest frame above it outside this package (None if there is none)."""
     while frame is not None and _is_internal(frame.f_code.co_filename):
         frame = frame.f_back
+    return frame
+
+
+def frame_location(frame: Any) -> Optional[Tuple[str, int]]:
+    """``(filename, lineno)`` of ``frame``, or of the nearest frame above it outside this package."""
+    frame = _user_frame(frame)
     if frame is None:
         return None
     return frame.f_code.co_filename, frame.f_lineno
@@ -35,8 +41,7 @@ def frame_site(frame: Any) -> str:
     The text of a (code, instruction offset) is made once: level 2 asks for
     it at every checked call, and the same call site comes back each time.
     """
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back
+    frame = _user_frame(frame)
     if frame is None:
         return "<unknown>:0"
     key = (frame.f_code, frame.f_lasti)

@@ -270,8 +270,8 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
                 calls._finish_shadows(shadows, regions)
             calls._return_lent(regions, name, frame)
     if level == 1 and quarantine._enabled and quarantine._tick():  # sampling drew this call
-        args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), getattr(
-            self, "__name__", "<C function>"), frame, (), True)
+        name = getattr(self, "__name__", "<C function>")
+        args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, (), True)
         try:
             return _base_call(self, *args)
         finally:
