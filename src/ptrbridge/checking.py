@@ -489,16 +489,15 @@ class CallCheck:
             if block is not None and (
                     (block.domain in ("mem", "object") and block.size <= _PYMALLOC_MAX)
                     or lib.pb__heapmap_held_large(address)):
-                extent = scanning.lent_extent(block.start, block.size)
-                if extent is not None and address == extent[0] + extent[1]:
-                    # One past the end of the object a checked call was lent: it points at
-                    # none of its bytes.  zlib's next_in once all the input is consumed (and
-                    # avail_in is 0) is this, in every correct streaming loop.
-                    return None
-                lent = scanning.lent_provenance(block.start, block.size)
+                lent = scanning.lent_record(block.start, block.size)
                 if lent is not None:  # the object an earlier checked call was lent
-                    return FreedRegion(block.start, block.size, lent[0],
-                                       f"<unknown> (lent to {lent[1]}() at {lent[2]}, freed since; "
+                    if address == lent[0] + lent[1]:
+                        # One past its end: it points at none of its bytes.  zlib's next_in once
+                        # all the input is consumed (and avail_in is 0) is this, in every correct
+                        # streaming loop.
+                        return None
+                    return FreedRegion(block.start, block.size, lent[2],
+                                       f"<unknown> (lent to {lent[3]}() at {lent[4]}, freed since; "
                                        f"seen by the level-2 heap map)", "<unknown>")
                 return FreedRegion(block.start, block.size,
                                    f"Python memory block ({block.size} bytes, {block.domain} allocator)",

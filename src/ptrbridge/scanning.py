@@ -167,6 +167,8 @@ _freed_batches: List[Tuple[int, int, Any, Any]] = []
 # their _Target is made only if a finding names them.
 _RetiredBatch = Tuple[int, List[int], List[int], List[str], str, List[str], str]
 _retired_batches: List[_RetiredBatch] = []
+
+
 class _Ids:
     """Scan target ids: one at a time, or a block of consecutive ones.
 
@@ -221,9 +223,10 @@ _INDEXED_PAGES = 256  # a lend is indexed under every page it covers, up to this
 # seq % LENT_HISTORY in _clocks (the heap map's free clock when it was made) and in
 # _slot_start; a new lend taking a slot forgets the old one, so at most LENT_HISTORY
 # are kept, the oldest going first.  The same lend again (same start, size and texts:
-# a buffer a loop passes to C at every call) keeps its slot and gets a new seq and clock.  Indexed by page (_lent_pages: every page a lend
-# covers; _lent_huge: lends over _INDEXED_PAGES pages, looked at every time), so
-# finding the lends inside a freed block is not a walk of them all.
+# a buffer a loop passes to C at every call) keeps its slot and gets a new seq and
+# clock.  Indexed by page (_lent_pages: every page a lend covers; _lent_huge: lends
+# over _INDEXED_PAGES pages, looked at every time), so finding the lends inside a
+# freed block is not a walk of them all.
 _Lend = Tuple[int, Description, str, Description, int, int]
 _lent: Dict[int, _Lend] = {}
 _lent_pages: Dict[int, Set[int]] = {}
@@ -352,11 +355,15 @@ def remember_lend(start: int, size: int, description: Description, function: str
         _remember_lend(start, size, description, function, site)
 
 
-def lent_extent(start: int, size: int) -> Optional[Tuple[int, int]]:
-    """``(start, size)`` of the lend :func:`lent_provenance` names for a freed block, or None."""
+def lent_record(start: int, size: int) -> Optional[Tuple[int, int, str, str, str]]:
+    """``(lend start, lend size, description, function, site)`` of the lend
+    :func:`lent_provenance` names for a freed block, or None (one walk for both)."""
     with _lock:
         found = _best_lend(start, size)
-    return None if found is None else (found[0], found[1][0])
+    if found is None:
+        return None
+    lent_start, lend = found
+    return lent_start, lend[0], _text(lend[1]), lend[2], _text(lend[3])
 
 
 def lent_provenance(start: int, size: int) -> Optional[Tuple[str, str, str]]:
@@ -367,9 +374,8 @@ def lent_provenance(start: int, size: int) -> Optional[Tuple[str, str, str]]:
     (not of an earlier one at the same address).  Reads the heap map's free
     history; call it only for a finding.
     """
-    with _lock:
-        target = _lent_inside(start, size)
-    return None if target is None else (target.description, target.function, target.site)
+    record = lent_record(start, size)
+    return None if record is None else record[2:]
 
 
 def retire(start: int, size: int, description: Description, function: str, site: Description,
@@ -446,17 +452,8 @@ def _remember_lends(starts: List[int], sizes: List[int], descriptions: List[str]
         lent.update(zip(starts, map(operator.add, texts, zip(range(seq, seq + n), slots))))
         lib.pb__scan_clocks_store(_clocks, ffi.new("size_t[]", slots), n)  # the free clock of now
         return
-    store, clocks = lib.pb__heapmap_clock_store, _clocks
     for start, size, description, site in zip(starts, sizes, descriptions, sites):
-        prior = lent.get(start)
-        if (prior is not None and prior[0] == size and prior[2] == function and prior[1] == description
-                and prior[3] == site):
-            slot = prior[5]
-            store(clocks, slot)  # lent again: the free clock of now
-            lent[start] = (size, description, function, site, _lent_seq, slot)
-            _lent_seq += 1
-        else:
-            _remember_lend(start, size, description, function, site)
+        _remember_lend(start, size, description, function, site)  # refreshes the ones lent again
 
 
 _NO_LEND = (None, None, None, None, None, None)
