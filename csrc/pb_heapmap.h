@@ -76,6 +76,12 @@ void pb_heapmap_clock(struct pb_heapmap_clock *out);
  * ordered after them).  Takes the heap map's lock; no GIL. */
 size_t pb_heapmap_freed_clock_at(uintptr_t addr, struct pb_heapmap_clock *need);
 
+/* The interposer patched a newly loaded object: marks the free clock, so
+ * that freed libc-backed blocks given back before now are not reported as
+ * Python memory C points to (the object's constructors ran unhooked and may
+ * have been handed that memory).  Lock-free; any thread. */
+void pb_heapmap_note_load(void);
+
 /* PB_CDEF_BEGIN */
 
 /* Allocator domains of the blocks in the heap map. */

@@ -851,3 +851,34 @@ def test_a_target_a_library_is_mapped_over_now_is_not_reported() -> None:
         ptrbridge.remove_root(rid)
     assert [r.lent_at for r in found] == ["x.py:2"]
     assert found[0].address == elsewhere + 8
+
+
+def test_memory_a_library_constructor_took_after_python_freed_it_is_not_python_memory(
+        tmp_path: Path) -> None:
+    # libpixman's and libX11's false "freed Python memory" under cairocffi, reduced: Python
+    # gives a block back to libc, then dlopen runs a constructor (not yet interposed) that is
+    # handed the same memory and keeps it in a global.  Nothing says C got it from Python.
+    lib = build_shared("ctoralloc.c", tmp_path)
+    out = _child(f"""
+    import sys
+    import cffi, ptrbridge
+    from ptrbridge import heapmap, scanning
+    ptrbridge.set_check_level(2)
+    heapmap.set_hold(0, 0)                      # the block goes back to libc at once
+    ffi = cffi.FFI()
+    ffi.cdef("uintptr_t ctoralloc_table(void);")
+    scanning.scan_freed_python_memory()         # only this test's frees from here
+    n = 2999                                    # a variable: not a constant, freed for real
+    b = b"p" * n
+    start = id(b)
+    os.environ["CTORALLOC_SIZE"] = str(sys.getsizeof(b))  # the same size: libc's same bin
+    del b
+    c = ffi.dlopen({str(lib)!r})
+    table = c.ctoralloc_table()
+    print(start <= table < start + n + 64)
+    print([str(f) for f in scanning.scan_freed_python_memory() if start <= f.address < start + n + 64])
+    """, {})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True", lines  # libc handed the constructor Python's freed memory
+    assert lines[1] == "[]", lines
