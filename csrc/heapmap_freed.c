@@ -336,41 +336,6 @@ static void keep_newest(size_t cap)
     lock_taken += l - keep_l;
 }
 
-/* The free clock when the interposer last patched a newly loaded object
- * (pb_heapmap_note_load); epoch 0: none yet. */
-static _Atomic uint64_t load_epoch, load_gil, load_lock;
-
-void pb_heapmap_note_load(void)
-{
-    struct pb_heapmap_clock c;
-    hm_clock_read(&c);
-    if (c.epoch == 0)
-        return; /* the history is being forgotten: the next load marks it */
-    atomic_store(&load_gil, c.gil);
-    atomic_store(&load_lock, c.lock);
-    atomic_store(&load_epoch, c.epoch);
-}
-
-static void load_clock_read(struct pb_heapmap_clock *out)
-{
-    out->epoch = atomic_load(&load_epoch);
-    out->gil = atomic_load(&load_gil);
-    out->lock = atomic_load(&load_lock);
-}
-
-/* Whether the free with this history serial (seq << 1 | locked path) came
- * before the last load.  A load marked in an earlier epoch of the history
- * (since forgotten) says nothing about these records. */
-static int loaded_since(uint64_t serial, const struct pb_heapmap_clock *load)
-{
-    if (load->epoch == 0)
-        return 0;
-    if (load->epoch != atomic_load_explicit(&hm_freed_epoch, memory_order_acquire))
-        return 0;
-    uint64_t seq = serial >> 1;
-    return (serial & 1) ? seq < load->lock : seq < load->gil;
-}
-
 /* Blocks whose memory came from libc's malloc (raw, numpy, and the mem and
  * object domains above pymalloc's limit): once given back, libc may hand the
  * memory to anyone, C code the interposer does not see included. */
@@ -432,8 +397,6 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
     int cffi_queued_elsewhere = pb_interpose_enabled();
     /* Room for the starts of every block the locked path holds (libc-backed ones among them). */
     uintptr_t *held = malloc((size_t)DOMAINS * PB_HEAPMAP_HOLD_MAX * sizeof *held);
-    struct pb_heapmap_clock load;
-    load_clock_read(&load);
     hm_lock();
     size_t nheld = held != NULL ? locked_held_starts(held) : 0;
     keep_newest(cap);
@@ -445,19 +408,17 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
         int domain = (int)(v >> SIZE_SHIFT);
         if (cffi_queued_elsewhere && domain == PB_HEAPMAP_CFFI)
             continue;
-        if (held != NULL && loaded_since(serial, &load) && libc_backed(domain, (size_t)(v & SIZE_MASK)) &&
-            !sorted_has(held, nheld, s))
-            continue; /* given back to libc, then a library was loaded: its constructors ran
-                         before it was interposed, and their malloc may have this memory now */
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
+        if (held != NULL && libc_backed(domain, sizes[n]) && !sorted_has(held, nheld, s))
+            sizes[n] |= PB_HEAPMAP_GIVEN_BACK;
         n++;
     }
     hm_unlock();
     free(held);
     free(seg);
     for (size_t i = 0; i < n; i++)
-        if (pb__scan_retire(starts[i], sizes[i], first_id + i) != PB_OK)
+        if (pb__scan_retire(starts[i], sizes[i] & ~(size_t)PB_HEAPMAP_GIVEN_BACK, first_id + i) != PB_OK)
             return i;
     return n;
 }

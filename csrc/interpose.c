@@ -1225,10 +1225,8 @@ static void patch_object(const struct obj *o, struct slot_list *out)
         patch_relocs(o, jmprel, jmpsz / sizeof *jmprel, symtab, strtab, out);
     if (rela)
         patch_relocs(o, rela, relasz / sizeof *rela, symtab, strtab, out);
-    if (out->n > before && (o->klass == PB_OBJ_PATCHED || o->klass == PB_OBJ_CFFI)) {
+    if (out->n > before && (o->klass == PB_OBJ_PATCHED || o->klass == PB_OBJ_CFFI))
         objects_patched++;
-        pb_heapmap_note_load(); /* what its constructors allocated, no hook saw */
-    }
 }
 
 struct walk {
