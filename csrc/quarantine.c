@@ -70,6 +70,7 @@
 #define FUNCTION_MAX 96
 #define STACK_MAX 1024
 #define SITE_MAX 256
+#define STACK_IDS 8 /* frames of a lend's Python stack kept as site ids (pysite.c) */
 #define BACKTRACE_MAX 32
 #define CHAIN_THREADS 64
 #define ALTSTACK_BYTES ((size_t)64 << 10)
@@ -101,6 +102,10 @@ struct slot {
     int held;          /* Python holds a reference to owner for the slot (no heap map): alive while > 1 */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
+    /* Where it was lent: site ids of the Python stack (their text is made
+     * once per site, pb__site_line), or, from pb__quarantine_lend, text. */
+    int nstack;        /* > 0: stack_ids[0, nstack) hold it; 0: site and stack */
+    uint32_t stack_ids[STACK_IDS];
     char site[SITE_MAX];
     char stack[STACK_MAX];
 };
@@ -460,6 +465,34 @@ static int owner_alive(struct slot *s)
     return !s->held || Py_REFCNT((PyObject *)owner) > 1;
 }
 
+/* "/path/file.py:12" of the lending call */
+static void put_site(const struct slot *s)
+{
+    size_t where_len = 0;
+    const char *line = s->nstack > 0 ? pb__site_line(s->stack_ids[0], &where_len) : NULL;
+    if (line != NULL)
+        put(line, where_len);
+    else
+        put_str(s->nstack > 0 ? "<unknown>" : s->site);
+}
+
+/* "    #k /path/file.py:12 in name" lines of the lending call's Python stack */
+static void put_stack(const struct slot *s)
+{
+    if (s->nstack == 0) {
+        put_str(s->stack);
+        return;
+    }
+    for (int k = 0; k < s->nstack; k++) {
+        size_t where_len;
+        const char *line = pb__site_line(s->stack_ids[k], &where_len);
+        put_str("    #");
+        put_dec((uintmax_t)k);
+        put_str(" ");
+        put_str(line != NULL ? line : "<unknown>\n");
+    }
+}
+
 /* "bytes(241) lent to produce() at file.py:12" */
 static void put_lent(const struct slot *s)
 {
@@ -467,7 +500,7 @@ static void put_lent(const struct slot *s)
     put_str(" lent to ");
     put_str(s->function);
     put_str("() at ");
-    put_str(s->site);
+    put_site(s);
 }
 
 static void report(struct slot *s, int state, uintptr_t a, void *uctx)
@@ -490,7 +523,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
             put_str("(): ");
             put_bytes((size_t)(a - end) + 1);
             put_str(" beyond its end (at ");
-            put_str(s->site);
+            put_site(s);
             put_str(", caught by the quarantine's guard page)\n");
         } else {
             put_str(" before the start of ");
@@ -500,7 +533,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
             put_str("(): ");
             put_bytes((size_t)(s->data - a));
             put_str(" before its start (at ");
-            put_str(s->site);
+            put_site(s);
             put_str(", caught by the quarantine's guard page)\n");
         }
     } else if (state == ADOPTING) {
@@ -555,7 +588,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_str("lent to ");
     put_str(s->function);
     put_str("() by the Python call (innermost first):\n");
-    put_str(s->stack);
+    put_stack(s);
     put_str("\n");
     /* 3. where it was released */
     if (state == LENT) {
@@ -1008,12 +1041,20 @@ static void evict_one(void)
     atomic_store_explicit(&s->state, FREE, memory_order_release);
 }
 
-int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
-                        const char *function, const char *site, const char *stack, uintptr_t *shadow)
+static void copy_text_n(char *dst, size_t cap, const char *src, size_t n)
 {
-    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
-        stack == NULL)
-        return PB_ERR_INVALID;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+/* Both ways of lending: where it was lent is `ids` (nids > 0), else the
+ * texts `site` and `stack`. */
+static int lend(const void *src, size_t len, uintptr_t owner, int held, const char *object, size_t object_len,
+                const char *function, size_t function_len, const char *site, const char *stack,
+                const uint32_t *ids, int nids, uintptr_t *shadow)
+{
     ensure_altstack();
     pthread_mutex_lock(&lock);
     if (init_pool() != 0) {
@@ -1069,10 +1110,18 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, 
     s->closed = s->area + s->area_bytes;
     if (len)
         memcpy((void *)s->data, src, len);
-    copy_text(s->object, sizeof s->object, object);
-    copy_text(s->function, sizeof s->function, function);
-    copy_text(s->site, sizeof s->site, site);
-    copy_text(s->stack, sizeof s->stack, stack);
+    copy_text_n(s->object, sizeof s->object, object, object_len);
+    copy_text_n(s->function, sizeof s->function, function, function_len);
+    if (nids > 0) {
+        if (nids > STACK_IDS)
+            nids = STACK_IDS;
+        memcpy(s->stack_ids, ids, (size_t)nids * sizeof *ids);
+        s->nstack = nids;
+    } else {
+        s->nstack = 0;
+        copy_text(s->site, sizeof s->site, site);
+        copy_text(s->stack, sizeof s->stack, stack);
+    }
     s->src = (uintptr_t)src;
     s->held = owner != 0 && held;
     watch_locked(s, owner);
@@ -1080,6 +1129,34 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, 
     *shadow = s->data;
     pthread_mutex_unlock(&lock);
     return found;
+}
+
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                        const char *function, const char *site, const char *stack, uintptr_t *shadow)
+{
+    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
+        stack == NULL)
+        return PB_ERR_INVALID;
+    return lend(src, len, owner, held, object, strlen(object), function, strlen(function), site, stack, NULL, 0,
+                shadow);
+}
+
+int pb__quarantine_lend_sites(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                              size_t object_len, const char *function, size_t function_len, const uint32_t *ids,
+                              int nids, uintptr_t *shadow)
+{
+    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL ||
+        (ids == NULL && nids > 0))
+        return PB_ERR_INVALID;
+    if (nids <= 0) /* no Python caller */
+        return lend(src, len, owner, held, object, object_len, function, function_len, "<unknown>",
+                    "    #0 <unknown>\n", NULL, 0, shadow);
+    return lend(src, len, owner, held, object, object_len, function, function_len, NULL, NULL, ids, nids, shadow);
+}
+
+int pb__quarantine_finish_at(int index, uintptr_t dst)
+{
+    return pb__quarantine_finish(index, (void *)dst);
 }
 
 int pb__quarantine_finish(int index, void *dst)
