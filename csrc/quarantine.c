@@ -1,21 +1,31 @@
 /*
  * quarantine.c - guard-paged shadow copies and the fault reporter.
  *
- * Layout.  Shadows come from a pool of pre-faulted slots; a buffer larger
- * than a pool slot gets a mapping of its own (bounded in number and bytes).
+ * Layout.  Shadows come from a pool of pre-faulted slots, of one page (for
+ * the many small buffers) and of 64 KiB; a buffer larger than that gets a
+ * mapping of its own (bounded in number and bytes).
  * Every slot is one mapping: a leading guard page, the data area, a trailing
  * guard page.  The copy is right-aligned so its last byte touches the
  * trailing guard: C reading past the end while the buffer is lent faults at
  * once (an overrun report).  After the call the pages that held the copy are
- * closed (MADV_GUARD_INSTALL where the kernel has it, mprotect otherwise,
- * decided and remembered per slot) and the slot waits in a FIFO of
- * QUARANTINE_DEPTH; the oldest is reopened the way it was closed.  A slot is
- * at most three VMAs, so the pool stays a few hundred VMAs, far below
- * vm.max_map_count (65530 by default).
+ * closed and the slot waits in a FIFO of QUARANTINE_DEPTH; the oldest is
+ * reopened the way it was closed.  When the closed pages are the whole data
+ * area (a one-page slot), mprotect closes them: it merges them with the
+ * guard pages, and the pages keep their contents.  Otherwise
+ * MADV_GUARD_INSTALL where the kernel has it (no VMA split), mprotect if not
+ * (decided and remembered per slot).  A slot is at most three VMAs, so the
+ * pool stays a few hundred VMAs, far below vm.max_map_count (65530 by
+ * default).  Per lend that is one syscall to close, one to reopen and one to
+ * see that the handler is still on top (sigaction).
+ *
+ * The lending call's Python stack is kept as site ids (pysite.c): the text of
+ * each frame is made once per call site, and the handler prints it from
+ * there (pb__site_line).
  *
  * The SIGSEGV/SIGBUS handler.  It uses only async-signal-safe code (atomic
- * loads of fixed slot records, text formatted at lend time, write(2),
- * sigaction, pthread_sigmask, raise), plus backtrace() and dladdr(): both are
+ * loads of fixed slot records, text formatted at lend time or once per call
+ * site, write(2), sigaction, pthread_sigmask, raise), plus backtrace() and
+ * dladdr(): both are
  * used by ASan and faulthandler-like tools in the same place; backtrace() is
  * called once at install time so that it loads libgcc then, and dladdr() can
  * only block if the fault hit during dlopen, with the process about to die.
@@ -61,9 +71,10 @@
 #include "pb_py.h" /* Py_REFCNT of a held original (read, never changed, in the handler) */
 #include "pb_quarantine.h"
 
-#define POOL_SLOTS 32
+#define SMALL_SLOTS 32 /* pool slots of one page, for buffers that fit one */
+#define POOL_SLOTS (SMALL_SLOTS + 32) /* and of POOL_SLOT_BYTES */
 #define POOL_SLOT_BYTES ((size_t)64 << 10)
-#define MAX_SLOTS 96
+#define MAX_SLOTS (POOL_SLOTS + 64)
 #define DEDICATED_MAX_BYTES ((size_t)256 << 20) /* all dedicated shadows together */
 #define QUARANTINE_DEPTH 16
 #define OBJECT_MAX 160
@@ -897,7 +908,13 @@ static int close_slot(struct slot *s)
         s->how = CLOSED_GUARD;
         return 0;
     }
-    if (try_guard && !forced_mprotect) {
+    /* The whole data area (a small slot, or a dedicated one the copy fills):
+     * mprotect merges it with its guard pages, so it adds no VMA, and the
+     * pages keep their contents, where a guard region would discard them and
+     * the next lend of the slot would take a page fault per page to refill
+     * them (that fault costs more than the mprotect pair). */
+    int whole = s->closed == s->area;
+    if (try_guard && !forced_mprotect && !whole) {
         if (madvise(addr, n, MADV_GUARD_INSTALL) == 0) {
             s->how = CLOSED_GUARD;
             return 0;
@@ -980,15 +997,16 @@ static int init_pool(void)
         return 0;
     page = (size_t)sysconf(_SC_PAGESIZE);
     for (int i = 0; i < POOL_SLOTS; i++) {
-        uintptr_t area = map_area(POOL_SLOT_BYTES);
+        size_t area_bytes = i < SMALL_SLOTS ? page : POOL_SLOT_BYTES;
+        uintptr_t area = map_area(area_bytes);
         if (area == 0) {
             for (int j = 0; j < i; j++)
                 munmap((void *)(slots[j].area - page), slots[j].area_bytes + 2 * page);
             return -1;
         }
         slots[i].area = area;
-        slots[i].area_bytes = POOL_SLOT_BYTES;
-        slots[i].closed = area + POOL_SLOT_BYTES;
+        slots[i].area_bytes = area_bytes;
+        slots[i].closed = area + area_bytes;
         slots[i].how = OPEN;
         slots[i].dedicated = 0;
     }
@@ -1065,7 +1083,7 @@ static int lend(const void *src, size_t len, uintptr_t owner, int held, const ch
     int found = -1;
     if (len <= POOL_SLOT_BYTES) {
         for (int attempt = 0; attempt < 2 && found < 0; attempt++) {
-            for (int i = 0; i < POOL_SLOTS; i++)
+            for (int i = len <= page ? 0 : SMALL_SLOTS; i < POOL_SLOTS; i++) /* a small slot first */
                 if (atomic_load(&slots[i].state) == FREE) {
                     found = i;
                     break;

@@ -509,8 +509,8 @@ def _pointing(target: Any, address: int) -> Any:
     return target(address)
 
 
-_OWN_CDATA = ownership._OWN_TYPE
-_FROMBUF_CDATA = ownership._FROMBUF_TYPE
+_OWN_CDATA: Any = type(ffi.new("char[]", 1))  # as ownership._CDATA_OWNING
+_FROMBUF_CDATA: Any = type(ffi.from_buffer(b""))
 _SKIP, _DIRECT, _FULL = 0, 1, 2
 # ctype of a cdata argument -> (what it is, size of a pointer's item): _DIRECT a
 # pointer or array of primitive items (its own memory, if it owns any: bytes to
@@ -586,17 +586,19 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
         return _shadow_arguments_full(args, params, function, frame, lent, sampled)
     if _held and lib.pb__quarantine_kept_reads():
         _release_dropped()
-    mapped = heapmap.installed()
+    mapped = lib.pb__heapmap_installed()
     new_args = list(args)
     shadows: List[Shadow] = []
     for i, arg, address, size, writable, param in direct:
-        if not (sampled or due()):
+        if not sampled and not _tick():
             continue
-        flags = 0 if address == 0 else _QL_CHECK_PINNED
-        text = describe(arg, size) if address else f"bytes({size - 1})"  # bytes: by its length, as everywhere
-        held = address == 0 and not mapped and size <= _HELD_MAX
-        if address == 0 and (mapped or held):
-            flags = _QL_IMMUTABLE | _QL_HELD if held else _QL_IMMUTABLE
+        if _sample != 1 and not sampled:
+            _arm()  # as due() does: the next draw
+        if address:
+            text, flags, held = describe(arg, size), _QL_CHECK_PINNED, False
+        else:  # a bytes: described by its length, as everywhere; the shadow also holds the NUL
+            text, held = f"bytes({size - 1})", not mapped and size <= _HELD_MAX
+            flags = (_QL_IMMUTABLE | _QL_HELD if held else _QL_IMMUTABLE) if mapped or held else 0
         lent_one = native.quarantine_lend(arg, address, size, flags, text, function, frame)
         if lent_one is None:
             continue  # pinned, or no free shadow: passed as it is, unquarantined
@@ -605,11 +607,15 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
             _held[slot] = arg
         elif _held:
             _held.pop(slot, None)
-        if mapped and not any(o is arg for o in lent):
-            # The original, for the heap map's later use-after-free reports; a
-            # level-2 call's own lend records those it lent (calls._return_lent).
-            start = address or address_of(ffi.from_buffer(arg))
-            scanning.remember_lend(start, size, text, function, frame_site(frame))
+        if mapped:
+            for known in lent:
+                if known is arg:
+                    break
+            else:
+                # The original, for the heap map's later use-after-free reports (a level-2
+                # call's own lend records what it lent: calls._return_lent).
+                start = address or address_of(ffi.from_buffer(arg))
+                scanning.remember_lend(start, size, text, function, frame_site(frame))
         new_args[i] = ffi.cast(_shadow_types.get(param) or _shadow_type(param), shadow)
         shadows.append((slot, address if writable else None, (arg, ()), shadow, size, text))
     return tuple(new_args), shadows
