@@ -270,7 +270,7 @@ def held() -> int:
 # ids, in one C call; the text of a stack frame is made once per call site
 # (csrc/pysite.c), for the signal handler, which can only copy bytes.
 
-_QL_CHECK_PINNED, _QL_HELD, _QL_IMMUTABLE = 1, 2, 4  # flags of native.quarantine_lend
+_QL_CHECK_PINNED, _QL_HELD, _QL_IMMUTABLE, _QL_WRITABLE = 1, 2, 4, 8  # flags of native.quarantine_lend(_arg)
 
 
 def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, obj_text: str, function: str,
@@ -562,19 +562,19 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     """
     if sampled:
         _arm()
-    direct: List[Tuple[int, Any, int, int, bool, Any]] = []  # index, arg, address (0: bytes), size, writable, ctype
+    direct: List[Tuple[int, Any, int, int, Any]] = []  # index, arg, address (0: a bytes), size, parameter ctype
     for i, param in params:
         if i >= len(args):
             break
         arg = args[i]
         kind = type(arg)
         if kind is bytes:
-            direct.append((i, arg, 0, len(arg) + 1, False, param))
+            direct.append((i, arg, 0, len(arg) + 1, param))
         elif kind is _OWN_CDATA or kind is _FROMBUF_CDATA:
             ctype = ffi.typeof(arg)
             what, item_size = _cdata_kinds.get(ctype) or _cdata_kind(ctype)
             if what == _DIRECT:
-                direct.append((i, arg, cdata_address(arg), item_size or ffi.sizeof(arg), True, param))
+                direct.append((i, arg, cdata_address(arg), item_size or ffi.sizeof(arg), param))
             elif what == _FULL:
                 return _shadow_arguments_full(args, params, function, frame, lent, sampled)
         elif isinstance(arg, ffi.CData):
@@ -589,24 +589,25 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     mapped = lib.pb__heapmap_installed()
     new_args = list(args)
     shadows: List[Shadow] = []
-    for i, arg, address, size, writable, param in direct:
+    for i, arg, address, size, param in direct:
         if not sampled and not _tick():
             continue
         if _sample != 1 and not sampled:
             _arm()  # as due() does: the next draw
         if address:
-            text, flags, held = describe(arg, size), _QL_CHECK_PINNED, False
+            text, flags, held = describe(arg, size), _QL_CHECK_PINNED | _QL_WRITABLE, False
         else:  # a bytes: described by its length, as everywhere; the shadow also holds the NUL
             text, held = f"bytes({size - 1})", not mapped and size <= _HELD_MAX
             flags = (_QL_IMMUTABLE | _QL_HELD if held else _QL_IMMUTABLE) if mapped or held else 0
-        lent_one = native.quarantine_lend(arg, address, size, flags, text, function, frame)
+        target = _shadow_types.get(param) or _shadow_type(param)
+        lent_one = native.quarantine_lend_arg(arg, address, size, flags, text, function, frame, target)
         if lent_one is None:
             continue  # pinned, or no free shadow: passed as it is, unquarantined
-        slot, shadow = lent_one
+        new_arg, shadow_record = lent_one
         if held:
-            _held[slot] = arg
+            _held[shadow_record[0]] = arg
         elif _held:
-            _held.pop(slot, None)
+            _held.pop(shadow_record[0], None)
         if mapped:
             for known in lent:
                 if known is arg:
@@ -616,14 +617,14 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
                 # call's own lend records what it lent: calls._return_lent).
                 start = address or address_of(ffi.from_buffer(arg))
                 scanning.remember_lend(start, size, text, function, frame_site(frame))
-        new_args[i] = ffi.cast(_shadow_types.get(param) or _shadow_type(param), shadow)
-        shadows.append((slot, address if writable else None, (arg, ()), shadow, size, text))
+        new_args[i] = ffi.cast(target, shadow_record[3]) if new_arg is None else new_arg
+        shadows.append(shadow_record)
     return tuple(new_args), shadows
 
 
-def _overlapping(direct: List[Tuple[int, Any, int, int, bool, Any]]) -> bool:
+def _overlapping(direct: List[Tuple[int, Any, int, int, Any]]) -> bool:
     """Whether two of the directly passed buffers overlap (they then share one shadow)."""
-    extents = sorted((address or address_of(ffi.from_buffer(arg)), size) for _i, arg, address, size, _w, _p in direct)
+    extents = sorted((address or address_of(ffi.from_buffer(arg)), size) for _i, arg, address, size, _p in direct)
     return any(extents[k][0] < extents[k - 1][0] + extents[k - 1][1] for k in range(1, len(extents)))
 
 
