@@ -509,6 +509,7 @@ def _pointing(target: Any, address: int) -> Any:
     return target(address)
 
 
+_address: Callable[[Any], int] = ownership._fast_address or cdata_address  # no Python frame when it can
 _OWN_CDATA: Any = type(ffi.new("char[]", 1))  # as ownership._CDATA_OWNING
 _FROMBUF_CDATA: Any = type(ffi.from_buffer(b""))
 _SKIP, _DIRECT, _FULL = 0, 1, 2
@@ -574,7 +575,7 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
             ctype = ffi.typeof(arg)
             what, item_size = _cdata_kinds.get(ctype) or _cdata_kind(ctype)
             if what == _DIRECT:
-                direct.append((i, arg, cdata_address(arg), item_size or ffi.sizeof(arg), param))
+                direct.append((i, arg, _address(arg), item_size or ffi.sizeof(arg), param))
             elif what == _FULL:
                 return _shadow_arguments_full(args, params, function, frame, lent, sampled)
         elif isinstance(arg, ffi.CData):
