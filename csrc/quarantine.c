@@ -898,8 +898,9 @@ static void ensure_altstack(void)
 
 /* ---- slots ------------------------------------------------------------------ */
 
-/* Closes [s->closed, area end).  Tries a guard region first (no VMA split),
- * falls back to mprotect for this slot only.  Lock held. */
+/* Closes [s->closed, area end).  The whole area: mprotect (see below).  Part
+ * of it: a guard region first (no VMA split), mprotect for this slot only if
+ * the kernel refuses.  Lock held. */
 static int close_slot(struct slot *s)
 {
     void *addr = (void *)s->closed;
