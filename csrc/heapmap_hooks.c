@@ -187,6 +187,7 @@ static inline void *hook_realloc(int domain, void *ctx, void *ptr, size_t size)
         size_t old_size = (size_t)(old.val & SIZE_MASK);
         memcpy(q, ptr, old_size < size ? old_size : size);
         record(domain, q, size);
+        pb__quarantine_owner_freed(ptr); /* moved: the old block is gone (a bytearray grown) */
         struct evicted ev;
         int hold = hm_hold_forgotten(domain, ptr, &old, h, &ev);
         hm_release_evicted(domain, &ev);
@@ -196,6 +197,8 @@ static inline void *hook_realloc(int domain, void *ctx, void *ptr, size_t size)
     }
     void *q = h->prev.realloc(h->prev.ctx, ptr, size);
     hm_realloc_after(domain, ptr, &old, q, size);
+    if (q != NULL && q != ptr)
+        pb__quarantine_owner_freed(ptr); /* moved: the old block is gone */
     return q;
 }
 
@@ -206,8 +209,7 @@ static HOT void hook_free(int domain, void *ctx, void *ptr)
         h->prev.free(h->prev.ctx, ptr);
         return;
     }
-    if (domain == PB_HEAPMAP_OBJ)
-        pb__quarantine_owner_freed(ptr); /* a quarantined shadow's original (a bytes) dies */
+    pb__quarantine_owner_freed(ptr); /* a quarantined shadow's original (a bytes, a buffer) dies */
     struct evicted ev;
     int hold = forget_for_free(h, ptr, &ev);
     if (hold) {

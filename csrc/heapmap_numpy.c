@@ -7,6 +7,7 @@
  * it allocated, hooked or not.
  */
 #include "pb_heapmap_internal.h"
+#include "pb_quarantine.h"
 
 /* numpy's PyDataMemAllocator / PyDataMem_Handler (version 1), declared here
  * so that building ptrbridge does not need numpy's headers. */
@@ -70,6 +71,7 @@ static void *np_realloc(void *ctx, void *ptr, size_t size)
         size_t old_size = (size_t)(old.val & SIZE_MASK);
         memcpy(q, ptr, old_size < size ? old_size : size);
         hm_lock_record((uintptr_t)q, size, PB_HEAPMAP_NUMPY);
+        pb__quarantine_owner_freed(ptr); /* moved: the old block is gone */
         struct evicted ev;
         int hold = hm_hold_forgotten(PB_HEAPMAP_NUMPY, ptr, &old, NULL, &ev);
         hm_release_evicted(PB_HEAPMAP_NUMPY, &ev);
@@ -79,6 +81,8 @@ static void *np_realloc(void *ctx, void *ptr, size_t size)
     }
     void *q = np_orig->allocator.realloc(np_orig->allocator.ctx, ptr, size);
     hm_realloc_after(PB_HEAPMAP_NUMPY, ptr, &old, q, size);
+    if (q != NULL && q != ptr)
+        pb__quarantine_owner_freed(ptr);
     return q;
 }
 
@@ -89,6 +93,7 @@ static void np_free(void *ctx, void *ptr, size_t size)
         hm_numpy_release(ptr, size);
         return;
     }
+    pb__quarantine_owner_freed(ptr); /* an array a quarantine shadow copied dies */
     struct evicted ev;
     int hold = hm_forget_for_free_locked(PB_HEAPMAP_NUMPY, ptr, size, NULL, &ev);
     hm_release_evicted(PB_HEAPMAP_NUMPY, &ev);

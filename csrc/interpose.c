@@ -38,6 +38,7 @@
 #include "pb_heapmap.h"
 #include "pb_heapmap_clock.h"
 #include "pb_interpose.h"
+#include "pb_quarantine.h"
 #include "pb_internal.h"
 
 #if defined(__x86_64__)
@@ -859,6 +860,7 @@ static inline __attribute__((always_inline)) void *forget(void *p)
     struct ent e;
     if (table_remove((uintptr_t)p, &e) && e.python) {
         pb_heapmap_forget_block(p); /* into the heap map's freed history too */
+        pb__quarantine_owner_freed(p); /* an ffi.new buffer a quarantine shadow copied dies */
         push_freed(e.ptr, e.size);
         if (atomic_load_explicit(&enabled, memory_order_relaxed) && e.size <= PB_POISON_MAX)
             p = hold_freed(p, e.size);

@@ -14,10 +14,12 @@
 
 /* Copies len bytes from src into a shadow whose last byte touches a guard
  * page.  `owner` is the address of the original's object when it is
- * immutable (a bytes), else 0: a later read of the closed shadow while that
- * object lives is a kept read (recorded, the read goes on), after its free an
- * error.  Its free is seen by the heap map's free hook, or, with `held` set
- * (no heap map), Python holds one reference to it for the slot and the
+ * immutable (a bytes), or, with PB_QOWNER_MUTABLE in `held`, of the heap
+ * block of a mutable original (a bytearray's buffer, ffi.new memory), else 0:
+ * a later read of the closed shadow while that object lives is a kept read
+ * (recorded, the read goes on), after its free an error.  Its free is seen by
+ * the heap map's free hook, or, with PB_QOWNER_HELD in `held` (no heap map,
+ * bytes only), Python holds one reference to it for the slot and the
  * object is alive while anything else references it.  `object` ("bytes(241)"), `function` ("produce"), `site` (the
  * lending call's "file.py:12") and `stack` (the
  * Python stack of the lending call, one "    #k file:line in name" line per
@@ -29,6 +31,16 @@
  * free, PB_ERR_INVALID for a NULL pointer argument.  Thread-safe. */
 int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
                         const char *function, const char *site, const char *stack, uintptr_t *shadow);
+
+/* `held` flags of pb__quarantine_lend. */
+#define PB_QOWNER_HELD 1
+#define PB_QOWNER_MUTABLE 2
+
+/* Copies into each adopted shadow of a live mutable original what the
+ * original holds now, where it changed since (C reads that shadow in place of
+ * the object).  Called before each checked call that may lend.  Returns how
+ * many were refreshed.  Thread-safe. */
+int pb__quarantine_refresh_adopted(void);
 
 /* 1 if slot's shadow was adopted (a kept read: open read-only while its
  * original lives).  Thread-safe. */

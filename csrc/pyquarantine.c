@@ -11,7 +11,9 @@
  * QL_CHECK_PINNED (a pinned buffer is not moved: None), QL_HELD (Python
  * holds the original for the slot, no heap map sees its free), QL_IMMUTABLE
  * (obj is the original, a bytes: a later read of the closed shadow while it
- * lives is a kept read).  Returns (slot, shadow address), or None when the
+ * lives is a kept read), QL_MUTABLE_BLOCK (a mutable original: if the heap
+ * map has the live block holding it, a read while that block lives is a kept
+ * read too).  Returns (slot, shadow address), or None when the
  * buffer is pinned or no shadow is free.
  *
  * quarantine_lend_arg(obj, address, size, flags, text, function, frame,
@@ -29,11 +31,12 @@
 
 #include <stdint.h>
 
+#include "pb_heapmap.h"
 #include "pb_internal.h"
 #include "pb_quarantine.h"
 #include "ptrbridge.h"
 
-enum { QL_CHECK_PINNED = 1, QL_HELD = 2, QL_IMMUTABLE = 4, QL_WRITABLE = 8 };
+enum { QL_CHECK_PINNED = 1, QL_HELD = 2, QL_IMMUTABLE = 4, QL_WRITABLE = 8, QL_MUTABLE_BLOCK = 16 };
 
 #define STACK_FRAMES 8 /* as quarantine.STACK_FRAMES */
 #define COPY_WITHOUT_GIL ((size_t)64 << 10) /* larger copies let other threads run */
@@ -81,7 +84,14 @@ static int lend_arg(PyObject *const *args, struct lent *out)
     uint32_t ids[STACK_FRAMES];
     int nids = pb__site_capture_stack(args[6], ids, STACK_FRAMES);
     uintptr_t owner = (flags & QL_IMMUTABLE) ? (uintptr_t)obj : 0;
-    int held = (flags & QL_HELD) != 0;
+    int held = (flags & QL_HELD) ? PB_QOWNER_HELD : 0;
+    if ((flags & QL_MUTABLE_BLOCK) && owner == 0) {
+        struct pb_heapmap_block b = pb__heapmap_lookup(address);
+        if (b.status != 0 && b.start != 0 && address + size <= b.start + b.size) {
+            owner = b.start; /* watched: the heap map's free hook says when it goes */
+            held = PB_QOWNER_MUTABLE;
+        }
+    }
     uintptr_t shadow = 0;
     int slot;
     if (size > COPY_WITHOUT_GIL) {

@@ -93,8 +93,8 @@
 #define MADV_GUARD_REMOVE 103
 #endif
 
-/* ADOPTING/ADOPTED: a closed shadow of a live immutable original that C read
- * again; reopened for good while the original lives (see adopt()). */
+/* ADOPTING/ADOPTED: a closed shadow of a live original that C read again;
+ * reopened read-only for good while the original lives (see adopt()). */
 enum { FREE = 0, LENT = 1, QUARANTINED = 2, BROKEN = 3, ADOPTING = 4, ADOPTED = 5, EVICTING = 6 };
 enum { OPEN = 0, CLOSED_GUARD = 1, CLOSED_MPROTECT = 2, OPEN_READONLY = 3 };
 
@@ -111,6 +111,7 @@ struct slot {
     _Atomic uintptr_t owner; /* the original's object while it is alive and immutable, else 0 */
     _Atomic int owner_freed; /* the heap map saw the original freed since the lend: a read is an error */
     int held;          /* Python holds a reference to owner for the slot (no heap map): alive while > 1 */
+    int mutable_owner; /* owner is the heap block of a live mutable original (bytearray, ffi.new) */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
     /* Where it was lent: site ids of the Python stack (their text is made
@@ -549,9 +550,12 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
         }
     } else if (state == ADOPTING) {
         kind = "kept-read";
-        put_str("ptrbridge: C read a pointer to Python memory after the call that lent it returned "
-                "(R2, caught by quarantine; portability: the original is alive and immutable, so the read "
-                "went on): ");
+        put_str(s->mutable_owner
+                    ? "ptrbridge: C read a pointer to Python memory after the call that lent it returned "
+                      "(R2, caught by quarantine; portability: the object is alive, so the read went on): "
+                    : "ptrbridge: C read a pointer to Python memory after the call that lent it returned "
+                      "(R2, caught by quarantine; portability: the original is alive and immutable, so the read "
+                      "went on): ");
         put_lent(s);
         put_str("\n");
     } else {
@@ -609,11 +613,18 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     } else if (state == ADOPTING) {
         put_str("released when the call to ");
         put_str(s->function);
-        put_str("() returned; C kept the pointer and read through it later.\n"
-                "CPython does not move objects, so this works while the object lives and nothing changes it; "
-                "under Go's rule R2 (or a moving collector) it is a bug.  The shadow was reopened read-only "
-                "and the read went on; it is closed again when the object is freed, and a read after that "
-                "is an error.\n"
+        put_str("() returned; C kept the pointer and read through it later.\n");
+        put_str(s->mutable_owner
+                    ? "CPython does not move objects, so this works while the object lives; under Go's rule R2 "
+                      "(or a moving collector) it is a bug.  The shadow was reopened read-only, filled from the "
+                      "object, and the read went on; what the program writes into the object reaches it at the "
+                      "next checked call, a write by C through it is an error, and it is closed again when the "
+                      "object is freed (a read after that is an error).\n"
+                    : "CPython does not move objects, so this works while the object lives and nothing changes "
+                      "it; under Go's rule R2 (or a moving collector) it is a bug.  The shadow was reopened "
+                      "read-only and the read went on; it is closed again when the object is freed, and a read "
+                      "after that is an error.\n");
+        put_str(
                 "Keep the object alive and pinned for as long as C keeps the pointer (ptrbridge.Pinner), "
                 "or give C its own copy (ptrbridge.CBuffer).\n");
     } else if (atomic_load(&s->owner_freed) || (s->held && atomic_load(&s->owner) != 0 && !owner_alive(s))) {
@@ -625,10 +636,14 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     } else if (state == ADOPTED) {
         put_str("released when the call to ");
         put_str(s->function);
-        put_str("() returned; C kept the pointer, read through it (a kept read), then wrote to the "
-                "immutable object through it.\n"
-                "C must not write into bytes: pass a bytearray (pinned for as long as C keeps it) or a "
-                "ptrbridge.CBuffer.\n");
+        put_str(s->mutable_owner
+                    ? "() returned; C kept the pointer, read through it (a kept read), then wrote through it.\n"
+                      "Under quarantine C's writes would reach a copy the object never sees: pin the object "
+                      "(ptrbridge.Pinner) for as long as C keeps the pointer.\n"
+                    : "() returned; C kept the pointer, read through it (a kept read), then wrote to the "
+                      "immutable object through it.\n"
+                      "C must not write into bytes: pass a bytearray (pinned for as long as C keeps it) or a "
+                      "ptrbridge.CBuffer.\n");
     } else {
         put_str("released when the call to ");
         put_str(s->function);
@@ -676,13 +691,16 @@ static int take_reporting_for_kept(void)
     }
 }
 
-/* A read of a closed shadow whose original is alive and immutable (bytes):
- * what C read is what the original holds, and CPython does not move it, so
- * the program is correct there (Go's R2 says otherwise: a portability
- * finding).  The shadow is reopened read-only for good, refilled from the
- * original where a guard region discarded it, and the read retried; the heap
- * map's free hook closes it again when the original is freed.  Returns 1 if
- * adopted.  Async-signal-safe (atomics, madvise, mprotect, memcpy). */
+/* A read of a closed shadow whose original is alive: a bytes, or (with the
+ * heap map watching its block) a mutable buffer.  What C reads is what the
+ * original holds, and CPython does not move it, so the program is correct
+ * there (Go's R2 says otherwise: a portability finding).  The shadow is
+ * reopened read-only for good, refilled from the original (a mutable one's
+ * later changes are copied in at each checked call,
+ * pb__quarantine_refresh_adopted), and the read retried; the heap map's free
+ * hook closes it again when the original is freed.  A write is not adopted:
+ * C's writes would reach the copy, not the object.  Returns 1 if adopted.
+ * Async-signal-safe (atomics, madvise, mprotect, memcpy). */
 static int adopt(struct slot *s, uintptr_t a, void *uctx)
 {
     if (!owner_alive(s) || fault_is_write(uctx) == 1)
@@ -701,6 +719,13 @@ static int adopt(struct slot *s, uintptr_t a, void *uctx)
         rc = madvise(addr, n, MADV_GUARD_REMOVE);
         if (rc == 0) {
             memcpy((void *)s->data, (const void *)s->src, s->len); /* the guard discarded the copy */
+            rc = mprotect(addr, n, PROT_READ);
+        }
+    } else if (s->how == CLOSED_MPROTECT && s->mutable_owner) {
+        /* What the object holds now, not what it held when the call returned. */
+        rc = mprotect(addr, n, PROT_READ | PROT_WRITE);
+        if (rc == 0) {
+            memcpy((void *)s->data, (const void *)s->src, s->len);
             rc = mprotect(addr, n, PROT_READ);
         }
     } else if (s->how == CLOSED_MPROTECT) {
@@ -1142,7 +1167,8 @@ static int lend(const void *src, size_t len, uintptr_t owner, int held, const ch
         copy_text(s->stack, sizeof s->stack, stack);
     }
     s->src = (uintptr_t)src;
-    s->held = owner != 0 && held;
+    s->held = owner != 0 && (held & PB_QOWNER_HELD) != 0;
+    s->mutable_owner = owner != 0 && (held & PB_QOWNER_MUTABLE) != 0;
     watch_locked(s, owner);
     atomic_store_explicit(&s->state, LENT, memory_order_release);
     *shadow = s->data;
@@ -1219,6 +1245,28 @@ static void enqueue_locked(int index)
         evict_one();
     fifo[(fifo_head + fifo_count) % QUARANTINE_DEPTH] = index;
     fifo_count++;
+}
+
+int pb__quarantine_refresh_adopted(void)
+{
+    int refreshed = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        struct slot *s = &slots[i];
+        if (!s->mutable_owner || atomic_load(&s->state) != ADOPTED || atomic_load(&s->owner) == 0)
+            continue; /* (the free hook clears owner under the lock before it closes the slot) */
+        if (memcmp((const void *)s->data, (const void *)s->src, s->len) == 0)
+            continue;
+        void *addr = (void *)s->closed;
+        size_t n = s->area + s->area_bytes - s->closed;
+        if (mprotect(addr, n, PROT_READ | PROT_WRITE) == 0) {
+            memcpy((void *)s->data, (const void *)s->src, s->len);
+            mprotect(addr, n, PROT_READ);
+            refreshed++;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return refreshed;
 }
 
 void pb__quarantine_owner_freed_slow(uintptr_t object)

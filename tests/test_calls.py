@@ -447,3 +447,21 @@ def test_instrumented_function_without_pointers_is_the_raw_one(abi: Tuple[Any, A
     wrapped = ptrbridge.wrap(raw)  # explicit wrap keeps its wrapper (callback exceptions)
     with ptrbridge.checking(1):
         assert wrapped.add is not raw.add and wrapped.add(2, 3) == 5
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_ctypes_pointer_argument_is_not_kept_alive_by_the_check(level: int) -> None:
+    # numpy's arr.ctypes.data_as(...) keeps the array alive: ctypes.cast() inside the check
+    # made the pointer its own _objects (a cycle), so the array outlived the program's last
+    # reference until the garbage collector ran (cairocffi-style refcount tests see it).
+    libc = ctypes.CDLL(None)
+    libc.memset.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int, ctypes.c_size_t]
+    libc.memset.restype = ctypes.c_void_p
+    w = ptrbridge.wrap(libc)
+    value = ctypes.c_double(1.5)
+    p = ctypes.pointer(value)
+    before = sys.getrefcount(p)
+    with ptrbridge.checking(level):
+        w.memset(p, 0, ctypes.sizeof(value))
+    assert value.value == 0.0
+    assert sys.getrefcount(p) == before

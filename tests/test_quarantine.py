@@ -369,6 +369,7 @@ ffi.cdef('''
     void keep_next_in(z_stream *s);
     int first_byte(const unsigned char *p);
     int use_kept(void);
+    void write_kept(void);
     int use_context(void);
     int use_kept_in_thread(void);
 ''')
@@ -547,11 +548,19 @@ def test_iovec_base_reached_through_a_struct(buggy_so: Path) -> None:
         b.keep_iov(v, 1)
         after = int(ffi.cast("uintptr_t", v.iov_base))
         print("restored", before == after, flush=True)  # the slot points at the original again
+        print("read", b.use_kept(), flush=True)  # C kept the shadow's address: a kept read, alive
+        from ptrbridge import report
+        print("kept", [(f.severity, f.object, f.function) for f in report.gather() if f.extra.get("kept_read")],
+              flush=True)
+        del first                                # freed: the shadow is closed again
         b.use_kept()
     """)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
     assert "restored True" in proc.stdout
+    assert f"read {ord('f')}" in proc.stdout
+    assert "kept [('portability', 'bytearray(12)', 'keep_iov')]" in proc.stdout
     assert "bytearray(12) lent to keep_iov() at <string>:" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
     assert "SUMMARY: ptrbridge: use-after-release (READ) in use_kept" in proc.stderr
 
 
@@ -567,10 +576,17 @@ def test_msg_iov_base_reached_through_two_structs(buggy_so: Path) -> None:
         print("restored", int(ffi.cast("uintptr_t", v.iov_base)) == int(ffi.cast("uintptr_t", ffi.from_buffer(body))),
               flush=True)
         b.use_kept()
+        from ptrbridge import report
+        print("kept", [(f.severity, f.object, f.function) for f in report.gather() if f.extra.get("kept_read")],
+              flush=True)
+        del body
+        b.use_kept()
     """)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
     assert "restored True" in proc.stdout
+    assert "kept [('portability', 'bytearray(12)', 'keep_msg')]" in proc.stdout
     assert "bytearray(12) lent to keep_msg() at <string>:" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
 
 
 def test_z_stream_next_in_reached_through_a_struct(buggy_so: Path) -> None:
@@ -581,9 +597,16 @@ def test_z_stream_next_in_reached_through_a_struct(buggy_so: Path) -> None:
         zs.c.avail_in = len(data)
         b.keep_next_in(zs.c)
         b.use_kept()
+        from ptrbridge import report
+        print("kept", [(f.severity, f.object, f.function) for f in report.gather() if f.extra.get("kept_read")],
+              flush=True)
+        del data
+        b.use_kept()
     """)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "kept [('portability', 'bytearray(21)', 'keep_next_in')]" in proc.stdout
     assert "bytearray(21) lent to keep_next_in() at <string>:" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
 
 
 def test_numpy_data_as_pointer(buggy_so: Path) -> None:
@@ -601,11 +624,18 @@ def test_numpy_data_as_pointer(buggy_so: Path) -> None:
         arr = np.arange(8.0)
         w.keep_doubles(arr.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
         w.use_kept()
+        from ptrbridge import report
+        print("kept", [(f.severity, f.object, f.function) for f in report.gather() if f.extra.get("kept_read")],
+              flush=True)
+        del arr
+        w.use_kept()
         print("survived")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "kept [('portability', 'ndarray(64)', 'keep_doubles')]" in proc.stdout
     assert "ndarray(64) lent to keep_doubles() at <string>:" in proc.stderr
+    assert "and the object has been freed since" in proc.stderr
 
 
 def test_correct_twin_runs_clean(buggy_so: Path) -> None:
@@ -918,6 +948,54 @@ def test_kept_read_of_a_live_bytes_goes_on_then_a_read_after_its_free_dies(keepe
     assert REPORT in proc.stderr
     assert "and the object has been freed since" in proc.stderr
     assert "\nread " not in out
+
+
+KEPT_ALIVE_MUTABLE = """
+    from ptrbridge import report
+    from ptrbridge._bindings import lib as native
+    native.pb__quarantine_force_mprotect({mprotect})
+    data = bytearray(b"kept, and alive")
+    k.keep_global(kffi.from_buffer(data))
+    first = k.keeper_read()       # faults on the closed shadow: adopted, a kept read
+    data[0] = ord("Z")            # the program changes its buffer ...
+    kffi.cdef("size_t strlen(const char *s);")
+    ptrbridge.wrap(kffi.dlopen(None)).strlen(b"any checked call that lends")
+    second = k.keeper_read()      # ... and C sees it from the next checked call that lends on
+    kept = [f for f in report.gather() if f.extra.get("kept_read")]
+    print("reads", first, second, flush=True)
+    print("kept", len(kept), kept[0].severity, kept[0].object, kept[0].function, flush=True)
+    print(kept[0].message, flush=True)
+    del data  # freed: the shadow is closed again, and the read at the end is a use after free
+"""
+
+
+@pytest.mark.parametrize("mprotect", [0, 1], ids=["guard-region", "mprotect"])
+def test_kept_read_of_a_live_bytearray_sees_its_changes_then_a_read_after_its_free_dies(
+        keeper_so: Path, mprotect: int) -> None:
+    # cairocffi's cairo_surface_set_mime_data, reduced: C keeps a mutable buffer the program
+    # keeps alive, and reads it later.  Correct on CPython (a portability finding), and C reads
+    # what the object holds, changes included; after the free it is an error.
+    proc = _run(keeper_so, KEPT_ALIVE_MUTABLE.format(mprotect=mprotect))
+    out = proc.stdout
+    assert f"reads {ord('k')} {ord('Z')}" in out, out + proc.stderr
+    assert "kept 1 portability bytearray(15) keep_global" in out
+    assert "portability: the object is alive, so the read went on" in out
+    assert proc.returncode == -signal.SIGSEGV, out + proc.stderr
+    assert "and the object has been freed since" in proc.stderr
+    assert "\nread " not in out
+
+
+def test_a_write_through_a_kept_pointer_to_a_live_bytearray_is_an_error(buggy_so: Path) -> None:
+    # C's writes would land in the shadow, which the object never sees: the run stops there.
+    proc = _buggy(buggy_so, """
+        data = bytearray(b"kept and written")
+        b.keep(ffi.from_buffer(data))
+        b.use_kept()          # a read: adopted (read-only)
+        b.write_kept()        # a write: an error
+    """)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    assert "then wrote through it" in proc.stderr
+    assert "SUMMARY: ptrbridge: use-after-release (WRITE)" in proc.stderr
 
 
 ZSTD_BY_REFERENCE = r'''

@@ -101,13 +101,12 @@ def test_without_the_quarantine_the_kept_buffer_is_not_caught_at_its_use(tmp_pat
 BUGGY_DIR = Path(__file__).resolve().parent.parent / "examples" / "buggy"
 BUGS = sorted(p.name for p in BUGGY_DIR.glob("p*_bug.py"))
 TWINS = sorted(p.name for p in BUGGY_DIR.glob("p*_ok.py"))
-# Twins that work on CPython but break rule R2 as the rules define it: C *uses* a mutable buffer
-# (ffi.new, create_string_buffer, bytearray) after the call that lent it returned, and the program
-# keeps it alive without pinning it.  C using lent memory after the call is an error: the quarantine
-# ends the run at C's read and the report says to pin it (a `bytes` would be followed and reported
-# as a portability finding, since C then reads exactly what the object holds).
-R2_USE_AFTER_RETURN = {"p02_ctx_ffinew_ok.py", "p03_static_strbuf_ok.py", "p11_bytearray_extend_ok.py",
-                       "p14_bytearray_ctypes_ok.py"}
+# Twins that work on CPython but break rule R2: C *uses* a mutable buffer (ffi.new,
+# create_string_buffer, bytearray) after the call that lent it returned, and the program keeps it
+# alive without pinning it.  CPython never moves it, so C reads what the object holds: the
+# quarantine's shadow is adopted (a kept read, a portability finding) and the run goes on.
+KEPT_USE_TWINS = {"p02_ctx_ffinew_ok.py", "p03_static_strbuf_ok.py", "p11_bytearray_extend_ok.py",
+                  "p14_bytearray_ctypes_ok.py"}
 # Correct, and still failed by the run (a known limit, see the README's status): zlib's next_out is
 # left pointing into a freed output buffer at deflateEnd(), which does not write it.
 KNOWN_FALSE_ALARMS = {"p05_zlib_cffi_ok.py"}
@@ -151,7 +150,7 @@ def test_every_bug_of_the_corpus_is_an_error_naming_the_program(buggy_dir: Path,
 
 
 @pytest.mark.parametrize("name", [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="known false alarm"))
-                                  if t in KNOWN_FALSE_ALARMS else t for t in TWINS if t not in R2_USE_AFTER_RETURN])
+                                  if t in KNOWN_FALSE_ALARMS else t for t in TWINS])
 def test_every_correct_twin_of_the_corpus_is_clean(buggy_dir: Path, name: str) -> None:
     plain = subprocess.run([sys.executable, str(buggy_dir / name)], capture_output=True, text=True,
                            timeout=120, env=_env(), cwd=buggy_dir)
@@ -162,14 +161,11 @@ def test_every_correct_twin_of_the_corpus_is_clean(buggy_dir: Path, name: str) -
     assert "CORRECT" in proc.stdout
 
 
-@pytest.mark.parametrize("name", sorted(R2_USE_AFTER_RETURN))
-def test_a_twin_that_uses_an_unpinned_mutable_buffer_after_the_call_is_an_r2_error(buggy_dir: Path,
-                                                                                   name: str) -> None:
-    plain = subprocess.run([sys.executable, str(buggy_dir / name)], capture_output=True, text=True,
-                           timeout=120, env=_env(), cwd=buggy_dir)
-    assert plain.returncode == 0 and "CORRECT" in plain.stdout  # it works on CPython
+@pytest.mark.parametrize("name", sorted(KEPT_USE_TWINS))
+def test_a_twin_that_uses_a_live_mutable_buffer_after_the_call_is_a_portability_finding(buggy_dir: Path,
+                                                                                      name: str) -> None:
     proc, found = _run_buggy(buggy_dir, name)
-    assert proc.returncode == 128 + signal.SIGSEGV, proc.stderr[-3000:]
-    (error,) = [f for f in found if f["severity"] == "error"]
-    assert error["kind"] == "use-after-release" and error["rule"] == "R2"
-    assert "pin the object for its whole C lifetime" in proc.stderr
+    assert proc.returncode == 0 and "CORRECT" in proc.stdout, proc.stderr[-3000:]
+    kept = [f for f in found if f["kind"] == "use-after-release"]
+    assert kept and all(f["severity"] == "portability" and f["rule"] == "R2" for f in kept), kept
+    assert any(f"{name}:" in f["message"] for f in kept), [f["message"] for f in kept]

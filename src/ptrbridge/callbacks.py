@@ -45,7 +45,7 @@ from .calls import defer_exception
 from .checking import CallCheck, object_extent
 from .errors import CallbackResultError, ReleasedCallbackError
 from .handles import handle_value
-from .ownership import describe
+from .ownership import ctypes_pointer_value, describe
 
 __all__ = ["Callback", "callback", "extern_callback", "live_callbacks"]
 
@@ -163,7 +163,7 @@ class Callback:
         elif isinstance(result, int):
             address = result
         elif isinstance(result, _PointerBase):
-            address = ctypes.cast(result, ctypes.c_void_p).value or 0
+            address = ctypes_pointer_value(result)
             extent = None
         elif extent is not None:
             address = extent[0]

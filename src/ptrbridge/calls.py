@@ -41,7 +41,7 @@ from .callsite import frame_site
 from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
-from .ownership import Lend, cdata_address, cdata_extent, describe, lend
+from .ownership import Lend, cdata_address, cdata_extent, ctypes_pointer_value, describe, lend
 from .ownership import _CDATA_OWNING, _lends, _managed
 from .ownership import has_freed_history as ownership_history
 
@@ -382,7 +382,7 @@ def _check_ctypes_arg(check: CallCheck, argno: int, arg: Any, lent: List[Any]) -
         lent.append(obj)
         check.walk(argno, ctypes.addressof(obj), type(obj), 1, "Python")
     elif isinstance(obj, _PointerBase):
-        target = ctypes.cast(obj, ctypes.c_void_p).value or 0
+        target = ctypes_pointer_value(obj)
         layout = layout_of(obj._type_)
         if target and layout is not None and layout.slots:
             owner = check.classify(target)

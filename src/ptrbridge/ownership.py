@@ -167,6 +167,17 @@ def cdata_address(obj: Any) -> int:
     return int(ffi.cast("uintptr_t", obj))
 
 
+def ctypes_pointer_value(ptr: Any) -> int:
+    """The address a ctypes pointer instance holds (0 for NULL).
+
+    Not ``ctypes.cast(ptr, c_void_p).value``: ``cast`` puts ``ptr`` into its own
+    ``_objects`` (a reference cycle), so the pointer - and the numpy array or
+    buffer it keeps alive - would outlive the program's last reference until
+    the garbage collector runs.
+    """
+    return ctypes.c_void_p.from_address(ctypes.addressof(ptr)).value or 0
+
+
 def ctypes_extent(obj: Any) -> Optional[Tuple[int, int]]:
     """``(address, size)`` of a ctypes instance's memory, or None for other objects."""
     if isinstance(obj, ctypes._SimpleCData) or isinstance(  # type: ignore[attr-defined]

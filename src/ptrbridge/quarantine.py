@@ -67,7 +67,7 @@ from ._bindings import address_of, ffi, lib, native
 from .callsite import frame_site
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .findings import Finding, record
-from .ownership import cdata_address, cdata_extent, describe, lookup
+from .ownership import cdata_address, cdata_extent, ctypes_pointer_value, describe, lookup
 
 __all__ = ["set_quarantine", "quarantine_enabled", "quarantine_sample", "shadow_arguments",
            "shadow_ctypes_arguments", "finish", "held", "due", "findings_from_report", "record_report",
@@ -270,7 +270,9 @@ def held() -> int:
 # ids, in one C call; the text of a stack frame is made once per call site
 # (csrc/pysite.c), for the signal handler, which can only copy bytes.
 
-_QL_CHECK_PINNED, _QL_HELD, _QL_IMMUTABLE, _QL_WRITABLE = 1, 2, 4, 8  # flags of native.quarantine_lend(_arg)
+# Flags of native.quarantine_lend(_arg); _QL_MUTABLE_BLOCK: the heap map watches the block of a
+# mutable original, so that C reading its closed shadow while it lives is a kept read.
+_QL_CHECK_PINNED, _QL_HELD, _QL_IMMUTABLE, _QL_WRITABLE, _QL_MUTABLE_BLOCK = 1, 2, 4, 8, 16
 
 
 def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, obj_text: str, function: str,
@@ -288,6 +290,8 @@ def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, 
     flags = _QL_CHECK_PINNED if check_pinned else 0
     if original is not None:
         flags |= _QL_IMMUTABLE if mapped else _QL_IMMUTABLE | _QL_HELD
+    elif mapped:
+        flags |= _QL_MUTABLE_BLOCK
     lent_one: Optional[Tuple[int, int]] = native.quarantine_lend(original, address, size, flags, obj_text,
                                                                  function, frame)
     if lent_one is None:
@@ -563,6 +567,8 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     """
     if sampled:
         _arm()
+    if lib.pb__quarantine_kept_reads():
+        lib.pb__quarantine_refresh_adopted()  # C reads adopted shadows: what the objects hold now
     direct: List[Tuple[int, Any, int, int, Any]] = []  # index, arg, address (0: a bytes), size, parameter ctype
     for i, param in params:
         if i >= len(args):
@@ -596,7 +602,8 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
         if _sample != 1 and not sampled:
             _arm()  # as due() does: the next draw
         if address:
-            text, flags, held = describe(arg, size), _QL_CHECK_PINNED | _QL_WRITABLE, False
+            text, held = describe(arg, size), False
+            flags = _QL_CHECK_PINNED | _QL_WRITABLE | _QL_MUTABLE_BLOCK if mapped else _QL_CHECK_PINNED | _QL_WRITABLE
         else:  # a bytes: described by its length, as everywhere; the shadow also holds the NUL
             text, held = f"bytes({size - 1})", not mapped and size <= _HELD_MAX
             flags = (_QL_IMMUTABLE | _QL_HELD if held else _QL_IMMUTABLE) if mapped or held else 0
@@ -710,7 +717,7 @@ def _pointer_target(ptr: Any, lent: Sequence[Any]) -> Optional[Tuple[Any, int, i
     the array in ``_arr``, ``ctypes.cast`` in ``_objects``) or one the argument
     check found lent (an :class:`~ptrbridge.checking.Owner`).
     """
-    target = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+    target = ctypes_pointer_value(ptr)
     if not target:
         return None
     candidates: List[Any] = []
@@ -762,6 +769,8 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
     """The ctypes edition of :func:`shadow_arguments`."""
     if sampled:
         _arm()
+    if lib.pb__quarantine_kept_reads():
+        lib.pb__quarantine_refresh_adopted()
     new_args = list(args)
     shadows: List[Shadow] = []
     uses: List[_Use] = []

@@ -83,6 +83,13 @@ int use_kept(void)
     return kept != NULL ? ((const volatile unsigned char *)kept)[0] : -1;
 }
 
+/* Writes through the kept pointer (C treating a kept buffer as its own). */
+void write_kept(void)
+{
+    if (kept != NULL)
+        ((volatile unsigned char *)(uintptr_t)kept)[0] = 'W';
+}
+
 int use_context(void)
 {
     return ctx != NULL ? ((const volatile unsigned char *)ctx->data)[0] : -1;
