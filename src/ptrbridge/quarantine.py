@@ -57,13 +57,12 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import itertools
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import heapmap, scanning
-from ._bindings import address_of, ffi, lib
+from ._bindings import address_of, ffi, lib, native
 from .callsite import _is_internal
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .findings import Finding, record
@@ -107,18 +106,15 @@ _rng = random.Random()
 def _arm() -> None:
     """Draw the next sampled lend: ``_tick()`` answers False for a random gap (mean N), then True.
 
-    ``_tick`` is a bound method of C iterators, so the checked call's test of
-    it costs no Python frame; the sampled call re-arms it.
+    The countdown is in C (csrc/pycall.c), shared with the checked calls' C
+    fast path, which draws there with no Python call; ``_tick`` reads the
+    same countdown.  The sampled call re-arms it.
     """
-    global _tick
-    if _sample == 1:
-        _tick = itertools.repeat(True).__next__
-    else:
-        gap = _rng.randint(1, 2 * _sample - 1)  # as GWP-ASan draws its sampling interval
-        _tick = itertools.chain(itertools.repeat(False, gap - 1), itertools.repeat(True)).__next__
+    gap = 1 if _sample == 1 else _rng.randint(1, 2 * _sample - 1)  # as GWP-ASan draws its sampling interval
+    native.sample_arm(_enabled, gap)
 
 
-_tick: Callable[[], bool] = itertools.repeat(True).__next__
+_tick: Callable[[], bool] = native.sample_tick
 _arm()
 
 
