@@ -34,6 +34,16 @@
 
 #include <stddef.h>
 
+/* 3.11 and 3.12 make a frame object only when asked for one: a fast call notes
+ * its caller's interpreter frame (free) and finds the frame object only when
+ * defer_exception or the watchdog asks (as pyframes.c, the internal structs). */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define PB_LAZY_FRAMES 1
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#endif
+
 enum {
     FC_CTYPES = 1,      /* look at every argument, ctypes rules (else the cffi plan) */
     FC_RECORD = 2,      /* instrumented: count the call; callbacks' exceptions are not deferred */
@@ -61,7 +71,8 @@ typedef struct fc_record {
     CheckedCall *fn;
     PyObject *const *args;
     Py_ssize_t nargs;
-    PyObject *caller; /* borrowed: the calling frame, or NULL */
+    PyThreadState *tstate;
+    void *caller; /* the calling frame (3.11, 3.12: the interpreter frame), or NULL */
     PyObject *exc;    /* owned: the exception a callback deferred to this call */
     unsigned long long seq;
 } fc_record;
@@ -77,7 +88,7 @@ static PyTypeObject *fc_cdata_own;    /* type(ffi.new(...)) */
 static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
 static PyObject *fc_flat;             /* calls._FLAT */
 static PyObject *fc_zero;             /* 0 */
-static fc_record fc_all = {NULL, &fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, 0};
+static fc_record fc_all = {NULL, &fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
 static _Thread_local fc_record *fc_top;
 
 /* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
@@ -207,7 +218,12 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
     rec.fn = fn;
     rec.args = args;
     rec.nargs = nargs;
-    rec.caller = (PyObject *)PyEval_GetFrame();
+    rec.tstate = PyThreadState_Get();
+#ifdef PB_LAZY_FRAMES
+    rec.caller = rec.tstate->cframe->current_frame;
+#else
+    rec.caller = PyEval_GetFrame();
+#endif
     rec.exc = NULL;
     rec.seq = ++fc_seq;
     rec.next = &fc_all;
@@ -383,6 +399,29 @@ static PyTypeObject CheckedMethodType = {
 
 /* -- module functions ---------------------------------------------------- */
 
+/* The frame object that made the fast call `rec` (new reference), or None. */
+static PyObject *fc_caller_frame(fc_record *rec)
+{
+    if (rec->caller == NULL)
+        Py_RETURN_NONE;
+#ifdef PB_LAZY_FRAMES
+    /* The caller is suspended in the call: it is on its thread's chain of frames. */
+    PyFrameObject *frame = PyThreadState_GetFrame(rec->tstate);
+    while (frame != NULL && frame->f_frame != (_PyInterpreterFrame *)rec->caller) {
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+    }
+    if (frame == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return (PyObject *)frame;
+#else
+    return Py_NewRef((PyObject *)rec->caller);
+#endif
+}
+
 /* fastcall_init(freed, arg_shapes, flat, sample_cdata, its_ctype, frombuf_type) */
 static PyObject *m_fastcall_init(PyObject *self, PyObject *args)
 {
@@ -449,7 +488,7 @@ static PyObject *m_fastcall_caller(PyObject *self, PyObject *unused)
     (void)unused;
     if (fc_top == NULL)
         Py_RETURN_FALSE;
-    return Py_NewRef(fc_top->caller != NULL ? fc_top->caller : Py_None);
+    return fc_caller_frame(fc_top);
 }
 
 /* Defer exc to this thread's innermost fast call: True, or False if it is instrumented (it
@@ -490,8 +529,12 @@ static PyObject *m_fastcall_in_flight(PyObject *self, PyObject *unused)
             goto fail;
         for (Py_ssize_t i = 0; i < rec->nargs; i++)
             PyTuple_SET_ITEM(items, i, Py_NewRef(rec->args[i]));
-        PyObject *entry = Py_BuildValue("(KONO)", rec->seq, rec->fn->name, items,
-                                        rec->caller != NULL ? rec->caller : Py_None);
+        PyObject *caller = fc_caller_frame(rec);
+        if (caller == NULL) {
+            Py_DECREF(items);
+            goto fail;
+        }
+        PyObject *entry = Py_BuildValue("(KONN)", rec->seq, rec->fn->name, items, caller);
         if (entry == NULL || PyList_Append(out, entry) < 0) {
             Py_XDECREF(entry);
             goto fail;
