@@ -18,11 +18,16 @@
  *   - everything else (level 2, other arguments, keywords): the closure.
  *
  * A fast call has no frame that defer_exception or the R3 watchdog could
- * find, so it registers itself instead: a record on the C stack, linked
- * into this thread's chain (the innermost fast call takes what a callback
- * defers, and re-raises it when C returns) and into one list of all calls in
- * flight (read by the watchdog).  Everything here runs with the GIL held:
- * the globals, the counter and the list need no other lock.
+ * find, so it registers itself instead: a record in one list of the calls in
+ * flight, with its thread and the frame that called it.  defer_exception
+ * walks out from the callback to the first frame that is a checked call's or
+ * called one of this thread's fast calls: that call takes the exception and
+ * re-raises it when C returns.  The watchdog reads the list.  Records come
+ * from a small pool on the heap, not the C stack (greenlet copies C stacks
+ * away while a greenlet waits: nothing here may point into one), and are
+ * unlinked by address, so calls may end in any order.  Everything here runs
+ * with the GIL held: the globals, the counter, the pool and the list need no
+ * other lock.
  *
  * The globals mirror Python state and are set from Python: the check level
  * (calls._on_level_change), the quarantine sampler (quarantine._arm: on/off
@@ -64,10 +69,9 @@ typedef struct {
     int flags;
 } CheckedCall;
 
-/* One fast call in flight (on the calling thread's C stack). */
+/* One fast call in flight. */
 typedef struct fc_record {
-    struct fc_record *outer;      /* this thread's enclosing fast call */
-    struct fc_record *prev, *next; /* every thread's fast calls in flight */
+    struct fc_record *prev, *next; /* the fast calls in flight (a free record: next in the pool) */
     CheckedCall *fn;
     PyObject *const *args;
     Py_ssize_t nargs;
@@ -88,8 +92,8 @@ static PyTypeObject *fc_cdata_own;    /* type(ffi.new(...)) */
 static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
 static PyObject *fc_flat;             /* calls._FLAT */
 static PyObject *fc_zero;             /* 0 */
-static fc_record fc_all = {NULL, &fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
-static _Thread_local fc_record *fc_top;
+static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
+static fc_record *fc_pool; /* free records */
 
 /* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
 typedef struct {
@@ -213,35 +217,40 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
     if (fn->flags & FC_METHOD)
         return fc_call_raw(fn, args, nargsf); /* as the raw call: callbacks' exceptions are not deferred */
 
-    fc_record rec;
-    rec.outer = fc_top;
-    rec.fn = fn;
-    rec.args = args;
-    rec.nargs = nargs;
-    rec.tstate = PyThreadState_Get();
+    fc_record *rec = fc_pool;
+    if (rec != NULL) {
+        fc_pool = rec->next;
+    } else if ((rec = PyMem_RawMalloc(sizeof *rec)) == NULL) {
+        return PyErr_NoMemory();
+    }
+    rec->fn = fn;
+    rec->args = args;
+    rec->nargs = nargs;
+    rec->tstate = PyThreadState_Get();
 #ifdef PB_LAZY_FRAMES
-    rec.caller = rec.tstate->cframe->current_frame;
+    rec->caller = rec->tstate->cframe->current_frame;
 #else
-    rec.caller = PyEval_GetFrame();
+    rec->caller = PyEval_GetFrame();
 #endif
-    rec.exc = NULL;
-    rec.seq = ++fc_seq;
-    rec.next = &fc_all;
-    rec.prev = fc_all.prev;
-    fc_all.prev->next = &rec;
-    fc_all.prev = &rec;
-    fc_top = &rec;
+    rec->exc = NULL;
+    rec->seq = ++fc_seq;
+    rec->next = &fc_all;
+    rec->prev = fc_all.prev;
+    fc_all.prev->next = rec;
+    fc_all.prev = rec;
     PyObject *result = fc_call_raw(fn, args, nargsf);
-    fc_top = rec.outer;
-    rec.prev->next = rec.next;
-    rec.next->prev = rec.prev;
-    if (rec.exc != NULL) {
+    rec->prev->next = rec->next;
+    rec->next->prev = rec->prev;
+    PyObject *exc = rec->exc;
+    rec->next = fc_pool;
+    fc_pool = rec;
+    if (exc != NULL) {
         if (result != NULL) { /* a callback raised: C's result is dropped, the exception raised */
             Py_DECREF(result);
-            PyErr_SetObject((PyObject *)Py_TYPE(rec.exc), rec.exc);
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
             result = NULL;
         }
-        Py_DECREF(rec.exc);
+        Py_DECREF(exc);
     }
     return result;
 slow:
@@ -481,28 +490,50 @@ static PyObject *m_fastcall_take_calls(PyObject *self, PyObject *unused)
     return PyLong_FromUnsignedLongLong(n);
 }
 
-/* The frame that called this thread's innermost fast call (None: no Python frame), or False. */
-static PyObject *m_fastcall_caller(PyObject *self, PyObject *unused)
+/* {calling frame or None: seq} of this thread's fast calls in flight (the latest call of a
+ * frame, or of no frame, wins). */
+static PyObject *m_fastcall_callers(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    if (fc_top == NULL)
-        Py_RETURN_FALSE;
-    return fc_caller_frame(fc_top);
+    PyThreadState *tstate = PyThreadState_Get();
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (fc_record *rec = fc_all.next; rec != &fc_all; rec = rec->next) {
+        if (rec->tstate != tstate)
+            continue;
+        PyObject *caller = fc_caller_frame(rec);
+        PyObject *seq = caller != NULL ? PyLong_FromUnsignedLongLong(rec->seq) : NULL;
+        int rc = seq != NULL ? PyDict_SetItem(out, caller, seq) : -1;
+        Py_XDECREF(caller);
+        Py_XDECREF(seq);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
 }
 
-/* Defer exc to this thread's innermost fast call: True, or False if it is instrumented (it
- * behaves as the raw call) or there is none.  The first exception wins; a later one becomes
- * its __context__ (if it has none). */
-static PyObject *m_fastcall_defer(PyObject *self, PyObject *exc)
+/* fastcall_defer(seq, exc): defer exc to the fast call `seq` (of this thread): True, or False
+ * if it is instrumented (it behaves as the raw call) or gone.  The first exception wins; a
+ * later one becomes its __context__ (if it has none). */
+static PyObject *m_fastcall_defer(PyObject *self, PyObject *args)
 {
     (void)self;
-    fc_record *rec = fc_top;
+    unsigned long long seq;
+    PyObject *exc;
+    if (!PyArg_ParseTuple(args, "KO", &seq, &exc))
+        return NULL;
     if (!PyExceptionInstance_Check(exc)) {
         PyErr_SetString(PyExc_TypeError, "fastcall_defer: expected an exception instance");
         return NULL;
     }
-    if (rec == NULL || (rec->fn->flags & FC_RECORD))
+    fc_record *rec = fc_all.next;
+    while (rec != &fc_all && rec->seq != seq)
+        rec = rec->next;
+    if (rec == &fc_all || (rec->fn->flags & FC_RECORD))
         Py_RETURN_FALSE;
     if (rec->exc == NULL) {
         rec->exc = Py_NewRef(exc);
@@ -552,18 +583,18 @@ static PyObject *m_fastcall_after_fork(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    fc_all.next = fc_all.prev = &fc_all;
-    /* This thread's chain, outermost first, stays in flight. */
-    fc_record *chain[256];
-    int n = 0;
-    for (fc_record *rec = fc_top; rec != NULL && n < 256; rec = rec->outer)
-        chain[n++] = rec;
-    while (n > 0) {
-        fc_record *rec = chain[--n];
-        rec->next = &fc_all;
-        rec->prev = fc_all.prev;
-        fc_all.prev->next = rec;
-        fc_all.prev = rec;
+    PyThreadState *tstate = PyThreadState_Get();
+    fc_record *rec = fc_all.next;
+    while (rec != &fc_all) {
+        fc_record *next = rec->next;
+        if (rec->tstate != tstate) {
+            rec->prev->next = rec->next;
+            rec->next->prev = rec->prev;
+            Py_CLEAR(rec->exc);
+            rec->next = fc_pool;
+            fc_pool = rec;
+        }
+        rec = next;
     }
     Py_RETURN_NONE;
 }
@@ -575,9 +606,9 @@ static PyMethodDef call_functions[] = {
     {"sample_arm", m_sample_arm, METH_VARARGS, "sample_arm(on, gap): arm the quarantine sampler"},
     {"sample_tick", m_sample_tick, METH_NOARGS, "sample_tick() -> whether this lend is drawn"},
     {"fastcall_take_calls", m_fastcall_take_calls, METH_NOARGS, "fastcall_take_calls() -> calls counted"},
-    {"fastcall_caller", m_fastcall_caller, METH_NOARGS,
-     "fastcall_caller() -> the innermost fast call's calling frame, None, or False (none)"},
-    {"fastcall_defer", m_fastcall_defer, METH_O, "fastcall_defer(exc) -> taken by the innermost fast call"},
+    {"fastcall_callers", m_fastcall_callers, METH_NOARGS,
+     "fastcall_callers() -> {calling frame or None: seq} of this thread's fast calls"},
+    {"fastcall_defer", m_fastcall_defer, METH_VARARGS, "fastcall_defer(seq, exc) -> taken by that fast call"},
     {"fastcall_in_flight", m_fastcall_in_flight, METH_NOARGS,
      "fastcall_in_flight() -> [(seq, name, args, frame)]"},
     {"fastcall_after_fork", m_fastcall_after_fork, METH_NOARGS, "fastcall_after_fork(): in a forked child"},

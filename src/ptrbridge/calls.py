@@ -70,7 +70,7 @@ _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold poi
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
 _OWN_CDATA, _FROMBUF_CDATA = _CDATA_OWNING  # the types of ffi.new and ffi.from_buffer results
 _scan_slots = native.scan_slots
-_fast_caller = native.fastcall_caller
+_fast_callers = native.fastcall_callers
 _fast_defer = native.fastcall_defer
 
 # ---------------------------------------------------------------------------
@@ -95,12 +95,12 @@ def defer_exception(exc: BaseException) -> bool:
     the frame that called it: whichever is met first walking out from the
     callback is the innermost.
     """
-    fast = _fast_caller()  # False: no fast call in flight on this thread
+    fast = _fast_callers()  # {calling frame or None: call}: this thread's fast calls in flight
     frame = sys._getframe(1)
-    while frame is not fast and frame is not None and frame.f_code not in _CHECKED_CODES:
+    while frame is not None and frame not in fast and frame.f_code not in _CHECKED_CODES:
         frame = frame.f_back  # type: ignore[assignment]
-    if frame is fast:
-        return bool(_fast_defer(exc))  # False for an instrumented call: it behaves as the raw call
+    if frame in fast:  # None too: a fast call that no Python frame made
+        return bool(_fast_defer(fast[frame], exc))  # False if instrumented: it behaves as the raw call
     if frame is None or frame.f_locals.get("record"):
         return False  # no checked call, or an instrumented one: it behaves as the raw call
     with _deferred_lock:
