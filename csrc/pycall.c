@@ -193,30 +193,32 @@ static PyObject *fc_call_raw(CheckedCall *fn, PyObject *const *args, size_t narg
     return result;
 }
 
-static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* Whether this call goes to the closure; counts and draws for a call that does not. */
+static int fc_wants_slow(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs)
 {
-    CheckedCall *fn = (CheckedCall *)self;
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     int level = fc_level;
-    if (level == 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0))
-        goto slow;
-    if (fn->flags & FC_METHOD) {
-        if (nargs < 1 || !PyObject_TypeCheck(args[0], (PyTypeObject *)fn->raw))
-            goto slow;
-    }
+    if (level == 2)
+        return 1;
+    if ((fn->flags & FC_METHOD) && (nargs < 1 || !PyObject_TypeCheck(args[0], (PyTypeObject *)fn->raw)))
+        return 1;
     if (level == 1) {
         int lent = 0;
         int skip = (fn->flags & FC_METHOD) ? 1 : 0;
         if (!fc_settled(fn, args + skip, nargs - skip, &lent))
-            goto slow;
+            return 1;
         if (fc_sample_on && (lent || (fn->flags & FC_TICK_ALWAYS)) && fc_tick())
-            goto slow; /* drawn: the closure shadows this call (its own draw answers True too) */
+            return 1; /* drawn: the closure shadows this call (its own draw answers True too) */
         if (fn->flags & (FC_RECORD | FC_METHOD))
             fc_calls++;
     }
+    return 0;
+}
+
+/* Calls C, registered as a call in flight; `tuple`: the arguments as a tuple, if the caller had one. */
+static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple)
+{
     if (fn->flags & FC_METHOD)
         return fc_call_raw(fn, args, nargsf); /* as the raw call: callbacks' exceptions are not deferred */
-
     fc_record *rec = fc_pool;
     if (rec != NULL) {
         fc_pool = rec->next;
@@ -225,7 +227,7 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
     }
     rec->fn = fn;
     rec->args = args;
-    rec->nargs = nargs;
+    rec->nargs = PyVectorcall_NARGS(nargsf);
     rec->tstate = PyThreadState_Get();
 #ifdef PB_LAZY_FRAMES
     rec->caller = rec->tstate->cframe->current_frame;
@@ -238,7 +240,8 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
     rec->prev = fc_all.prev;
     fc_all.prev->next = rec;
     fc_all.prev = rec;
-    PyObject *result = fc_call_raw(fn, args, nargsf);
+    /* A ctypes function has no vectorcall: with a tuple at hand, spare it building another. */
+    PyObject *result = tuple != NULL ? PyObject_Call(fn->raw, tuple, NULL) : fc_call_raw(fn, args, nargsf);
     rec->prev->next = rec->next;
     rec->next->prev = rec->prev;
     PyObject *exc = rec->exc;
@@ -253,8 +256,25 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
         Py_DECREF(exc);
     }
     return result;
-slow:
-    return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
+}
+
+static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) || fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
+        return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
+    return fc_run(fn, args, nargsf, NULL);
+}
+
+/* Called with a tuple: the wrapped ctypes functions (no vectorcall), and PyObject_Call of the others. */
+static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    PyObject *const *args = &PyTuple_GET_ITEM(tuple, 0);
+    Py_ssize_t nargs = PyTuple_GET_SIZE(tuple);
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) || fc_wants_slow(fn, args, nargs))
+        return PyObject_Call(fn->slow, tuple, kwargs);
+    return fc_run(fn, args, (size_t)nargs, (fn->flags & FC_METHOD) ? NULL : tuple);
 }
 
 /* -- the type ----------------------------------------------------------- */
@@ -303,7 +323,9 @@ static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyMem_Free(positions);
         return NULL;
     }
-    fn->vectorcall = fc_vectorcall;
+    /* A wrapped ctypes function is called with a tuple (its proxy's __call__) and calls ctypes,
+     * which takes a tuple: no vectorcall, so that the tuple reaches fc_call as it is. */
+    fn->vectorcall = (flags & FC_CTYPES) && !(flags & FC_METHOD) ? NULL : fc_vectorcall;
     fn->raw = Py_NewRef(raw);
     fn->slow = Py_NewRef(slow);
     fn->name = Py_NewRef(name);
@@ -383,7 +405,7 @@ static PyTypeObject CheckedCallType = {
     .tp_dealloc = fc_dealloc,
     .tp_vectorcall_offset = offsetof(CheckedCall, vectorcall),
     .tp_repr = fc_repr,
-    .tp_call = PyVectorcall_Call,
+    .tp_call = fc_call,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "CheckedCall(raw, slow, name, plan, flags): a checked function's level-1 common case in C.",
     .tp_traverse = fc_traverse,
@@ -402,7 +424,7 @@ static PyTypeObject CheckedMethodType = {
     .tp_traverse = fc_traverse,
     .tp_clear = fc_clear,
     .tp_descr_get = fc_descr_get,
-    .tp_call = PyVectorcall_Call,
+    .tp_call = fc_call,
     .tp_vectorcall_offset = offsetof(CheckedCall, vectorcall),
 };
 
