@@ -1,8 +1,10 @@
 """Real cffi packages' own test suites, plain and under ``pytest --ptrbridge=2`` (issue 10, item 4).
 
 For each of brotlicffi, argon2-cffi (with its cffi part, argon2-cffi-bindings),
-zstandard (its cffi backend: ``PYTHON_ZSTANDARD_IMPORT_POLICY=cffi``) and
-xattr, this script:
+zstandard (its cffi backend: ``PYTHON_ZSTANDARD_IMPORT_POLICY=cffi``), xattr,
+cmarkgfm and cairocffi (ABI mode over the system's libcairo; its tests ship
+inside the package and need pikepdf and numpy, installed from wheels into the
+suite's own directory), this script:
 
 1. fetches the sdist with ``pip download --no-binary :all: --no-deps``;
 2. builds and installs it with pip into a private target directory (no
@@ -48,6 +50,8 @@ class Suite:
     args: List[str] = field(default_factory=list)  # extra pytest arguments
     no_build_isolation: Tuple[str, ...] = ()  # distributions built with this interpreter's setuptools
     prepare: Optional[str] = None  # Python code run in the suite directory after unpacking
+    test_deps: List[str] = field(default_factory=list)  # the suite's own test requirements (wheels, with deps)
+    installed_tests: List[str] = field(default_factory=list)  # test files shipped inside the installed package
 
 
 # brotlicffi's sdist does not ship libbrotli/tests/testdata, which its conftest lists: make a small
@@ -78,6 +82,10 @@ SUITES = [
     Suite("argon2-cffi", "tests", ["argon2-cffi-bindings", "argon2-cffi"]),
     Suite("zstandard", "tests", ["zstandard"], env={"PYTHON_ZSTANDARD_IMPORT_POLICY": "cffi"}),
     Suite("xattr", "tests", ["xattr"]),
+    Suite("cmarkgfm", "tests", ["cmarkgfm"]),
+    # ABI mode over the system's libcairo (Debian's libcairo2); its tests live in the package.
+    Suite("cairocffi", "", ["cairocffi"], test_deps=["pikepdf", "numpy"],
+          installed_tests=["cairocffi/test_cairo.py", "cairocffi/test_numpy.py"]),
 ]
 
 
@@ -107,6 +115,16 @@ def install(dist: str, sdist: str, site: str, isolated: bool) -> None:
     proc = _run(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"pip install {dist} failed:\n{proc.stderr[-3000:]}")
+    open(marker, "w").close()
+
+
+def install_test_deps(dists: List[str], target: str) -> None:
+    marker = os.path.join(target, ".installed")
+    if os.path.exists(marker):
+        return
+    proc = _run([sys.executable, "-m", "pip", "install", "-q", "--target", target, *dists])
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install {' '.join(dists)} failed:\n{proc.stderr[-3000:]}")
     open(marker, "w").close()
 
 
@@ -158,7 +176,8 @@ def run_suite(suite: Suite, path: str, site: str, options: List[str], report: Op
     env = dict(os.environ)
     env.pop("PTRBRIDGE_CHECK", None)
     env.update(suite.env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    deps = os.path.join(os.path.dirname(site), "deps") if suite.test_deps else ""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, deps, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            *suite.args, *options]
     if report:
@@ -197,7 +216,13 @@ def main() -> int:
             for dist in suite.install:
                 sdist = fetch(dist, sdists)
                 install(dist, sdist, site, isolated=dist not in suite.no_build_isolation)
-            path = unpack_tests(sdist, suite.tests, base, site, suite.prepare)
+            if suite.test_deps:
+                install_test_deps(suite.test_deps, os.path.join(base, "deps"))
+            if suite.installed_tests:
+                path = site
+                suite.args = [*suite.installed_tests, *suite.args]
+            else:
+                path = unpack_tests(sdist, suite.tests, base, site, suite.prepare)
         except (RuntimeError, OSError) as exc:
             print(f"{suite.name}: could not set up: {exc}", file=sys.stderr)
             rows.append((suite.name, None, None))

@@ -336,6 +336,49 @@ static void keep_newest(size_t cap)
     lock_taken += l - keep_l;
 }
 
+/* Blocks whose memory came from libc's malloc (raw, numpy, and the mem and
+ * object domains above pymalloc's limit): once given back, libc may hand the
+ * memory to anyone, C code the interposer does not see included. */
+static int libc_backed(int domain, size_t size)
+{
+    return domain == PB_HEAPMAP_RAW || domain == PB_HEAPMAP_NUMPY ||
+           ((domain == PB_HEAPMAP_MEM || domain == PB_HEAPMAP_OBJ) && size > SMALL_MAX);
+}
+
+static int cmp_uintptr(const void *a, const void *b)
+{
+    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Lock held.  The starts of the blocks held on the locked path (every
+ * libc-backed block the hold has), sorted into `out` (room for DOMAINS *
+ * PB_HEAPMAP_HOLD_MAX); returns how many. */
+static size_t locked_held_starts(uintptr_t *out)
+{
+    size_t n = 0;
+    for (int d = 0; d < DOMAINS; d++) {
+        const struct quarantine *q = &hm_lock_held[d];
+        for (size_t i = 0; i < q->count; i++)
+            out[n++] = (uintptr_t)q->q[(q->head + i) & HOLD_MASK].ptr;
+    }
+    qsort(out, n, sizeof *out, cmp_uintptr);
+    return n;
+}
+
+static int sorted_has(const uintptr_t *a, size_t n, uintptr_t key)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && a[lo] == key;
+}
+
 size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *sizes, size_t cap)
 {
     /* Filter under the heap-map lock, queue outside it: the scanner takes its
@@ -352,23 +395,30 @@ size_t pb__heapmap_retire_freed(uint64_t first_id, uintptr_t *starts, size_t *si
     /* ffi.new memory the interposer records is queued by the interposer, naming it
      * (pb__interpose_take_freed): not twice. */
     int cffi_queued_elsewhere = pb_interpose_enabled();
+    /* Room for the starts of every block the locked path holds (libc-backed ones among them). */
+    uintptr_t *held = malloc((size_t)DOMAINS * PB_HEAPMAP_HOLD_MAX * sizeof *held);
     hm_lock();
+    size_t nheld = held != NULL ? locked_held_starts(held) : 0;
     keep_newest(cap);
     while (n < cap && take_next(&s, &v, &serial)) {
         if (hm_find_block(s, 1, &ls, &lv))
             continue; /* reused: the memory is live again */
         if (seg != NULL && pb__segments_overlap(seg, nseg, s, (size_t)(v & SIZE_MASK)))
             continue; /* reused: a loaded object is mapped there */
-        if (cffi_queued_elsewhere && (int)(v >> SIZE_SHIFT) == PB_HEAPMAP_CFFI)
+        int domain = (int)(v >> SIZE_SHIFT);
+        if (cffi_queued_elsewhere && domain == PB_HEAPMAP_CFFI)
             continue;
         starts[n] = s;
         sizes[n] = (size_t)(v & SIZE_MASK);
+        if (held != NULL && libc_backed(domain, sizes[n]) && !sorted_has(held, nheld, s))
+            sizes[n] |= PB_HEAPMAP_GIVEN_BACK;
         n++;
     }
     hm_unlock();
+    free(held);
     free(seg);
     for (size_t i = 0; i < n; i++)
-        if (pb__scan_retire(starts[i], sizes[i], first_id + i) != PB_OK)
+        if (pb__scan_retire(starts[i], sizes[i] & ~(size_t)PB_HEAPMAP_GIVEN_BACK, first_id + i) != PB_OK)
             return i;
     return n;
 }

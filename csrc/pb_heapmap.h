@@ -172,6 +172,7 @@ struct pb_heapmap_stats {
 #define PB_HEAPMAP_HOLD_MAX 8192
 #define PB_HEAPMAP_HOLD_BLOCKS 8192
 #define PB_HEAPMAP_HOLD_BYTES 4194304
+#define PB_HEAPMAP_GIVEN_BACK 4611686018427387904 /* 1 << 62, a flag in retire_freed's sizes */
 
 /* Installs the hooks and starts recording (takes the GIL).  numpy's handler
  * is hooked too if numpy is already imported.  Returns 0 (installed), 1
@@ -216,7 +217,12 @@ size_t pb__heapmap_take_freed(uintptr_t *starts, size_t *sizes, size_t cap, uint
 
 /* Takes freed blocks and queues those not live again as retention-scan
  * targets with ids first_id, first_id + 1, ...; their starts and sizes go to
- * starts[]/sizes[].  Returns how many were queued (<= cap).  When more than
+ * starts[]/sizes[], each size with PB_HEAPMAP_GIVEN_BACK added when the block
+ * came from libc's malloc (raw, numpy, mem/obj above pymalloc's limit) and the
+ * hold has given it back: libc may have handed that memory to C code no hook
+ * sees (a constructor run by dlopen, libc's own fopen or getaddrinfo), so a C
+ * pointer into it says nothing unless a checked call lent it.  Returns how
+ * many were queued (<= cap).  When more than
  * cap are pending, the newest cap are taken (an end-of-test scan wants the
  * test's own frees) and the older ones count as dropped: pass a cap of
  * 2 * PB_HEAPMAP_FREED_HISTORY to take everything the history holds. */

@@ -122,6 +122,12 @@ int pb__py_init(void);
  * text "file.py:12" is only made when a report needs it.  GIL held. */
 uint32_t pb__site_capture(void);
 
+/* The frame line of a site a quarantined lend captured (pysite.c),
+ * "/path/file.py:12 in name\n", with the length of its "/path/file.py:12"
+ * part in *where_len; NULL if it has none.  Async-signal-safe: the fault
+ * handler prints it. */
+const char *pb__site_line(uint32_t site, size_t *where_len);
+
 /* Writes "ptrbridge: <message>\n" to stderr with one write(2). */
 void pb__report(const char *fmt, ...)
 #if defined(__GNUC__)

@@ -33,6 +33,11 @@ void **pb__cffi_exports(void);
 /* pysite.c: "file.py:12" for a site id (new reference; "<unknown>:0" for 0). */
 PyObject *pb__site_text(uint32_t site);
 
+/* pysite.c: site ids of up to `max` frames of the Python stack from `frame`,
+ * from the first one outside ptrbridge, their frame lines made for
+ * pb__site_line(); returns how many. */
+int pb__site_capture_stack(PyObject *frame, uint32_t *ids, int max);
+
 /* A cffi `char *` cdata for an address, made without a cffi call (through
  * cffi's exported C API when available).  New reference, or NULL. */
 PyObject *pb__charp_object(uintptr_t addr);
@@ -44,6 +49,7 @@ int pb__py_handles_init(PyObject *module); /* pyhandles.c */
 int pb__py_sites_init(PyObject *module);   /* pysite.c */
 int pb__py_pins_init(PyObject *module);    /* pypin.c */
 int pb__py_frames_init(PyObject *module);  /* pyframes.c */
+int pb__py_quarantine_init(PyObject *module); /* pyquarantine.c */
 int pb__py_calls_init(PyObject *module);   /* pycall.c */
 
 #endif /* PB_PY_H */

@@ -44,6 +44,10 @@ void pb__quarantine_owner_freed_slow(uintptr_t object);
  * oldest).  Returns PB_OK or PB_ERR_INVALID (not a lent slot).  Thread-safe. */
 int pb__quarantine_finish(int slot, void *dst);
 
+/* pb__quarantine_finish with the copy-back address as an integer (0: none),
+ * so that Python passes it without making a pointer cdata.  Thread-safe. */
+int pb__quarantine_finish_at(int slot, uintptr_t dst);
+
 /* Number of shadows currently quarantined (inaccessible).  Thread-safe. */
 int pb__quarantine_held(void);
 
@@ -77,6 +81,14 @@ long pb__quarantine_kept_read(uint64_t n, char *out, size_t cap);
 void pb__quarantine_unwatch_all(void);
 
 /* PB_CDEF_END */
+
+/* pb__quarantine_lend for pyquarantine.c: the texts are counted, and where
+ * it was lent is the site ids of the lending call's Python stack
+ * (pysite.c's pb__site_capture_stack; their text is made once per site and
+ * printed by the fault handler).  nids 0: no Python caller ("<unknown>"). */
+int pb__quarantine_lend_sites(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                              size_t object_len, const char *function, size_t function_len, const uint32_t *ids,
+                              int nids, uintptr_t *shadow);
 
 /* Watched originals, for the heap map's free hook: a count per bucket of the
  * slots whose owner hashes there.  Internal. */

@@ -191,6 +191,7 @@ typedef struct {
     PyObject *hold;  /* list: every object met, referenced while the index lives */
     PyObject *frame; /* the next frame to read, or NULL */
     Py_ssize_t frames_left;
+    PyObject *pending; /* list of (name, list/tuple/dict) of the frame read last, items not yet read */
 } OwnerIndex;
 
 static struct {
@@ -217,6 +218,7 @@ static void owner_index_dealloc(OwnerIndex *self)
     PyMem_Free(self->entries);
     PyMem_Free(self->seen);
     Py_XDECREF(self->frame);
+    Py_XDECREF(self->pending);
     Py_XDECREF(self->hold);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -449,13 +451,14 @@ static int add_object(OwnerIndex *self, PyObject *obj, const struct origin *o)
     return rc;
 }
 
-static int add_variable(OwnerIndex *self, PyObject *name, PyObject *value)
+static int is_container(PyObject *value)
 {
-    if (never_owning(value))
-        return 0;
-    struct origin o = {ORIGIN_LOCAL, 0, name, NULL, 0};
-    if (add_object(self, value, &o) < 0)
-        return -1;
+    return PyList_CheckExact(value) || PyTuple_CheckExact(value) || PyDict_CheckExact(value);
+}
+
+/* The items of a list, tuple or dict variable (up to the index's limit). */
+static int add_items(OwnerIndex *self, PyObject *name, PyObject *value)
+{
     if (PyList_CheckExact(value) || PyTuple_CheckExact(value)) {
         PyObject *items = PySequence_Fast(value, "");
         if (items == NULL)
@@ -496,7 +499,8 @@ static PyTypeObject OwnerIndexType;
 
 struct variable_ctx {
     OwnerIndex *index;
-    PyObject *hold; /* keeps every variable's value referenced while the build runs */
+    PyObject *hold;       /* keeps every variable's value referenced while the build runs */
+    PyObject *containers; /* (name, list/tuple/dict) of the frame, their items indexed last */
 };
 
 static int index_variable(void *arg, PyObject *name, PyObject *value)
@@ -508,7 +512,19 @@ static int index_variable(void *arg, PyObject *name, PyObject *value)
      * (cdata_extent) that rebinds the variable: hold the value and its name. */
     if (PyList_Append(ctx->hold, value) < 0 || PyList_Append(ctx->hold, name) < 0)
         return -1;
-    return add_variable(ctx->index, name, value);
+    struct origin o = {ORIGIN_LOCAL, 0, name, NULL, 0};
+    if (add_object(ctx->index, value, &o) < 0)
+        return -1;
+    if (!is_container(value))
+        return 0;
+    /* Items after every variable of the frame: a list of 500 output chunks read
+     * first would fill the index before the buffer a later variable names. */
+    PyObject *pair = PyTuple_Pack(2, name, value);
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(ctx->containers, pair);
+    Py_DECREF(pair);
+    return rc;
 }
 
 static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -542,6 +558,7 @@ static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize
     self->seen_cap = self->seen_n = 0;
     self->frame = NULL;
     self->frames_left = 0;
+    self->pending = NULL;
     self->hold = PyList_New(0);
     int rc = self->hold == NULL ? -1 : 0;
     for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(call_args); i++) {
@@ -577,15 +594,33 @@ static PyObject *m_owner_index(PyObject *module, PyObject *const *args, Py_ssize
     return (PyObject *)self;
 }
 
-/* Reads the next frame's variables into the index: 1 if it did, 0 if none is left, -1 on error. */
+/* Reads more candidates into the index: the items of the containers among the
+ * variables of the frame read last, else the next frame's variables (its
+ * containers' items wait for the next read: most pointers are found among the
+ * variables, and a list of 500 output chunks would cost more than the search).
+ * 1 if it read something, 0 if nothing is left, -1 on error. */
 static int read_next_frame(OwnerIndex *self)
 {
+    PyObject *pending = self->pending;
+    if (pending != NULL) {
+        self->pending = NULL;
+        int rc = 0;
+        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(pending); i++) {
+            PyObject *pair = PyList_GET_ITEM(pending, i);
+            rc = add_items(self, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
+        }
+        Py_DECREF(pending);
+        return rc < 0 ? -1 : 1;
+    }
     PyObject *frame = self->frame;
     if (frame == NULL)
         return 0;
     self->frame = NULL;
-    struct variable_ctx ctx = {self, self->hold};
-    int rc = read_variables((PyFrameObject *)frame, index_variable, &ctx);
+    struct variable_ctx ctx = {self, self->hold, PyList_New(0)};
+    int rc = ctx.containers == NULL ? -1 : read_variables((PyFrameObject *)frame, index_variable, &ctx);
+    if (rc == 0 && PyList_GET_SIZE(ctx.containers) > 0)
+        self->pending = Py_NewRef(ctx.containers);
+    Py_XDECREF(ctx.containers);
     if (rc == 0 && --self->frames_left > 0) {
         PyObject *back = (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
         if (back != NULL && !PyFrame_Check(back))
@@ -628,7 +663,7 @@ static PyObject *owner_index_find(OwnerIndex *self, PyObject *arg)
         return NULL;
     Py_ssize_t from = 0;
     for (;;) {
-        int complete = self->frame == NULL;
+        int complete = self->frame == NULL && self->pending == NULL;
         if (!complete || !(self->n == 0 || address < self->low || address > self->high)) {
             for (Py_ssize_t i = from; i < self->n; i++) {
                 const struct owner_entry *e = &self->entries[i];

@@ -17,6 +17,9 @@
 #include "pb_py.h"
 #include "pb_internal.h"
 
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
@@ -185,6 +188,129 @@ uint32_t pb__site_capture(void)
         frame = back;
     }
 #endif
+}
+
+/* ---- frame lines for the quarantine's fault reports -------------------------
+ *
+ * A quarantined lend records the Python stack of the lending call as site
+ * ids (pb__site_capture_stack); its SIGSEGV handler can only copy bytes, so
+ * the text of each frame, "/path/file.py:12 in name\n", is made once per
+ * site, the first time a lend captures it, and never freed or changed.  The
+ * handler reads it through pb__site_line(): a fixed array of chunk pointers,
+ * each published with an atomic store, so a reader never sees a table being
+ * moved. */
+
+#define LINE_CHUNK 1024u
+#define LINE_CHUNKS (MAX_SITES / LINE_CHUNK)
+
+struct site_line {
+    size_t where_len; /* "/path/file.py:12" is text[0, where_len) */
+    char text[];      /* "/path/file.py:12 in name\n" */
+};
+
+typedef _Atomic(struct site_line *) line_cell;
+static _Atomic(line_cell *) line_chunks[LINE_CHUNKS];
+
+const char *pb__site_line(uint32_t site, size_t *where_len)
+{
+    if (site == 0 || site > MAX_SITES)
+        return NULL;
+    line_cell *chunk = atomic_load_explicit(&line_chunks[(site - 1) / LINE_CHUNK], memory_order_acquire);
+    if (chunk == NULL)
+        return NULL;
+    struct site_line *line = atomic_load_explicit(&chunk[(site - 1) % LINE_CHUNK], memory_order_acquire);
+    if (line == NULL)
+        return NULL;
+    *where_len = line->where_len;
+    return line->text;
+}
+
+/* Makes the text of a site's frame line if it has none yet.  GIL held. */
+static void publish_line(uint32_t site)
+{
+    if (site == 0 || site > sites_used)
+        return;
+    size_t where_len;
+    if (pb__site_line(site, &where_len) != NULL)
+        return;
+    line_cell *chunk = atomic_load_explicit(&line_chunks[(site - 1) / LINE_CHUNK], memory_order_acquire);
+    if (chunk == NULL) {
+        chunk = calloc(LINE_CHUNK, sizeof *chunk);
+        if (chunk == NULL)
+            return;
+        atomic_store_explicit(&line_chunks[(site - 1) / LINE_CHUNK], chunk, memory_order_release);
+    }
+    struct site_entry *e = &sites[site - 1];
+    PyCodeObject *code = (PyCodeObject *)e->code;
+    int lineno = PyCode_Addr2Line(code, e->lasti);
+    Py_ssize_t file_len = 0, name_len = 0;
+    const char *file = PyUnicode_AsUTF8AndSize(code->co_filename, &file_len);
+    if (file == NULL) {
+        PyErr_Clear();
+        file = "?";
+        file_len = 1;
+    }
+    const char *name = PyUnicode_AsUTF8AndSize(code->co_name, &name_len);
+    if (name == NULL) {
+        PyErr_Clear();
+        name = "?";
+        name_len = 1;
+    }
+    size_t cap = (size_t)file_len + (size_t)name_len + 32;
+    struct site_line *line = malloc(sizeof *line + cap);
+    if (line == NULL)
+        return;
+    int where = snprintf(line->text, cap, "%s:%d", file, lineno < 0 ? 0 : lineno);
+    int all = snprintf(line->text + where, cap - (size_t)where, " in %s\n", name);
+    if (where < 0 || all < 0) {
+        free(line);
+        return;
+    }
+    line->where_len = (size_t)where;
+    atomic_store_explicit(&chunk[(site - 1) % LINE_CHUNK], line, memory_order_release);
+}
+
+/* Up to `max` site ids of the Python stack from `frame` (innermost first),
+ * starting at the first frame outside ptrbridge, each with its frame line
+ * made; returns how many (0 when `frame` is NULL, None or has no user frame).
+ * GIL held. */
+int pb__site_capture_stack(PyObject *frame, uint32_t *ids, int max)
+{
+    int n = 0;
+    if (frame == NULL || !PyFrame_Check(frame))
+        return 0;
+    int outside = 0; /* ptrbridge's own frames are skipped until the first user frame */
+#ifdef PB_FAST_FRAMES
+    for (_PyInterpreterFrame *f = ((PyFrameObject *)frame)->f_frame; f != NULL && n < max; f = f->previous) {
+        if (_PyFrame_IsIncomplete(f))
+            continue;
+        if (!outside && code_is_internal((PyObject *)f->f_code))
+            continue;
+        outside = 1;
+        Py_ssize_t lasti = (f->prev_instr - _PyCode_CODE(f->f_code)) * (Py_ssize_t)sizeof(_Py_CODEUNIT);
+        ids[n] = intern_site((PyObject *)f->f_code, lasti < 0 ? 0 : (int)lasti);
+        publish_line(ids[n]);
+        n++;
+    }
+#else
+    PyFrameObject *f = (PyFrameObject *)frame;
+    Py_INCREF(f);
+    while (f != NULL && n < max) {
+        PyCodeObject *code = PyFrame_GetCode(f);
+        if (outside || !code_is_internal((PyObject *)code)) {
+            outside = 1;
+            ids[n] = intern_site((PyObject *)code, PyFrame_GetLasti(f));
+            publish_line(ids[n]);
+            n++;
+        }
+        Py_DECREF(code);
+        PyFrameObject *back = n < max ? PyFrame_GetBack(f) : NULL;
+        Py_DECREF(f);
+        f = back;
+    }
+    Py_XDECREF(f);
+#endif
+    return n;
 }
 
 static PyObject *site_location(uint32_t site)

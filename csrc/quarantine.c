@@ -1,21 +1,31 @@
 /*
  * quarantine.c - guard-paged shadow copies and the fault reporter.
  *
- * Layout.  Shadows come from a pool of pre-faulted slots; a buffer larger
- * than a pool slot gets a mapping of its own (bounded in number and bytes).
+ * Layout.  Shadows come from a pool of pre-faulted slots, of one page (for
+ * the many small buffers) and of 64 KiB; a buffer larger than that gets a
+ * mapping of its own (bounded in number and bytes).
  * Every slot is one mapping: a leading guard page, the data area, a trailing
  * guard page.  The copy is right-aligned so its last byte touches the
  * trailing guard: C reading past the end while the buffer is lent faults at
  * once (an overrun report).  After the call the pages that held the copy are
- * closed (MADV_GUARD_INSTALL where the kernel has it, mprotect otherwise,
- * decided and remembered per slot) and the slot waits in a FIFO of
- * QUARANTINE_DEPTH; the oldest is reopened the way it was closed.  A slot is
- * at most three VMAs, so the pool stays a few hundred VMAs, far below
- * vm.max_map_count (65530 by default).
+ * closed and the slot waits in a FIFO of QUARANTINE_DEPTH; the oldest is
+ * reopened the way it was closed.  When the closed pages are the whole data
+ * area (a one-page slot), mprotect closes them: it merges them with the
+ * guard pages, and the pages keep their contents.  Otherwise
+ * MADV_GUARD_INSTALL where the kernel has it (no VMA split), mprotect if not
+ * (decided and remembered per slot).  A slot is at most three VMAs, so the
+ * pool stays a few hundred VMAs, far below vm.max_map_count (65530 by
+ * default).  Per lend that is one syscall to close, one to reopen and one to
+ * see that the handler is still on top (sigaction).
+ *
+ * The lending call's Python stack is kept as site ids (pysite.c): the text of
+ * each frame is made once per call site, and the handler prints it from
+ * there (pb__site_line).
  *
  * The SIGSEGV/SIGBUS handler.  It uses only async-signal-safe code (atomic
- * loads of fixed slot records, text formatted at lend time, write(2),
- * sigaction, pthread_sigmask, raise), plus backtrace() and dladdr(): both are
+ * loads of fixed slot records, text formatted at lend time or once per call
+ * site, write(2), sigaction, pthread_sigmask, raise), plus backtrace() and
+ * dladdr(): both are
  * used by ASan and faulthandler-like tools in the same place; backtrace() is
  * called once at install time so that it loads libgcc then, and dladdr() can
  * only block if the fault hit during dlopen, with the process about to die.
@@ -61,15 +71,17 @@
 #include "pb_py.h" /* Py_REFCNT of a held original (read, never changed, in the handler) */
 #include "pb_quarantine.h"
 
-#define POOL_SLOTS 32
+#define SMALL_SLOTS 32 /* pool slots of one page, for buffers that fit one */
+#define POOL_SLOTS (SMALL_SLOTS + 32) /* and of POOL_SLOT_BYTES */
 #define POOL_SLOT_BYTES ((size_t)64 << 10)
-#define MAX_SLOTS 96
+#define MAX_SLOTS (POOL_SLOTS + 64)
 #define DEDICATED_MAX_BYTES ((size_t)256 << 20) /* all dedicated shadows together */
 #define QUARANTINE_DEPTH 16
 #define OBJECT_MAX 160
 #define FUNCTION_MAX 96
 #define STACK_MAX 1024
 #define SITE_MAX 256
+#define STACK_IDS 8 /* frames of a lend's Python stack kept as site ids (pysite.c) */
 #define BACKTRACE_MAX 32
 #define CHAIN_THREADS 64
 #define ALTSTACK_BYTES ((size_t)64 << 10)
@@ -101,6 +113,10 @@ struct slot {
     int held;          /* Python holds a reference to owner for the slot (no heap map): alive while > 1 */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
+    /* Where it was lent: site ids of the Python stack (their text is made
+     * once per site, pb__site_line), or, from pb__quarantine_lend, text. */
+    int nstack;        /* > 0: stack_ids[0, nstack) hold it; 0: site and stack */
+    uint32_t stack_ids[STACK_IDS];
     char site[SITE_MAX];
     char stack[STACK_MAX];
 };
@@ -460,6 +476,34 @@ static int owner_alive(struct slot *s)
     return !s->held || Py_REFCNT((PyObject *)owner) > 1;
 }
 
+/* "/path/file.py:12" of the lending call */
+static void put_site(const struct slot *s)
+{
+    size_t where_len = 0;
+    const char *line = s->nstack > 0 ? pb__site_line(s->stack_ids[0], &where_len) : NULL;
+    if (line != NULL)
+        put(line, where_len);
+    else
+        put_str(s->nstack > 0 ? "<unknown>" : s->site);
+}
+
+/* "    #k /path/file.py:12 in name" lines of the lending call's Python stack */
+static void put_stack(const struct slot *s)
+{
+    if (s->nstack == 0) {
+        put_str(s->stack);
+        return;
+    }
+    for (int k = 0; k < s->nstack; k++) {
+        size_t where_len;
+        const char *line = pb__site_line(s->stack_ids[k], &where_len);
+        put_str("    #");
+        put_dec((uintmax_t)k);
+        put_str(" ");
+        put_str(line != NULL ? line : "<unknown>\n");
+    }
+}
+
 /* "bytes(241) lent to produce() at file.py:12" */
 static void put_lent(const struct slot *s)
 {
@@ -467,7 +511,7 @@ static void put_lent(const struct slot *s)
     put_str(" lent to ");
     put_str(s->function);
     put_str("() at ");
-    put_str(s->site);
+    put_site(s);
 }
 
 static void report(struct slot *s, int state, uintptr_t a, void *uctx)
@@ -490,7 +534,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
             put_str("(): ");
             put_bytes((size_t)(a - end) + 1);
             put_str(" beyond its end (at ");
-            put_str(s->site);
+            put_site(s);
             put_str(", caught by the quarantine's guard page)\n");
         } else {
             put_str(" before the start of ");
@@ -500,7 +544,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
             put_str("(): ");
             put_bytes((size_t)(s->data - a));
             put_str(" before its start (at ");
-            put_str(s->site);
+            put_site(s);
             put_str(", caught by the quarantine's guard page)\n");
         }
     } else if (state == ADOPTING) {
@@ -555,7 +599,7 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_str("lent to ");
     put_str(s->function);
     put_str("() by the Python call (innermost first):\n");
-    put_str(s->stack);
+    put_stack(s);
     put_str("\n");
     /* 3. where it was released */
     if (state == LENT) {
@@ -854,8 +898,9 @@ static void ensure_altstack(void)
 
 /* ---- slots ------------------------------------------------------------------ */
 
-/* Closes [s->closed, area end).  Tries a guard region first (no VMA split),
- * falls back to mprotect for this slot only.  Lock held. */
+/* Closes [s->closed, area end).  The whole area: mprotect (see below).  Part
+ * of it: a guard region first (no VMA split), mprotect for this slot only if
+ * the kernel refuses.  Lock held. */
 static int close_slot(struct slot *s)
 {
     void *addr = (void *)s->closed;
@@ -864,7 +909,13 @@ static int close_slot(struct slot *s)
         s->how = CLOSED_GUARD;
         return 0;
     }
-    if (try_guard && !forced_mprotect) {
+    /* The whole data area (a small slot, or a dedicated one the copy fills):
+     * mprotect merges it with its guard pages, so it adds no VMA, and the
+     * pages keep their contents, where a guard region would discard them and
+     * the next lend of the slot would take a page fault per page to refill
+     * them (that fault costs more than the mprotect pair). */
+    int whole = s->closed == s->area;
+    if (try_guard && !forced_mprotect && !whole) {
         if (madvise(addr, n, MADV_GUARD_INSTALL) == 0) {
             s->how = CLOSED_GUARD;
             return 0;
@@ -947,15 +998,16 @@ static int init_pool(void)
         return 0;
     page = (size_t)sysconf(_SC_PAGESIZE);
     for (int i = 0; i < POOL_SLOTS; i++) {
-        uintptr_t area = map_area(POOL_SLOT_BYTES);
+        size_t area_bytes = i < SMALL_SLOTS ? page : POOL_SLOT_BYTES;
+        uintptr_t area = map_area(area_bytes);
         if (area == 0) {
             for (int j = 0; j < i; j++)
                 munmap((void *)(slots[j].area - page), slots[j].area_bytes + 2 * page);
             return -1;
         }
         slots[i].area = area;
-        slots[i].area_bytes = POOL_SLOT_BYTES;
-        slots[i].closed = area + POOL_SLOT_BYTES;
+        slots[i].area_bytes = area_bytes;
+        slots[i].closed = area + area_bytes;
         slots[i].how = OPEN;
         slots[i].dedicated = 0;
     }
@@ -1008,12 +1060,20 @@ static void evict_one(void)
     atomic_store_explicit(&s->state, FREE, memory_order_release);
 }
 
-int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
-                        const char *function, const char *site, const char *stack, uintptr_t *shadow)
+static void copy_text_n(char *dst, size_t cap, const char *src, size_t n)
 {
-    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
-        stack == NULL)
-        return PB_ERR_INVALID;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+/* Both ways of lending: where it was lent is `ids` (nids > 0), else the
+ * texts `site` and `stack`. */
+static int lend(const void *src, size_t len, uintptr_t owner, int held, const char *object, size_t object_len,
+                const char *function, size_t function_len, const char *site, const char *stack,
+                const uint32_t *ids, int nids, uintptr_t *shadow)
+{
     ensure_altstack();
     pthread_mutex_lock(&lock);
     if (init_pool() != 0) {
@@ -1024,7 +1084,7 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, 
     int found = -1;
     if (len <= POOL_SLOT_BYTES) {
         for (int attempt = 0; attempt < 2 && found < 0; attempt++) {
-            for (int i = 0; i < POOL_SLOTS; i++)
+            for (int i = len <= page ? 0 : SMALL_SLOTS; i < POOL_SLOTS; i++) /* a small slot first */
                 if (atomic_load(&slots[i].state) == FREE) {
                     found = i;
                     break;
@@ -1069,10 +1129,18 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, 
     s->closed = s->area + s->area_bytes;
     if (len)
         memcpy((void *)s->data, src, len);
-    copy_text(s->object, sizeof s->object, object);
-    copy_text(s->function, sizeof s->function, function);
-    copy_text(s->site, sizeof s->site, site);
-    copy_text(s->stack, sizeof s->stack, stack);
+    copy_text_n(s->object, sizeof s->object, object, object_len);
+    copy_text_n(s->function, sizeof s->function, function, function_len);
+    if (nids > 0) {
+        if (nids > STACK_IDS)
+            nids = STACK_IDS;
+        memcpy(s->stack_ids, ids, (size_t)nids * sizeof *ids);
+        s->nstack = nids;
+    } else {
+        s->nstack = 0;
+        copy_text(s->site, sizeof s->site, site);
+        copy_text(s->stack, sizeof s->stack, stack);
+    }
     s->src = (uintptr_t)src;
     s->held = owner != 0 && held;
     watch_locked(s, owner);
@@ -1080,6 +1148,34 @@ int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, 
     *shadow = s->data;
     pthread_mutex_unlock(&lock);
     return found;
+}
+
+int pb__quarantine_lend(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                        const char *function, const char *site, const char *stack, uintptr_t *shadow)
+{
+    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL || site == NULL ||
+        stack == NULL)
+        return PB_ERR_INVALID;
+    return lend(src, len, owner, held, object, strlen(object), function, strlen(function), site, stack, NULL, 0,
+                shadow);
+}
+
+int pb__quarantine_lend_sites(const void *src, size_t len, uintptr_t owner, int held, const char *object,
+                              size_t object_len, const char *function, size_t function_len, const uint32_t *ids,
+                              int nids, uintptr_t *shadow)
+{
+    if ((src == NULL && len != 0) || shadow == NULL || object == NULL || function == NULL ||
+        (ids == NULL && nids > 0))
+        return PB_ERR_INVALID;
+    if (nids <= 0) /* no Python caller */
+        return lend(src, len, owner, held, object, object_len, function, function_len, "<unknown>",
+                    "    #0 <unknown>\n", NULL, 0, shadow);
+    return lend(src, len, owner, held, object, object_len, function, function_len, NULL, NULL, ids, nids, shadow);
+}
+
+int pb__quarantine_finish_at(int index, uintptr_t dst)
+{
+    return pb__quarantine_finish(index, (void *)dst);
 }
 
 int pb__quarantine_finish(int index, void *dst)

@@ -71,3 +71,26 @@ def test_reading_a_frame_keeps_nothing_alive() -> None:
 def test_a_non_frame_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="frame_variables\\(\\) takes a frame object, not int"):
         native.frame_variables(3)
+
+
+def test_owner_index_finds_a_variable_before_the_items_of_a_long_list() -> None:
+    # brotlicffi's decompressor, reduced: `chunks` (hundreds of output chunks) comes before
+    # `in_buffer` among the variables.  Read item by item first, the chunks filled the index's
+    # limit and the buffer a pointer points into was never found (and every frame was read).
+    import cffi
+
+    import ptrbridge  # noqa: F401  (owners_init ran on import)
+
+    ffi = cffi.FFI()
+
+    def decompress() -> Any:
+        chunks = [bytes([i % 256]) * 8 for i in range(600)]
+        in_buffer = ffi.new("uint8_t[]", b"input")
+        index = native.owner_index((), sys._getframe(), 1, 512)
+        hit = index.find(int(ffi.cast("uintptr_t", in_buffer)) + 2)
+        first_chunk = index.find(native.buffer_extent(chunks[0])[0])
+        return hit, first_chunk, ffi.sizeof(in_buffer)
+
+    hit, first_chunk, size = decompress()
+    assert hit is not None and hit[1] == size and hit[3] == "local variable 'in_buffer'"
+    assert first_chunk is not None and first_chunk[3] == "local variable 'chunks[0]'"  # items still read

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
 
@@ -599,6 +600,34 @@ def test_exception_in_a_callback_goes_where_it_went(instrumented: None, checked_
     with ptrbridge.callback(ffi, "int(int)", boom, error=-9) as cb:
         assert lib.call_each(cb.cdata, 2) == -9  # not re-raised: the raw call does not either
     assert seen and isinstance(seen[0].exc_value, KeyError)
+
+
+def test_what_a_dropped_callback_references_dies_at_the_next_full_collection(
+        instrumented: None, checked_so: Path) -> None:
+    # cairocffi's test_target_lifetime, reduced: a write callback closes over a file object;
+    # once the program drops the callback and collects, the file object's refcount is back
+    # to what it was, as without ptrbridge (the trampoline is kept, the function is not).
+    ffi, _lib = _abi(checked_so)
+
+    class Target:
+        pass
+
+    for make in ("cffi", "ctypes"):
+        target = Target()
+        before = sys.getrefcount(target)
+        gone = weakref.ref(target)
+
+        def write(i: int, target: Any = target) -> int:
+            return i
+
+        cb = (ffi.callback("int(int)", write) if make == "cffi"
+              else ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(write))
+        assert sys.getrefcount(target) == before + 1, make  # the function's default
+        del cb, write
+        gc.collect()
+        assert sys.getrefcount(target) == before, make
+        del target
+        assert gone() is None, make
 
 
 COLLECTED = """

@@ -70,6 +70,33 @@ def test_summary_names_library_and_offset_when_the_function_has_no_dynamic_symbo
     assert "??" not in proc.stderr
 
 
+def test_report_names_every_frame_of_the_lending_call_with_its_line(keeper_so: Path) -> None:
+    """The lending stack is kept as call sites whose text is made once per site: the
+    report still names each frame's own line, for a site lent from many times and for
+    two lends from one function."""
+    body = """
+        def lend_it(data, also):
+            k.keep_copy(b"same site", 9)  # this site lends many times, correctly
+            k.keep_copy(also, len(also))
+            k.keep_global(data)
+        def outer():
+            for _ in range(40):  # more lends than the quarantine holds: slots are reused
+                lend_it(fresh(b"not this one"), b"x")
+            lend_it(fresh(b"lent for one call"), b"y")
+        outer()
+    """
+    proc = _run(keeper_so, body)
+    assert proc.returncode == -signal.SIGSEGV, proc.stdout + proc.stderr
+    code = PROGRAM.format(so=str(keeper_so), body=textwrap.dedent(body)).splitlines()
+    line = {text.strip(): n for n, text in enumerate(code, 1)}
+    kept, last, top = line["k.keep_global(data)"], line['lend_it(fresh(b"lent for one call"), b"y")'], line["outer()"]
+    stack = f"    #0 <string>:{kept} in lend_it\n    #1 <string>:{last} in outer\n    #2 <string>:{top} in <module>\n"
+    assert f"lent to keep_global() by the Python call (innermost first):\n{stack}\n" in proc.stderr, proc.stderr
+    assert re.search(r"^SUMMARY: ptrbridge: use-after-release \(READ\) in keeper_read \(libkeeper\.so\) on "
+                     rf"bytes\(17\) lent to keep_global\(\) at <string>:{kept}$", proc.stderr, re.M), proc.stderr
+    assert f"bytes(17) lent to keep_global() at <string>:{kept}\n" in proc.stderr
+
+
 def test_report_comes_before_faulthandler(keeper_so: Path) -> None:
     proc = _run(keeper_so, 'k.keep_global(fresh(b"xyz"))', "-X", "faulthandler")
     assert proc.returncode == -signal.SIGSEGV

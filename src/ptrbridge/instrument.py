@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import importlib
 import importlib.machinery
 import sys
@@ -341,8 +342,7 @@ _dropped: "OrderedDict[int, _Shim]" = OrderedDict()
 class _Shim:
     """The Python callable C really calls: counts, checks R4, reports a dropped callback."""
 
-    __slots__ = ("fn", "name", "created_at", "error", "pointer_result", "owner", "reported", "__weakref__",
-                 "__wrapped__")
+    __slots__ = ("fn", "name", "created_at", "error", "pointer_result", "owner", "reported", "__weakref__")
 
     def __init__(self, fn: Callable[..., Any], error: Any, pointer_result: bool) -> None:
         self.fn: Optional[Callable[..., Any]] = fn
@@ -352,7 +352,11 @@ class _Shim:
         self.pointer_result = pointer_result
         self.owner: Any = None  # the cdata / ctypes object whose life the program controls
         self.reported = False
-        self.__wrapped__ = fn
+
+    @property
+    def __wrapped__(self) -> Optional[Callable[..., Any]]:
+        """The program's function (None once the program dropped the callback and it was swept)."""
+        return self.fn
 
     def __call__(self, *args: Any) -> Any:
         findings.count("callbacks")
@@ -433,15 +437,48 @@ def _keep(shim: _Shim, owner: Any) -> None:
             _sweep()
 
 
+def _on_gc(phase: str, info: Dict[str, Any]) -> None:
+    """After a full collection, let go of the Python functions of the callbacks the program dropped.
+
+    What a dropped callback's function references (a closure's cells, a file
+    object a write callback writes to) dies when the program drops the callback
+    without ptrbridge; kept until the next sweep, it would outlive it, which a
+    program can see (``sys.getrefcount``, weak references, ``__del__``).  A
+    full collection is where a program that waits for objects to go calls for
+    it (``gc.collect()``).  The trampoline stays, for the report if C calls it.
+    """
+    if phase != "stop" or info.get("generation") != 2 or not _kept:
+        return
+    if _sweeping or not _lock.acquire(blocking=False):
+        return  # a collection inside a sweep, or another thread is keeping or sweeping
+    try:
+        _sweep()
+    finally:
+        _lock.release()
+
+
+_sweeping = False  # a sweep is running (a collection it triggers must not start another)
+
+
+gc.callbacks.append(_on_gc)
+
+
 def _sweep() -> None:
     """Move callbacks the program dropped to the dropped list; free the oldest beyond the bound."""
-    for key, shim in list(_kept.items()):
-        if shim.owner is not None and sys.getrefcount(shim.owner) <= 2:
-            shim.fn = None  # its closures go now; the small trampoline stays
-            _dropped[key] = _kept.pop(key)
-    while len(_dropped) > _MAX_DROPPED:
-        _key, old = _dropped.popitem(last=False)
-        old.owner = None  # C calling this one now is what it would have been without ptrbridge
+    global _sweeping  # _lock is held
+    if _sweeping:
+        return
+    _sweeping = True
+    try:
+        for key, shim in list(_kept.items()):
+            if shim.owner is not None and sys.getrefcount(shim.owner) <= 2:
+                shim.fn = None  # its closures go now; the small trampoline stays
+                _dropped[key] = _kept.pop(key)
+        while len(_dropped) > _MAX_DROPPED:
+            _key, old = _dropped.popitem(last=False)
+            old.owner = None  # C calling this one now is what it would have been without ptrbridge
+    finally:
+        _sweeping = False
 
 
 def _make_cffi_callback(original: Callable[..., Any]) -> Callable[..., Any]:

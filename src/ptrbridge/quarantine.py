@@ -61,12 +61,12 @@ import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import heapmap, scanning
+from . import heapmap, ownership, scanning
 from ._bindings import address_of, ffi, lib, native
-from .callsite import _is_internal
+from .callsite import frame_site
 from .checking import CallCheck, Owner, layout_of, object_extent
 from .findings import Finding, record
-from .ownership import cdata_extent, describe, lookup
+from .ownership import cdata_address, cdata_extent, describe, lookup
 
 __all__ = ["set_quarantine", "quarantine_enabled", "quarantine_sample", "shadow_arguments",
            "shadow_ctypes_arguments", "finish", "held", "due", "findings_from_report", "record_report",
@@ -75,10 +75,10 @@ __all__ = ["set_quarantine", "quarantine_enabled", "quarantine_sample", "shadow_
 ENV_VAR = "PTRBRIDGE_QUARANTINE"
 LOG_ENV_VAR = "PTRBRIDGE_QUARANTINE_LOG"  # a file that gets a copy of every fault report
 _TRUE = ("1", "true", "yes", "on")
-STACK_FRAMES = 8  # Python frames of the lending call kept for the report
+STACK_FRAMES = 8  # Python frames of the lending call kept for the report (as in csrc/pyquarantine.c)
 _MAX_FIXUP_DEPTH = 3  # struct -> array of structs -> buffer (msghdr.msg_iov[i].iov_base)
 
-# slot, copy-back address, keeper (object, slot fixups), shadow, size, text
+# slot, copy-back address, keeper (object(s), slot fixups), shadow, size, the object's text
 Shadow = Tuple[int, Optional[int], Any, int, int, str]
 Fixup = Tuple[int, int, int, int]  # slot address, shadow start, size, original start
 
@@ -261,63 +261,38 @@ def held() -> int:
 
 
 # ---------------------------------------------------------------------------
-# The Python stack of the lending call, formatted cheaply at lend time (the
-# signal handler can only copy bytes).
+# One lend.  native.quarantine_lend (csrc/pyquarantine.c) takes the slot,
+# copies the buffer and records the Python stack of the lending call as site
+# ids, in one C call; the text of a stack frame is made once per call site
+# (csrc/pysite.c), for the signal handler, which can only copy bytes.
 
-_PREFIXES = tuple(f"    #{k} " for k in range(STACK_FRAMES))
-_frame_lines: Dict[Tuple[Any, int], Tuple[str, str]] = {}  # (code, lasti) -> (stack line, file:line)
-
-
-def _lend_context(frame: Any) -> Tuple[bytes, str]:
-    """(Python stack text, call site) of the lending call: the innermost frames outside ptrbridge."""
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return b"    #0 <unknown>\n", "<unknown>"
-    lines: List[str] = []
-    site = ""
-    for prefix in _PREFIXES:
-        code = frame.f_code
-        key = (code, frame.f_lasti)  # O(1), unlike f_lineno: the line is looked up once per site
-        cached = _frame_lines.get(key)
-        if cached is None:
-            where = f"{code.co_filename}:{frame.f_lineno}"
-            cached = (f"{where} in {code.co_name}\n", where)
-            if len(_frame_lines) < 4096:
-                _frame_lines[key] = cached
-        if not lines:
-            site = cached[1]
-        lines.append(prefix)
-        lines.append(cached[0])
-        frame = frame.f_back
-        if frame is None:
-            break
-    return "".join(lines).encode("utf-8", "replace"), site
+_QL_CHECK_PINNED, _QL_HELD, _QL_IMMUTABLE, _QL_WRITABLE = 1, 2, 4, 8  # flags of native.quarantine_lend(_arg)
 
 
 def _lend_one(address: int, size: int, original: Optional[bytes], mapped: bool, obj_text: str, function: str,
-              site: str, stack: bytes) -> Optional[Tuple[int, int]]:
-    """(slot, shadow address) of a new shadow, or None when no shadow is free.
+              frame: Any, check_pinned: bool = False) -> Optional[Tuple[int, int]]:
+    """(slot, shadow address) of a new shadow, or None when no shadow is free (or, with
+    ``check_pinned``, the buffer is pinned).
 
     ``original``: the ``bytes`` the buffer is the data of, else None.  A read
     of the closed shadow while it lives is a kept read (recorded, the read
     goes on).  With the heap map (``mapped``) its free is seen; without it the
     slot holds a reference to it, and it is alive while anything else has one.
     """
-    out = ffi.new("uintptr_t *")  # per call: cffi releases the GIL during the lend, other threads lend too
-    if original is not None and not mapped and size > _HELD_MAX:
+    if original is not None and not mapped and (size or len(original) + 1) > _HELD_MAX:
         original = None  # not held (it could stay alive until its slot is lent again): reads are errors
-    held = original is not None and not mapped
-    slot = lib.pb__quarantine_lend(ffi.cast("void *", address), size, id(original) if original is not None else 0,
-                                   held, obj_text.encode("utf-8", "replace"), _encoded(function), _encoded(site),
-                                   stack, out)
-    if slot < 0:
+    flags = _QL_CHECK_PINNED if check_pinned else 0
+    if original is not None:
+        flags |= _QL_IMMUTABLE if mapped else _QL_IMMUTABLE | _QL_HELD
+    lent_one: Optional[Tuple[int, int]] = native.quarantine_lend(original, address, size, flags, obj_text,
+                                                                 function, frame)
+    if lent_one is None:
         return None
-    if held:
-        _held[slot] = original  # type: ignore[assignment]
+    if original is not None and not mapped:
+        _held[lent_one[0]] = original
     elif _held:
-        _held.pop(slot, None)
-    return int(slot), int(out[0])
+        _held.pop(lent_one[0], None)
+    return lent_one
 
 
 _held: Dict[int, bytes] = {}  # slot -> the bytes its shadow copies, while no heap map sees frees
@@ -334,18 +309,6 @@ def _release_dropped() -> None:
         if lib.pb__quarantine_adopted(slot):
             original = _held.pop(slot)
             lib.pb__quarantine_owner_freed_slow(id(original))
-
-
-_encodings: Dict[str, bytes] = {}  # function names and call sites, as the C slot stores them
-
-
-def _encoded(text: str) -> bytes:
-    data = _encodings.get(text)
-    if data is None:
-        data = text.encode("utf-8", "replace")
-        if len(_encodings) < 4096:
-            _encodings[text] = data
-    return data
 
 
 def _pinned(address: int) -> bool:
@@ -489,13 +452,11 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
                 end = use.start + use.size
     if _held and lib.pb__quarantine_kept_reads():
         _release_dropped()
-    ctx: Optional[Tuple[bytes, str]] = None
-    mapped = False  # the heap map is on (level 2): frees are seen, and lends are remembered for its reports
+    mapped: Optional[bool] = None  # the heap map is on (level 2): frees are seen, lends are remembered
     for group in groups:
         if not draw():
             continue
-        if ctx is None:
-            ctx = _lend_context(frame)
+        if mapped is None:
             mapped = heapmap.installed()
         start = group[0].start
         if len(group) == 1:
@@ -503,14 +464,14 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
         else:
             size = max(u.start + u.size for u in group) - start
             text = max(group, key=lambda u: u.size).text
-        lent_one = _lend_one(start, size, _immutable_original(group), mapped, text, function, ctx[1], ctx[0])
+        lent_one = _lend_one(start, size, _immutable_original(group), mapped, text, function, frame)
         if lent_one is None:
             continue  # no free shadow: pass the buffers themselves, unquarantined
         slot, shadow = lent_one
         if mapped:
             # The original, for the heap map's later use-after-free reports (file.py:line as
             # other findings show it).  Without the heap map nothing would read it.
-            scanning.remember_lend(start, size, text, function, os.path.basename(ctx[1]))
+            scanning.remember_lend(start, size, text, function, frame_site(frame))
         fixups: List[Fixup] = []
         for use in group:
             if use.arg >= 0:
@@ -521,7 +482,7 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
                 fixups.append((use.slot, shadow, size, start))
         writable = any(u.writable for u in group)
         shadows.append((slot, start if writable else None, ([u.keeper for u in group], tuple(fixups)), shadow,
-                        size, f"{text} lent to {function}() at {ctx[1]}"))
+                        size, text))
 
 
 def _immutable_original(group: List[_Use]) -> Optional[bytes]:
@@ -544,6 +505,42 @@ def _pointing(target: Any, address: int) -> Any:
     return target(address)
 
 
+_address: Callable[[Any], int] = ownership._fast_address or cdata_address  # no Python frame when it can
+_OWN_CDATA: Any = type(ffi.new("char[]", 1))  # as ownership._CDATA_OWNING
+_FROMBUF_CDATA: Any = type(ffi.from_buffer(b""))
+_SKIP, _DIRECT, _FULL = 0, 1, 2
+# ctype of a cdata argument -> (what it is, size of a pointer's item): _DIRECT a
+# pointer or array of primitive items (its own memory, if it owns any: bytes to
+# shadow), _SKIP a pointer or array that reaches nothing to shadow, _FULL one
+# the full path looks into (structs, unions, arrays: pointer slots).
+_cdata_kinds: Dict[Any, Tuple[int, int]] = {}
+_shadow_types: Dict[Any, Any] = {}  # parameter ctype -> the type a shadow is passed as
+
+
+def _cdata_kind(ctype: Any) -> Tuple[int, int]:
+    found = _cdata_kinds.get(ctype)
+    if found is None:
+        found = (_SKIP, 0)
+        if ctype.kind in ("pointer", "array"):
+            item = ctype.item.kind
+            if item in _BYTE_ITEM_KINDS:
+                found = (_DIRECT, ffi.sizeof(ctype.item) if ctype.kind == "pointer" else 0)
+            elif item in ("struct", "union", "array"):
+                found = (_FULL, 0)
+        if len(_cdata_kinds) < 4096:
+            _cdata_kinds[ctype] = found
+    return found
+
+
+def _shadow_type(param: Any) -> Any:
+    target = _shadow_types.get(param)
+    if target is None:
+        target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
+        if len(_shadow_types) < 4096:
+            _shadow_types[param] = target
+    return target
+
+
 def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
                      frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                      ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
@@ -553,9 +550,84 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     (:class:`~ptrbridge.checking.Owner` records): those buffers are shadowed
     in place, through the pointer slots that reach them.  ``sampled``: the
     caller already drew this call (:func:`due`), shadow every buffer of it.
+
+    The usual call passes its buffers directly (``bytes``, a ``from_buffer``
+    view, a ``char[]``): one C call per buffer lends it.  Struct arguments
+    whose pointer slots reach buffers, buffers of ``ptrbridge.new`` reached
+    through non-owning pointers, and two buffers that overlap take the full
+    path (:func:`_shadow_arguments_full`).
     """
     if sampled:
         _arm()
+    direct: List[Tuple[int, Any, int, int, Any]] = []  # index, arg, address (0: a bytes), size, parameter ctype
+    for i, param in params:
+        if i >= len(args):
+            break
+        arg = args[i]
+        kind = type(arg)
+        if kind is bytes:
+            direct.append((i, arg, 0, len(arg) + 1, param))
+        elif kind is _OWN_CDATA or kind is _FROMBUF_CDATA:
+            ctype = ffi.typeof(arg)
+            what, item_size = _cdata_kinds.get(ctype) or _cdata_kind(ctype)
+            if what == _DIRECT:
+                direct.append((i, arg, _address(arg), item_size or ffi.sizeof(arg), param))
+            elif what == _FULL:
+                return _shadow_arguments_full(args, params, function, frame, lent, sampled)
+        elif isinstance(arg, ffi.CData):
+            if ownership._managed or _cdata_kind(ffi.typeof(arg))[0] == _FULL:
+                return _shadow_arguments_full(args, params, function, frame, lent, sampled)
+    if not direct:
+        return args, []
+    if len(direct) > 1 and _overlapping(direct):
+        return _shadow_arguments_full(args, params, function, frame, lent, sampled)
+    if _held and lib.pb__quarantine_kept_reads():
+        _release_dropped()
+    mapped = lib.pb__heapmap_installed()
+    new_args = list(args)
+    shadows: List[Shadow] = []
+    for i, arg, address, size, param in direct:
+        if not sampled and not _tick():
+            continue
+        if _sample != 1 and not sampled:
+            _arm()  # as due() does: the next draw
+        if address:
+            text, flags, held = describe(arg, size), _QL_CHECK_PINNED | _QL_WRITABLE, False
+        else:  # a bytes: described by its length, as everywhere; the shadow also holds the NUL
+            text, held = f"bytes({size - 1})", not mapped and size <= _HELD_MAX
+            flags = (_QL_IMMUTABLE | _QL_HELD if held else _QL_IMMUTABLE) if mapped or held else 0
+        target = _shadow_types.get(param) or _shadow_type(param)
+        lent_one = native.quarantine_lend_arg(arg, address, size, flags, text, function, frame, target)
+        if lent_one is None:
+            continue  # pinned, or no free shadow: passed as it is, unquarantined
+        new_arg, shadow_record = lent_one
+        if held:
+            _held[shadow_record[0]] = arg
+        elif _held:
+            _held.pop(shadow_record[0], None)
+        if mapped:
+            for known in lent:
+                if known is arg:
+                    break
+            else:
+                # The original, for the heap map's later use-after-free reports (a level-2
+                # call's own lend records what it lent: calls._return_lent).
+                start = address or address_of(ffi.from_buffer(arg))
+                scanning.remember_lend(start, size, text, function, frame_site(frame))
+        new_args[i] = ffi.cast(target, shadow_record[3]) if new_arg is None else new_arg
+        shadows.append(shadow_record)
+    return tuple(new_args), shadows
+
+
+def _overlapping(direct: List[Tuple[int, Any, int, int, Any]]) -> bool:
+    """Whether two of the directly passed buffers overlap (they then share one shadow)."""
+    extents = sorted((address or address_of(ffi.from_buffer(arg)), size) for _i, arg, address, size, _p in direct)
+    return any(extents[k][0] < extents[k - 1][0] + extents[k - 1][1] for k in range(1, len(extents)))
+
+
+def _shadow_arguments_full(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
+                           frame: Any, lent: Sequence[Any], sampled: bool) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """:func:`shadow_arguments` for every kind of argument (``_arm`` already done)."""
     new_args = list(args)
     shadows: List[Shadow] = []
     uses: List[_Use] = []
@@ -731,7 +803,7 @@ def finish(shadows: List[Shadow]) -> None:
             value = int(cell[0])
             if shadow <= value <= shadow + size:
                 cell[0] = start + (value - shadow)  # C advanced it inside the shadow: same offset
-        lib.pb__quarantine_finish(slot, ffi.cast("void *", copy_back) if copy_back else ffi.NULL)
+        lib.pb__quarantine_finish_at(slot, copy_back or 0)
 
 
 if _log_path:

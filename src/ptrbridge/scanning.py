@@ -156,6 +156,7 @@ class _Target:
     function: str
     site: str
     state: str
+    given_back: bool = False  # freed libc-backed memory the heap map's hold gave back (may be C's now)
 
 
 _lock = threading.RLock()
@@ -582,7 +583,12 @@ def scan() -> List[Retention]:
                 continue  # the address belongs to a live block now (the freed one was reused)
             if target.function.startswith("("):
                 with _lock:
-                    target = _lent_inside(target.start, target.size) or target
+                    lent = _lent_inside(target.start, target.size)
+                if lent is None and target.given_back:
+                    # libc has had this memory back and no checked call lent it: C code no
+                    # hook sees (a constructor inside dlopen, libc's fopen) may own it now.
+                    continue
+                target = lent or target
         prior = by_place.get(place)
         if prior is not None:
             old = prior[1]
@@ -695,9 +701,14 @@ def _freed_target(batches: List[Tuple[int, int, Any, Any]], target_id: int) -> O
         if first <= target_id < first + count:
             i = target_id - first
             size = int(sizes[i])
+            given_back = bool(size & _GIVEN_BACK)
+            size &= ~_GIVEN_BACK
             return _Target(int(starts[i]), size, f"Python memory block ({size} bytes)",
-                           "(not a checked call)", "<freed Python memory>", "freed")
+                           "(not a checked call)", "<freed Python memory>", "freed", given_back)
     return None
+
+
+_GIVEN_BACK = int(lib.PB_HEAPMAP_GIVEN_BACK)
 
 
 def _report(found: List[Retention]) -> None:
