@@ -410,8 +410,9 @@ def measure_instrumented(brotli_site: Optional[str], rounds: int, block_s: float
 
 def closure_of(fn: Callable[..., Any]) -> Dict[str, Any]:
     """The closure variables of a checked function (cffi: the function; ctypes: its ``__call__``)."""
-    if not hasattr(fn, "__code__"):  # a ctypes CheckedFunction: a _FuncPtr whose __call__ is the closure
-        fn = type(fn).__dict__["__call__"].__func__
+    if not hasattr(fn, "__code__") and not hasattr(fn, "_ptrbridge_slow"):
+        fn = type(fn).__dict__["__call__"].__func__  # a ctypes CheckedFunction: a _FuncPtr whose __call__ is it
+    fn = getattr(fn, "_ptrbridge_slow", fn)  # the C fast path (csrc/pycall.c): its Python closure
     return {name: cell.cell_contents
             for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
 

@@ -1,6 +1,6 @@
 /*
  * pb_py.h - private declarations shared by the CPython-API C files
- * (pybuffer.c, pyhandles.c, pypin.c, pysite.c).  Not read by cffi (no
+ * (pybuffer.c, pycall.c, pyhandles.c, pypin.c, pysite.c).  Not read by cffi (no
  * PB_CDEF block): these take PyObject and need the GIL.
  */
 #ifndef PB_PY_H
@@ -50,5 +50,6 @@ int pb__py_sites_init(PyObject *module);   /* pysite.c */
 int pb__py_pins_init(PyObject *module);    /* pypin.c */
 int pb__py_frames_init(PyObject *module);  /* pyframes.c */
 int pb__py_quarantine_init(PyObject *module); /* pyquarantine.c */
+int pb__py_calls_init(PyObject *module);   /* pycall.c */
 
 #endif /* PB_PY_H */

@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import errno
 import os
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import cffi
 import pytest
 
 import ptrbridge
-from ptrbridge import CError, NestedPointerError, Pinner, calls
+from ptrbridge import CError, NestedPointerError, Pinner, calls, findings, ownership
+from ptrbridge._bindings import native
+from conftest import CHECKED_CDEF
 
 libc_ffi = cffi.FFI()
 libc_ffi.cdef("""
@@ -465,3 +468,250 @@ def test_a_ctypes_pointer_argument_is_not_kept_alive_by_the_check(level: int) ->
         w.memset(p, 0, ctypes.sizeof(value))
     assert value.value == 0.0
     assert sys.getrefcount(p) == before
+
+
+# --- the C fast path (csrc/pycall.c) --------------------------------------------------
+
+memchr_ffi = cffi.FFI()
+memchr_ffi.cdef("char *memchr(const char *s, int c, size_t n);")
+
+
+def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
+    """Run ``test`` at level 1 without quarantine.
+
+    In its body: the suite also runs under ``PTRBRIDGE_CHECK=2``, where the
+    plugin sets level 2 (and quarantine) around each test's call.
+    """
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        sample = ptrbridge.quarantine.quarantine_sample()
+        old = ptrbridge.set_quarantine(False)
+        try:
+            with ptrbridge.checking(1):
+                test(*args, **kwargs)
+        finally:
+            ptrbridge.set_quarantine(old, sample=sample)
+    return run
+
+
+def _closure_frames(run: Any) -> List[str]:
+    """The names of ptrbridge.calls' Python functions that ran during ``run()``."""
+    seen: List[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename == calls.__file__:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+@at_level_1
+def test_level_1_common_calls_run_no_python_frame(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    assert isinstance(c.text_len, native.CheckedCall) and isinstance(c.add, native.CheckedCall)
+    # Identity: what the Python closure showed.
+    assert c.text_len.__name__ == "text_len" and c.text_len.__qualname__ == "CheckedLibrary.text_len"
+    assert c.text_len.__doc__ == "Checked call of the C function text_len()."
+    assert c.text_len.__wrapped__ is raw.text_len and c.text_len.__module__ == "ptrbridge.calls"
+    assert c.text_len._ptrbridge_checked and not c.text_len._ptrbridge_semantic
+    assert "text_len" in repr(c.text_len)
+    view = ffi.from_buffer(bytearray(b"ab\0"))
+    c.text_len(view)  # the first call of a cdata type: the closure learns its shape
+    assert _closure_frames(lambda: (c.text_len(b"abc"), c.text_len(view), c.add(1, 2))) == []
+    assert (c.text_len(b"abc"), c.text_len(view), c.add(1, 2)) == (3, 2, 3)
+    # Anything else is the closure's: a struct with pointers...
+    p = ffi.new("struct person *")
+    assert "checked" in _closure_frames(lambda: c.person_name_len(p))
+    # ...level 2, and keyword arguments (the closure raises as it did).
+    with ptrbridge.checking(2):
+        assert "checked" in _closure_frames(lambda: c.text_len(b"abc"))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        c.text_len(s=b"abc")
+    # At level 0 the library hands out the raw function; the checked one still calls C directly.
+    fast = c.text_len
+    with ptrbridge.checking(0):
+        assert c.text_len is raw.text_len
+        assert _closure_frames(lambda: fast(b"abcd")) == [] and fast(b"abcd") == 4
+
+
+@at_level_1
+def test_fast_path_raises_what_the_raw_call_raises(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    for bad in ((3,), (None,), (b"a", b"b"), ()):
+        with pytest.raises(TypeError) as raw_error:
+            raw.text_len(*bad)
+        with pytest.raises(TypeError) as checked_error:
+            c.text_len(*bad)
+        assert str(checked_error.value) == str(raw_error.value)
+    with pytest.raises(TypeError) as raw_error:
+        raw.add("1", 2)
+    with pytest.raises(TypeError) as checked_error:
+        c.add("1", 2)
+    assert str(checked_error.value) == str(raw_error.value)
+
+
+@at_level_1
+def test_fast_path_counts_exactly_when_instrumented(checked_so: Path) -> None:
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    ptrbridge.instrument()
+    try:
+        lib = ffi.dlopen(str(checked_so))
+    finally:
+        ptrbridge.uninstrument()
+    assert isinstance(lib.text_len, native.CheckedCall)
+    data = ffi.from_buffer(bytearray(b"xyz\0"))  # NUL-terminated: text_len reads to the NUL
+    before = findings.counters()["calls"]
+    for _ in range(100):
+        lib.text_len(b"abc")
+        lib.text_len(data)
+    assert findings.counters()["calls"] - before == 200
+    with ptrbridge.checking(2):
+        lib.text_len(b"abc")  # the closure counts this one
+    with ptrbridge.checking(0):
+        lib.text_len(b"abc")  # the raw function: not counted
+    assert findings.counters()["calls"] - before == 201
+    for _ in range(7):
+        lib.text_len(b"")
+    assert findings.reset_counters()["calls"] - before == 208
+    assert findings.counters()["calls"] == 0  # the C count is zeroed too
+    # The count is under the GIL: threads calling at once lose none.
+    threads = [threading.Thread(target=lambda: [lib.text_len(b"ab") for _ in range(2000)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert findings.counters()["calls"] == 8000
+
+
+def _shadowed(c: Any, data: bytes) -> bool:
+    """Whether C saw a copy of ``data`` (a quarantine shadow) rather than ``data`` itself."""
+    home = int(memchr_ffi.cast("uintptr_t", memchr_ffi.from_buffer(data)))
+    seen = int(memchr_ffi.cast("uintptr_t", c.memchr(data, data[0], len(data))))
+    return seen != home
+
+
+@at_level_1
+def test_sampling_draws_on_the_fast_path() -> None:
+    c = ptrbridge.wrap(memchr_ffi.dlopen(None))
+    assert isinstance(c.memchr, native.CheckedCall)
+    data = b"sampled bytes"
+    old = ptrbridge.quarantine_enabled()
+    try:
+        assert not _shadowed(c, data)
+        ptrbridge.set_quarantine(True, sample=1)  # level 1, every call drawn: every call shadowed
+        assert all(_shadowed(c, data) for _ in range(20))
+        ptrbridge.set_quarantine(True, sample=3)  # a random gap of 1..5 calls: about one call in 3
+        drawn = sum(_shadowed(c, data) for _ in range(600))
+        assert 100 <= drawn <= 400
+        ptrbridge.set_quarantine(False)
+        assert not any(_shadowed(c, data) for _ in range(20))
+    finally:
+        ptrbridge.set_quarantine(old)
+
+
+@at_level_1
+def test_callback_exception_in_a_fast_call_is_reraised(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    assert isinstance(c.call_kept, native.CheckedCall)  # call_kept(int): C calls the kept callback
+
+    def boom(i: int) -> int:
+        raise KeyError(f"boom {i}")
+
+    with ptrbridge.callback(ffi, "int(int)", boom, error=-7) as cb:
+        c.keep_callback(cb.cdata)
+        with pytest.raises(KeyError, match="boom 3"):
+            c.call_kept(3)
+        c.keep_callback(ffi.NULL)
+
+
+@at_level_1
+def test_callback_exception_goes_to_the_innermost_checked_call(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    caught: List[str] = []
+
+    def inner(i: int) -> int:
+        raise KeyError(f"inner {i}")
+
+    def outer_fast(i: int) -> int:  # runs inside the fast call_kept: makes a closure call
+        try:
+            c.call_each(inner_cb.cdata, 1)
+        except KeyError as exc:
+            caught.append(f"closure {exc}")
+        return 5
+
+    def outer_closure(i: int) -> int:  # runs inside the closure's call_each: makes a fast call
+        try:
+            c.call_kept(i)
+        except KeyError as exc:
+            caught.append(f"fast {exc}")
+        return 1
+
+    with ptrbridge.callback(ffi, "int(int)", inner, error=-7) as inner_cb, \
+            ptrbridge.callback(ffi, "int(int)", outer_fast, error=-8) as outer_fast_cb, \
+            ptrbridge.callback(ffi, "int(int)", outer_closure, error=-9) as outer_closure_cb:
+        c.keep_callback(outer_fast_cb.cdata)
+        assert c.call_kept(1) == 5  # the inner exception went to the inner (closure) call
+        c.keep_callback(inner_cb.cdata)
+        assert c.call_each(outer_closure_cb.cdata, 2) == 2  # ...and here to the inner fast call
+        c.keep_callback(ffi.NULL)
+    assert caught == ["closure 'inner 0'", "fast 'inner 0'", "fast 'inner 1'"]
+
+
+@at_level_1
+def test_watchdog_sees_a_blocked_fast_call_and_a_forked_child_does_not(abi: Tuple[Any, Any]) -> None:
+    ffi, raw = abi
+    c = ptrbridge.wrap(raw)
+    read_end, write_end = os.pipe()
+    buffer = bytearray(16)
+    worker = threading.Thread(target=lambda: c.read_into(read_end, ffi.from_buffer(buffer), 16))
+    try:
+        worker.start()
+        for _ in range(10_000):
+            live = calls._calls_in_flight()
+            if any(name == "read_into" for _identity, name, _args, _frame in live.values()):
+                break
+            threading.Event().wait(0.001)
+        found = [entry for entry in live.values() if entry[1] == "read_into"]
+        assert len(found) == 1 and found[0][0] is None  # a fast call: no frame of the closure
+        assert calls._lent_arguments(found[0][2]) == ["bytearray(16)"]
+        assert found[0][3] is not None and found[0][3].f_code.co_name == "<lambda>"
+        if hasattr(os, "fork"):
+            pid = os.fork()
+            if pid == 0:  # the child: the worker thread and its call are gone
+                ok = not native.fastcall_in_flight() and c.text_len(b"abc") == 3
+                os._exit(0 if ok else 1)
+            _pid, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        os.write(write_end, b"x")
+        worker.join()
+        os.close(read_end)
+        os.close(write_end)
+    assert not native.fastcall_in_flight()
+
+
+@at_level_1
+def test_ctypes_checked_function_calls_c_from_the_fast_path(checked_so: Path) -> None:
+    c = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    c.text_len.argtypes = [ctypes.c_char_p]
+    c.add.argtypes = [ctypes.c_int, ctypes.c_int]
+    assert isinstance(type(c.text_len).__dict__["__call__"].__func__, native.CheckedCall)
+    assert _closure_frames(lambda: (c.text_len(b"abc"), c.text_len(None), c.add(-2, 0))) == []
+    assert c.text_len(b"abc") == 3 and c.add(-2, 0) == -2
+    if not ownership.has_freed_history():  # an int is an address to check only then
+        assert _closure_frames(lambda: c.add(2, 3)) == []
+    with pytest.raises(ctypes.ArgumentError) as raw_error:
+        ptrbridge.unwrap(c).text_len(3.5)
+    with pytest.raises(ctypes.ArgumentError) as checked_error:
+        c.text_len(3.5)
+    assert str(checked_error.value) == str(raw_error.value)

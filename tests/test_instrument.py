@@ -8,7 +8,9 @@ interposed (helper "cheap").
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import gc
 import json
 import subprocess
@@ -16,13 +18,14 @@ import sys
 import textwrap
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import cffi
 import pytest
 
 import ptrbridge
-from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings
+from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings, ownership
+from ptrbridge._bindings import native
 from conftest import CHECKED_CDEF
 
 SRC = Path(ptrbridge.__file__).resolve().parent.parent
@@ -43,6 +46,24 @@ def instrumented() -> Iterator[None]:
         assert ptrbridge.uninstrument() is True
         findings.set_strict(old_strict)
         findings.take()
+
+
+def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
+    """Run ``test`` at level 1 without quarantine.
+
+    In its body: the suite also runs under ``PTRBRIDGE_CHECK=2``, where the
+    plugin sets level 2 (and quarantine) around each test's call.
+    """
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        sample = ptrbridge.quarantine.quarantine_sample()
+        old = ptrbridge.set_quarantine(False)
+        try:
+            with ptrbridge.checking(1):
+                test(*args, **kwargs)
+        finally:
+            ptrbridge.set_quarantine(old, sample=sample)
+    return run
 
 
 @pytest.fixture
@@ -415,6 +436,95 @@ def test_ctypes_functions_stay_ctypes_functions(instrumented: None, checked_so: 
         with pytest.raises(ctypes.ArgumentError):
             libc.labs("x")  # the same exception as raw ctypes
         assert ctypes.cast(lib.add, ctypes.c_void_p).value
+
+
+@contextlib.contextmanager
+def freed_history(entries: List[Any]) -> Iterator[None]:
+    """Run with ``entries`` as the freed-memory history (its presence is what the fast path reads)."""
+    saved = list(ownership._freed)
+    ownership._freed.clear()
+    ownership._freed.extend(entries)
+    try:
+        yield
+    finally:
+        ownership._freed.clear()
+        ownership._freed.extend(saved)
+
+
+def _instrument_frames(run: Any) -> List[str]:
+    """The names of ptrbridge.instrument's Python functions that ran during ``run()``."""
+    seen: List[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename == sys.modules["ptrbridge.instrument"].__file__:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+@at_level_1
+def test_ctypes_level_1_common_calls_run_no_python_frame(instrumented: None, checked_so: Path) -> None:
+    lib = ctypes.CDLL(str(checked_so))
+    call = type(lib.text_len).__dict__["__call__"]
+    assert isinstance(call, native.CheckedMethod)  # a method: slot_tp_call runs no Python frame
+    lib.text_len.argtypes = [ctypes.c_char_p]
+    lib.add.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.add.errcheck = lambda result, func, args: result * 10  # ctypes' own errcheck still applies
+    before = findings.counters()["calls"]
+    with freed_history([]):  # an int is an address to check only while freed memory is on record
+        assert _instrument_frames(lambda: [(lib.text_len(b"abc"), lib.text_len(None), lib.add(2, 3))
+                                           for _ in range(10)]) == []
+        assert (lib.text_len(b"abc"), lib.text_len(None), lib.add(2, 3)) == (3, 0, 50)  # slen(NULL) is 0
+    with freed_history([object()]):
+        assert "_ctypes_call" in _instrument_frames(lambda: lib.add(2, 3))
+        assert _instrument_frames(lambda: lib.add(-2, 0)) == []  # not an address
+    assert findings.counters()["calls"] - before == 35  # counted exactly
+    struct = ctypes.create_string_buffer(8)
+    assert "_ctypes_call" in _instrument_frames(lambda: lib.text_len(struct))  # the rest: the Python path
+    with ptrbridge.checking(2):
+        assert "_ctypes_call" in _instrument_frames(lambda: lib.text_len(b"abc"))
+    assert findings.counters()["calls"] - before == 37
+    with ptrbridge.checking(0):
+        assert _instrument_frames(lambda: lib.text_len(b"abc")) == []
+    assert findings.counters()["calls"] - before == 37
+    for bad in (3.5, object()):  # the same exception as the uninstrumented function
+        with pytest.raises(ctypes.ArgumentError) as checked_error:
+            lib.text_len(bad)
+        raw = calls._CFuncPtr.__call__
+        with pytest.raises(ctypes.ArgumentError) as raw_error:
+            raw(lib.text_len, bad)
+        assert str(checked_error.value) == str(raw_error.value)
+    with pytest.raises(TypeError):
+        call(object(), b"abc")  # not a function pointer: the Python path raises
+
+
+@at_level_1
+def test_ctypes_sampling_draws_on_the_fast_path(instrumented: None) -> None:
+    libc = ctypes.CDLL(None)
+    memchr = libc.memchr
+    memchr.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
+    memchr.restype = ctypes.c_void_p
+    data = b"sampled bytes"
+    home = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+
+    def shadowed() -> bool:
+        return memchr(data, data[0], len(data)) != home
+
+    old = ptrbridge.quarantine_enabled()
+    try:
+        assert not shadowed()
+        ptrbridge.set_quarantine(True, sample=1)  # level 1, every call drawn: every call shadowed
+        assert all(shadowed() for _ in range(20))
+        ptrbridge.set_quarantine(True, sample=3)
+        assert 100 <= sum(shadowed() for _ in range(600)) <= 400
+    finally:
+        ptrbridge.set_quarantine(old)
+    assert not shadowed()
 
 
 def test_ctypes_dangling_address_is_reported_and_twin_is_clean(instrumented: None, level2: None,

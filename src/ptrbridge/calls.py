@@ -43,6 +43,7 @@ from .checking import CallCheck, Owner, layout_of, object_extent
 from .errors import CError, CallTimeoutWarning
 from .ownership import Lend, cdata_address, cdata_extent, ctypes_pointer_value, describe, lend
 from .ownership import _CDATA_OWNING, _lends, _managed
+from .ownership import _freed as _freed_history
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -69,6 +70,8 @@ _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold poi
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
 _OWN_CDATA, _FROMBUF_CDATA = _CDATA_OWNING  # the types of ffi.new and ffi.from_buffer results
 _scan_slots = native.scan_slots
+_fast_callers = native.fastcall_callers
+_fast_defer = native.fastcall_defer
 
 # ---------------------------------------------------------------------------
 # Exceptions raised inside callbacks, re-raised when the checked call returns
@@ -86,10 +89,18 @@ def defer_exception(exc: BaseException) -> bool:
     when C returns.  Returns False when no checked call encloses the callback
     (the caller then reports the exception as unraisable).  The first
     exception of a call wins; later ones are chained as its context.
+
+    A checked call is found by its frame (the Python ``checked`` closure) or,
+    for a call the C fast path (csrc/pycall.c) made, which has no frame, by
+    the frame that called it: whichever is met first walking out from the
+    callback is the innermost.
     """
+    fast = _fast_callers()  # {calling frame or None: call}: this thread's fast calls in flight
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code not in _CHECKED_CODES:
+    while frame is not None and frame not in fast and frame.f_code not in _CHECKED_CODES:
         frame = frame.f_back  # type: ignore[assignment]
+    if frame in fast:  # None too: a fast call that no Python frame made
+        return bool(_fast_defer(fast[frame], exc))  # False if instrumented: it behaves as the raw call
     if frame is None or frame.f_locals.get("record"):
         return False  # no checked call, or an instrumented one: it behaves as the raw call
     with _deferred_lock:
@@ -147,15 +158,25 @@ def call_timeout() -> float:
     return _timeout
 
 
-def _calls_in_flight() -> Dict[Tuple[int, int], Any]:
-    """(thread, frame id) -> frame of every checked call running now."""
-    found = {}
+def _calls_in_flight() -> Dict[Any, Tuple[Any, str, Tuple[Any, ...], Optional[FrameType]]]:
+    """Every checked call running now: key -> (identity, function name, arguments, calling frame).
+
+    Calls of the closure are found by their frames (key: thread and frame
+    id; identity: the argument tuple, told apart from a later call from the
+    same frame address), calls the C fast path made by its list of calls in
+    flight (key: their sequence number, never reused; identity: None).
+    """
+    found: Dict[Any, Tuple[Any, str, Tuple[Any, ...], Optional[FrameType]]] = {}
     for thread_id, top in sys._current_frames().items():
         frame: Optional[FrameType] = top
         while frame is not None:
             if frame.f_code in _CALL_CODES:
-                found[(thread_id, id(frame))] = frame
+                local = frame.f_locals
+                args = local.get("args")
+                found[(thread_id, id(frame))] = (args, local.get("name", "?"), tuple(args or ()), frame.f_back)
             frame = frame.f_back
+    for seq, name, args, caller in native.fastcall_in_flight():
+        found[("fast", seq)] = (None, name, args, caller)
     return found
 
 
@@ -168,10 +189,10 @@ def _lent_arguments(args: Tuple[Any, ...]) -> List[str]:
 
 
 def _watch() -> None:
-    # (thread, frame id) -> (the call's argument tuple, first seen, reported).
-    # Holding the tuple keeps its identity from being reused, so a later
-    # call from the same frame address is told apart from this one.
-    seen: Dict[Tuple[int, int], List[Any]] = {}
+    # key -> (the call's identity, first seen, reported); see _calls_in_flight.
+    # Holding the argument tuple keeps its identity from being reused, so a
+    # later call from the same frame address is told apart from this one.
+    seen: Dict[Any, List[Any]] = {}
     while True:
         with _watch_cond:
             _watch_cond.wait(max(_timeout / 4, 0.005))
@@ -179,21 +200,19 @@ def _watch() -> None:
         live = _calls_in_flight()
         for key in [k for k in seen if k not in live]:
             del seen[key]
-        for key, frame in live.items():
-            local = frame.f_locals
-            args = local.get("args")
+        for key, (identity, name, args, caller) in live.items():
             entry = seen.get(key)
-            if entry is None or entry[0] is not args:
-                seen[key] = entry = [args, now, False]
+            if entry is None or entry[0] is not identity:
+                seen[key] = entry = [identity, now, False]
             if entry[2] or now - entry[1] < _timeout:
                 continue
             entry[2] = True
-            held = _lent_arguments(tuple(args or ()))
+            held = _lent_arguments(args)
             if not held:
                 continue  # R3 is about calls that hold Python memory
             message = (
                 f"ptrbridge: call holds lent Python memory longer than the call timeout "
-                f"({_timeout:g} s): {local.get('name', '?')}() called at {frame_site(frame.f_back)} "
+                f"({_timeout:g} s): {name}() called at {frame_site(caller)} "
                 f"has held {', '.join(held)} (R3: a C call that received Python memory must "
                 f"return; if C keeps the memory on purpose, pin it or copy it to a CBuffer)"
             )
@@ -783,6 +802,8 @@ class CheckedLibrary:
                     args = _unwrap_functions(args, takes_functions)
                 if record and _level:
                     count_call("calls")  # nothing to check, but a call the run checked
+                if _level == 2:
+                    quarantine.refresh_adopted()  # C may read a kept buffer's shadow in this call
                 result = raw(*args)
                 if _deferred and not record:
                     _raise_deferred(sys._getframe())
@@ -858,18 +879,28 @@ class CheckedLibrary:
         _CHECKED_CODES.add(checked.__code__)
         if checks_args or semantic:
             _CALL_CODES.add(checked.__code__)
-        checked.__name__ = name
-        checked.__qualname__ = f"CheckedLibrary.{name}"
-        checked.__doc__ = f"Checked call of the C function {name}()."
-        checked.__wrapped__ = raw  # type: ignore[attr-defined]
-        checked._ptrbridge_semantic = semantic  # type: ignore[attr-defined]
-        checked._ptrbridge_checked = True  # type: ignore[attr-defined]
-        # Instrumented (record mode), a function with no pointer and no function parameters
-        # behaves exactly as the raw one (it re-raises nothing and counts nothing): the raw
-        # function is handed out, and its calls are neither checked nor counted.
-        checked._ptrbridge_trivial = (  # type: ignore[attr-defined]
-            record and not semantic and not checks_args and not takes_functions)
-        return checked
+        result: Any = checked
+        if not semantic and not takes_functions:
+            # Level 1's common case (buffers, NULL, scalars) in C, with no Python frame;
+            # every other call goes to `checked` unchanged (csrc/pycall.c).
+            flags = (native.FC_RECORD if record else 0) | (native.FC_CTYPES if is_ctypes else 0)
+            if only is not None:
+                flags |= native.FC_TICK_ALWAYS  # as `checked` above: every call draws
+            result = native.CheckedCall(raw, checked, name, [i for i, _p in plan], flags)
+            result.__module__ = __name__
+        targets: List[Any] = [checked] if result is checked else [checked, result]
+        for target in targets:
+            target.__name__ = name
+            target.__qualname__ = f"CheckedLibrary.{name}"
+            target.__doc__ = f"Checked call of the C function {name}()."
+            target.__wrapped__ = raw
+            target._ptrbridge_semantic = semantic
+            target._ptrbridge_checked = True
+            # Instrumented (record mode), a function with no pointer and no function parameters
+            # behaves exactly as the raw one (it re-raises nothing and counts nothing): the raw
+            # function is handed out, and its calls are neither checked nor counted.
+            target._ptrbridge_trivial = record and not semantic and not checks_args and not takes_functions
+        return result  # type: ignore[no-any-return]
 
 
 _LIB_TYPE: type = type(lib)  # _cffi_backend's Lib: API-mode libs and out-of-line ABI dlopen results
@@ -956,12 +987,22 @@ _level = levels.check_level()  # mirrors levels._level, kept current by _on_leve
 def _on_level_change(old: int, new: int) -> None:
     global _level
     _level = new  # a module global is the cheapest read on the hot path
+    native.fastcall_level(new)  # and the C fast path's copy
     if (old == 0) != (new == 0):
         for library in list(_libraries):
             library._repoint(new)
 
 
+native.fastcall_level(_level)
 levels.add_level_listener(_on_level_change)
+# The C fast path (csrc/pycall.c) reads the freed-memory history and the cdata shapes
+# from these very objects; a cdata's C type is read from the cdata when cffi's layout
+# is the one it knows (checked on a sample).
+_sample_cdata = ffi.new("char[]", 1)
+native.fastcall_init(_freed_history, _arg_shapes, _FLAT, _sample_cdata, ffi.typeof(_sample_cdata), _FROMBUF_CDATA)
+del _sample_cdata
+findings._take_native_calls = native.fastcall_take_calls  # the calls the fast path counted
+os.register_at_fork(after_in_child=native.fastcall_after_fork)  # other threads' calls are gone
 
 
 def _on_worker(lib_self: CheckedLibrary, invoke: Callable[..., Any], args: Tuple[Any, ...]) -> Any:

@@ -185,13 +185,27 @@ def count(name: str, n: int = 1) -> None:
     _counters[name] = _counters.get(name, 0) + n
 
 
+# The checked calls' C fast path (csrc/pycall.c) counts "calls" in C; this takes its count
+# (and zeroes it), set by calls.py.  Folded in before the counters are read or reset.
+_take_native_calls: Optional[Callable[[], int]] = None
+
+
+def _fold_native() -> None:
+    if _take_native_calls is not None:
+        n = _take_native_calls()
+        if n:
+            _counters["calls"] = _counters.get("calls", 0) + n
+
+
 def counters() -> Dict[str, int]:
     """A copy of the counters."""
+    _fold_native()
     return dict(_counters)
 
 
 def reset_counters() -> Dict[str, int]:
     """Zero the counters and return their values before."""
+    _fold_native()
     old = dict(_counters)
     for name in _counters:
         _counters[name] = 0

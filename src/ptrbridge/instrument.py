@@ -58,7 +58,7 @@ from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import calls, findings, levels, quarantine
-from ._bindings import address_of, ffi as _pb_ffi, lib as _pb_lib
+from ._bindings import address_of, ffi as _pb_ffi, lib as _pb_lib, native as _pb_native
 from .callsite import caller_site, frame_site
 from .checking import CallCheck, object_extent
 from .ownership import describe, lookup
@@ -280,6 +280,14 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
     return _base_call(self, *args)
 
 
+# The __call__ of instrumented ctypes function pointers: level 1's common case (as the
+# first branch of _ctypes_call) in C with no Python frame, a method of the function
+# pointer; every other call goes to _ctypes_call unchanged (csrc/pycall.c).
+_ctypes_fast_call = _pb_native.CheckedMethod(
+    _CFuncPtr, _ctypes_call, "<ctypes function>", (),
+    _pb_native.FC_METHOD | _pb_native.FC_CTYPES | _pb_native.FC_TICK_ALWAYS)
+_ctypes_fast_call.__name__ = _ctypes_fast_call.__qualname__ = "__call__"
+_ctypes_fast_call.__wrapped__ = _ctypes_call
 _ctypes_types: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
 
 
@@ -290,7 +298,7 @@ def _instrumented_type(base: type) -> type:
     made = _ctypes_types.get(base)
     if made is None:
         namespace: Dict[str, Any] = {
-            "__call__": _ctypes_call,
+            "__call__": _ctypes_fast_call,
             "_ptrbridge_instrumented": True,
             "_flags_": base._flags_,  # type: ignore[attr-defined]
             "__module__": base.__module__,

@@ -57,7 +57,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import itertools
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -107,18 +106,15 @@ _rng = random.Random()
 def _arm() -> None:
     """Draw the next sampled lend: ``_tick()`` answers False for a random gap (mean N), then True.
 
-    ``_tick`` is a bound method of C iterators, so the checked call's test of
-    it costs no Python frame; the sampled call re-arms it.
+    The countdown is in C (csrc/pycall.c), shared with the checked calls' C
+    fast path, which draws there with no Python call; ``_tick`` reads the
+    same countdown.  The sampled call re-arms it.
     """
-    global _tick
-    if _sample == 1:
-        _tick = itertools.repeat(True).__next__
-    else:
-        gap = _rng.randint(1, 2 * _sample - 1)  # as GWP-ASan draws its sampling interval
-        _tick = itertools.chain(itertools.repeat(False, gap - 1), itertools.repeat(True)).__next__
+    gap = 1 if _sample == 1 else _rng.randint(1, 2 * _sample - 1)  # as GWP-ASan draws its sampling interval
+    native.sample_arm(_enabled, gap)
 
 
-_tick: Callable[[], bool] = itertools.repeat(True).__next__
+_tick: Callable[[], bool] = native.sample_tick
 _arm()
 
 
@@ -262,6 +258,18 @@ def record_report(text: str) -> int:
 def held() -> int:
     """Number of shadows currently quarantined (inaccessible)."""
     return int(lib.pb__quarantine_held())
+
+
+def refresh_adopted() -> None:
+    """Copy into the adopted shadows of live mutable buffers what the buffers hold now.
+
+    C reads such a shadow in place of the object once it read it after the call
+    that lent it (a kept read); a checked call that may run C code refreshes them
+    first, so C sees the program's changes as of that call.  Nothing to do (one C
+    call) while no kept read happened.
+    """
+    if lib.pb__quarantine_kept_reads():
+        lib.pb__quarantine_refresh_adopted()
 
 
 # ---------------------------------------------------------------------------
@@ -567,8 +575,7 @@ def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], f
     """
     if sampled:
         _arm()
-    if lib.pb__quarantine_kept_reads():
-        lib.pb__quarantine_refresh_adopted()  # C reads adopted shadows: what the objects hold now
+    refresh_adopted()
     direct: List[Tuple[int, Any, int, int, Any]] = []  # index, arg, address (0: a bytes), size, parameter ctype
     for i, param in params:
         if i >= len(args):
@@ -769,8 +776,7 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
     """The ctypes edition of :func:`shadow_arguments`."""
     if sampled:
         _arm()
-    if lib.pb__quarantine_kept_reads():
-        lib.pb__quarantine_refresh_adopted()
+    refresh_adopted()
     new_args = list(args)
     shadows: List[Shadow] = []
     uses: List[_Use] = []

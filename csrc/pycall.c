@@ -1,0 +1,667 @@
+/*
+ * pycall.c - the checked call's common case at level 1, with no Python frame.
+ *
+ * A checked function (calls.py) is a Python closure, `checked(*args)`.  At
+ * level 1 most calls pass only byte buffers, NULL and scalars, which need no
+ * walk: the closure counts the call (instrumented), draws the quarantine
+ * sample and calls C.  A CheckedCall does that in C and hands every other
+ * call, unchanged, to the closure (its "slow" callable):
+ *
+ *   - level 1, and each argument it looks at is bytes, bytearray or None (a
+ *     cffi function: the pointer parameters of its `plan`, and also an
+ *     ffi.new / ffi.from_buffer cdata whose items hold no pointers; ctypes:
+ *     every argument, and also float, bool, str, and an int while no freed
+ *     memory is on record): count the call if instrumented, draw the
+ *     quarantine sample (a drawn call goes to the closure, which shadows
+ *     it), call the raw function;
+ *   - level 0: call the raw function;
+ *   - everything else (level 2, other arguments, keywords): the closure.
+ *
+ * A fast call has no frame that defer_exception or the R3 watchdog could
+ * find, so it registers itself instead: a record in one list of the calls in
+ * flight, with its thread and the frame that called it.  defer_exception
+ * walks out from the callback to the first frame that is a checked call's or
+ * called one of this thread's fast calls: that call takes the exception and
+ * re-raises it when C returns.  The watchdog reads the list.  Records come
+ * from a small pool on the heap, not the C stack (greenlet copies C stacks
+ * away while a greenlet waits: nothing here may point into one), and are
+ * unlinked by address, so calls may end in any order.  Everything here runs
+ * with the GIL held: the globals, the counter, the pool and the list need no
+ * other lock.
+ *
+ * The globals mirror Python state and are set from Python: the check level
+ * (calls._on_level_change), the quarantine sampler (quarantine._arm: on/off
+ * and the countdown of its random gap, which quarantine._tick reads too, so
+ * there is one countdown), and the "calls" counted here, which
+ * findings.counters() folds into its own.
+ */
+#include "pb_py.h"
+
+#include <stddef.h>
+
+/* 3.11 and 3.12 make a frame object only when asked for one: a fast call notes
+ * its caller's interpreter frame (free) and finds the frame object only when
+ * defer_exception or the watchdog asks (as pyframes.c, the internal structs). */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define PB_LAZY_FRAMES 1
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#endif
+
+enum {
+    FC_CTYPES = 1,      /* look at every argument, ctypes rules (else the cffi plan) */
+    FC_RECORD = 2,      /* instrumented: count the call; callbacks' exceptions are not deferred */
+    FC_TICK_ALWAYS = 4, /* draw the sample for every call (else only for calls that lend a buffer) */
+    FC_METHOD = 8,      /* instrumented ctypes __call__: args[0] is the function pointer */
+};
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *raw;  /* the C function; FC_METHOD: the _CFuncPtr type whose tp_call calls C */
+    PyObject *slow; /* the Python checked function */
+    PyObject *name; /* for the watchdog */
+    PyObject *dict;
+    PyObject *weakrefs;
+    Py_ssize_t *plan; /* cffi: the positions of the pointer parameters */
+    Py_ssize_t nplan;
+    int flags;
+} CheckedCall;
+
+/* One fast call in flight. */
+typedef struct fc_record {
+    struct fc_record *prev, *next; /* the fast calls in flight (a free record: next in the pool) */
+    CheckedCall *fn;
+    PyObject *const *args;
+    Py_ssize_t nargs;
+    PyThreadState *tstate;
+    void *caller; /* the calling frame (3.11, 3.12: the interpreter frame), or NULL */
+    PyObject *exc;    /* owned: the exception a callback deferred to this call */
+    unsigned long long seq;
+} fc_record;
+
+static int fc_level;                  /* calls._level */
+static int fc_sample_on;              /* quarantine._enabled */
+static long long fc_countdown = 1;    /* > 1: answer False that many - 1 times; 1: True until re-armed */
+static unsigned long long fc_calls;   /* calls counted here, not yet folded into findings */
+static unsigned long long fc_seq;     /* numbers the calls in flight */
+static PyObject *fc_freed;            /* ownership._freed: not empty = freed memory on record */
+static PyObject *fc_shapes;           /* calls._arg_shapes: ctype -> (shape, plan, is_array) */
+static PyTypeObject *fc_cdata_own;    /* type(ffi.new(...)) */
+static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
+static PyObject *fc_flat;             /* calls._FLAT */
+static PyObject *fc_zero;             /* 0 */
+static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
+static fc_record *fc_pool; /* free records */
+
+/* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *c_type;
+} fc_cdata;
+
+static int fc_tick(void)
+{
+    if (fc_countdown > 1) {
+        fc_countdown--;
+        return 0;
+    }
+    return 1;
+}
+
+/* Whether a cdata from ffi.new / ffi.from_buffer points at items without pointers
+ * (calls._arg_shape said _FLAT): at level 1 it is lent and needs no look. */
+static int fc_flat_cdata(PyObject *arg)
+{
+    if (fc_shapes == NULL)
+        return 0;
+    PyObject *shape = PyDict_GetItemWithError(fc_shapes, ((fc_cdata *)arg)->c_type); /* borrowed */
+    if (shape == NULL) {
+        PyErr_Clear();
+        return 0; /* not seen yet: the closure works it out and caches it */
+    }
+    return PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) >= 1 && PyTuple_GET_ITEM(shape, 0) == fc_flat;
+}
+
+static int fc_history(void)
+{
+    if (fc_freed == NULL)
+        return 1;
+    Py_ssize_t n = PyObject_Size(fc_freed);
+    if (n < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    return n > 0;
+}
+
+/* 1: the level-1 fast path takes these arguments (*lent: one is a buffer lent to C), 0: the closure. */
+static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
+{
+    if (fn->flags & FC_CTYPES) {
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            PyObject *arg = args[i];
+            PyTypeObject *kind = Py_TYPE(arg);
+            if (kind == &PyBytes_Type || kind == &PyByteArray_Type) {
+                *lent = 1;
+            } else if (kind == &PyLong_Type) {
+                /* an address is checked against freed memory, when there is some */
+                if (fc_history()) {
+                    int positive = PyObject_RichCompareBool(arg, fc_zero, Py_GT);
+                    if (positive != 0) {
+                        if (positive < 0)
+                            PyErr_Clear();
+                        return 0;
+                    }
+                }
+            } else if (arg != Py_None && kind != &PyFloat_Type && kind != &PyBool_Type &&
+                       kind != &PyUnicode_Type) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    for (Py_ssize_t j = 0; j < fn->nplan; j++) {
+        Py_ssize_t i = fn->plan[j];
+        if (i >= nargs)
+            return 0; /* too few arguments: the closure lets C raise */
+        PyObject *arg = args[i];
+        PyTypeObject *kind = Py_TYPE(arg);
+        if (kind == &PyBytes_Type || kind == &PyByteArray_Type)
+            *lent = 1;
+        else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && fc_flat_cdata(arg))
+            *lent = 1;
+        else if (arg != Py_None)
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *fc_call_raw(CheckedCall *fn, PyObject *const *args, size_t nargsf)
+{
+    if (!(fn->flags & FC_METHOD))
+        return PyObject_Vectorcall(fn->raw, args, nargsf, NULL);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *tuple = PyTuple_New(nargs - 1);
+    if (tuple == NULL)
+        return NULL;
+    for (Py_ssize_t i = 1; i < nargs; i++)
+        PyTuple_SET_ITEM(tuple, i - 1, Py_NewRef(args[i]));
+    PyObject *result = ((PyTypeObject *)fn->raw)->tp_call(args[0], tuple, NULL);
+    Py_DECREF(tuple);
+    return result;
+}
+
+/* Whether this call goes to the closure; counts and draws for a call that does not. */
+static int fc_wants_slow(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs)
+{
+    int level = fc_level;
+    if (level == 2)
+        return 1;
+    if ((fn->flags & FC_METHOD) && (nargs < 1 || !PyObject_TypeCheck(args[0], (PyTypeObject *)fn->raw)))
+        return 1;
+    if (level == 1) {
+        int lent = 0;
+        int skip = (fn->flags & FC_METHOD) ? 1 : 0;
+        if (!fc_settled(fn, args + skip, nargs - skip, &lent))
+            return 1;
+        if (fc_sample_on && (lent || (fn->flags & FC_TICK_ALWAYS)) && fc_tick())
+            return 1; /* drawn: the closure shadows this call (its own draw answers True too) */
+        if (fn->flags & (FC_RECORD | FC_METHOD))
+            fc_calls++;
+    }
+    return 0;
+}
+
+/* Calls C, registered as a call in flight; `tuple`: the arguments as a tuple, if the caller had one. */
+static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple)
+{
+    if (fn->flags & FC_METHOD)
+        return fc_call_raw(fn, args, nargsf); /* as the raw call: callbacks' exceptions are not deferred */
+    fc_record *rec = fc_pool;
+    if (rec != NULL) {
+        fc_pool = rec->next;
+    } else if ((rec = PyMem_RawMalloc(sizeof *rec)) == NULL) {
+        return PyErr_NoMemory();
+    }
+    rec->fn = fn;
+    rec->args = args;
+    rec->nargs = PyVectorcall_NARGS(nargsf);
+    rec->tstate = PyThreadState_Get();
+#ifdef PB_LAZY_FRAMES
+    rec->caller = rec->tstate->cframe->current_frame;
+#else
+    rec->caller = PyEval_GetFrame();
+#endif
+    rec->exc = NULL;
+    rec->seq = ++fc_seq;
+    rec->next = &fc_all;
+    rec->prev = fc_all.prev;
+    fc_all.prev->next = rec;
+    fc_all.prev = rec;
+    /* A ctypes function has no vectorcall: with a tuple at hand, spare it building another. */
+    PyObject *result = tuple != NULL ? PyObject_Call(fn->raw, tuple, NULL) : fc_call_raw(fn, args, nargsf);
+    rec->prev->next = rec->next;
+    rec->next->prev = rec->prev;
+    PyObject *exc = rec->exc;
+    rec->next = fc_pool;
+    fc_pool = rec;
+    if (exc != NULL) {
+        if (result != NULL) { /* a callback raised: C's result is dropped, the exception raised */
+            Py_DECREF(result);
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            result = NULL;
+        }
+        Py_DECREF(exc);
+    }
+    return result;
+}
+
+static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) || fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
+        return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
+    return fc_run(fn, args, nargsf, NULL);
+}
+
+/* Called with a tuple: the wrapped ctypes functions (no vectorcall), and PyObject_Call of the others. */
+static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    PyObject *const *args = &PyTuple_GET_ITEM(tuple, 0);
+    Py_ssize_t nargs = PyTuple_GET_SIZE(tuple);
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) || fc_wants_slow(fn, args, nargs))
+        return PyObject_Call(fn->slow, tuple, kwargs);
+    return fc_run(fn, args, (size_t)nargs, (fn->flags & FC_METHOD) ? NULL : tuple);
+}
+
+/* -- the type ----------------------------------------------------------- */
+
+static PyTypeObject CheckedCallType;
+static PyTypeObject CheckedMethodType;
+
+static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"raw", "slow", "name", "plan", "flags", NULL};
+    PyObject *raw, *slow, *name, *plan;
+    int flags;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOUOi:CheckedCall", keywords, &raw, &slow, &name, &plan,
+                                     &flags))
+        return NULL;
+    if (!PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "CheckedCall: slow must be callable");
+        return NULL;
+    }
+    if ((flags & FC_METHOD) ? !PyType_Check(raw) || ((PyTypeObject *)raw)->tp_call == NULL : !PyCallable_Check(raw)) {
+        PyErr_SetString(PyExc_TypeError, "CheckedCall: raw must be callable (a type with tp_call with FC_METHOD)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(plan, "CheckedCall: plan must be a sequence of positions");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t *positions = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    if (positions == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        positions[i] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
+        if (positions[i] < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "CheckedCall: positions must be >= 0");
+            PyMem_Free(positions);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    CheckedCall *fn = (CheckedCall *)type->tp_alloc(type, 0);
+    if (fn == NULL) {
+        PyMem_Free(positions);
+        return NULL;
+    }
+    /* A wrapped ctypes function is called with a tuple (its proxy's __call__) and calls ctypes,
+     * which takes a tuple: no vectorcall, so that the tuple reaches fc_call as it is. */
+    fn->vectorcall = (flags & FC_CTYPES) && !(flags & FC_METHOD) ? NULL : fc_vectorcall;
+    fn->raw = Py_NewRef(raw);
+    fn->slow = Py_NewRef(slow);
+    fn->name = Py_NewRef(name);
+    fn->plan = positions;
+    fn->nplan = n;
+    fn->flags = flags;
+    return (PyObject *)fn;
+}
+
+static int fc_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    Py_VISIT(fn->raw);
+    Py_VISIT(fn->slow);
+    Py_VISIT(fn->dict);
+    return 0;
+}
+
+static int fc_clear(PyObject *self)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    Py_CLEAR(fn->raw);
+    Py_CLEAR(fn->slow);
+    Py_CLEAR(fn->dict);
+    return 0;
+}
+
+static void fc_dealloc(PyObject *self)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    PyObject_GC_UnTrack(self);
+    if (fn->weakrefs != NULL)
+        PyObject_ClearWeakRefs(self);
+    fc_clear(self);
+    Py_CLEAR(fn->name);
+    PyMem_Free(fn->plan);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *fc_repr(PyObject *self)
+{
+    CheckedCall *fn = (CheckedCall *)self;
+    return PyUnicode_FromFormat("<ptrbridge checked function %U>", fn->name);
+}
+
+/* A method: bound to the function pointer it is the __call__ of. */
+static PyObject *fc_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    (void)type;
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *fc_get_slow(PyObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(((CheckedCall *)self)->slow);
+}
+
+static PyObject *fc_get_raw(PyObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(((CheckedCall *)self)->raw);
+}
+
+static PyGetSetDef fc_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"_ptrbridge_slow", fc_get_slow, NULL, "The Python checked function every other call goes to.", NULL},
+    {"_ptrbridge_raw", fc_get_raw, NULL, "The C function (or the ctypes base type) called directly.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CheckedCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptrbridge._native.CheckedCall",
+    .tp_basicsize = sizeof(CheckedCall),
+    .tp_dealloc = fc_dealloc,
+    .tp_vectorcall_offset = offsetof(CheckedCall, vectorcall),
+    .tp_repr = fc_repr,
+    .tp_call = fc_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "CheckedCall(raw, slow, name, plan, flags): a checked function's level-1 common case in C.",
+    .tp_traverse = fc_traverse,
+    .tp_clear = fc_clear,
+    .tp_weaklistoffset = offsetof(CheckedCall, weakrefs),
+    .tp_getset = fc_getset,
+    .tp_dictoffset = offsetof(CheckedCall, dict),
+    .tp_new = fc_new,
+};
+
+static PyTypeObject CheckedMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ptrbridge._native.CheckedMethod",
+    .tp_basicsize = sizeof(CheckedCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "A CheckedCall that is a method (a ctypes function pointer type's __call__).",
+    .tp_traverse = fc_traverse,
+    .tp_clear = fc_clear,
+    .tp_descr_get = fc_descr_get,
+    .tp_call = fc_call,
+    .tp_vectorcall_offset = offsetof(CheckedCall, vectorcall),
+};
+
+/* -- module functions ---------------------------------------------------- */
+
+/* The frame object that made the fast call `rec` (new reference), or None. */
+static PyObject *fc_caller_frame(fc_record *rec)
+{
+    if (rec->caller == NULL)
+        Py_RETURN_NONE;
+#ifdef PB_LAZY_FRAMES
+    /* The caller is suspended in the call: it is on its thread's chain of frames. */
+    PyFrameObject *frame = PyThreadState_GetFrame(rec->tstate);
+    while (frame != NULL && frame->f_frame != (_PyInterpreterFrame *)rec->caller) {
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+    }
+    if (frame == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return (PyObject *)frame;
+#else
+    return Py_NewRef((PyObject *)rec->caller);
+#endif
+}
+
+/* fastcall_init(freed, arg_shapes, flat, sample_cdata, its_ctype, frombuf_type) */
+static PyObject *m_fastcall_init(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *freed, *shapes, *flat, *sample, *ctype, *frombuf;
+    if (!PyArg_ParseTuple(args, "OO!OOOO!", &freed, &PyDict_Type, &shapes, &flat, &sample, &ctype,
+                          &PyType_Type, &frombuf))
+        return NULL;
+    Py_XSETREF(fc_freed, Py_NewRef(freed));
+    Py_XSETREF(fc_shapes, Py_NewRef(shapes));
+    Py_XSETREF(fc_flat, Py_NewRef(flat));
+    /* Read the ctype of a cdata directly only if cffi's layout is the one expected. */
+    if (((fc_cdata *)sample)->c_type == ctype) {
+        Py_XSETREF(fc_cdata_own, (PyTypeObject *)Py_NewRef(Py_TYPE(sample)));
+        Py_XSETREF(fc_cdata_frombuf, (PyTypeObject *)Py_NewRef(frombuf));
+    }
+    return PyBool_FromLong(fc_cdata_own != NULL);
+}
+
+static PyObject *m_fastcall_level(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long level = PyLong_AsLong(arg);
+    if (level == -1 && PyErr_Occurred())
+        return NULL;
+    fc_level = (int)level;
+    Py_RETURN_NONE;
+}
+
+/* sample_arm(on, gap): the quarantine sampler; the gap-th draw from now answers True. */
+static PyObject *m_sample_arm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int on;
+    long long gap;
+    if (!PyArg_ParseTuple(args, "pL", &on, &gap))
+        return NULL;
+    fc_sample_on = on;
+    fc_countdown = gap < 1 ? 1 : gap;
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_sample_tick(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(fc_tick());
+}
+
+/* The calls counted on the fast path since the last take (and zero them). */
+static PyObject *m_fastcall_take_calls(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    unsigned long long n = fc_calls;
+    fc_calls = 0;
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+/* {calling frame or None: seq} of this thread's fast calls in flight (the latest call of a
+ * frame, or of no frame, wins). */
+static PyObject *m_fastcall_callers(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyThreadState *tstate = PyThreadState_Get();
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (fc_record *rec = fc_all.next; rec != &fc_all; rec = rec->next) {
+        if (rec->tstate != tstate)
+            continue;
+        PyObject *caller = fc_caller_frame(rec);
+        PyObject *seq = caller != NULL ? PyLong_FromUnsignedLongLong(rec->seq) : NULL;
+        int rc = seq != NULL ? PyDict_SetItem(out, caller, seq) : -1;
+        Py_XDECREF(caller);
+        Py_XDECREF(seq);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+/* fastcall_defer(seq, exc): defer exc to the fast call `seq` (of this thread): True, or False
+ * if it is instrumented (it behaves as the raw call) or gone.  The first exception wins; a
+ * later one becomes its __context__ (if it has none). */
+static PyObject *m_fastcall_defer(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long seq;
+    PyObject *exc;
+    if (!PyArg_ParseTuple(args, "KO", &seq, &exc))
+        return NULL;
+    if (!PyExceptionInstance_Check(exc)) {
+        PyErr_SetString(PyExc_TypeError, "fastcall_defer: expected an exception instance");
+        return NULL;
+    }
+    fc_record *rec = fc_all.next;
+    while (rec != &fc_all && rec->seq != seq)
+        rec = rec->next;
+    if (rec == &fc_all || (rec->fn->flags & FC_RECORD))
+        Py_RETURN_FALSE;
+    if (rec->exc == NULL) {
+        rec->exc = Py_NewRef(exc);
+    } else if (exc != rec->exc) {
+        PyObject *context = PyException_GetContext(rec->exc);
+        if (context == NULL)
+            PyException_SetContext(rec->exc, Py_NewRef(exc));
+        Py_XDECREF(context);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* [(seq, name, args, calling frame or None)] of every fast call in flight (the R3 watchdog). */
+static PyObject *m_fastcall_in_flight(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (fc_record *rec = fc_all.next; rec != &fc_all; rec = rec->next) {
+        PyObject *items = PyTuple_New(rec->nargs);
+        if (items == NULL)
+            goto fail;
+        for (Py_ssize_t i = 0; i < rec->nargs; i++)
+            PyTuple_SET_ITEM(items, i, Py_NewRef(rec->args[i]));
+        PyObject *caller = fc_caller_frame(rec);
+        if (caller == NULL) {
+            Py_DECREF(items);
+            goto fail;
+        }
+        PyObject *entry = Py_BuildValue("(KONN)", rec->seq, rec->fn->name, items, caller);
+        if (entry == NULL || PyList_Append(out, entry) < 0) {
+            Py_XDECREF(entry);
+            goto fail;
+        }
+        Py_DECREF(entry);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* In a forked child only the forking thread lives on: drop the other threads' calls. */
+static PyObject *m_fastcall_after_fork(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyThreadState *tstate = PyThreadState_Get();
+    fc_record *rec = fc_all.next;
+    while (rec != &fc_all) {
+        fc_record *next = rec->next;
+        if (rec->tstate != tstate) {
+            rec->prev->next = rec->next;
+            rec->next->prev = rec->prev;
+            Py_CLEAR(rec->exc);
+            rec->next = fc_pool;
+            fc_pool = rec;
+        }
+        rec = next;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef call_functions[] = {
+    {"fastcall_init", m_fastcall_init, METH_VARARGS,
+     "fastcall_init(freed, arg_shapes, FLAT, sample_cdata, its_ctype, frombuf_type) -> cdata fast path on"},
+    {"fastcall_level", m_fastcall_level, METH_O, "fastcall_level(level): the check level the fast path sees"},
+    {"sample_arm", m_sample_arm, METH_VARARGS, "sample_arm(on, gap): arm the quarantine sampler"},
+    {"sample_tick", m_sample_tick, METH_NOARGS, "sample_tick() -> whether this lend is drawn"},
+    {"fastcall_take_calls", m_fastcall_take_calls, METH_NOARGS, "fastcall_take_calls() -> calls counted"},
+    {"fastcall_callers", m_fastcall_callers, METH_NOARGS,
+     "fastcall_callers() -> {calling frame or None: seq} of this thread's fast calls"},
+    {"fastcall_defer", m_fastcall_defer, METH_VARARGS, "fastcall_defer(seq, exc) -> taken by that fast call"},
+    {"fastcall_in_flight", m_fastcall_in_flight, METH_NOARGS,
+     "fastcall_in_flight() -> [(seq, name, args, frame)]"},
+    {"fastcall_after_fork", m_fastcall_after_fork, METH_NOARGS, "fastcall_after_fork(): in a forked child"},
+    {NULL, NULL, 0, NULL},
+};
+
+int pb__py_calls_init(PyObject *module)
+{
+    if (fc_zero == NULL && (fc_zero = PyLong_FromLong(0)) == NULL)
+        return -1;
+    CheckedMethodType.tp_base = &CheckedCallType;
+    if (PyType_Ready(&CheckedCallType) < 0 || PyType_Ready(&CheckedMethodType) < 0)
+        return -1;
+    if (PyObject_SetAttrString(module, "CheckedCall", (PyObject *)&CheckedCallType) < 0 ||
+        PyObject_SetAttrString(module, "CheckedMethod", (PyObject *)&CheckedMethodType) < 0)
+        return -1;
+    PyObject *constants[][2] = {
+        {PyUnicode_FromString("FC_CTYPES"), PyLong_FromLong(FC_CTYPES)},
+        {PyUnicode_FromString("FC_RECORD"), PyLong_FromLong(FC_RECORD)},
+        {PyUnicode_FromString("FC_TICK_ALWAYS"), PyLong_FromLong(FC_TICK_ALWAYS)},
+        {PyUnicode_FromString("FC_METHOD"), PyLong_FromLong(FC_METHOD)},
+    };
+    int rc = 0;
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++) {
+        if (rc == 0 && (constants[i][0] == NULL || constants[i][1] == NULL ||
+                        PyObject_SetAttr(module, constants[i][0], constants[i][1]) < 0))
+            rc = -1;
+        Py_XDECREF(constants[i][0]);
+        Py_XDECREF(constants[i][1]);
+    }
+    if (rc < 0)
+        return -1;
+    return pb__add_functions(module, call_functions);
+}
