@@ -1,9 +1,10 @@
 """Shared fixtures: compiled test libraries and exact accounting around every test."""
 from __future__ import annotations
 
+import functools
 import gc
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -83,3 +84,21 @@ def api(clib_dir: Path):  # type: ignore[no-untyped-def]
     """
     return build_cffi_module("_checked_api", cdef, source, clib_dir / "api", libraries=["pthread"],
                              extra_sources=["checked.c"])
+
+
+def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
+    """Run ``test`` at level 1 without quarantine.
+
+    In its body: the suite also runs under ``PTRBRIDGE_CHECK=2``, where the
+    plugin sets level 2 (and quarantine) around each test's call.
+    """
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        sample = ptrbridge.quarantine.quarantine_sample()
+        old = ptrbridge.set_quarantine(False)
+        try:
+            with ptrbridge.checking(1):
+                test(*args, **kwargs)
+        finally:
+            ptrbridge.set_quarantine(old, sample=sample)
+    return run

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import errno
 import os
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, List, Tuple
 
 import cffi
 import pytest
@@ -17,7 +16,7 @@ import pytest
 import ptrbridge
 from ptrbridge import CError, NestedPointerError, Pinner, calls, findings, ownership
 from ptrbridge._bindings import native
-from conftest import CHECKED_CDEF
+from conftest import CHECKED_CDEF, at_level_1
 
 libc_ffi = cffi.FFI()
 libc_ffi.cdef("""
@@ -474,24 +473,6 @@ def test_a_ctypes_pointer_argument_is_not_kept_alive_by_the_check(level: int) ->
 
 memchr_ffi = cffi.FFI()
 memchr_ffi.cdef("char *memchr(const char *s, int c, size_t n);")
-
-
-def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
-    """Run ``test`` at level 1 without quarantine.
-
-    In its body: the suite also runs under ``PTRBRIDGE_CHECK=2``, where the
-    plugin sets level 2 (and quarantine) around each test's call.
-    """
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        sample = ptrbridge.quarantine.quarantine_sample()
-        old = ptrbridge.set_quarantine(False)
-        try:
-            with ptrbridge.checking(1):
-                test(*args, **kwargs)
-        finally:
-            ptrbridge.set_quarantine(old, sample=sample)
-    return run
 
 
 def _closure_frames(run: Any) -> List[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import gc
 import json
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import textwrap
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import cffi
 import pytest
@@ -26,7 +25,7 @@ import pytest
 import ptrbridge
 from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings, ownership
 from ptrbridge._bindings import native
-from conftest import CHECKED_CDEF
+from conftest import CHECKED_CDEF, at_level_1
 
 SRC = Path(ptrbridge.__file__).resolve().parent.parent
 
@@ -46,24 +45,6 @@ def instrumented() -> Iterator[None]:
         assert ptrbridge.uninstrument() is True
         findings.set_strict(old_strict)
         findings.take()
-
-
-def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
-    """Run ``test`` at level 1 without quarantine.
-
-    In its body: the suite also runs under ``PTRBRIDGE_CHECK=2``, where the
-    plugin sets level 2 (and quarantine) around each test's call.
-    """
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        sample = ptrbridge.quarantine.quarantine_sample()
-        old = ptrbridge.set_quarantine(False)
-        try:
-            with ptrbridge.checking(1):
-                test(*args, **kwargs)
-        finally:
-            ptrbridge.set_quarantine(old, sample=sample)
-    return run
 
 
 @pytest.fixture
@@ -452,11 +433,15 @@ def freed_history(entries: List[Any]) -> Iterator[None]:
 
 
 def _instrument_frames(run: Any) -> List[str]:
-    """The names of ptrbridge.instrument's Python functions that ran during ``run()``."""
+    """The names of ptrbridge.instrument's Python functions that ran during ``run()``.
+
+    Not its garbage collector callback (``_on_gc``): a collection may run anywhere.
+    """
     seen: List[str] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code.co_filename == sys.modules["ptrbridge.instrument"].__file__:
+        if (event == "call" and frame.f_code.co_filename == sys.modules["ptrbridge.instrument"].__file__
+                and frame.f_code.co_name != "_on_gc"):
             seen.append(frame.f_code.co_name)
 
     sys.setprofile(profile)

@@ -354,7 +354,8 @@ del q
 lib, starts, sizes = ptrbridge._bindings.lib, scanning._scratch_starts, scanning._scratch_sizes
 with scanning._lock:   # each path queues what it takes: ffi.new memory is the interposer's alone
     n = lib.pb__heapmap_retire_freed(1 << 40, starts, sizes, scanning._FREED_BATCH)
-    by_heap_map = sum(1 for i in range(n) if starts[i] <= b < starts[i] + sizes[i])
+    size = lambda i: sizes[i] & ~lib.PB_HEAPMAP_GIVEN_BACK  # the flag of blocks libc got back
+    by_heap_map = sum(1 for i in range(n) if starts[i] <= b < starts[i] + size(i))
     n = lib.pb__interpose_take_freed(starts, sizes, scanning._FREED_BATCH, ptrbridge._bindings.ffi.NULL)
     by_interposer = sum(1 for i in range(n) if starts[i] <= b < starts[i] + sizes[i])
 print(by_heap_map, by_interposer)
