@@ -94,6 +94,16 @@ void pb__quarantine_unwatch_all(void);
 
 /* PB_CDEF_END */
 
+/* A trap for freed memory a pointer slot of a call's arguments points into:
+ * a closed region of len bytes (nothing is copied) that stands for it while
+ * the call runs.  The slot is pointed into it for the call, and any access
+ * by C is reported as a use after free with where it was passed (ids: the
+ * lending call's Python stack, as pb__quarantine_lend_sites) and the process
+ * ends.  Ended by pb__quarantine_finish(slot, NULL).  Returns the slot or a
+ * negative PB_ERR_*.  Thread-safe. */
+int pb__quarantine_trap_sites(size_t len, const char *object, size_t object_len, const char *function,
+                              size_t function_len, const uint32_t *ids, int nids, uintptr_t *shadow);
+
 /* pb__quarantine_lend for pyquarantine.c: the texts are counted, and where
  * it was lent is the site ids of the lending call's Python stack
  * (pysite.c's pb__site_capture_stack; their text is made once per site and

@@ -173,12 +173,41 @@ static PyObject *m_quarantine_lend_arg(PyObject *self, PyObject *const *args, Py
     return out;
 }
 
+static PyObject *m_quarantine_trap(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "quarantine_trap(size, text, function, frame)");
+        return NULL;
+    }
+    size_t size = PyLong_AsSize_t(args[0]);
+    if (size == (size_t)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t text_len, function_len;
+    const char *text = PyUnicode_AsUTF8AndSize(args[1], &text_len);
+    if (text == NULL)
+        return NULL;
+    const char *function = PyUnicode_AsUTF8AndSize(args[2], &function_len);
+    if (function == NULL)
+        return NULL;
+    uint32_t ids[STACK_FRAMES];
+    int nids = pb__site_capture_stack(args[3], ids, STACK_FRAMES);
+    uintptr_t shadow = 0;
+    int slot = pb__quarantine_trap_sites(size, text, (size_t)text_len, function, (size_t)function_len, ids, nids,
+                                         &shadow);
+    if (slot < 0)
+        Py_RETURN_NONE; /* no free slot, or it could not be closed: no trap */
+    return Py_BuildValue("(iK)", slot, (unsigned long long)shadow);
+}
+
 static PyMethodDef quarantine_functions[] = {
     {"quarantine_lend", (PyCFunction)(void (*)(void))m_quarantine_lend, METH_FASTCALL,
      "quarantine_lend(obj, address, size, flags, text, function, frame) -> (slot, shadow) or None"},
     {"quarantine_lend_arg", (PyCFunction)(void (*)(void))m_quarantine_lend_arg, METH_FASTCALL,
      "quarantine_lend_arg(obj, address, size, flags, text, function, frame, target)\n"
      "-> (argument, (slot, copy_back, (obj, ()), shadow, size, text)) or None"},
+    {"quarantine_trap", (PyCFunction)(void (*)(void))m_quarantine_trap, METH_FASTCALL,
+     "quarantine_trap(size, text, function, frame) -> (slot, trap address) or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -112,6 +112,8 @@ struct slot {
     _Atomic int owner_freed; /* the heap map saw the original freed since the lend: a read is an error */
     int held;          /* Python holds a reference to owner for the slot (no heap map): alive while > 1 */
     int mutable_owner; /* owner is the heap block of a live mutable original (bytearray, ffi.new) */
+    int trap;          /* no copy: a closed region standing for freed memory a slot of the call's
+                          arguments points into (pb__quarantine_trap_sites) */
     char object[OBJECT_MAX];
     char function[FUNCTION_MAX];
     /* Where it was lent: site ids of the Python stack (their text is made
@@ -456,7 +458,7 @@ static struct slot *slot_of(uintptr_t a)
             continue;
         if (s->area == 0 || a < s->area - page || a >= s->area + s->area_bytes + page)
             continue;
-        if (state == LENT && a >= s->area && a < s->area + s->area_bytes)
+        if (state == LENT && !s->trap && a >= s->area && a < s->area + s->area_bytes)
             continue; /* open while lent: not a fault of ours */
         if (state != LENT && a >= s->area && a < s->closed)
             continue; /* below the closed pages: never part of the copy */
@@ -509,7 +511,7 @@ static void put_stack(const struct slot *s)
 static void put_lent(const struct slot *s)
 {
     put_str(s->object);
-    put_str(" lent to ");
+    put_str(s->trap ? " passed to " : " lent to ");
     put_str(s->function);
     put_str("() at ");
     put_site(s);
@@ -523,7 +525,14 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     const char *kind;
     uintptr_t end = s->data + s->len;
     put_str("\n=================================================================\n");
-    if (state == LENT) {
+    if (s->trap) {
+        kind = "use-after-free";
+        put_str("ptrbridge: C ");
+        put_str(verb);
+        put_str(" freed Python memory through a pointer the call was passed (caught by quarantine): ");
+        put_lent(s);
+        put_str("\n");
+    } else if (state == LENT) {
         kind = "overrun";
         put_str("ptrbridge: C ");
         put_str(verb);
@@ -599,14 +608,23 @@ static void report(struct slot *s, int state, uintptr_t a, void *uctx)
     put_str("-");
     put_hex(end);
     put_str(")\n\n");
-    /* 2. where it was lent */
-    put_str("lent to ");
+    /* 2. where it was lent (a trap: passed, pointing into memory freed before) */
+    put_str(s->trap ? "passed to " : "lent to ");
     put_str(s->function);
     put_str("() by the Python call (innermost first):\n");
     put_stack(s);
     put_str("\n");
     /* 3. where it was released */
-    if (state == LENT) {
+    if (s->trap) {
+        put_str("freed before the call to ");
+        put_str(s->function);
+        put_str("(): a pointer in its arguments (a struct field or an array slot) still pointed into it; "
+                "ptrbridge pointed it at this guard region for the call, and C used it.\n");
+        if (state == ADOPTING)
+            put_str("The access went on in the region, filled with 0xDB (what freed memory reads as under "
+                    "ptrbridge; its last byte 0), and the program goes on.\n");
+        put_str("Keep the object alive, or pin it, for as long as C uses it.\n");
+    } else if (state == LENT) {
         put_str("still lent: the call to ");
         put_str(s->function);
         put_str("() has not returned; C went outside the buffer it was given.\n");
@@ -691,6 +709,27 @@ static int take_reporting_for_kept(void)
     }
 }
 
+/* Writes the report of an access the program survives (a kept read, a
+ * trap's use) into the ring Python takes (pb__quarantine_kept_read). */
+static void keep_report(struct slot *s, uintptr_t a, void *uctx)
+{
+    if (!take_reporting_for_kept())
+        return;
+    uint64_t k = atomic_load(&kept_count);
+    struct kept_read *e = &kept[k % KEPT_RING];
+    atomic_store(&e->seq, 0);
+    sink = e->text;
+    sink_len = 0;
+    sink_cap = sizeof e->text - 1;
+    report(s, ADOPTING, a, uctx);
+    e->len = sink_len;
+    e->text[sink_len] = '\0';
+    sink = NULL;
+    atomic_store(&e->seq, k + 1);
+    atomic_store(&kept_count, k + 1);
+    atomic_store(&reporting, 0);
+}
+
 /* A read of a closed shadow whose original is alive: a bytes, or (with the
  * heap map watching its block) a mutable buffer.  What C reads is what the
  * original holds, and CPython does not move it, so the program is correct
@@ -736,22 +775,38 @@ static int adopt(struct slot *s, uintptr_t a, void *uctx)
         return 0;
     }
     s->how = OPEN_READONLY;
-    if (take_reporting_for_kept()) {
-        uint64_t k = atomic_load(&kept_count);
-        struct kept_read *e = &kept[k % KEPT_RING];
-        atomic_store(&e->seq, 0);
-        sink = e->text;
-        sink_len = 0;
-        sink_cap = sizeof e->text - 1;
-        report(s, ADOPTING, a, uctx);
-        e->len = sink_len;
-        e->text[sink_len] = '\0';
-        sink = NULL;
-        atomic_store(&e->seq, k + 1);
-        atomic_store(&kept_count, k + 1);
-        atomic_store(&reporting, 0);
-    }
+    keep_report(s, a, uctx);
     atomic_store(&s->state, ADOPTED);
+    return 1;
+}
+
+/* C used a trap while the call runs (freed memory a struct field of its
+ * arguments points into): a use after free, reported as an error; the access
+ * goes on, as it would without ptrbridge, in the trap opened and filled with
+ * the pattern freed memory reads as under ptrbridge (0xDB; its last byte 0,
+ * so that a string read there ends), and the process lives.  finish() closes it when the call returns.  Returns 1 if opened.
+ * Async-signal-safe (atomics, madvise, mprotect, memset). */
+static int open_trap(struct slot *s, uintptr_t a, void *uctx)
+{
+    int expected = LENT;
+    if (!s->trap || s->how == OPEN || a < s->data || a >= s->data + s->len)
+        return 0; /* opened already, or past its ends (a guard page): fatal */
+    if (!atomic_compare_exchange_strong(&s->state, &expected, ADOPTING))
+        return 0;
+    void *addr = (void *)s->closed;
+    size_t n = s->area + s->area_bytes - s->closed;
+    int rc = s->how == CLOSED_GUARD ? madvise(addr, n, MADV_GUARD_REMOVE) : 0;
+    if (rc == 0)
+        rc = mprotect(addr, n, PROT_READ | PROT_WRITE);
+    if (rc != 0) {
+        atomic_store(&s->state, LENT);
+        return 0;
+    }
+    memset((void *)s->data, 0xDB, s->len);
+    ((char *)s->data)[s->len - 1] = '\0'; /* a string read in it ends inside it */
+    s->how = OPEN;
+    keep_report(s, a, uctx);
+    atomic_store(&s->state, LENT); /* open again: the call still runs */
     return 1;
 }
 
@@ -789,6 +844,10 @@ static void on_fault(int sig, siginfo_t *info, void *uctx)
         if (state == QUARANTINED && adopt(s, (uintptr_t)info->si_addr, uctx)) {
             errno = saved_errno;
             return; /* the read is retried on the reopened shadow */
+        }
+        if (state == LENT && s->trap && open_trap(s, (uintptr_t)info->si_addr, uctx)) {
+            errno = saved_errno;
+            return; /* the access is retried on the opened trap */
         }
         while (state == ADOPTING) { /* another thread is reopening it: retry after it did */
             struct timespec t = {0, 100000};
@@ -1152,8 +1211,9 @@ static int lend(const void *src, size_t len, uintptr_t owner, int held, const ch
     s->len = len;
     s->data = s->area + s->area_bytes - len;
     s->closed = s->area + s->area_bytes;
-    if (len)
+    if (len && src != NULL) /* (no source: a trap, nothing to copy) */
         memcpy((void *)s->data, src, len);
+    s->trap = 0;
     copy_text_n(s->object, sizeof s->object, object, object_len);
     copy_text_n(s->function, sizeof s->function, function, function_len);
     if (nids > 0) {
@@ -1197,6 +1257,35 @@ int pb__quarantine_lend_sites(const void *src, size_t len, uintptr_t owner, int 
         return lend(src, len, owner, held, object, object_len, function, function_len, "<unknown>",
                     "    #0 <unknown>\n", NULL, 0, shadow);
     return lend(src, len, owner, held, object, object_len, function, function_len, NULL, NULL, ids, nids, shadow);
+}
+
+int pb__quarantine_trap_sites(size_t len, const char *object, size_t object_len, const char *function,
+                              size_t function_len, const uint32_t *ids, int nids, uintptr_t *shadow)
+{
+    if (len == 0 || shadow == NULL || object == NULL || function == NULL || (ids == NULL && nids > 0))
+        return PB_ERR_INVALID;
+    int index = nids <= 0 ? lend(NULL, len, 0, 0, object, object_len, function, function_len, "<unknown>",
+                                 "    #0 <unknown>\n", NULL, 0, shadow)
+                          : lend(NULL, len, 0, 0, object, object_len, function, function_len, NULL, NULL, ids,
+                                 nids, shadow);
+    if (index < 0)
+        return index;
+    pthread_mutex_lock(&lock);
+    struct slot *s = &slots[index];
+    s->trap = 1;
+    atomic_store(&s->owner_freed, 1);
+    s->closed = s->data & ~(uintptr_t)(page - 1);
+    int rc = close_slot(s);
+    if (rc != 0) { /* cannot close it: no trap */
+        s->trap = 0;
+        s->closed = s->area + s->area_bytes;
+        s->how = OPEN;
+        atomic_store_explicit(&s->state, FREE, memory_order_release);
+        if (s->dedicated)
+            unmap_area(s);
+    }
+    pthread_mutex_unlock(&lock);
+    return rc != 0 ? PB_ERR_NOMEM : index;
 }
 
 int pb__quarantine_finish_at(int index, uintptr_t dst)

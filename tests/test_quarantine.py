@@ -370,6 +370,9 @@ ffi.cdef('''
     int first_byte(const unsigned char *p);
     int use_kept(void);
     void write_kept(void);
+    void consume(z_stream *s, unsigned n);
+    int peek(const z_stream *s);
+    unsigned pending(const z_stream *s);
     int use_context(void);
     int use_kept_in_thread(void);
 ''')
@@ -636,6 +639,71 @@ def test_numpy_data_as_pointer(buggy_so: Path) -> None:
     assert "kept [('portability', 'ndarray(64)', 'keep_doubles')]" in proc.stdout
     assert "ndarray(64) lent to keep_doubles() at <string>:" in proc.stderr
     assert "and the object has been freed since" in proc.stderr
+
+
+CURSOR = """
+import cffi, ptrbridge
+from ptrbridge import report
+ptrbridge.instrument()               # as `ptrbridge run` does: findings are recorded
+ptrbridge.set_check_level(2)
+ptrbridge.set_quarantine(True)
+ffi = cffi.FFI()
+ffi.cdef('''
+    typedef struct z_stream_s {
+        const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
+        unsigned char *next_out; unsigned int avail_out; unsigned long total_out;
+        const char *msg; void *state; void *zalloc; void *zfree; void *opaque;
+        int data_type; unsigned long adler; unsigned long reserved;
+    } z_stream;
+    void consume(z_stream *s, unsigned n); int peek(const z_stream *s); unsigned pending(const z_stream *s);
+''')
+b = ffi.dlopen(@SO@)
+zs = ffi.new("z_stream *")
+def feed():
+    data = bytearray(b"input the stream consumes")
+    zs.next_in, zs.avail_in = ffi.from_buffer(data), 25
+    b.consume(zs, 5)                  # C moves the cursor (data is alive)
+feed()                                # data is freed: the cursor C left is stale
+print("got", b.@USE@(zs), flush=True)
+found = [f for f in report.gather() if f.kind != "leak"]
+print("found", [(f.kind, f.severity) for f in found], flush=True)
+for f in found:
+    print(f.message, flush=True)
+"""
+
+
+def _cursor(so: Path, use: str, *, moved: bool = True) -> subprocess.CompletedProcess:
+    # zlib's next_in, reduced: the program sets the cursor, C advances it, the buffer is freed,
+    # and a later call gets the struct with the stale cursor C left in it.
+    code = CURSOR.replace("@SO@", repr(str(so))).replace("@USE@", use)
+    if not moved:  # the program's own pointer, never moved by C
+        code = code.replace("    b.consume(zs, 5)                  # C moves the cursor (data is alive)\n", "")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_stale_cursor_c_left_into_freed_memory_is_clean_when_c_does_not_use_it(buggy_so: Path) -> None:
+    proc = _cursor(buggy_so, "pending")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "got 20" in proc.stdout
+    assert "found []" in proc.stdout, proc.stdout
+
+
+def test_a_stale_cursor_c_left_into_freed_memory_is_a_use_after_free_when_c_reads_it(buggy_so: Path) -> None:
+    proc = _cursor(buggy_so, "peek")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # the read went on
+    assert f"got {0xDB}" in proc.stdout  # what freed memory reads as under ptrbridge
+    assert "found [('use-after-free', 'error')]" in proc.stdout, proc.stdout
+    assert "C read freed Python memory through a pointer the call was passed" in proc.stdout
+    assert "(freed before the call; argument 1 .next_in) passed to peek() at <string>:" in proc.stdout
+    assert re.search(r"^SUMMARY: ptrbridge: use-after-free \(READ\) in peek \(libqbuggy\.so\)", proc.stdout, re.M)
+
+
+def test_a_field_the_program_set_to_freed_memory_is_an_error_at_the_call(buggy_so: Path) -> None:
+    # Not a cursor C left: the program stored a pointer to a buffer that died (gather.py's iov_base).
+    proc = _cursor(buggy_so, "pending", moved=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "found [('dangling-argument', 'error')]" in proc.stdout, proc.stdout
+    assert ".next_in -> " in proc.stdout
 
 
 def test_correct_twin_runs_clean(buggy_so: Path) -> None:

@@ -39,7 +39,7 @@ from . import levels
 from ._bindings import address_of, check, ffi, lib, native
 from .callsite import frame_site
 from . import findings, quarantine, scanning
-from .checking import CallCheck, Owner, layout_of, object_extent
+from .checking import CallCheck, Owner, layout_of, note_cursors, object_extent
 from .errors import CError, CallTimeoutWarning
 from .ownership import Lend, cdata_address, cdata_extent, ctypes_pointer_value, describe, lend
 from .ownership import _CDATA_OWNING, _lends, _managed
@@ -745,6 +745,8 @@ class CheckedLibrary:
                     _check_ctypes_arg(check, i + 1, arg, lent)
                 if check is not None:
                     check.finish()
+                    lent.extend(check.traps)  # dangling struct fields for the quarantine (level 2)
+                    lent.extend(check.cursors)
                 return lent
             for i, param in plan:
                 if i >= len(args):
@@ -761,6 +763,8 @@ class CheckedLibrary:
                 _check_cffi_arg(check, i + 1, arg, param, lent)
             if check is not None:
                 check.finish()
+                lent.extend(check.traps)
+                lent.extend(check.cursors)
             return lent
 
         def run_level2(function: str, args: Tuple[Any, ...], lent: List[Any], frame: Any) -> Any:
@@ -778,6 +782,8 @@ class CheckedLibrary:
             finally:
                 if shadows:
                     _finish_shadows(shadows, regions)
+                if lent:
+                    note_cursors(lent)
                 _return_lent(regions, function, frame)
             return finish(result, err, exc)
 

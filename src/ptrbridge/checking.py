@@ -42,9 +42,10 @@ import ctypes
 import functools
 import struct
 import sys
+from collections import OrderedDict
 import types
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import findings, heapmap, levels, scanning
 from ._bindings import ffi, lib, native
@@ -340,10 +341,59 @@ def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
     return None
 
 
+class Trap(NamedTuple):
+    """A struct field that points into freed Python memory at an instrumented level-2 call.
+
+    Presence alone is not a bug (zlib's ``next_out`` into a freed output buffer at
+    ``deflateEnd()``, which never reads it): the quarantine points the field at a
+    closed guard region standing for the freed memory while the call runs, so a
+    use by C is caught and reported as a use after free, and a field C never
+    touches is only a portability finding.  ``error`` records the error finding
+    instead, when no trap can be set.
+    """
+
+    slot: int  # address of the pointer field
+    value: int  # what it holds: a pointer into the freed block
+    start: int  # the freed block
+    size: int
+    text: str  # what the freed block was
+    error: Callable[[], None]  # records the use-after-free error (no trap could be set)
+    suspect: Callable[[], None]  # records the portability finding (trap set, C did not use it)
+
+
+class Cursor(NamedTuple):
+    """A struct field of a level-2 call's argument that points into live Python memory, before the call."""
+
+    slot: int  # address of the field
+    value: int  # what it held
+
+
+_cursors: "OrderedDict[int, int]" = OrderedDict()  # field address -> the pointer C left there
+_CURSORS_MAX = 4096
+
+
+def note_cursors(lent: Sequence[Any]) -> None:
+    """After a level-2 call: remember the pointer fields C moved (zlib's ``next_in``, ``next_out``).
+
+    A field C itself left pointing into a buffer the program has freed since is a
+    stale cursor, which correct libraries leave behind; one the program set to
+    freed memory is a bug at the call (:meth:`CallCheck.dangling`).
+    """
+    for item in lent:
+        if type(item) is Cursor:
+            now = int(ffi.cast("uintptr_t *", item.slot)[0])
+            if now != item.value and now:
+                _cursors[item.slot] = now
+                _cursors.move_to_end(item.slot)
+                if len(_cursors) > _CURSORS_MAX:
+                    _cursors.popitem(last=False)
+
+
 class CallCheck:
     """Checks the arguments of one call.  Create one per call; not thread-shared."""
 
-    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending", "_c_heap")
+    __slots__ = ("function", "args", "record", "_frame", "_known", "_visited", "_pending", "_c_heap", "traps",
+                 "cursors", "_watch")
 
     def __init__(self, function: str, frame: Any, args: Sequence[Any], record: bool = False) -> None:
         self.function = function
@@ -354,6 +404,9 @@ class CallCheck:
         self._known: Any = None  # native.owner_index of this call, made on first need
         self._visited: set = set()
         self._c_heap: Optional[Dict[int, bool]] = None  # address -> in a live interposed C block
+        self.traps: List[Trap] = []  # dangling struct fields for the quarantine to watch (see Trap)
+        self.cursors: List[Cursor] = []  # pointer fields into live Python memory (see note_cursors)
+        self._watch = record and levels._level == 2 and _quarantine_on()
 
     # -- ownership -----------------------------------------------------
     def _local_owner(self, address: int) -> Optional[Owner]:
@@ -512,17 +565,37 @@ class CallCheck:
                                    "<unknown> (freed, seen by the level-2 malloc interposer)", "<unknown>")
         return None
 
-    def dangling(self, argno: int, path: Optional[str], freed: FreedRegion) -> None:
-        """A pointer to freed Python memory: UseAfterFreeError, or an error finding when recording."""
+    def dangling(self, argno: int, path: Optional[str], freed: FreedRegion, slot: int = 0,
+                 value: int = 0) -> None:
+        """A pointer to freed Python memory: UseAfterFreeError, or an error finding when recording.
+
+        ``slot``: the address of the struct field or array slot that holds ``value``.
+        """
         exc = self._freed_error(argno, path, freed)
         if not self.record:
             raise exc
         # An element of a pointer array ("[5]", no struct field on the way) may be an output slot
         # holding a stale value from an earlier call (cffi drops const, so input and output
-        # arrays look alike): a suspect, not an error.  Struct fields (iov_base) stay errors.
+        # arrays look alike): a suspect, not an error.  Struct fields (iov_base) stay errors,
+        # unless the quarantine can watch them for the call (Trap).
         severity = "portability" if path and "." not in path else "error"
-        _record(self, "dangling-argument", severity, "use-after-free", exc, freed.description, freed.size,
-                freed.site if not freed.site.startswith("<unknown>") else None, path, "freed")
+        created = freed.site if not freed.site.startswith("<unknown>") else None
+
+        def finding(severity: str = severity, exc: BaseException = exc) -> None:
+            _record(self, "dangling-argument", severity, "use-after-free", exc, freed.description, freed.size,
+                    created, path, "freed")
+
+        if severity == "error" and slot and self._watch and _cursors.get(slot) == value:
+            # A pointer C left there at an earlier call, into memory freed since: a use is the bug.
+            def suspect() -> None:
+                if findings.strict():
+                    finding("portability", UseAfterFreeError(
+                        f"{exc} (C did not use it during the call: a stale pointer, watched by the quarantine)"))
+            self.traps.append(Trap(slot, value, freed.start, freed.size,
+                                   f"{freed.description} (freed before the call; argument {argno} {path})",
+                                   finding, suspect))
+            return
+        finding()
 
     def unpinned(self, argno: int, path: str, owner: Owner, holder: str) -> None:
         """R1: a nested pointer to live unpinned Python memory.
@@ -595,8 +668,13 @@ class CallCheck:
             if owner is None:
                 freed = self._find_freed(value)
                 if freed is not None:
-                    self.dangling(argno, _path(prefix, k, width, indexed, slots), freed)
+                    element, index = divmod(k, width)
+                    self.dangling(argno, _path(prefix, k, width, indexed, slots), freed,
+                                  address + element * layout.size + slots[index].offset, value)
                 continue
+            if self._watch:
+                element, index = divmod(k, width)
+                self.cursors.append(Cursor(address + element * layout.size + slots[index].offset, value))
             if not owner.pinned:
                 if lend is not None:
                     if owner not in lend:
@@ -611,6 +689,12 @@ class CallCheck:
                 path = _path(prefix, k, width, indexed, slots)
                 self._walk(argno, value, pointee, fits, f"{path}->",
                            "pinned Python" if owner.pinned else "Python", depth + 1, lend, indexed=True)
+
+
+def _quarantine_on() -> bool:
+    """Whether the quarantine shadows lends now (it imports this module: read lazily)."""
+    quarantine = sys.modules.get("ptrbridge.quarantine")
+    return bool(quarantine is not None and quarantine._enabled)
 
 
 _reported: set = set()

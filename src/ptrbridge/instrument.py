@@ -60,7 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import calls, findings, levels, quarantine
 from ._bindings import address_of, ffi as _pb_ffi, lib as _pb_lib, native as _pb_native
 from .callsite import caller_site, frame_site
-from .checking import CallCheck, object_extent
+from .checking import CallCheck, note_cursors, object_extent
 from .ownership import describe, lookup
 
 __all__ = ["instrument", "uninstrument", "instrumented"]
@@ -229,6 +229,9 @@ def _ctypes_check(fn: Any, args: Tuple[Any, ...], frame: Any) -> List[Any]:
         if check is None:
             check = CallCheck(getattr(fn, "__name__", "<C function>"), frame, args, True)
         calls._check_ctypes_arg(check, i + 1, arg, lent)
+    if check is not None:
+        lent.extend(check.traps)  # dangling struct fields for the quarantine (level 2)
+        lent.extend(check.cursors)
     return lent
 
 
@@ -269,6 +272,8 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
         finally:
             if shadows:
                 calls._finish_shadows(shadows, regions)
+            if lent:
+                note_cursors(lent)
             calls._return_lent(regions, name, frame)
     if level == 1 and quarantine._enabled and quarantine._tick():  # sampling drew this call
         name = getattr(self, "__name__", "<C function>")

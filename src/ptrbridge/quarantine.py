@@ -58,13 +58,14 @@ import ctypes
 import os
 import sys
 import random
+import dataclasses
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import heapmap, ownership, scanning
 from ._bindings import address_of, ffi, lib, native
 from .callsite import frame_site
-from .checking import CallCheck, Owner, layout_of, object_extent
+from .checking import CallCheck, Owner, Trap, layout_of, object_extent
 from .findings import Finding, record
 from .ownership import cdata_address, cdata_extent, ctypes_pointer_value, describe, lookup
 
@@ -179,8 +180,8 @@ def set_report_log(path: Optional[str]) -> None:
     _log_fd = new if new >= 0 else None
 
 
-_SUMMARY = re.compile(r"^SUMMARY: ptrbridge: (use-after-release|overrun) \((\w+)\) in (.*?) on (.*) lent to "
-                      r"(\w+)\(\) at (.*)$", re.M)
+_SUMMARY = re.compile(r"^SUMMARY: ptrbridge: (use-after-release|overrun|use-after-free) \((\w+)\) in (.*?) on (.*) "
+                      r"(?:lent|passed) to (\w+)\(\) at (.*)$", re.M)
 _OBJECT_SIZE = re.compile(r"\((\d+)\)$")
 _RULE = "="* 65
 
@@ -194,8 +195,8 @@ def findings_from_report(text: str) -> List[Finding]:
             continue
         kind, access, where, obj, function, site = match.groups()
         size = _OBJECT_SIZE.search(obj)
-        state = "lent" if kind == "overrun" else "returned"
-        out.append(Finding(kind, "error", "R2" if kind == "use-after-release" else "overrun",
+        state = {"overrun": "lent", "use-after-free": "freed"}.get(kind, "returned")
+        out.append(Finding(kind, "error", {"use-after-release": "R2"}.get(kind, kind),
                            block.strip(), object=obj, object_size=int(size.group(1)) if size else None,
                            function=function, lent_at=_site_name(site), holder=f"C code in {where}", state=state,
                            extra={"access": access}))
@@ -213,7 +214,7 @@ def _site_name(site: str) -> str:
 
 
 def take_kept_reads() -> List[Finding]:
-    """The kept reads since the last call, as portability findings.
+    """The kept reads since the last call, as portability findings (and the uses of traps, as errors).
 
     A kept read is C reading a closed shadow after the call that lent it
     returned while the original - a ``bytes`` - is alive: what C read is what
@@ -235,6 +236,10 @@ def take_kept_reads() -> List[Finding]:
         text = ffi.string(buf, length).decode("utf-8", "replace").strip().strip("=").strip()
         match = _KEPT_SUMMARY.search(text)
         if match is None:
+            # A trap C used during the call (freed memory a struct field points into): an error
+            # the program survived.
+            out.extend(dataclasses.replace(f, extra={**f.extra, "went_on": True})
+                       for f in findings_from_report(text))
             continue
         access, where, obj, function, site = match.groups()
         size = _OBJECT_SIZE.search(obj)
@@ -560,6 +565,47 @@ def _shadow_type(param: Any) -> Any:
 def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
                      frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                      ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """Replace lent byte buffers by shadows, and set the argument check's traps (:func:`set_traps`).
+
+    Returns the new arguments and what to :func:`finish`; see :func:`_shadow_lends`.
+    """
+    new_args, shadows = _shadow_lends(args, params, function, frame, lent, sampled)
+    if lent and any(type(item) is Trap for item in lent):
+        shadows += set_traps(lent, function, frame)
+    return new_args, shadows
+
+
+def set_traps(lent: Sequence[Any], function: str, frame: Any) -> List[Shadow]:
+    """Point each dangling struct field the check found (a :class:`~ptrbridge.checking.Trap`)
+    at a closed region standing for the freed memory, for the call; what to :func:`finish`.
+
+    C using the field during the call faults there and is reported as a use after free (the
+    process ends, as with ASan); a field C leaves alone is a stale pointer: a portability
+    finding, and :func:`finish` points it back at the freed address.  With no trap to spare
+    the error is recorded at once, as without the quarantine.
+    """
+    shadows: List[Shadow] = []
+    for trap in lent:
+        if type(trap) is not Trap:
+            continue
+        cell = ffi.cast("uintptr_t *", trap.slot)
+        if int(cell[0]) != trap.value:
+            continue  # two paths reached the same field: set once
+        made = native.quarantine_trap(trap.size, trap.text, function, frame)
+        if made is None:
+            trap.error()
+            continue
+        slot, region = made
+        cell[0] = region + (trap.value - trap.start)
+        shadows.append((slot, None, ((), ((trap.slot, region, trap.size, trap.start),)), region, trap.size,
+                        trap.text))
+        trap.suspect()
+    return shadows
+
+
+def _shadow_lends(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
+                  frame: Any, lent: Sequence[Any] = (), sampled: bool = False
+                  ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
     """Replace lent byte buffers by shadows; returns the new arguments and what to :func:`finish`.
 
     ``lent`` is what the argument check found lent through C memory
@@ -774,6 +820,16 @@ def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], func
                             frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                             ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
     """The ctypes edition of :func:`shadow_arguments`."""
+    new_args, shadows = _shadow_ctypes_lends(args, argtypes, function, frame, lent, sampled)
+    if lent and any(type(item) is Trap for item in lent):
+        shadows += set_traps(lent, function, frame)
+    return new_args, shadows
+
+
+def _shadow_ctypes_lends(args: Tuple[Any, ...], argtypes: Sequence[Any], function: str,
+                         frame: Any, lent: Sequence[Any] = (), sampled: bool = False
+                         ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
+    """:func:`shadow_ctypes_arguments` for the lent buffers."""
     if sampled:
         _arm()
     refresh_adopted()

@@ -72,6 +72,24 @@ void keep_next_in(z_stream *s)
     kept = s->next_in;
 }
 
+/* A stream cursor, as zlib moves next_in: consume() advances it; peek() reads
+ * through it; pending() only looks at the count. */
+void consume(z_stream *s, unsigned n)
+{
+    s->next_in += n;
+    s->avail_in -= n;
+}
+
+int peek(const z_stream *s)
+{
+    return ((const volatile unsigned char *)s->next_in)[0];
+}
+
+unsigned pending(const z_stream *s)
+{
+    return s->avail_in;
+}
+
 /* A correct twin: reads during the call only. */
 int first_byte(const unsigned char *p)
 {
