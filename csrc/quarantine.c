@@ -126,6 +126,7 @@ struct slot {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct slot slots[MAX_SLOTS];
+static _Atomic unsigned long mutable_adoptions; /* shadows of mutable originals adopted so far */
 static int fifo[QUARANTINE_DEPTH];
 static int fifo_head, fifo_count;
 static size_t page;
@@ -776,6 +777,8 @@ static int adopt(struct slot *s, uintptr_t a, void *uctx)
     }
     s->how = OPEN_READONLY;
     keep_report(s, a, uctx);
+    if (s->mutable_owner)
+        atomic_fetch_add(&mutable_adoptions, 1);
     atomic_store(&s->state, ADOPTED);
     return 1;
 }
@@ -1338,6 +1341,8 @@ static void enqueue_locked(int index)
 
 int pb__quarantine_refresh_adopted(void)
 {
+    if (atomic_load_explicit(&mutable_adoptions, memory_order_relaxed) == 0)
+        return 0; /* never any: nothing to look at (the common case, on every checked call) */
     int refreshed = 0;
     pthread_mutex_lock(&lock);
     for (int i = 0; i < MAX_SLOTS; i++) {

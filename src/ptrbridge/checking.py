@@ -342,14 +342,15 @@ def object_extent(obj: Any) -> Optional[Tuple[int, int]]:
 
 
 class Trap(NamedTuple):
-    """A struct field that points into freed Python memory at an instrumented level-2 call.
+    """A struct field C itself moved at an earlier call (a :class:`Cursor`) that points into
+    Python memory freed since, at an instrumented level-2 call with the quarantine on.
 
     Presence alone is not a bug (zlib's ``next_out`` into a freed output buffer at
     ``deflateEnd()``, which never reads it): the quarantine points the field at a
-    closed guard region standing for the freed memory while the call runs, so a
-    use by C is caught and reported as a use after free, and a field C never
-    touches is only a portability finding.  ``error`` records the error finding
-    instead, when no trap can be set.
+    closed region standing for the freed memory while the call runs, so a use by C
+    is caught and reported as a use after free, and a field C never touches is only
+    a portability finding.  ``error`` records the error finding instead, when no
+    trap can be set.  A field the program set to freed memory is an error at the call.
     """
 
     slot: int  # address of the pointer field
