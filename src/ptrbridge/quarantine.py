@@ -270,11 +270,10 @@ def refresh_adopted() -> None:
 
     C reads such a shadow in place of the object once it read it after the call
     that lent it (a kept read); a checked call that may run C code refreshes them
-    first, so C sees the program's changes as of that call.  Nothing to do (one C
-    call) while no kept read happened.
+    first, so C sees the program's changes as of that call.  One C call, which
+    returns at once until a mutable original has been adopted.
     """
-    if lib.pb__quarantine_kept_reads():
-        lib.pb__quarantine_refresh_adopted()
+    lib.pb__quarantine_refresh_adopted()
 
 
 # ---------------------------------------------------------------------------
