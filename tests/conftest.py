@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -102,3 +103,19 @@ def at_level_1(test: Callable[..., None]) -> Callable[..., None]:
         finally:
             ptrbridge.set_quarantine(old, sample=sample)
     return run
+
+
+def python_frames_of(filename: str, run: Callable[[], Any], ignore: Tuple[str, ...] = ()) -> List[str]:
+    """The names of the Python functions of ``filename`` that ran during ``run()`` (``ignore``: not these)."""
+    seen: List[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename == filename and frame.f_code.co_name not in ignore:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen

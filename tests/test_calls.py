@@ -16,7 +16,7 @@ import pytest
 import ptrbridge
 from ptrbridge import CError, NestedPointerError, Pinner, calls, findings, ownership
 from ptrbridge._bindings import native
-from conftest import CHECKED_CDEF, at_level_1
+from conftest import CHECKED_CDEF, at_level_1, python_frames_of
 
 libc_ffi = cffi.FFI()
 libc_ffi.cdef("""
@@ -477,18 +477,7 @@ memchr_ffi.cdef("char *memchr(const char *s, int c, size_t n);")
 
 def _closure_frames(run: Any) -> List[str]:
     """The names of ptrbridge.calls' Python functions that ran during ``run()``."""
-    seen: List[str] = []
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code.co_filename == calls.__file__:
-            seen.append(frame.f_code.co_name)
-
-    sys.setprofile(profile)
-    try:
-        run()
-    finally:
-        sys.setprofile(None)
-    return seen
+    return python_frames_of(calls.__file__, run)
 
 
 @at_level_1

@@ -25,7 +25,7 @@ import pytest
 import ptrbridge
 from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings, ownership
 from ptrbridge._bindings import native
-from conftest import CHECKED_CDEF, at_level_1
+from conftest import CHECKED_CDEF, at_level_1, python_frames_of
 
 SRC = Path(ptrbridge.__file__).resolve().parent.parent
 
@@ -437,19 +437,7 @@ def _instrument_frames(run: Any) -> List[str]:
 
     Not its garbage collector callback (``_on_gc``): a collection may run anywhere.
     """
-    seen: List[str] = []
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if (event == "call" and frame.f_code.co_filename == sys.modules["ptrbridge.instrument"].__file__
-                and frame.f_code.co_name != "_on_gc"):
-            seen.append(frame.f_code.co_name)
-
-    sys.setprofile(profile)
-    try:
-        run()
-    finally:
-        sys.setprofile(None)
-    return seen
+    return python_frames_of(sys.modules["ptrbridge.instrument"].__file__, run, ignore=("_on_gc",))
 
 
 @at_level_1

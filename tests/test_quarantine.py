@@ -376,7 +376,7 @@ ffi.cdef('''
     int use_context(void);
     int use_kept_in_thread(void);
 ''')
-b = ptrbridge.wrap(ffi.dlopen(@SO@))
+b = @LIB@
 ptrbridge.set_check_level(@LEVEL@)
 ptrbridge.set_quarantine(@QUARANTINE@)
 ptrbridge.set_on_violation("collect")  # let the program go on to the bad access
@@ -386,8 +386,11 @@ print("survived", flush=True)
 
 
 def _buggy(so: Path, body: str, level: int = 2, quarantine_on: str = "True",
-           env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    code = (BUGGY.replace("@SO@", repr(str(so))).replace("@LEVEL@", str(level))
+           env: Optional[dict] = None, instrumented: bool = False) -> subprocess.CompletedProcess:
+    """Run ``body`` after BUGGY's set-up: ``b`` is the library, wrapped, or (``instrumented``) loaded
+    under ``ptrbridge.instrument()`` as ``ptrbridge run`` does, so that findings are recorded."""
+    lib = "(ptrbridge.instrument(), ffi.dlopen(@SO@))[1]" if instrumented else "ptrbridge.wrap(ffi.dlopen(@SO@))"
+    code = (BUGGY.replace("@LIB@", lib).replace("@SO@", repr(str(so))).replace("@LEVEL@", str(level))
             .replace("@QUARANTINE@", quarantine_on).replace("@BODY@", textwrap.dedent(body)))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env=env)
@@ -642,43 +645,28 @@ def test_numpy_data_as_pointer(buggy_so: Path) -> None:
 
 
 CURSOR = """
-import cffi, ptrbridge
-from ptrbridge import report
-ptrbridge.instrument()               # as `ptrbridge run` does: findings are recorded
-ptrbridge.set_check_level(2)
-ptrbridge.set_quarantine(True)
-ffi = cffi.FFI()
-ffi.cdef('''
-    typedef struct z_stream_s {
-        const unsigned char *next_in; unsigned int avail_in; unsigned long total_in;
-        unsigned char *next_out; unsigned int avail_out; unsigned long total_out;
-        const char *msg; void *state; void *zalloc; void *zfree; void *opaque;
-        int data_type; unsigned long adler; unsigned long reserved;
-    } z_stream;
-    void consume(z_stream *s, unsigned n); int peek(const z_stream *s); unsigned pending(const z_stream *s);
-''')
-b = ffi.dlopen(@SO@)
-zs = ffi.new("z_stream *")
-def feed():
-    data = bytearray(b"input the stream consumes")
-    zs.next_in, zs.avail_in = ffi.from_buffer(data), 25
-    b.consume(zs, 5)                  # C moves the cursor (data is alive)
-feed()                                # data is freed: the cursor C left is stale
-print("got", b.@USE@(zs), flush=True)
-found = [f for f in report.gather() if f.kind != "leak"]
-print("found", [(f.kind, f.severity) for f in found], flush=True)
-for f in found:
-    print(f.message, flush=True)
+    from ptrbridge import report
+    zs = ffi.new("z_stream *")
+    def feed():
+        data = bytearray(b"input the stream consumes")
+        zs.next_in, zs.avail_in = ffi.from_buffer(data), 25
+        b.consume(zs, 5)                  # C moves the cursor (data is alive)
+    feed()                                # data is freed: the cursor C left is stale
+    print("got", b.@USE@(zs), flush=True)
+    found = [f for f in report.gather() if f.kind != "leak"]
+    print("found", [(f.kind, f.severity) for f in found], flush=True)
+    for f in found:
+        print(f.message, flush=True)
 """
 
 
 def _cursor(so: Path, use: str, *, moved: bool = True) -> subprocess.CompletedProcess:
     # zlib's next_in, reduced: the program sets the cursor, C advances it, the buffer is freed,
     # and a later call gets the struct with the stale cursor C left in it.
-    code = CURSOR.replace("@SO@", repr(str(so))).replace("@USE@", use)
+    body = CURSOR.replace("@USE@", use)
     if not moved:  # the program's own pointer, never moved by C
-        code = code.replace("    b.consume(zs, 5)                  # C moves the cursor (data is alive)\n", "")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        body = body.replace("        b.consume(zs, 5)                  # C moves the cursor (data is alive)\n", "")
+    return _buggy(so, body, instrumented=True)
 
 
 def test_a_stale_cursor_c_left_into_freed_memory_is_clean_when_c_does_not_use_it(buggy_so: Path) -> None:
