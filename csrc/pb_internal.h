@@ -58,6 +58,11 @@ void pb__untracked_free(void *ptr);
  * or 0 if none. */
 uint64_t pb__region_lookup(uintptr_t addr);
 
+/* pb__region_lookup of each of n addresses (at[i]), and in before[i], when
+ * no region holds a[i], the region holding a[i] - 1 (an end pointer's): one
+ * lock for all. */
+void pb__region_lookup_edges(const uintptr_t *a, size_t n, uint64_t *at, uint64_t *before);
+
 /* Records n regions of one kind with one lock acquisition; ids[i] receives
  * each id.  Returns PB_OK, PB_ERR_INVALID or PB_ERR_NOMEM (nothing added). */
 int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int kind, uint64_t *ids);

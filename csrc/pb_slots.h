@@ -14,4 +14,11 @@
 
 int pb__py_slots_init(PyObject *module); /* pyslots.c, called by pb__py_frames_init */
 
+/* scan_slots' question without the list: 1 when every pointer slot of the
+ * `count` objects at `where` (a pointer or array cdata, or an int) laid out
+ * as `plan` is settled in C (scan_slots would return None), 0 when one needs
+ * the Python checker, -1 with an exception set (a bad plan or address). */
+int pb__slots_settled(PyObject *where, PyObject *plan, Py_ssize_t count, int level2);
+int pb__slots_settled_at(uintptr_t base, PyObject *plan, Py_ssize_t count, int level2); /* at an address */
+
 #endif /* PB_SLOTS_H */

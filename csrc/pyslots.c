@@ -53,17 +53,17 @@ static int is_pinned(uint64_t packed)
  * memory: Python goes straight to the call's owners). */
 enum { SETTLED = 0, NEEDS_REGION = 1, NEEDS_OWNER = 2 };
 
-static int needs_python(uintptr_t value, uint32_t flags, int level2)
+/* The need of a non-NULL slot `value`, given the region holding it (`at`)
+ * and, if none, the one holding the byte before (`before`). */
+static int needs_python(uintptr_t value, uint64_t at, uint64_t before, uint32_t flags, int level2)
 {
-    uint64_t packed = pb__region_lookup(value);
-    if (packed)
-        return is_pinned(packed) && !(flags & PB_SLOT_WALKABLE) ? SETTLED : NEEDS_REGION;
+    if (at)
+        return is_pinned(at) && !(flags & PB_SLOT_WALKABLE) ? SETTLED : NEEDS_REGION;
     /* Not in a region but the byte before is: the value is that region's end
      * (C keeps end pointers, zlib's next_in).  One past a pin is the pin's. */
-    packed = pb__region_lookup(value - 1);
-    if (packed && is_pinned(packed))
+    if (before && is_pinned(before))
         return (flags & PB_SLOT_WALKABLE) ? NEEDS_REGION : SETTLED;
-    if (packed)
+    if (before)
         return NEEDS_REGION;
     if (pb__alloc_block_size(value))
         return SETTLED;
@@ -137,15 +137,118 @@ static PyObject *m_slots_init(PyObject *self, PyObject *ctype)
     return PyBool_FromLong(to_c_pointer != NULL);
 }
 
+/* Checks `plan` (a bytes object, as checking.Layout packs it) and reads its head. */
+static int read_plan(PyObject *plan, struct plan_head *head, const char **slots)
+{
+    if (!PyBytes_Check(plan)) {
+        PyErr_SetString(PyExc_TypeError, "scan_slots: plan must be bytes");
+        return -1;
+    }
+    const char *bytes = PyBytes_AS_STRING(plan);
+    Py_ssize_t len = PyBytes_GET_SIZE(plan);
+    if (len < (Py_ssize_t)sizeof *head) {
+        PyErr_SetString(PyExc_ValueError, "scan_slots: plan too short");
+        return -1;
+    }
+    memcpy(head, bytes, sizeof *head);
+    if ((size_t)len < sizeof *head + (size_t)head->nslots * sizeof(struct plan_slot)) {
+        PyErr_SetString(PyExc_ValueError, "scan_slots: plan truncated");
+        return -1;
+    }
+    *slots = bytes + sizeof *head;
+    return 0;
+}
+
+/* Slots read but not yet judged: the region index is asked for a batch at a time. */
+#define BATCH 64
+
+struct batch {
+    size_t n;
+    Py_ssize_t k[BATCH];
+    uintptr_t value[BATCH];
+    uint32_t flags[BATCH];
+};
+
+/* Judges the batch (see scan) and empties it. */
+static int flush(struct batch *b, int level2, PyObject **out)
+{
+    uint64_t at[BATCH], before[BATCH];
+    size_t n = b->n;
+    b->n = 0;
+    pb__region_lookup_edges(b->value, n, at, before);
+    for (size_t i = 0; i < n; i++) {
+        int need = needs_python(b->value[i], at[i], before[i], b->flags[i], level2);
+        if (need == SETTLED)
+            continue;
+        if (out == NULL)
+            return 1;
+        if (append_hit(out, b->k[i], b->value[i], need) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The walk of scan_slots.  With `out` NULL it stops at the first slot that
+ * needs Python and returns 1 (0: every slot settled); with `out` it appends
+ * every such slot to *out (made on the first) and returns 0.  -1: error set. */
+static int scan(uintptr_t base, const struct plan_head *head, const char *slots, Py_ssize_t count, int level2,
+                PyObject **out)
+{
+    if (base == 0 || head->nslots == 0 || count <= 0)
+        return 0;
+    struct batch b;
+    b.n = 0;
+    for (Py_ssize_t e = 0; e < count; e++) {
+        uintptr_t element = base + (uintptr_t)e * head->size;
+        for (uint32_t s = 0; s < head->nslots; s++) {
+            struct plan_slot slot;
+            memcpy(&slot, slots + (size_t)s * sizeof slot, sizeof slot);
+            uintptr_t value;
+            memcpy(&value, (const void *)(element + slot.offset), sizeof value);
+            if (value == 0)
+                continue;
+            b.k[b.n] = e * (Py_ssize_t)head->nslots + s;
+            b.value[b.n] = value;
+            b.flags[b.n] = slot.flags;
+            if (++b.n == BATCH) {
+                int rc = flush(&b, level2, out);
+                if (rc != 0)
+                    return rc;
+            }
+        }
+    }
+    return b.n ? flush(&b, level2, out) : 0;
+}
+
+int pb__slots_settled_at(uintptr_t base, PyObject *plan, Py_ssize_t count, int level2)
+{
+    struct plan_head head;
+    const char *slots;
+    if (read_plan(plan, &head, &slots) < 0)
+        return -1;
+    int rc = scan(base, &head, slots, count, level2, NULL);
+    return rc < 0 ? -1 : !rc;
+}
+
+int pb__slots_settled(PyObject *where, PyObject *plan, Py_ssize_t count, int level2)
+{
+    uintptr_t base;
+    if (address_arg(where, &base) < 0)
+        return -1;
+    return pb__slots_settled_at(base, plan, count, level2);
+}
+
 static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 4 || !PyBytes_Check(args[1])) {
+    if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "scan_slots(address, plan: bytes, count, level2)");
         return NULL;
     }
+    struct plan_head head;
+    const char *slots;
     uintptr_t base;
-    if (address_arg(args[0], &base) < 0)
+    if (read_plan(args[1], &head, &slots) < 0 || address_arg(args[0], &base) < 0)
         return NULL;
     Py_ssize_t count = PyLong_AsSsize_t(args[2]);
     if (count == -1 && PyErr_Occurred())
@@ -153,37 +256,10 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
     int level2 = PyObject_IsTrue(args[3]);
     if (level2 < 0)
         return NULL;
-    const char *plan = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t plan_len = PyBytes_GET_SIZE(args[1]);
-    struct plan_head head;
-    if (plan_len < (Py_ssize_t)sizeof head) {
-        PyErr_SetString(PyExc_ValueError, "scan_slots: plan too short");
-        return NULL;
-    }
-    memcpy(&head, plan, sizeof head);
-    if ((size_t)plan_len < sizeof head + (size_t)head.nslots * sizeof(struct plan_slot)) {
-        PyErr_SetString(PyExc_ValueError, "scan_slots: plan truncated");
-        return NULL;
-    }
-    const char *slots = plan + sizeof head;
     PyObject *out = NULL;
-    if (base == 0 || head.nslots == 0 || count <= 0)
-        Py_RETURN_NONE;
-    for (Py_ssize_t e = 0; e < count; e++) {
-        uintptr_t element = base + (uintptr_t)e * head.size;
-        for (uint32_t s = 0; s < head.nslots; s++) {
-            struct plan_slot slot;
-            memcpy(&slot, slots + (size_t)s * sizeof slot, sizeof slot);
-            uintptr_t value;
-            memcpy(&value, (const void *)(element + slot.offset), sizeof value);
-            int need = value == 0 ? SETTLED : needs_python(value, slot.flags, level2);
-            if (need == SETTLED)
-                continue;
-            if (append_hit(&out, e * (Py_ssize_t)head.nslots + s, value, need) < 0) {
-                Py_XDECREF(out);
-                return NULL;
-            }
-        }
+    if (scan(base, &head, slots, count, level2, &out) < 0) {
+        Py_XDECREF(out);
+        return NULL;
     }
     if (out == NULL)
         Py_RETURN_NONE;

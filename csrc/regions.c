@@ -90,6 +90,30 @@ PB_API int pb_region_find(const void *addr, struct pb_region *out)
     return best != NULL;
 }
 
+/* pb__region_lookup of each of n addresses into at[i], and into before[i],
+ * when no region holds a[i], the best one holding a[i] - 1 (else 0): under
+ * one lock, for the slot scan, which asks both for every pointer it reads. */
+void pb__region_lookup_edges(const uintptr_t *a, size_t n, uint64_t *at, uint64_t *before)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t j = 0; j < n; j++) {
+        const struct pb_region *best = NULL, *edge = NULL;
+        for (size_t i = 0; i < region_count; i++) {
+            const struct pb_region *r = &regions[i];
+            if (contains(r, a[j])) {
+                if (best == NULL || (r->kind == PB_REGION_PINNED && best->kind != PB_REGION_PINNED))
+                    best = r;
+            } else if (a[j] > 0 && contains(r, a[j] - 1)) {
+                if (edge == NULL || (r->kind == PB_REGION_PINNED && edge->kind != PB_REGION_PINNED))
+                    edge = r;
+            }
+        }
+        at[j] = best != NULL ? (best->id << 2) | (uint64_t)best->kind : 0;
+        before[j] = best == NULL && edge != NULL ? (edge->id << 2) | (uint64_t)edge->kind : 0;
+    }
+    pthread_mutex_unlock(&lock);
+}
+
 PB_API size_t pb_region_count(int kind)
 {
     size_t n = 0;

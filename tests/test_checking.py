@@ -472,6 +472,37 @@ def _scan_case(ffi: Any, s: Any, layout: Any, pinned: bytearray, local: bytearra
         assert _check().classify(address_c) is not None  # the caller's local bytearray
 
 
+def test_scan_slots_judges_every_slot_of_a_long_array() -> None:
+    # The slots are judged a batch of 64 at a time (one lock of the region index per batch):
+    # the ones past the first batch, and a pin's end pointer, must come out as one at a time.
+    with ptrbridge.checking(1):
+        from ptrbridge._bindings import native
+        from ptrbridge.checking import layout_of
+
+        ffi = cffi.FFI()
+        ffi.cdef("struct iovec { void *iov_base; size_t iov_len; };")
+        n = 150
+        iov = ffi.new(f"struct iovec[{n}]")
+        plan = layout_of(ffi.typeof("struct iovec")).plan
+        bufs = [bytearray(16) for _ in range(n)]
+        loose = bytearray(16)
+        with Pinner() as p:
+            for i, buf in enumerate(bufs):
+                iov[i].iov_base = ffi.cast("void *", int(PBFFI.cast("uintptr_t", p.pin(buf))))
+            iov[100].iov_base = ffi.cast("char *", iov[100].iov_base) + 16  # one past a pin: the pin's
+            assert native.scan_slots(iov, plan, n, False) is None
+            for k in (0, 63, 64, 127, 128, 149):
+                saved = iov[k].iov_base
+                iov[k].iov_base = ffi.from_buffer(loose)
+                address = int(ffi.cast("uintptr_t", iov[k].iov_base))
+                assert native.scan_slots(iov, plan, n, False) == [k, address, 2], k
+                assert native.scan_slots(iov, plan, k, False) is None  # the elements before it
+                iov[k].iov_base = saved
+            iov[10].iov_base = iov[70].iov_base = ffi.from_buffer(loose)
+            hits = native.scan_slots(iov, plan, n, False)
+            assert hits is not None and hits[0::3] == [10, 70]
+
+
 def test_owner_search_order_and_origins() -> None:
     with ptrbridge.checking(1):  # level 2's heap map knows every Python block
         first = bytearray(16)
