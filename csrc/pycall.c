@@ -9,9 +9,11 @@
  *
  *   - level 1, and each argument it looks at is bytes, bytearray or None (a
  *     cffi function: the pointer parameters of its `plan`, and also an
- *     ffi.new / ffi.from_buffer cdata whose items hold no pointers; ctypes:
- *     every argument, and also float, bool, str, and an int while no freed
- *     memory is on record): count the call if instrumented, draw the
+ *     ffi.new / ffi.from_buffer cdata whose items hold no pointers, or whose
+ *     pointer slots pyslots.c settles in C (NULL, pinned, C memory); ctypes:
+ *     every argument, and also float, bool, str, an int while no freed
+ *     memory is on record, and a structure, union or array, or a byref() of
+ *     one, whose pointer slots are settled the same way): count the call if instrumented, draw the
  *     quarantine sample (a drawn call goes to the closure, which shadows
  *     it), call the raw function;
  *   - level 0: call the raw function;
@@ -36,6 +38,7 @@
  * findings.counters() folds into its own.
  */
 #include "pb_py.h"
+#include "pb_slots.h"
 
 #include <stddef.h>
 
@@ -88,10 +91,13 @@ static unsigned long long fc_calls;   /* calls counted here, not yet folded into
 static unsigned long long fc_seq;     /* numbers the calls in flight */
 static PyObject *fc_freed;            /* ownership._freed: not empty = freed memory on record */
 static PyObject *fc_shapes;           /* calls._arg_shapes: ctype -> (shape, plan, is_array) */
+static PyObject *fc_ctypes_plans;     /* calls._ctypes_plans: ctypes aggregate type -> plan or None */
+static PyTypeObject *fc_carg;         /* type(ctypes.byref(...)) */
 static PyTypeObject *fc_cdata_own;    /* type(ffi.new(...)) */
 static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
 static PyObject *fc_flat;             /* calls._FLAT */
 static PyObject *fc_zero;             /* 0 */
+enum { FC_SHAPE_WALK = 1 }; /* calls._WALK */
 static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
 static fc_record *fc_pool; /* free records */
 
@@ -110,9 +116,11 @@ static int fc_tick(void)
     return 1;
 }
 
-/* Whether a cdata from ffi.new / ffi.from_buffer points at items without pointers
- * (calls._arg_shape said _FLAT): at level 1 it is lent and needs no look. */
-static int fc_flat_cdata(PyObject *arg)
+/* Whether a cdata from ffi.new / ffi.from_buffer needs no look at level 1
+ * (calls._arg_shape): its items hold no pointers (_FLAT), or every pointer
+ * slot of its items is settled in C (_WALK: NULL, pinned, C memory; the
+ * walk of calls._settled_cffi, by pyslots.c).  Either way it is lent. */
+static int fc_settled_cdata(PyObject *arg)
 {
     if (fc_shapes == NULL)
         return 0;
@@ -121,7 +129,67 @@ static int fc_flat_cdata(PyObject *arg)
         PyErr_Clear();
         return 0; /* not seen yet: the closure works it out and caches it */
     }
-    return PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) >= 1 && PyTuple_GET_ITEM(shape, 0) == fc_flat;
+    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) != 3)
+        return 0;
+    PyObject *kind = PyTuple_GET_ITEM(shape, 0);
+    if (kind == fc_flat)
+        return 1;
+    if (!PyLong_Check(kind) || PyLong_AsLong(kind) != FC_SHAPE_WALK)
+        return 0;
+    Py_ssize_t count = 1;
+    if (PyTuple_GET_ITEM(shape, 2) == Py_True) { /* an array: its items, as the closure counts them */
+        count = PyObject_Length(arg);
+        if (count < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (count == 0)
+            count = 1;
+    }
+    int settled = pb__slots_settled(arg, PyTuple_GET_ITEM(shape, 1), count, 0);
+    if (settled < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return settled;
+}
+
+/* calls._settled_ctypes at level 1: a ctypes structure, union or array, or a
+ * byref() of one, whose type holds no pointers or whose pointer slots
+ * pyslots.c settles in C.  Its address is read through the buffer protocol
+ * (ctypes exports its b_ptr), not from ctypes' private structs. */
+static int fc_settled_ctypes(PyObject *arg)
+{
+    if (fc_ctypes_plans == NULL)
+        return 0;
+    PyObject *obj;
+    if (Py_TYPE(arg) == fc_carg) {
+        if ((obj = PyObject_GetAttrString(arg, "_obj")) == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else {
+        obj = Py_NewRef(arg);
+    }
+    int settled = 0;
+    PyObject *plan = PyDict_GetItemWithError(fc_ctypes_plans, (PyObject *)Py_TYPE(obj)); /* borrowed */
+    if (plan == Py_None) {
+        settled = 1; /* holds no pointers */
+    } else if (plan != NULL && PyBytes_Check(plan)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) == 0) {
+            settled = pb__slots_settled_at((uintptr_t)view.buf, plan, 1, 0);
+            PyBuffer_Release(&view);
+        } else {
+            settled = -1;
+        }
+    }
+    if (settled < 0 || PyErr_Occurred()) { /* not cached yet (the closure caches it), or not readable */
+        PyErr_Clear();
+        settled = 0;
+    }
+    Py_DECREF(obj);
+    return settled;
 }
 
 static int fc_history(void)
@@ -157,7 +225,9 @@ static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
                 }
             } else if (arg != Py_None && kind != &PyFloat_Type && kind != &PyBool_Type &&
                        kind != &PyUnicode_Type) {
-                return 0;
+                if (!fc_settled_ctypes(arg))
+                    return 0;
+                *lent = 1;
             }
         }
         return 1;
@@ -170,7 +240,7 @@ static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
         PyTypeObject *kind = Py_TYPE(arg);
         if (kind == &PyBytes_Type || kind == &PyByteArray_Type)
             *lent = 1;
-        else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && fc_flat_cdata(arg))
+        else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && fc_settled_cdata(arg))
             *lent = 1;
         else if (arg != Py_None)
             return 0;
@@ -472,6 +542,17 @@ static PyObject *m_fastcall_init(PyObject *self, PyObject *args)
     return PyBool_FromLong(fc_cdata_own != NULL);
 }
 
+static PyObject *m_fastcall_init_ctypes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *plans, *carg;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyDict_Type, &plans, &PyType_Type, &carg))
+        return NULL;
+    Py_XSETREF(fc_ctypes_plans, Py_NewRef(plans));
+    Py_XSETREF(fc_carg, (PyTypeObject *)Py_NewRef(carg));
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_fastcall_level(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -624,6 +705,8 @@ static PyObject *m_fastcall_after_fork(PyObject *self, PyObject *unused)
 static PyMethodDef call_functions[] = {
     {"fastcall_init", m_fastcall_init, METH_VARARGS,
      "fastcall_init(freed, arg_shapes, FLAT, sample_cdata, its_ctype, frombuf_type) -> cdata fast path on"},
+    {"fastcall_init_ctypes", m_fastcall_init_ctypes, METH_VARARGS,
+     "fastcall_init_ctypes(ctypes_plans, byref_type): the ctypes aggregates' fast path"},
     {"fastcall_level", m_fastcall_level, METH_O, "fastcall_level(level): the check level the fast path sees"},
     {"sample_arm", m_sample_arm, METH_VARARGS, "sample_arm(on, gap): arm the quarantine sampler"},
     {"sample_tick", m_sample_tick, METH_NOARGS, "sample_tick() -> whether this lend is drawn"},

@@ -495,9 +495,25 @@ def test_level_1_common_calls_run_no_python_frame(abi: Tuple[Any, Any]) -> None:
     c.text_len(view)  # the first call of a cdata type: the closure learns its shape
     assert _closure_frames(lambda: (c.text_len(b"abc"), c.text_len(view), c.add(1, 2))) == []
     assert (c.text_len(b"abc"), c.text_len(view), c.add(1, 2)) == (3, 2, 3)
-    # Anything else is the closure's: a struct with pointers...
+    # A struct whose pointer fields are NULL, pinned or C memory is settled in C too...
     p = ffi.new("struct person *")
-    assert "checked" in _closure_frames(lambda: c.person_name_len(p))
+    c.person_name_len(p)  # the closure learns the shape of "struct person *"
+    name = bytearray(b"ada\0")
+    with ptrbridge.Pinner() as pinner:
+        frames = _closure_frames(lambda: c.person_name_len(p))
+        p.name = pinner.pin(name)
+        frames += _closure_frames(lambda: c.person_name_len(p))
+        assert c.person_name_len(p) == 3
+        assert frames == []
+    # ...but one to an unpinned Python buffer is the closure's, which says what is wrong.
+    text = ffi.new("char[]", b"grace")
+    p.name = text
+    with pytest.raises(ptrbridge.NestedPointerError, match=r"argument 1 has Python pointer to unpinned"):
+        c.person_name_len(p)
+    # (The owner is looked for in the caller and two frames above it: the lambda holds it.)
+    assert "checked" in _closure_frames(
+        lambda text=text: pytest.raises(ptrbridge.NestedPointerError, c.person_name_len, p))
+    p.name = ffi.NULL
     # ...level 2, and keyword arguments (the closure raises as it did).
     with ptrbridge.checking(2):
         assert "checked" in _closure_frames(lambda: c.text_len(b"abc"))
@@ -668,6 +684,30 @@ def test_watchdog_sees_a_blocked_fast_call_and_a_forked_child_does_not(abi: Tupl
         os.close(read_end)
         os.close(write_end)
     assert not native.fastcall_in_flight()
+
+
+class _Person(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("age", ctypes.c_int)]
+
+
+@at_level_1
+def test_ctypes_struct_with_settled_pointers_runs_no_python_frame(checked_so: Path) -> None:
+    c = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    c.person_name_len.argtypes = [ctypes.POINTER(_Person)]
+    person, team = _Person(None, 1), (_Person * 2)()
+    c.person_name_len(ctypes.byref(person))  # the closure learns the struct's plan
+    c.team_total(team, 2)
+    assert _closure_frames(lambda: (c.person_name_len(ctypes.byref(person)), c.team_total(team, 2))) == []
+    name = ctypes.create_string_buffer(b"ada")
+    with ptrbridge.Pinner() as pinner:
+        pinner.pin(name)
+        person.name = ctypes.addressof(name)  # type: ignore[assignment]
+        assert _closure_frames(lambda: c.person_name_len(ctypes.byref(person))) == []
+        assert c.person_name_len(ctypes.byref(person)) == 3
+    # Unpinned now: the closure takes the call and says what is wrong.
+    with pytest.raises(ptrbridge.NestedPointerError, match=r"argument 1 has Python pointer to unpinned"):
+        c.person_name_len(ctypes.byref(person))
+    person.name = None
 
 
 @at_level_1

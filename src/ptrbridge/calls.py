@@ -259,7 +259,7 @@ def _cffi_param_plan(param: Any) -> Optional[str]:
 # arrays whose items hold no pointers (void, char, opaque, function), (_WALK, plan, _) for
 # those whose items do, (_OTHER, None, _) for the rest (struct by value, scalars); the
 # third item says whether the type is an array.
-_FLAT, _WALK, _OTHER = 0, 1, 2
+_FLAT, _WALK, _OTHER = 0, 1, 2  # csrc/pycall.c reads these tuples (FC_SHAPE_WALK)
 _arg_shapes: Dict[Any, Tuple[int, Any, bool]] = {}
 
 
@@ -1007,6 +1007,7 @@ levels.add_level_listener(_on_level_change)
 _sample_cdata = ffi.new("char[]", 1)
 native.fastcall_init(_freed_history, _arg_shapes, _FLAT, _sample_cdata, ffi.typeof(_sample_cdata), _FROMBUF_CDATA)
 del _sample_cdata
+native.fastcall_init_ctypes(_ctypes_plans, _CArgObject)  # ctypes aggregates' plans, as _settled_ctypes fills them
 findings._take_native_calls = native.fastcall_take_calls  # the calls the fast path counted
 os.register_at_fork(after_in_child=native.fastcall_after_fork)  # other threads' calls are gone
 
