@@ -13,9 +13,11 @@
  *     pointer slots pyslots.c settles in C (NULL, pinned, C memory); ctypes:
  *     every argument, and also float, bool, str, an int while no freed
  *     memory is on record, and a structure, union or array, or a byref() of
- *     one, whose pointer slots are settled the same way): count the call if instrumented, draw the
- *     quarantine sample (a drawn call goes to the closure, which shadows
- *     it), call the raw function;
+ *     one, whose pointer slots are settled the same way; an instrumented
+ *     function: any arguments while its walk could find nothing, no freed
+ *     ptrbridge memory being on record and strict mode off): count the call
+ *     if instrumented, draw the quarantine sample (a drawn call goes to the
+ *     closure, which shadows it), call the raw function;
  *   - level 0: call the raw function;
  *   - everything else (level 2, other arguments, keywords): the closure.
  *
@@ -93,6 +95,14 @@ static PyObject *fc_freed;            /* ownership._freed: not empty = freed mem
 static PyObject *fc_shapes;           /* calls._arg_shapes: ctype -> (shape, plan, is_array) */
 static PyObject *fc_ctypes_plans;     /* calls._ctypes_plans: ctypes aggregate type -> plan or None */
 static PyTypeObject *fc_carg;         /* type(ctypes.byref(...)) */
+static PyObject *fc_ctypes_lends;     /* calls._CTYPES_LENDS */
+static PyObject *fc_findings;         /* findings.__dict__ (its _strict) */
+static PyObject *fc_strict_name;      /* "_strict" */
+static PyObject *fc_strict_fn;        /* findings.strict */
+static PyObject *fc_env_data;         /* os.environ._data, or NULL */
+static PyObject *fc_env_key;          /* PTRBRIDGE_STRICT encoded as its key */
+static PyObject *fc_strict_raw;       /* the raw value fc_strict_answer is for */
+static int fc_strict_answer;
 static PyTypeObject *fc_cdata_own;    /* type(ffi.new(...)) */
 static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
 static PyObject *fc_flat;             /* calls._FLAT */
@@ -204,9 +214,83 @@ static int fc_history(void)
     return n > 0;
 }
 
+/* findings.strict(), read as it reads itself: findings._strict if set, else
+ * the answer for PTRBRIDGE_STRICT's raw value in os.environ's backing dict,
+ * asked of findings.strict() again only when that value object changes.
+ * -1: error set. */
+static int fc_strict(void)
+{
+    if (fc_strict_fn == NULL)
+        return 1; /* not initialised: as if strict, so that the closure decides */
+    PyObject *forced = PyDict_GetItemWithError(fc_findings, fc_strict_name); /* borrowed */
+    if (forced == Py_True || forced == Py_False)
+        return forced == Py_True;
+    if (forced == NULL && PyErr_Occurred())
+        return -1;
+    PyObject *raw = Py_None;
+    if (fc_env_data != NULL) {
+        raw = PyDict_GetItemWithError(fc_env_data, fc_env_key);
+        if (raw == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            raw = Py_None;
+        }
+        if (raw == fc_strict_raw)
+            return fc_strict_answer;
+    }
+    PyObject *answer = PyObject_CallNoArgs(fc_strict_fn);
+    if (answer == NULL)
+        return -1;
+    int on = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    if (on < 0)
+        return -1;
+    if (fc_env_data != NULL) {
+        Py_XSETREF(fc_strict_raw, Py_NewRef(raw));
+        fc_strict_answer = on;
+    }
+    return on;
+}
+
+/* Whether `arg` is lent whole to C (calls._unwalked_lent), for the sample's draw. */
+static int fc_lends(PyObject *arg)
+{
+    PyTypeObject *kind = Py_TYPE(arg);
+    if (kind == &PyBytes_Type || kind == &PyByteArray_Type || kind == fc_cdata_own || kind == fc_cdata_frombuf)
+        return 1;
+    if (fc_ctypes_lends == NULL)
+        return 0;
+    int is = PyObject_IsInstance(arg, fc_ctypes_lends);
+    if (is < 0)
+        PyErr_Clear();
+    return is > 0;
+}
+
+/* An instrumented call at level 1 with no freed ptrbridge memory on record and
+ * strict mode off: its walk could find nothing (calls._unwalked_lent), so any
+ * arguments are taken.  1: taken, 0: the closure decides. */
+static int fc_unwalked(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
+{
+    if (!(fn->flags & (FC_RECORD | FC_METHOD)) || fc_history())
+        return 0;
+    int strict = fc_strict();
+    if (strict != 0) {
+        if (strict < 0)
+            PyErr_Clear();
+        return 0;
+    }
+    if (fc_sample_on) { /* the draw asks whether a buffer is lent */
+        for (Py_ssize_t i = 0; i < nargs && !*lent; i++)
+            *lent = fc_lends(args[i]);
+    }
+    return 1;
+}
+
 /* 1: the level-1 fast path takes these arguments (*lent: one is a buffer lent to C), 0: the closure. */
 static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
 {
+    if (fc_unwalked(fn, args, nargs, lent))
+        return 1;
     if (fn->flags & FC_CTYPES) {
         for (Py_ssize_t i = 0; i < nargs; i++) {
             PyObject *arg = args[i];
@@ -553,6 +637,27 @@ static PyObject *m_fastcall_init_ctypes(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_fastcall_init_strict(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *findings, *strict, *env, *key, *lends;
+    if (!PyArg_ParseTuple(args, "O!OOOO!", &PyDict_Type, &findings, &strict, &env, &key, &PyTuple_Type, &lends))
+        return NULL;
+    if (!PyCallable_Check(strict) || (env != Py_None && !PyDict_Check(env))) {
+        PyErr_SetString(PyExc_TypeError, "fastcall_init_strict: strict must be callable, env a dict or None");
+        return NULL;
+    }
+    if (fc_strict_name == NULL && (fc_strict_name = PyUnicode_InternFromString("_strict")) == NULL)
+        return NULL;
+    Py_XSETREF(fc_findings, Py_NewRef(findings));
+    Py_XSETREF(fc_strict_fn, Py_NewRef(strict));
+    Py_XSETREF(fc_env_data, env == Py_None ? NULL : Py_NewRef(env));
+    Py_XSETREF(fc_env_key, Py_NewRef(key));
+    Py_XSETREF(fc_ctypes_lends, Py_NewRef(lends));
+    Py_CLEAR(fc_strict_raw);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_fastcall_level(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -707,6 +812,9 @@ static PyMethodDef call_functions[] = {
      "fastcall_init(freed, arg_shapes, FLAT, sample_cdata, its_ctype, frombuf_type) -> cdata fast path on"},
     {"fastcall_init_ctypes", m_fastcall_init_ctypes, METH_VARARGS,
      "fastcall_init_ctypes(ctypes_plans, byref_type): the ctypes aggregates' fast path"},
+    {"fastcall_init_strict", m_fastcall_init_strict, METH_VARARGS,
+     "fastcall_init_strict(findings.__dict__, findings.strict, env_data, env_key, ctypes_lends):\n"
+     "what instrumented level-1 calls need to know that a walk can find nothing"},
     {"fastcall_level", m_fastcall_level, METH_O, "fastcall_level(level): the check level the fast path sees"},
     {"sample_arm", m_sample_arm, METH_VARARGS, "sample_arm(on, gap): arm the quarantine sampler"},
     {"sample_tick", m_sample_tick, METH_NOARGS, "sample_tick() -> whether this lend is drawn"},

@@ -458,7 +458,8 @@ def test_ctypes_level_1_common_calls_run_no_python_frame(instrumented: None, che
         assert _instrument_frames(lambda: lib.add(-2, 0)) == []  # not an address
     assert findings.counters()["calls"] - before == 35  # counted exactly
     struct = ctypes.create_string_buffer(8)
-    assert "_ctypes_call" in _instrument_frames(lambda: lib.text_len(struct))  # the rest: the Python path
+    with freed_history([object()]):
+        assert "_ctypes_call" in _instrument_frames(lambda: lib.text_len(struct))  # the rest: the Python path
     with ptrbridge.checking(2):
         assert "_ctypes_call" in _instrument_frames(lambda: lib.text_len(b"abc"))
     assert findings.counters()["calls"] - before == 37
@@ -474,6 +475,46 @@ def test_ctypes_level_1_common_calls_run_no_python_frame(instrumented: None, che
         assert str(checked_error.value) == str(raw_error.value)
     with pytest.raises(TypeError):
         call(object(), b"abc")  # not a function pointer: the Python path raises
+
+
+@at_level_1
+def test_calls_whose_walk_could_find_nothing_run_no_python_frame(
+        instrumented: None, checked_so: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At level 1 an instrumented call's walk can only find pointers into freed ptrbridge memory
+    # or, in strict mode, live unpinned ones: with neither possible, C takes any arguments.
+    ffi, lib = _abi(checked_so)
+    buf = ffi.new("char[]", b"hello")
+    names = ffi.new("const char **", buf)  # a pointer to a live local: a strict-mode finding
+    clib = ctypes.CDLL(str(checked_so))
+    clib.names_total.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    cnames = (ctypes.c_char_p * 1)(b"abc")
+
+    def cffi_frames() -> List[str]:
+        return python_frames_of(calls.__file__, lambda buf=buf: lib.names_total(names, 1))
+
+    def ctypes_frames() -> List[str]:
+        return _instrument_frames(lambda: clib.names_total(cnames, 1))
+
+    findings.set_strict(None)  # follow PTRBRIDGE_STRICT, which C reads as findings.strict() does
+    monkeypatch.delenv("PTRBRIDGE_STRICT", raising=False)
+    before = findings.counters()["calls"]
+    with freed_history([]):
+        assert lib.names_total(names, 1) == 5 and clib.names_total(cnames, 1) == 3
+        assert cffi_frames() == [] and ctypes_frames() == []
+        monkeypatch.setenv("PTRBRIDGE_STRICT", "1")  # seen at the next call
+        assert "checked" in cffi_frames() and "_ctypes_call" in ctypes_frames()
+        assert [f.kind for f in findings.take()] == ["nested-unpinned"] * 2  # *names -> buf, cnames[0]
+        monkeypatch.setenv("PTRBRIDGE_STRICT", "0")
+        assert cffi_frames() == [] and ctypes_frames() == []
+        findings.set_strict(True)  # and set_strict, which findings._strict holds
+        assert "checked" in cffi_frames() and "_ctypes_call" in ctypes_frames()
+        assert len(findings.take()) == 2
+        findings.set_strict(False)
+        assert cffi_frames() == [] and ctypes_frames() == []
+    with freed_history([object()]):  # freed memory on record: walks again
+        assert "checked" in cffi_frames() and "_ctypes_call" in ctypes_frames()
+    assert findings.counters()["calls"] - before == 14  # counted exactly, either way
+    assert findings.take() == []
 
 
 @at_level_1

@@ -309,6 +309,18 @@ def _settled_cffi(arg: Any, lent: List[Any]) -> bool:
     return shape == _FLAT or not cdata_address(arg)
 
 
+def _unwalked_lent(args: Tuple[Any, ...]) -> List[Any]:
+    """The buffers an instrumented level-1 call lends, for the quarantine's sample, with no walk.
+
+    What an instrumented call's walk records at level 1 is a pointer into
+    freed ptrbridge memory (none is on record) or, in strict mode only, a
+    portability finding: when neither can be, :func:`check_args` skips the
+    walk (its cost, the owner search through the caller's frames, was most of
+    brotlicffi's).  csrc/pycall.c takes the same calls with no Python frame.
+    """
+    return [arg for arg in args if type(arg) in _LENDS or isinstance(arg, _CTYPES_LENDS)]
+
+
 def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
     if isinstance(arg, ffi.CData):
         ctype = ffi.typeof(arg)
@@ -390,6 +402,8 @@ def _settled_ctypes(arg: Any, lent: List[Any]) -> bool:
 
 
 _CTYPES_AGGREGATES = (ctypes.Structure, ctypes.Union, ctypes.Array)
+_LENDS = frozenset((bytes, bytearray, _OWN_CDATA, _FROMBUF_CDATA))  # lent whole (see _unwalked_lent)
+_CTYPES_LENDS = _CTYPES_AGGREGATES + (_CArgObject,)
 # ctypes structure, union and array types -> their walk plan, or None when they hold no pointers
 # (a plain dict, as checking's layout cache that holds the same types).
 _ctypes_plans: Dict[type, Optional[bytes]] = {}
@@ -724,6 +738,8 @@ class CheckedLibrary:
             check: Optional[CallCheck] = None
             if record:
                 count_call("calls")
+                if _level == 1 and not _freed_history and not findings.strict():
+                    return _unwalked_lent(args)  # nothing a walk could find (see there)
             if is_ctypes:
                 history = None
                 for i, arg in enumerate(args):
@@ -1008,6 +1024,7 @@ _sample_cdata = ffi.new("char[]", 1)
 native.fastcall_init(_freed_history, _arg_shapes, _FLAT, _sample_cdata, ffi.typeof(_sample_cdata), _FROMBUF_CDATA)
 del _sample_cdata
 native.fastcall_init_ctypes(_ctypes_plans, _CArgObject)  # ctypes aggregates' plans, as _settled_ctypes fills them
+native.fastcall_init_strict(vars(findings), findings.strict, findings._ENV_DATA, findings._ENV_KEY, _CTYPES_LENDS)
 findings._take_native_calls = native.fastcall_take_calls  # the calls the fast path counted
 os.register_at_fork(after_in_child=native.fastcall_after_fork)  # other threads' calls are gone
 
