@@ -390,6 +390,32 @@ def test_run_leaves_a_program_without_c_unchanged(tmp_path: Path) -> None:
     assert any("ptrbridge was never loaded" in note for note in report["notes"])
 
 
+def test_run_with_an_interpreter_that_cannot_import_ptrbridge_says_so(tmp_path: Path) -> None:
+    # A `python` on PATH other than the one ptrbridge is installed in: its program imports ctypes,
+    # ptrbridge cannot start there, and the run must not look like a clean one.
+    other = tmp_path / "other"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True, timeout=120)
+    python = str(other / "bin" / "python")
+    script = tmp_path / "program.py"
+    script.write_text("import ctypes\nprint(ctypes.CDLL(None).abs(-3))\n")
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--report", str(report_path), "--",
+                           python, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "3"  # the program ran as it does plainly
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot import it (ModuleNotFoundError: No module named 'ptrbridge')" in proc.stderr
+    report = json.loads(report_path.read_text())
+    assert ptrbridge.validate_report(report) == []
+    process = report["processes"][0]
+    assert process["activated"] is False and process["executable"] == python
+    assert process["unavailable"] == "ModuleNotFoundError: No module named 'ptrbridge'"
+    assert [n for n in report["notes"] if "cannot import ptrbridge" in n] == [
+        f"process(es) {process['pid']} imported cffi, ctypes or ptrbridge but {python} cannot import "
+        f"ptrbridge, so nothing in them was checked: install ptrbridge into that interpreter, or run the "
+        f"command with {sys.executable}"]
+    assert not any("never loaded" in n for n in report["notes"])
+
+
 def test_run_settings_reach_the_program(tmp_path: Path) -> None:
     program = """
         import ptrbridge

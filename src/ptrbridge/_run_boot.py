@@ -13,7 +13,7 @@ start-up set).  It does three things:
    so cannot be rewritten", an error under ``filterwarnings = error``);
 2. registers an exit handler that writes this process's report, saying so
    when ptrbridge was never loaded (the program used no cffi, ctypes or
-   ptrbridge);
+   ptrbridge, or this interpreter cannot import ptrbridge: then why);
 3. runs the ``sitecustomize`` the process would have found without this
    one (the next one on ``sys.path``) as the ``sitecustomize`` module.
 
@@ -128,17 +128,21 @@ def _existing_spec(name, module):
 
 _finder = None
 _activated = False
+_unavailable = None  # why ptrbridge could not be imported here, when the program needed it
 
 
 def activate():
     """Start ptrbridge's run-time side in this process (at most once)."""
-    global _activated
+    global _activated, _unavailable
     if _activated:
         return
     _activated = True
     try:
         import ptrbridge.runtime as runtime
-    except ImportError:  # a Python without ptrbridge installed: nothing to check here
+    except ImportError as exc:
+        # Another interpreter than the one ptrbridge is installed in (a `python` on PATH that
+        # is not the venv's, say): nothing here can be checked, and the report says why.
+        _unavailable = "%s: %s" % (type(exc).__name__, exc)
         return
     runtime.start()
 
@@ -160,11 +164,12 @@ def _write_unloaded_report():
     import json
 
     pid = os.getpid()
-    report = {
-        "process": {"pid": pid, "argv": [str(a) for a in sys.argv], "activated": False, "check_level": None,
-                    "checked": {"calls": 0, "callbacks": 0, "lends": 0}, "stats": None, "findings": 0},
-        "findings": [], "tests": [], "watch_matched": [], "notes": [],
-    }
+    process = {"pid": pid, "argv": [str(a) for a in sys.argv], "activated": False, "check_level": None,
+               "checked": {"calls": 0, "callbacks": 0, "lends": 0}, "stats": None, "findings": 0}
+    if _unavailable is not None:
+        process["unavailable"] = _unavailable
+        process["executable"] = sys.executable
+    report = {"process": process, "findings": [], "tests": [], "watch_matched": [], "notes": []}
     path = os.path.join(os.environ["PTRBRIDGE_RUN_DIR"], "report-%d.json" % pid)
     try:
         with open(path, "w", encoding="utf-8") as f:

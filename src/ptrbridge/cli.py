@@ -22,7 +22,8 @@ the process's own sitecustomize still runs.
 
 Exit status: the command's if it failed; else 1 if a finding fails (an error,
 or also a portability finding with --strict or PTRBRIDGE_STRICT=1); else 2 if
-a --watch-library name matched no loaded library; else 0."""
+a --watch-library name matched no loaded library, or a process that imported
+cffi or ctypes ran an interpreter that cannot import ptrbridge; else 0."""
 
 
 def _version() -> str:

@@ -47,7 +47,9 @@ JSON Schema, draft 2020-12 subset) and checked by :func:`validate`:
     for ``run``: one record per Python process (``pid``, ``argv``,
     ``activated`` - whether ptrbridge was loaded in it at all -,
     ``check_level``, ``checked``, ``stats`` (see :class:`~ptrbridge.Stats`),
-    ``findings``); the plugin writes its own process.
+    ``findings``, and, for a process whose interpreter could not import
+    ptrbridge when the program needed it, ``unavailable`` (the import error)
+    and ``executable``); the plugin writes its own process.
 ``notes``
     sentences a person should read (nothing checked, a watched library that
     never loaded).
@@ -470,7 +472,8 @@ SCHEMA: Dict[str, Any] = {
             "properties": {"pid": {"type": "integer"}, "argv": {"type": "array", "items": {"type": "string"}},
                            "activated": {"type": "boolean"}, "check_level": {"enum": [0, 1, 2, None]},
                            "checked": _COUNTERS, "stats": {"type": ["object", "null"]},
-                           "findings": {"type": "integer", "minimum": 0}}}},
+                           "findings": {"type": "integer", "minimum": 0},
+                           "unavailable": {"type": "string"}, "executable": {"type": "string"}}}},
         "notes": {"type": "array", "items": {"type": "string"}},
     },
 }

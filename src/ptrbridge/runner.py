@@ -26,7 +26,9 @@ is also appended to a log in the run directory and recorded from there.
 Exit status: the command's if it failed (128 + N, as a shell says it, when it
 was killed by signal N); else 1 if a finding fails (an error, or a portability
 finding with ``--strict``); else 2 if a library named with ``--watch-library``
-was never loaded; else 0.
+was never loaded, or a Python process imported cffi, ctypes or ptrbridge in
+an interpreter that cannot import ptrbridge (nothing in it was checked);
+else 0.
 """
 from __future__ import annotations
 
@@ -221,7 +223,13 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
         notes.append(f"{len(silent)} process(es) ({', '.join(map(str, silent))}) started ptrbridge and wrote no "
                      f"report (they died, or ended with os._exit): their findings and counts are lost")
     activated = [r for r in reports if r["process"]["activated"]]
-    if reports and not activated:
+    unavailable = [r["process"] for r in reports if r["process"].get("unavailable")]
+    for executable in sorted({p.get("executable") or "?" for p in unavailable}):
+        pids = ", ".join(str(p["pid"]) for p in unavailable if (p.get("executable") or "?") == executable)
+        notes.append(f"process(es) {pids} imported cffi, ctypes or ptrbridge but {executable} cannot import "
+                     f"ptrbridge, so nothing in them was checked: install ptrbridge into that interpreter, "
+                     f"or run the command with {sys.executable}")
+    if reports and not activated and not unavailable:
         notes.append("ptrbridge was never loaded: no Python process of the command imported cffi, ctypes "
                      "or ptrbridge")
     elif not reports and not faults and not journals:  # a process that died did start ptrbridge
@@ -240,7 +248,7 @@ def _merge(command: Sequence[str], status: int, reports: List[Dict[str, Any]], c
         final = _exit_status(status)
     elif failing:
         final = 1
-    elif unmatched:
+    elif unmatched or unavailable:
         final = 2
     else:
         final = 0
@@ -264,6 +272,10 @@ def _print_summary(summary: Dict[str, Any], out: TextIO) -> None:
     _report.print_findings(summary["findings"], write)
     for p in summary["processes"]:
         s = p.get("stats")
+        if p.get("unavailable"):
+            write(f"  pid {p['pid']}: ptrbridge not loaded: {p.get('executable') or 'its interpreter'} cannot "
+                  f"import it ({p['unavailable']})")
+            continue
         if not p["activated"] or not s:
             write(f"  pid {p['pid']}: ptrbridge not loaded (no cffi, ctypes or ptrbridge imported)")
             continue
