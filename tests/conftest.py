@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 import pytest
 
 import ptrbridge
+from ptrbridge import findings
 from cbuild import build_shared
 
 ACCOUNTED = ("live_blocks", "live_bytes", "transferred", "live_handles", "live_pins")
@@ -119,3 +120,17 @@ def python_frames_of(filename: str, run: Callable[[], Any], ignore: Tuple[str, .
     finally:
         sys.setprofile(None)
     return seen
+
+
+@pytest.fixture
+def instrumented() -> Iterator[None]:
+    """Instrumentation on (strict mode off) for the test; findings taken before and after."""
+    findings.take()
+    old_strict = findings.set_strict(False)
+    assert ptrbridge.instrument() is True
+    try:
+        yield
+    finally:
+        assert ptrbridge.uninstrument() is True
+        findings.set_strict(old_strict)
+        findings.take()

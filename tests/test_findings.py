@@ -78,3 +78,13 @@ def test_counters() -> None:
     assert findings.counters()["calls"] == 3 and findings.counters()["lends"] == 1
     assert findings.reset_counters()["calls"] == 3
     assert findings.counters()["calls"] == 0
+
+
+def test_every_kind_the_finding_docs_name_is_one_the_report_schema_accepts() -> None:
+    import re
+
+    from ptrbridge.report import FINDING_SCHEMA
+
+    documented = set(re.findall(r'``"([a-z-]+)"``', Finding.__doc__ or ""))
+    assert {"use-after-free", "collected-handle", "collected-callback"} <= documented
+    assert documented == set(FINDING_SCHEMA["properties"]["kind"]["enum"])

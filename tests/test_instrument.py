@@ -35,19 +35,6 @@ def _line() -> int:
 
 
 @pytest.fixture
-def instrumented() -> Iterator[None]:
-    findings.take()
-    old_strict = findings.set_strict(False)
-    assert ptrbridge.instrument() is True
-    try:
-        yield
-    finally:
-        assert ptrbridge.uninstrument() is True
-        findings.set_strict(old_strict)
-        findings.take()
-
-
-@pytest.fixture
 def level2() -> Iterator[None]:
     with ptrbridge.checking(2):
         yield

@@ -42,7 +42,7 @@ from . import findings, quarantine, scanning
 from .checking import CallCheck, Owner, layout_of, note_cursors, object_extent
 from .errors import CError, CallTimeoutWarning
 from .ownership import Lend, cdata_address, cdata_extent, ctypes_pointer_value, describe, lend
-from .ownership import _CDATA_OWNING, _lends, _managed
+from .ownership import _CDATA_OWNING, _HANDLE_TYPE, _lends, _managed
 from .ownership import _freed as _freed_history
 from .ownership import has_freed_history as ownership_history
 
@@ -69,6 +69,7 @@ _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
 _OWN_CDATA, _FROMBUF_CDATA = _CDATA_OWNING  # the types of ffi.new and ffi.from_buffer results
+_HANDLE_CDATA = _HANDLE_TYPE  # ffi.new_handle results
 _scan_slots = native.scan_slots
 _fast_callers = native.fastcall_callers
 _fast_defer = native.fastcall_defer
@@ -323,6 +324,8 @@ def _unwalked_lent(args: Tuple[Any, ...]) -> List[Any]:
 
 def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
     if isinstance(arg, ffi.CData):
+        if type(arg) is _HANDLE_CDATA:
+            return  # ffi.new_handle(): a token C may keep while the handle lives, not lent memory
         ctype = ffi.typeof(arg)
         kind = ctype.kind
         if kind in ("struct", "union"):  # by value: C gets a copy, its pointer slots still count

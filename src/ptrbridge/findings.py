@@ -58,8 +58,11 @@ class Finding:
     ``"retained-live"`` (R2: C still points into live memory it was lent),
     ``"retained-freed"`` (R2: C points into Python memory freed since),
     ``"use-after-release"`` (C touched lent memory after the lend ended),
+    ``"use-after-free"`` (C used, during a call, a pointer it had kept into
+    memory freed since: a quarantine trap),
     ``"overrun"`` (C accessed past the end of a lent buffer),
     ``"callback-result"`` (R4), ``"collected-callback"``, ``"released-callback"``,
+    ``"collected-handle"`` (``ffi.from_handle`` given a handle collected since),
     ``"leak"`` (a handle, pin, C block or transferred buffer never given back),
     ``"call-timeout"`` (R3), ``"error-raised"`` (a ptrbridge error raised in
     the program or test).

@@ -55,6 +55,15 @@ _fast_address: Any = native.cdata_address if native.slots_init(ffi.typeof("void 
 _OWN_TYPE = type(ffi.new("char[]", 1))
 _FROMBUF_TYPE = type(ffi.from_buffer(b""))
 _CDATA_OWNING = (_OWN_TYPE, _FROMBUF_TYPE)
+# ffi.new_handle() results: a subclass of _OWN_TYPE whose 'void *' value is the address of the
+# handle object itself.  An opaque token, not memory: C may keep it for as long as the handle
+# lives and gives it back through ffi.from_handle(), never reading what it points to.
+_HANDLE_TYPE = type(ffi.new_handle(None))
+
+
+def is_handle(obj: Any) -> bool:
+    """Whether ``obj`` is an ``ffi.new_handle()`` result (of any FFI instance)."""
+    return type(obj) is _HANDLE_TYPE
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,8 @@ def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
     ``ffi.new`` results and ``ffi.from_buffer`` views are Python-owned; casts,
     pointers from C, ``ffi.gc`` results and handles are not.
     """
-    if not isinstance(obj, _CDATA_OWNING):
-        if _managed and isinstance(obj, ffi.CData):
+    if type(obj) not in _CDATA_OWNING:  # exact types: a handle (a subclass) owns no memory
+        if _managed and isinstance(obj, ffi.CData) and type(obj) is not _HANDLE_TYPE:
             return managed_extent(address_of(obj)) if ffi.typeof(obj).kind in ("pointer", "array") else None
         return None
     ctype = ffi.typeof(obj)
@@ -198,6 +207,12 @@ def python_owned_extent(obj: Any, api: str = "ptrbridge.Pinner.pin", verb: str =
     """
     if isinstance(obj, ffi.CData):
         extent = cdata_extent(obj)
+        if extent is None and type(obj) is _HANDLE_TYPE:
+            raise UnpinnableError(
+                f"{api}: cannot {verb} {obj!r}: an ffi.new_handle() result is a token, not memory C "
+                f"reads; keep the handle alive (a reference in Python) for as long as C may pass it "
+                f"back to ffi.from_handle()"
+            )
         if extent is None:
             raise UnpinnableError(
                 f"{api}: cannot {verb} {obj!r}: it does not own its memory "

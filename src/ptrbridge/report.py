@@ -414,8 +414,9 @@ FINDING_SCHEMA: Dict[str, Any] = {
     "additionalProperties": False,
     "properties": {
         "kind": {"enum": ["dangling-argument", "nested-unpinned", "retained-live", "retained-freed",
-                          "use-after-release", "overrun", "callback-result", "collected-callback",
-                          "released-callback", "leak", "call-timeout", "error-raised"]},
+                          "use-after-release", "use-after-free", "overrun", "callback-result",
+                          "collected-callback", "released-callback", "collected-handle", "leak",
+                          "call-timeout", "error-raised"]},
         "severity": {"enum": list(_findings.SEVERITIES)},
         "rule": {"type": "string"},
         "message": {"type": "string", "minLength": 1},

@@ -187,6 +187,21 @@ int call_with_userdata(int (*fn)(void *, int), void *userdata, int n)
     return sum;
 }
 
+/* A callback and its user data kept for later, as an event loop's registration. */
+static int (*kept_userdata_fn)(void *, int);
+static void *kept_userdata;
+
+void keep_userdata(int (*fn)(void *, int), void *userdata)
+{
+    kept_userdata_fn = fn;
+    kept_userdata = userdata;
+}
+
+int call_kept_userdata(int arg)
+{
+    return kept_userdata_fn != NULL ? kept_userdata_fn(kept_userdata, arg) : -1;
+}
+
 /* Calls fn(arg) and returns the length of the string it returns (-1 for NULL). */
 int call_get_len(const char *(*fn)(int), int arg)
 {

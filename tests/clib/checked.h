@@ -34,6 +34,8 @@ int gate_most_inside(void);
 long read_into(int fd, char *buf, long n);
 int call_each(int (*fn)(int), int n);
 int call_with_userdata(int (*fn)(void *, int), void *userdata, int n);
+void keep_userdata(int (*fn)(void *, int), void *userdata);
+int call_kept_userdata(int arg);
 int call_get_len(const char *(*fn)(int), int arg);
 int call_on_thread(int (*fn)(int), int arg);
 int call_get_len_on_thread(const char *(*fn)(int), int arg);
