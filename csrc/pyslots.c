@@ -266,6 +266,30 @@ static PyObject *m_scan_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
     return out;
 }
 
+/* Whether a call converts `obj` for a parameter of pointer type `ctype` as
+ * cffi does (its _cffi_to_c_pointer; cdata arguments only: bytes, lists and
+ * the like go through another path of cffi's). */
+static PyObject *m_pointer_accepts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pointer_accepts(ctype, cdata)");
+        return NULL;
+    }
+    if (to_c_pointer == NULL) {
+        PyErr_SetString(PyExc_TypeError, "pointer_accepts: slots_init() found no cffi C API");
+        return NULL;
+    }
+    (void)to_c_pointer(args[1], args[0]);
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyObject *m_in_c_heap(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -280,6 +304,8 @@ static PyMethodDef slot_functions[] = {
     {"in_c_heap", m_in_c_heap, METH_O,
      "in_c_heap(address) -> bool: inside a live block an interposed C library got from malloc\n"
      "(not one the interposer marks as Python memory)"},
+    {"pointer_accepts", (PyCFunction)(void (*)(void))m_pointer_accepts, METH_FASTCALL,
+     "pointer_accepts(ctype, cdata) -> bool: a call converts the cdata for a parameter of that pointer type"},
     {"cdata_address", m_cdata_address, METH_O,
      "cdata_address(p) -> int: the address of a pointer or array cdata (an int as is)"},
     {"slots_init", m_slots_init, METH_O,

@@ -679,3 +679,97 @@ def test_collected_callback_called_from_a_c_thread_is_reported_not_a_crash(check
     ctypes_line = next(i for i, text in enumerate(lines, 1) if "LINE-CTYPES" in text)
     assert found[0][2] == f"<string>:{cffi_line}" and "callback on_event created at" in found[0][3]
     assert found[1][2] == f"<string>:{ctypes_line}" and "was collected" in found[1][3]
+
+
+def _pointer_arguments(ffi: Any, lib: Any) -> List[Tuple[str, Any]]:
+    """Every kind of object a program may pass for a pointer parameter, right or wrong."""
+    other = cffi.FFI()
+    malloc_ffi = cffi.FFI()
+    malloc_ffi.cdef("void *malloc(size_t); void free(void *);")
+    libc = malloc_ffi.dlopen(None)
+    allocate = ffi.new_allocator(libc.malloc, libc.free)
+    released = ffi.from_buffer(bytearray(4))
+    ffi.release(released)
+    person = ffi.new("struct person *")
+    return [
+        ("NULL", ffi.NULL), ("None", None), ("bytes", b"abc"), ("bytearray", bytearray(b"abc")),
+        ("str", "abc"), ("int", 3), ("zero", 0), ("float", 1.5), ("list", [1, 2]), ("object", object()),
+        ("tuple", (1, 2)), ("list of bytes", [b"a"]), ("bool bytes", b"\x01\x00"),
+        ("ffi.new char[]", ffi.new("char[]", b"ab")), ("ffi.new int *", ffi.new("int *", 7)),
+        ("ffi.new int[3]", ffi.new("int[3]")), ("struct pointer", person), ("struct value", person[0]),
+        ("from_buffer", ffi.from_buffer(bytearray(b"xy"))), ("released from_buffer", released),
+        ("new_handle", ffi.new_handle(object())), ("gc cast", ffi.gc(ffi.cast("void *", 1), lambda p: None)),
+        ("cast", ffi.cast("char *", 0)), ("callback", ffi.callback("int(int)", lambda x: x)),
+        ("function", lib.text_len), ("other ffi's new", other.new("char[]", 2)),
+        ("custom allocator", allocate("char[]", 8)), ("ctypes buffer", ctypes.create_string_buffer(4)),
+        ("ffi.buffer", ffi.buffer(ffi.new("char[]", 2))), ("memoryview", memoryview(b"ab")),
+    ]
+
+
+def _outcome(call: Any, arg: Any) -> Tuple[str, Any]:
+    try:
+        return "result", call(arg)
+    except Exception as exc:  # the same exception, type and text, as the raw call
+        return type(exc).__name__, str(exc)
+
+
+def test_every_kind_of_pointer_argument_behaves_as_the_raw_call(instrumented: None, checked_so: Path) -> None:
+    # Instrumented and wrapped code must do what the raw call does with whatever the program
+    # passes for a pointer, right or wrong (a handle once raised ffi.error here).
+    ffi, lib = _abi(checked_so)
+    raw = ptrbridge.unwrap(lib)
+    wrapped = ptrbridge.wrap(raw)
+    cases = _pointer_arguments(ffi, raw)
+    old = ptrbridge.quarantine_enabled()
+    for level, quarantined in ((0, False), (1, False), (2, False), (2, True)):
+        ptrbridge.set_quarantine(quarantined)
+        with ptrbridge.checking(level):
+            for name in ("is_null", "is_null_text", "is_null_int"):
+                for what, arg in cases:
+                    expected = _outcome(getattr(raw, name), arg)
+                    where = (level, quarantined, name, what)
+                    assert _outcome(getattr(lib, name), arg) == expected, where
+                    assert _outcome(getattr(wrapped, name), arg) == expected, where
+    ptrbridge.set_quarantine(old)
+    assert [f for f in findings.take() if f.severity == "error"] == []
+
+
+def _ctypes_arguments() -> List[Tuple[str, Any]]:
+    class Holder(ctypes.Structure):
+        _fields_ = [("p", ctypes.c_char_p)]
+
+    number, numbers = ctypes.c_int(5), (ctypes.c_int * 3)()
+    text = ctypes.create_string_buffer(b"ab", 8)
+    return [
+        ("None", None), ("bytes", b"abc"), ("bytearray", bytearray(b"ab")), ("str", "abc"), ("int", 3),
+        ("zero", 0), ("float", 1.5), ("object", object()), ("c_int", number), ("byref c_int", ctypes.byref(number)),
+        ("pointer c_int", ctypes.pointer(number)), ("int array", numbers), ("string buffer", text),
+        ("byref buffer", ctypes.byref(text)), ("c_char_p", ctypes.c_char_p(b"x")), ("c_void_p", ctypes.c_void_p(0)),
+        ("struct", Holder()), ("byref struct", ctypes.byref(Holder())), ("memoryview", memoryview(b"ab")),
+        ("cast", ctypes.cast(text, ctypes.POINTER(ctypes.c_int))),
+    ]
+
+
+def test_every_kind_of_ctypes_argument_behaves_as_the_raw_call(instrumented: None, checked_so: Path) -> None:
+    # As above for ctypes, with and without argtypes: a shadow must not make a wrong argument right.
+    old = ptrbridge.quarantine_enabled()
+    declared = (None, [ctypes.c_char_p], [ctypes.c_void_p], [ctypes.POINTER(ctypes.c_int)],
+                [ctypes.POINTER(ctypes.c_char)])
+    for level, quarantined in ((0, False), (1, False), (2, False), (2, True)):
+        ptrbridge.set_quarantine(quarantined)
+        with ptrbridge.checking(level):
+            for argtypes in declared:
+                instrumented_fn = ctypes.CDLL(str(checked_so)).is_null
+                wrapped = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+                wrapped_fn, raw_wrapped = wrapped.is_null, ptrbridge.unwrap(wrapped).is_null
+                if argtypes is not None:
+                    instrumented_fn.argtypes = argtypes
+                    wrapped_fn.argtypes = argtypes
+                for what, arg in _ctypes_arguments():
+                    where = (level, quarantined, argtypes, what)
+                    expected = _outcome(lambda a: calls._CFuncPtr.__call__(instrumented_fn, a), arg)
+                    assert _outcome(instrumented_fn, arg) == expected, where
+                    assert _outcome(raw_wrapped, arg) == expected, where
+                    assert _outcome(wrapped_fn, arg) == expected, where
+    ptrbridge.set_quarantine(old)
+    assert [f for f in findings.take() if f.severity == "error"] == []

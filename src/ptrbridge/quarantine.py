@@ -561,6 +561,36 @@ def _shadow_type(param: Any) -> Any:
     return target
 
 
+_bytes_params: Dict[Any, bool] = {}  # parameter ctype -> whether a call takes a bytes for it
+
+
+def _call_accepts(param: Any, arg: Any) -> bool:
+    """Whether the call itself takes ``arg`` for the pointer parameter ``param``.
+
+    A shadow is cast to the parameter's type, which cffi then takes whatever
+    the original was: a wrong argument (an ``int *`` for a ``char *``, a bytes
+    for an ``int *``) is passed unshadowed instead, so that the call fails as
+    it does without the quarantine.  cdata are judged by cffi's own
+    conversion; a bytes by cffi's rule for it (``void *`` and pointers to
+    one-byte integers, not ``_Bool``, whose conversion checks each byte).
+    """
+    if type(arg) is bytes:
+        accepted = _bytes_params.get(param)
+        if accepted is None:
+            item = _shadow_type(param).item
+            accepted = item.kind == "void" or (
+                item.kind == "primitive" and ffi.sizeof(item) == 1 and item.cname != "_Bool")
+            if len(_bytes_params) < 4096:
+                _bytes_params[param] = accepted
+        return accepted
+    if not isinstance(arg, ffi.CData):
+        return True  # a buffer object: as the full path found it (bytearray for char *)
+    try:
+        return bool(native.pointer_accepts(_shadow_type(param), arg))
+    except Exception:  # a released cdata, say: passed as it is, the call raises what it raises
+        return False
+
+
 def shadow_arguments(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], function: str,
                      frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                      ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
@@ -628,12 +658,14 @@ def _shadow_lends(args: Tuple[Any, ...], params: Sequence[Tuple[int, Any]], func
         arg = args[i]
         kind = type(arg)
         if kind is bytes:
-            direct.append((i, arg, 0, len(arg) + 1, param))
+            if _call_accepts(param, arg):
+                direct.append((i, arg, 0, len(arg) + 1, param))
         elif kind is _OWN_CDATA or kind is _FROMBUF_CDATA:
             ctype = ffi.typeof(arg)
             what, item_size = _cdata_kinds.get(ctype) or _cdata_kind(ctype)
             if what == _DIRECT:
-                direct.append((i, arg, _address(arg), item_size or ffi.sizeof(arg), param))
+                if _call_accepts(param, arg):
+                    direct.append((i, arg, _address(arg), item_size or ffi.sizeof(arg), param))
             elif what == _FULL:
                 return _shadow_arguments_full(args, params, function, frame, lent, sampled)
         elif isinstance(arg, ffi.CData):
@@ -704,6 +736,8 @@ def _shadow_arguments_full(args: Tuple[Any, ...], params: Sequence[Tuple[int, An
             if isinstance(arg, ffi.CData):
                 _slot_uses(arg, owners, uses)
             continue
+        if not _call_accepts(param, arg):
+            continue  # the call raises on it, as without the quarantine
         keeper, address, size, writable = source
         target = param if param.kind == "pointer" else ffi.typeof(ffi.getctype(param.item, "*"))
         # bytes: described by its length, as everywhere else; the shadow also holds the NUL
@@ -815,6 +849,23 @@ def _ctypes_converter(declared: Any, obj: Any, offset: int) -> Callable[[int], A
     return lambda a: ctypes.c_void_p(a + offset)
 
 
+def _ctypes_accepts(declared: Any, arg: Any) -> bool:
+    """Whether ctypes converts ``arg`` for an argument declared ``declared`` (its ``from_param``).
+
+    The shadow is passed in a form the declared type takes: a wrong argument
+    is passed as it is instead, so that the call raises what it raises
+    without the quarantine (:func:`_call_accepts` for cffi).
+    """
+    from_param = getattr(declared, "from_param", None)
+    if from_param is None:
+        return True  # not a ctypes type: ctypes raises on the argtypes themselves, shadowed or not
+    try:
+        from_param(arg)
+    except Exception:
+        return False
+    return True
+
+
 def shadow_ctypes_arguments(args: Tuple[Any, ...], argtypes: Sequence[Any], function: str,
                             frame: Any, lent: Sequence[Any] = (), sampled: bool = False
                             ) -> Tuple[Tuple[Any, ...], List[Shadow]]:
@@ -854,6 +905,8 @@ def _shadow_ctypes_lends(args: Tuple[Any, ...], argtypes: Sequence[Any], functio
             writable = True
         else:
             continue  # structs (identity), by-value values, raw addresses: not moved
+        if declared is not None and not _ctypes_accepts(declared, arg):
+            continue  # the call raises on it (ctypes' own conversion), as without the quarantine
         if _pinned(address):
             continue
         if isinstance(keeper, Owner):

@@ -292,3 +292,18 @@ long msg_sum(const struct pb_msg *msg)
 {
     return iov_sum(msg->iov, msg->iovlen);
 }
+
+int is_null(const void *p)
+{
+    return p == NULL;
+}
+
+int is_null_text(const char *p)
+{
+    return p == NULL;
+}
+
+int is_null_int(const int *p)
+{
+    return p == NULL;
+}
