@@ -773,3 +773,18 @@ def test_every_kind_of_ctypes_argument_behaves_as_the_raw_call(instrumented: Non
                     assert _outcome(wrapped_fn, arg) == expected, where
     ptrbridge.set_quarantine(old)
     assert [f for f in findings.take() if f.severity == "error"] == []
+
+
+def test_addressof_an_instrumented_abi_library_is_the_raw_one(instrumented: None, checked_so: Path) -> None:
+    ffi, lib = _abi(checked_so)
+    raw = ptrbridge.unwrap(lib)
+    assert lib is not raw
+    for c in (lib, ptrbridge.wrap(raw)):
+        pointer = ffi.addressof(c, "add")
+        assert pointer == ffi.addressof(raw, "add") and ffi.typeof(pointer) is ffi.typeof("int(*)(int, int)")
+    with pytest.raises(AttributeError):
+        ffi.addressof(lib, "no_such_function")
+    wrapped_ctypes = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    with pytest.raises(TypeError, match="expected a 'cdata' object"):  # as cffi says for a non-library
+        ffi.addressof(wrapped_ctypes, "add")
+

@@ -624,6 +624,20 @@ class CheckedLibrary:
             for name, cached in self._cache.items():
                 self.__dict__[name] = _for_level(cached, level)
 
+    def __addressof__(self, *fields: Any) -> Any:
+        """``ffi.addressof(lib, "name")`` of a cffi ABI-mode library, as on the library itself.
+
+        cffi's ``FFI.addressof`` asks the type of a non-cdata argument for
+        ``__addressof__``; its ABI libraries have one.  (The ``ffi`` of an
+        out-of-line API module is a C object that asks for its own ``lib``
+        type: ``ffi.addressof(ptrbridge.unwrap(lib), "name")`` there.)
+        """
+        raw = self._lib
+        method = type(raw).__dict__.get("__addressof__")
+        if method is None:
+            raise TypeError("expected a 'cdata' object")  # what cffi says for a non-library
+        return method(raw, *fields)
+
     # Every public name belongs to the library (libc has close(), others
     # may have declare() or raw()): configuration is in module functions.
     def __dir__(self) -> List[str]:

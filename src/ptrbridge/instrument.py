@@ -44,8 +44,10 @@ Not intercepted (yet): calls through cffi function-pointer cdata
 of out-of-line API modules (their ``ffi`` is a C object that cannot be
 patched), numpy's ``ndarray.ctypes``, ctypes libraries created before
 ``instrument()`` whose functions were already fetched, and references to a
-``lib`` held outside module globals.  ``ffi.addressof(lib, "name")`` on an
-instrumented ``lib`` raises TypeError: use ``ptrbridge.unwrap(lib)``.
+``lib`` held outside module globals.  ``ffi.addressof(lib, "name")`` works on
+an instrumented ABI-mode library; on the instrumented ``lib`` of an
+out-of-line API module it raises TypeError (that ``ffi`` is a C object that
+accepts only its own ``lib`` type): use ``ptrbridge.unwrap(lib)`` there.
 """
 from __future__ import annotations
 
