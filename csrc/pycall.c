@@ -108,6 +108,8 @@ static PyTypeObject *fc_cdata_frombuf; /* type(ffi.from_buffer(...)) */
 static PyObject *fc_flat;             /* calls._FLAT */
 static PyObject *fc_zero;             /* 0 */
 enum { FC_SHAPE_WALK = 1 }; /* calls._WALK */
+static PyTypeObject CheckedCallType;
+static PyTypeObject CheckedMethodType;
 static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
 static fc_record *fc_pool; /* free records */
 
@@ -279,6 +281,11 @@ static int fc_unwalked(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs,
             PyErr_Clear();
         return 0;
     }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyTypeObject *kind = Py_TYPE(args[i]);
+        if (kind == &CheckedCallType || kind == &CheckedMethodType)
+            return 0; /* a checked function as an argument: the closure passes the raw one */
+    }
     if (fc_sample_on) { /* the draw asks whether a buffer is lent */
         for (Py_ssize_t i = 0; i < nargs && !*lent; i++)
             *lent = fc_lends(args[i]);
@@ -432,9 +439,6 @@ static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
 }
 
 /* -- the type ----------------------------------------------------------- */
-
-static PyTypeObject CheckedCallType;
-static PyTypeObject CheckedMethodType;
 
 static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {

@@ -788,3 +788,23 @@ def test_addressof_an_instrumented_abi_library_is_the_raw_one(instrumented: None
     with pytest.raises(TypeError, match="expected a 'cdata' object"):  # as cffi says for a non-library
         ffi.addressof(wrapped_ctypes, "add")
 
+
+
+@at_level_1
+def test_an_instrumented_abi_function_passes_for_its_cdata(instrumented: None, checked_so: Path) -> None:
+    # In ABI mode lib.f is a function-pointer cdata, which programs pass to C, cast and typeof.
+    ffi, lib = _abi(checked_so)
+    raw = ptrbridge.unwrap(lib)
+    assert isinstance(lib.text_len, native.CheckedCall)
+    assert ffi.cast("void *", lib.text_len) == ffi.cast("void *", raw.text_len)
+    assert ffi.cast("uintptr_t", lib.text_len) == ffi.cast("uintptr_t", raw.text_len)
+    assert ffi.typeof(lib.text_len) is ffi.typeof(raw.text_len) is ffi.typeof("int(*)(char *)")
+    for level in (1, 2):
+        with ptrbridge.checking(level):
+            assert lib.is_null(lib.text_len) == 0  # a void * parameter takes a function pointer
+    with pytest.raises(TypeError) as raw_error:
+        raw.call_each(raw.text_len, 0)  # the wrong function type: the same error
+    with pytest.raises(TypeError) as checked_error:
+        lib.call_each(lib.text_len, 0)
+    assert str(checked_error.value) == str(raw_error.value)
+    assert findings.take() == []

@@ -706,6 +706,10 @@ class CheckedLibrary:
         else:
             plan = [(i, p) for i, p in enumerate(params) if _cffi_param_plan(p)]
             takes_functions = tuple(i for i, p in enumerate(params) if p.kind == "function")
+        # Where a checked function passed as an argument is replaced by the raw one: function
+        # parameters, and (cffi) void * ones, which take an ABI library's function cdata too.
+        unwrap_at = takes_functions if self._is_ctypes else takes_functions + tuple(
+            i for i, p in enumerate(params) if p.kind == "pointer" and p.item.kind == "void")
         is_ctypes = self._is_ctypes
         lib_self = self
         record = self._mode == "record"
@@ -837,8 +841,8 @@ class CheckedLibrary:
         if not semantic and not checks_args:
             # No pointer parameters: only exceptions from callbacks to re-raise (explicit wrap).
             def checked(*args: Any) -> Any:
-                if takes_functions:
-                    args = _unwrap_functions(args, takes_functions)
+                if unwrap_at:
+                    args = _unwrap_functions(args, unwrap_at)
                 if record and _level:
                     count_call("calls")  # nothing to check, but a call the run checked
                 if _level == 2:
@@ -850,8 +854,8 @@ class CheckedLibrary:
         elif not semantic and only is not None:
             # One pointer parameter: bytes or NULL for it needs no walk at level 1.
             def checked(*args: Any) -> Any:
-                if takes_functions:
-                    args = _unwrap_functions(args, takes_functions)
+                if unwrap_at:
+                    args = _unwrap_functions(args, unwrap_at)
                 level = _level
                 if level:
                     if level == 2:
@@ -882,8 +886,8 @@ class CheckedLibrary:
                 return result
         elif not semantic:
             def checked(*args: Any) -> Any:
-                if takes_functions:
-                    args = _unwrap_functions(args, takes_functions)
+                if unwrap_at:
+                    args = _unwrap_functions(args, unwrap_at)
                 if _level:
                     lent = check_args(args)
                     if _level == 2 and (lent or quarantine._enabled):
@@ -896,8 +900,8 @@ class CheckedLibrary:
                 return result
         else:
             def checked(*args: Any) -> Any:
-                if takes_functions:
-                    args = _unwrap_functions(args, takes_functions)
+                if unwrap_at:
+                    args = _unwrap_functions(args, unwrap_at)
                 level = _level
                 lent = check_args(args) if level and checks_args else None
                 limit = lib_self._limit

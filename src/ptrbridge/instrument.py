@@ -39,6 +39,11 @@ What the checks report (:class:`~ptrbridge.findings.Finding`):
 * ``"collected-handle"`` (error): ``ffi.from_handle`` given the address of an
   ``ffi.new_handle`` result collected since (see :mod:`ptrbridge.cffi_handles`).
 
+An instrumented ABI library's function is a checked function, not a cdata:
+passing it for a function-pointer or ``void *`` parameter, ``ffi.cast`` and
+``ffi.typeof`` of it work as before; storing it in a struct field or an
+``ffi.new`` initializer does not (``ptrbridge.unwrap(lib).name`` is the cdata).
+
 Not intercepted (yet): calls through cffi function-pointer cdata
 (``ffi.cast("int(*)(int)", p)(...)``), ``ffi.callback`` / ``@ffi.def_extern``
 of out-of-line API modules (their ``ffi`` is a C object that cannot be
@@ -100,6 +105,8 @@ def instrument() -> bool:
         cffi: Any = importlib.import_module("cffi")
         _patch(cffi.FFI, "dlopen", _make_dlopen(cffi.FFI.dlopen))
         _patch(cffi.FFI, "callback", _make_cffi_callback(cffi.FFI.callback))
+        _patch(cffi.FFI, "cast", _make_unwrapping(cffi.FFI.cast, 2))
+        _patch(cffi.FFI, "typeof", _make_unwrapping(cffi.FFI.typeof, 1))
         _patch(cffi.FFI, "new_handle", cffi_handles.make_new_handle(cffi.FFI.new_handle))
         _patch(cffi.FFI, "from_handle", cffi_handles.make_from_handle(cffi.FFI.from_handle))
         _patch(ctypes.CDLL, "__init__", _make_cdll_init(ctypes.CDLL.__init__))
@@ -141,6 +148,27 @@ def _patch(owner: Any, name: str, replacement: Any) -> None:
 
 # ---------------------------------------------------------------------------
 # cffi libraries
+
+
+_CHECKED_FUNCTIONS = (_pb_native.CheckedCall, _pb_native.CheckedMethod)
+
+
+def _make_unwrapping(original: Callable[..., Any], position: int) -> Callable[..., Any]:
+    """``FFI.cast`` / ``FFI.typeof`` that take an instrumented ABI library's function as its cdata.
+
+    In ABI mode ``lib.f`` is a function-pointer cdata; instrumented, it is a
+    checked function, which ``ffi.cast("void *", lib.f)`` and
+    ``ffi.typeof(lib.f)`` would refuse: argument ``position`` (counting
+    ``self``) is the raw function then.
+    """
+    @functools.wraps(original)
+    def unwrapping(*args: Any) -> Any:
+        if len(args) > position and type(args[position]) in _CHECKED_FUNCTIONS:
+            wrapped = getattr(args[position], "__wrapped__", None)
+            if wrapped is not None:
+                args = args[:position] + (wrapped,) + args[position + 1:]
+        return original(*args)
+    return unwrapping
 
 
 def _proxy(raw: Any) -> calls.CheckedLibrary:
