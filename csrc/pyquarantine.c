@@ -22,7 +22,8 @@
  * the argument to pass, a `target` cdata (a pointer ctype) for the shadow
  * (None if cffi exports no C API: Python casts), and the record
  * quarantine.finish takes, (slot, copy-back address or None, (obj, ()),
- * shadow, size, text).  Returns (argument, record) or None.
+ * shadow, size, text, the original's address).  Returns (argument, record)
+ * or None.
  *
  * Everything else about the lend (which arguments, the slot path) stays in
  * quarantine.py.
@@ -156,10 +157,12 @@ static PyObject *m_quarantine_lend_arg(PyObject *self, PyObject *const *args, Py
         pb__quarantine_finish(l.slot, NULL); /* not lent after all: closed at once */
         return NULL;
     }
-    PyObject *record = writable ? Py_BuildValue("(iK(O())KnO)", l.slot, (unsigned long long)l.address, args[0],
-                                                (unsigned long long)l.shadow, (Py_ssize_t)l.size, args[4])
-                                : Py_BuildValue("(iO(O())KnO)", l.slot, Py_None, args[0],
-                                                (unsigned long long)l.shadow, (Py_ssize_t)l.size, args[4]);
+    PyObject *record = writable ? Py_BuildValue("(iK(O())KnOK)", l.slot, (unsigned long long)l.address, args[0],
+                                                (unsigned long long)l.shadow, (Py_ssize_t)l.size, args[4],
+                                                (unsigned long long)l.address)
+                                : Py_BuildValue("(iO(O())KnOK)", l.slot, Py_None, args[0],
+                                                (unsigned long long)l.shadow, (Py_ssize_t)l.size, args[4],
+                                                (unsigned long long)l.address);
     if (record == NULL) {
         Py_DECREF(arg);
         pb__quarantine_finish(l.slot, NULL);
@@ -205,7 +208,7 @@ static PyMethodDef quarantine_functions[] = {
      "quarantine_lend(obj, address, size, flags, text, function, frame) -> (slot, shadow) or None"},
     {"quarantine_lend_arg", (PyCFunction)(void (*)(void))m_quarantine_lend_arg, METH_FASTCALL,
      "quarantine_lend_arg(obj, address, size, flags, text, function, frame, target)\n"
-     "-> (argument, (slot, copy_back, (obj, ()), shadow, size, text)) or None"},
+     "-> (argument, (slot, copy_back, (obj, ()), shadow, size, text, origin)) or None"},
     {"quarantine_trap", (PyCFunction)(void (*)(void))m_quarantine_trap, METH_FASTCALL,
      "quarantine_trap(size, text, function, frame) -> (slot, trap address) or None"},
     {NULL, NULL, 0, NULL},

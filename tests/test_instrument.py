@@ -505,16 +505,15 @@ def test_calls_whose_walk_could_find_nothing_run_no_python_frame(
 
 
 @at_level_1
-def test_ctypes_sampling_draws_on_the_fast_path(instrumented: None) -> None:
-    libc = ctypes.CDLL(None)
-    memchr = libc.memchr
-    memchr.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
-    memchr.restype = ctypes.c_void_p
+def test_ctypes_sampling_draws_on_the_fast_path(instrumented: None, checked_so: Path) -> None:
+    address_seen = ctypes.CDLL(str(checked_so)).address_seen
+    address_seen.argtypes = [ctypes.c_char_p]
+    address_seen.restype = ctypes.c_ulonglong  # a number: what C saw, not translated back
     data = b"sampled bytes"
     home = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
 
     def shadowed() -> bool:
-        return memchr(data, data[0], len(data)) != home
+        return address_seen(data) != home
 
     old = ptrbridge.quarantine_enabled()
     try:
@@ -807,4 +806,23 @@ def test_an_instrumented_abi_function_passes_for_its_cdata(instrumented: None, c
     with pytest.raises(TypeError) as checked_error:
         lib.call_each(lib.text_len, 0)
     assert str(checked_error.value) == str(raw_error.value)
+    assert findings.take() == []
+
+
+def test_instrumented_ctypes_pointer_results_point_into_the_original(instrumented: None) -> None:
+    # Under the quarantine C sees a shadow; a pointer it returns into it is given back translated.
+    old = ptrbridge.set_quarantine(True)
+    try:
+        with ptrbridge.checking(2):
+            crt = ctypes.CDLL(None)
+            crt.memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+            crt.memchr.restype = ctypes.c_void_p
+            crt.strtol.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+            crt.strtol.restype = ctypes.c_long
+            buf = ctypes.create_string_buffer(b"42 and more")
+            assert crt.memchr(buf, ord("a"), 11) == ctypes.addressof(buf) + 3
+            end = ctypes.c_void_p()
+            assert crt.strtol(buf, ctypes.byref(end), 10) == 42 and end.value == ctypes.addressof(buf) + 2
+    finally:
+        ptrbridge.set_quarantine(old)
     assert findings.take() == []

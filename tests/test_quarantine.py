@@ -14,7 +14,7 @@ import cffi
 import pytest
 
 import ptrbridge
-from ptrbridge import quarantine
+from ptrbridge import findings, quarantine
 
 from cbuild import build_shared
 
@@ -159,7 +159,8 @@ def test_two_views_of_one_buffer_share_one_shadow(quarantined: None) -> None:
     held = quarantine.held()
     d = libc.memmove(libc_ffi.from_buffer(view[0:7]), libc_ffi.from_buffer(view[1:8]), 7)  # overlapping
     assert data == b"bcdefghh"  # as without quarantine: C saw the aliasing, one copy-back
-    assert int(libc_ffi.cast("uintptr_t", d)) != int(libc_ffi.cast("uintptr_t", libc_ffi.from_buffer(data)))
+    # memmove returns the pointer it was given, the shadow's: the program gets the original's back
+    assert int(libc_ffi.cast("uintptr_t", d)) == int(libc_ffi.cast("uintptr_t", libc_ffi.from_buffer(data)))
     assert quarantine.held() == min(held + 1, 16)  # one shadow for both arguments
     out, src = bytearray(4), bytearray(b"wxyz")
     libc.memcpy(libc_ffi.from_buffer(out), libc_ffi.from_buffer(src), 4)  # disjoint: two shadows
@@ -218,6 +219,45 @@ def test_environment_turns_it_on() -> None:
     assert proc.stdout.strip() == "True"
 
 
+def test_pointers_c_returns_into_a_shadow_point_into_the_original(quarantined: None, checked_so: Path) -> None:
+    # strtol's endptr and memchr's result point into the input: under quarantine into its shadow,
+    # which the program would do arithmetic on and read after it is closed.
+    import ctypes
+
+    libc_ffi = cffi.FFI()
+    libc_ffi.cdef("long strtol(const char *s, char **end, int base); double strtod(const char *s, char **end);"
+                  "void *memchr(const void *s, int c, size_t n); unsigned long long address_seen(const char *p);")
+    libc = ptrbridge.wrap(libc_ffi.dlopen(None))
+    text = b"  1234 rest"
+    base = int(libc_ffi.cast("uintptr_t", libc_ffi.from_buffer(text)))
+    assert ptrbridge.wrap(libc_ffi.dlopen(str(checked_so))).address_seen(text) != base  # C sees a shadow
+    end = libc_ffi.new("char **")
+    assert libc.strtol(text, end, 10) == 1234
+    assert int(libc_ffi.cast("uintptr_t", end[0])) - base == 6 and libc_ffi.string(end[0]) == b" rest"
+    number = libc_ffi.new("char[]", b"3.5e2xyz")
+    end = libc_ffi.new("char **")  # (the first one points into text: explicit wrap's R1 says so)
+    assert libc.strtod(number, end) == 350.0 and end[0] - number == 5
+    found = libc.memchr(number, ord("x"), 8)
+    assert libc_ffi.typeof(found) is libc_ffi.typeof("void *")
+    assert libc_ffi.cast("char *", found) - number == 5
+    assert libc.memchr(number, ord("!"), 8) == libc_ffi.NULL
+    crt = ctypes.CDLL(None)
+    crt.strtol.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int]
+    crt.strtol.restype = ctypes.c_long
+    crt.memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    crt.memchr.restype = ctypes.c_void_p
+    wrapped = ptrbridge.wrap(crt)
+    cend = ctypes.c_char_p()
+    assert wrapped.strtol(text, ctypes.byref(cend), 10) == 1234
+    assert ctypes.cast(cend, ctypes.c_void_p).value - base == 6 and cend.value == b" rest"
+    buf = ctypes.create_string_buffer(b"99 bottles")
+    assert wrapped.memchr(buf, ord("b"), 10) - ctypes.addressof(buf) == 3
+    crt.memchr.restype = ctypes.POINTER(ctypes.c_char)
+    hit = wrapped.memchr(buf, ord("t"), 10)
+    assert ctypes.cast(hit, ctypes.c_void_p).value - ctypes.addressof(buf) == 5
+    assert findings.take() == []  # nothing read the shadows after the calls
+
+
 def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:
     import ctypes
 
@@ -229,10 +269,10 @@ def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:
     libc = ptrbridge.wrap(crt)
     held = quarantine.held()
     buf = (ctypes.c_char * 32)()
-    shadow = libc.memset(buf, 0x44, 31)  # returns the pointer it was given: the shadow
-    assert buf.value == b"D" * 31 and shadow != ctypes.addressof(buf)
+    back = libc.memset(buf, 0x44, 31)  # returns the pointer it was given, the shadow's, translated back
+    assert buf.value == b"D" * 31 and back == ctypes.addressof(buf)
     assert libc.strlen(b"ctypes bytes") == 12
-    assert quarantine.held() >= min(held + 2, 16)
+    assert quarantine.held() >= min(held + 2, 16)  # both were shadowed
 
 
 KEEPER_CTYPES = """

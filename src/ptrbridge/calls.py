@@ -475,7 +475,7 @@ def _return_lent(regions: List[Lend], function: str, frame: Any) -> None:
 def _finish_shadows(shadows: List[Any], regions: List[Lend]) -> None:
     """Level 2 with quarantine, after the call: close the shadows; the scan looks for them too."""
     quarantine.finish(shadows)
-    for _slot, _back, _keeper, shadow, size, text in shadows:
+    for _slot, _back, _keeper, shadow, size, text, _origin in shadows:
         # C must not keep the shadow either: look for it too.
         regions.append(lend(shadow, size, text.split(" lent to ")[0]))
 
@@ -711,6 +711,7 @@ class CheckedLibrary:
         unwrap_at = takes_functions if self._is_ctypes else takes_functions + tuple(
             i for i, p in enumerate(params) if p.kind == "pointer" and p.item.kind == "void")
         is_ctypes = self._is_ctypes
+        int_is_pointer = is_ctypes and result_is_ptr  # a c_void_p restype: ctypes returns the address as an int
         lib_self = self
         record = self._mode == "record"
         count_call = findings.count
@@ -822,6 +823,8 @@ class CheckedLibrary:
                 if lent:
                     note_cursors(lent)
                 _return_lent(regions, function, frame)
+            if shadows:
+                result = quarantine.translate(result, args, shadows, int_is_pointer)
             return finish(result, err, exc)
 
         def run_sampled(function: str, args: Tuple[Any, ...], frame: Any) -> Any:
@@ -834,6 +837,8 @@ class CheckedLibrary:
                 result, err, exc = dispatch(args)
             finally:
                 quarantine.finish(shadows)
+            if shadows:
+                result = quarantine.translate(result, args, shadows, int_is_pointer)
             return finish(result, err, exc)
 
         only = plan[0][0] if len(plan) == 1 and not is_ctypes else None

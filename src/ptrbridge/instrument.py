@@ -306,21 +306,29 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
             args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, lent)
         regions = calls._lend(lent)
         try:
-            return _base_call(self, *args)
+            result = _base_call(self, *args)
         finally:
             if shadows:
                 calls._finish_shadows(shadows, regions)
             if lent:
                 note_cursors(lent)
             calls._return_lent(regions, name, frame)
+        return quarantine.translate(result, args, shadows, _returns_address(self)) if shadows else result
     if level == 1 and quarantine._enabled and quarantine._tick():  # sampling drew this call
         name = getattr(self, "__name__", "<C function>")
         args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, (), True)
         try:
-            return _base_call(self, *args)
+            result = _base_call(self, *args)
         finally:
             quarantine.finish(shadows)
+        return quarantine.translate(result, args, shadows, _returns_address(self)) if shadows else result
     return _base_call(self, *args)
+
+
+def _returns_address(fn: Any) -> bool:
+    """Whether ctypes returns ``fn``'s pointer result as an int (a ``c_void_p`` restype)."""
+    restype = getattr(fn, "restype", None)
+    return isinstance(restype, type) and issubclass(restype, ctypes.c_void_p)
 
 
 # The __call__ of instrumented ctypes function pointers: level 1's common case (as the

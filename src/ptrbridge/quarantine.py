@@ -79,8 +79,9 @@ _TRUE = ("1", "true", "yes", "on")
 STACK_FRAMES = 8  # Python frames of the lending call kept for the report (as in csrc/pyquarantine.c)
 _MAX_FIXUP_DEPTH = 3  # struct -> array of structs -> buffer (msghdr.msg_iov[i].iov_base)
 
-# slot, copy-back address, keeper (object(s), slot fixups), shadow, size, the object's text
-Shadow = Tuple[int, Optional[int], Any, int, int, str]
+# slot, copy-back address, keeper (object(s), slot fixups), shadow, size, the object's text,
+# the original's address
+Shadow = Tuple[int, Optional[int], Any, int, int, str, int]
 Fixup = Tuple[int, int, int, int]  # slot address, shadow start, size, original start
 
 
@@ -502,7 +503,7 @@ def _lend_uses(uses: List[_Use], function: str, frame: Any, draw: Callable[[], b
                 fixups.append((use.slot, shadow, size, start))
         writable = any(u.writable for u in group)
         shadows.append((slot, start if writable else None, ([u.keeper for u in group], tuple(fixups)), shadow,
-                        size, text))
+                        size, text, start))
 
 
 def _immutable_original(group: List[_Use]) -> Optional[bytes]:
@@ -627,7 +628,7 @@ def set_traps(lent: Sequence[Any], function: str, frame: Any) -> List[Shadow]:
         slot, region = made
         cell[0] = region + (trap.value - trap.start)
         shadows.append((slot, None, ((), ((trap.slot, region, trap.size, trap.start),)), region, trap.size,
-                        trap.text))
+                        trap.text, trap.start))
         trap.suspect()
     return shadows
 
@@ -783,6 +784,8 @@ _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _SimpleCData = ctypes._SimpleCData  # type: ignore[attr-defined]
 _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _POINTER_SIMPLE = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_wchar_p)
+# ctypes out-parameters whose pointer slots translate() looks at
+_CTYPES_OUT = (ctypes.Structure, ctypes.Union, ctypes.Array, _PointerBase) + _POINTER_SIMPLE
 
 
 def _simple(t: Any) -> bool:
@@ -922,9 +925,70 @@ def _shadow_ctypes_lends(args: Tuple[Any, ...], argtypes: Sequence[Any], functio
     return tuple(new_args), shadows
 
 
+def translate(result: Any, args: Sequence[Any], shadows: List[Shadow], pointer_result: bool = False) -> Any:
+    """Pointers C made into a shadow during the call point into the original afterwards.
+
+    C returns pointers into its input (``strchr``, ``memchr``, ``strstr``)
+    and stores them in out-parameters (``strtol``'s ``char **endptr``): with
+    the buffer shadowed they point into the shadow, which the program would
+    do arithmetic on (``end - text``) and read after the shadow is closed.
+    The result (a cffi pointer, a ctypes pointer, or an int when
+    ``pointer_result``: ctypes' ``c_void_p`` restype) and the pointer slots of
+    the Python-owned out-parameters among ``args`` (cffi ``ffi.new`` memory;
+    ctypes instances, and what a ``byref()`` refers to) that point into a
+    shadow, or one past its end, are moved to the same offset in the
+    original.  Returns the result.
+    """
+    spans = [(record[3], record[4], record[6]) for record in shadows]
+
+    def back(value: int) -> Optional[int]:
+        for shadow, size, origin in spans:
+            if shadow <= value <= shadow + size:
+                return origin + (value - shadow)
+        return None
+
+    for arg in args:
+        if type(arg) is _OWN_CDATA:
+            ctype = ffi.typeof(arg)
+            if ctype.kind not in ("pointer", "array"):
+                continue
+            layout = layout_of(ctype.item)
+            count = len(arg) if ctype.kind == "array" else 1
+            address = address_of(arg)
+        else:
+            obj = getattr(arg, "_obj") if type(arg) is _CArgObject else arg
+            if not isinstance(obj, _CTYPES_OUT):
+                continue
+            layout, count, address = layout_of(type(obj)), 1, ctypes.addressof(obj)
+        if layout is None or not layout.slots or not layout.size:
+            continue
+        for element in range(min(count, 4096)):
+            for slot in layout.slots:
+                cell = ffi.cast("uintptr_t *", address + element * layout.size + slot.offset)
+                moved = back(int(cell[0])) if cell[0] else None
+                if moved is not None:
+                    cell[0] = moved
+    if isinstance(result, ffi.CData):
+        ctype = ffi.typeof(result)
+        if ctype.kind == "pointer" and type(result) not in (_OWN_CDATA, _FROMBUF_CDATA):
+            moved = back(address_of(result))
+            if moved is not None:
+                return ffi.cast(ctype, moved)
+    elif pointer_result and type(result) is int:
+        moved = back(result)
+        if moved is not None:
+            return moved
+    elif isinstance(result, (_PointerBase, ctypes.c_void_p)):
+        value = ctypes.c_void_p.from_address(ctypes.addressof(result)).value or 0
+        moved = back(value)
+        if moved is not None:
+            return ctypes.cast(ctypes.c_void_p(moved), type(result))
+    return result
+
+
 def finish(shadows: List[Shadow]) -> None:
     """After the call: translate repointed slots back, copy writable data back, quarantine the shadows."""
-    for slot, copy_back, keeper, _shadow, _size, _text in shadows:
+    for slot, copy_back, keeper, _shadow, _size, _text, _origin in shadows:
         for slot_address, shadow, size, start in keeper[1]:
             cell = ffi.cast("uintptr_t *", slot_address)
             value = int(cell[0])

@@ -25,6 +25,7 @@ void *null_pointer(void);
 int is_null(const void *p);
 int is_null_text(const char *p);
 int is_null_int(const int *p);
+unsigned long long address_seen(const char *p);
 unsigned long thread_id(void);
 void counter_bump(int times);
 long counter_value(void);
