@@ -1,6 +1,7 @@
 """Quarantine: lent buffers as guard-paged shadows; a later use by C is a reported crash."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import cffi
 import pytest
@@ -256,6 +257,49 @@ def test_pointers_c_returns_into_a_shadow_point_into_the_original(quarantined: N
     hit = wrapped.memchr(buf, ord("t"), 10)
     assert ctypes.cast(hit, ctypes.c_void_p).value - ctypes.addressof(buf) == 5
     assert findings.take() == []  # nothing read the shadows after the calls
+
+
+def test_a_callback_during_a_quarantined_call_sees_the_buffer_as_c_has_it(quarantined: None, instrumented: None,
+                                                                         checked_so: Path) -> None:
+    # A progress callback reads the buffer C is filling, and writes to it: without the quarantine
+    # it sees C's bytes and C sees its own, and so it must with C working on a shadow.  (The
+    # callbacks that can: ptrbridge.callback, and instrumented ffi.callback / CFUNCTYPE.)
+    import ctypes
+
+    from conftest import CHECKED_CDEF
+
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    lib = ptrbridge.wrap(ffi.dlopen(str(checked_so)))
+    crt = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    progress_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+    crt.fill_calling.argtypes = [ctypes.c_char_p, ctypes.c_int, progress_type]
+
+    def run(call: Any, buf: Any, view: Any, make: Any) -> Tuple[List[bytes], int]:
+        seen: List[bytes] = []
+
+        def progress(done: int) -> int:
+            seen.append(bytes(view()[:done]))
+            if done == 4:
+                view()[0:1] = b"Z"  # C reads buf[0] at the end
+            return 0
+
+        with make(progress) as callback:
+            return seen, call(buf, getattr(callback, "cdata", callback))  # ptrbridge.Callback: its cdata
+
+    expected = ([b"a", b"ab", b"abc", b"abcd"], ord("Z"))
+    data = bytearray(4)
+    assert run(lambda b, cb: lib.fill_calling(ffi.from_buffer(b), 4, cb), data, lambda: data,
+               lambda fn: ptrbridge.callback(ffi, "int(int)", fn)) == expected
+    assert data == b"Zbcd"
+    block = ffi.new("char[]", 4)
+    assert run(lambda b, cb: lib.fill_calling(b, 4, cb), block, lambda: ffi.buffer(block),
+               lambda fn: contextlib.nullcontext(ffi.callback("int(int)", fn))) == expected
+    text = ctypes.create_string_buffer(4)
+    assert run(lambda b, cb: crt.fill_calling(b, 4, cb), text,
+               lambda: memoryview(text).cast("B"),
+               lambda fn: contextlib.nullcontext(progress_type(fn))) == expected
+    assert text.raw == b"Zbcd"
 
 
 def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:

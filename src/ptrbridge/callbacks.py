@@ -38,7 +38,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from . import levels
+from . import levels, quarantine
 from ._bindings import address_of, ffi, write_unraisable
 from .callsite import caller_site
 from .calls import defer_exception
@@ -127,6 +127,7 @@ class Callback:
                 f"after release() - release only when C can no longer call it"
             ), self)
             return self.error
+        synced = quarantine.callback_entered()  # a quarantined call in flight: C's view of its buffers
         try:
             if self.userdata is not None:
                 args = self._resolve_userdata(args)
@@ -139,6 +140,8 @@ class Callback:
         except BaseException as exc:  # nothing may unwind through C frames
             _deliver(exc, self)
             return self.error
+        finally:
+            quarantine.callback_left(synced)
 
     def _resolve_userdata(self, args: tuple) -> tuple:
         index = self.userdata

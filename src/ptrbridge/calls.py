@@ -815,10 +815,12 @@ class CheckedLibrary:
                 else:
                     args, shadows = quarantine.shadow_arguments(args, plan, function, frame, lent)
             regions = _lend(lent)
+            entered = quarantine.enter_call(shadows) if shadows else False
             try:
                 result, err, exc = dispatch(args)
             finally:
                 if shadows:
+                    quarantine.leave_call(entered)
                     _finish_shadows(shadows, regions)
                 if lent:
                     note_cursors(lent)
@@ -833,9 +835,11 @@ class CheckedLibrary:
                 args, shadows = quarantine.shadow_ctypes_arguments(args, params, function, frame, (), True)
             else:
                 args, shadows = quarantine.shadow_arguments(args, plan, function, frame, (), True)
+            entered = quarantine.enter_call(shadows)
             try:
                 result, err, exc = dispatch(args)
             finally:
+                quarantine.leave_call(entered)
                 quarantine.finish(shadows)
             if shadows:
                 result = quarantine.translate(result, args, shadows, int_is_pointer)

@@ -305,10 +305,12 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
         if quarantine._enabled:
             args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, lent)
         regions = calls._lend(lent)
+        entered = quarantine.enter_call(shadows) if shadows else False
         try:
             result = _base_call(self, *args)
         finally:
             if shadows:
+                quarantine.leave_call(entered)
                 calls._finish_shadows(shadows, regions)
             if lent:
                 note_cursors(lent)
@@ -317,9 +319,11 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
     if level == 1 and quarantine._enabled and quarantine._tick():  # sampling drew this call
         name = getattr(self, "__name__", "<C function>")
         args, shadows = quarantine.shadow_ctypes_arguments(args, self.argtypes or (), name, frame, (), True)
+        entered = quarantine.enter_call(shadows)
         try:
             result = _base_call(self, *args)
         finally:
+            quarantine.leave_call(entered)
             quarantine.finish(shadows)
         return quarantine.translate(result, args, shadows, _returns_address(self)) if shadows else result
     return _base_call(self, *args)
@@ -419,7 +423,11 @@ class _Shim:
         fn = self.fn
         if fn is None:
             return self._collected()
-        result = fn(*args)
+        synced = quarantine.callback_entered()  # a quarantined call in flight: C's view of its buffers
+        try:
+            result = fn(*args)
+        finally:
+            quarantine.callback_left(synced)
         if self.pointer_result and levels._level and result is not None:
             # References: `result` and getrefcount's argument.  No other means
             # that the object dies when C gets its address (R4: dangling result).

@@ -57,6 +57,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 import random
 import dataclasses
 import re
@@ -923,6 +924,55 @@ def _shadow_ctypes_lends(args: Tuple[Any, ...], argtypes: Sequence[Any], functio
     if uses:
         _lend_uses(uses, function, frame, _always if sampled else due, new_args, shadows)
     return tuple(new_args), shadows
+
+
+# The writable shadows of the quarantined calls in flight on this thread, innermost last: a
+# Python callback C calls during one of them sees (and changes) the original (see enter_call).
+_in_flight = threading.local()
+
+
+def enter_call(shadows: List[Shadow]) -> bool:
+    """Before a quarantined call: callbacks during it see the buffers as C has them.
+
+    Without the quarantine a callback that reads the buffer C is filling
+    (a progress callback) sees what C wrote so far, and what it writes C
+    sees.  With it, C works on the shadow: :func:`callback_entered` copies
+    each writable shadow to its original when a callback starts and
+    :func:`callback_left` copies it back when the callback returns.  True:
+    call :func:`leave_call` after the call.
+    """
+    writable = [(record[6], record[3], record[4]) for record in shadows if record[1] is not None]
+    if not writable:
+        return False
+    stack = getattr(_in_flight, "stack", None)
+    if stack is None:
+        stack = _in_flight.stack = []
+    stack.append(writable)
+    return True
+
+
+def leave_call(entered: bool) -> None:
+    """After the call :func:`enter_call` was told of."""
+    if entered:
+        _in_flight.stack.pop()
+
+
+def callback_entered() -> Optional[List[Tuple[int, int, int]]]:
+    """A Python callback starts: copy this thread's in-flight shadows to their originals."""
+    stack = getattr(_in_flight, "stack", None)
+    if not stack:
+        return None
+    spans = [span for frame in stack for span in frame]
+    for origin, shadow, size in spans:
+        ctypes.memmove(origin, shadow, size)
+    return spans
+
+
+def callback_left(spans: Optional[List[Tuple[int, int, int]]]) -> None:
+    """The callback returned: what it left in the originals is what C sees on."""
+    if spans:
+        for origin, shadow, size in spans:
+            ctypes.memmove(shadow, origin, size)
 
 
 def translate(result: Any, args: Sequence[Any], shadows: List[Shadow], pointer_result: bool = False) -> Any:

@@ -313,3 +313,14 @@ unsigned long long address_seen(const char *p)
 {
     return (unsigned long long)(uintptr_t)p;
 }
+
+/* Fills buf, calling progress after each byte; returns buf[0] as it is at the end (a callback
+ * may have changed it). */
+int fill_calling(char *buf, int n, int (*progress)(int))
+{
+    for (int i = 0; i < n; i++) {
+        buf[i] = (char)('a' + i);
+        progress(i + 1);
+    }
+    return buf[0];
+}
