@@ -302,6 +302,42 @@ def test_a_callback_during_a_quarantined_call_sees_the_buffer_as_c_has_it(quaran
     assert text.raw == b"Zbcd"
 
 
+def test_a_callback_given_a_pointer_into_a_shadow_gets_one_into_the_original(
+        quarantined: None, instrumented: None, checked_so: Path) -> None:
+    # A tokenizer hands its callback pointers into the text: the program's offsets are start - text.
+    import ctypes
+
+    from conftest import CHECKED_CDEF
+
+    ffi = cffi.FFI()
+    ffi.cdef(CHECKED_CDEF)
+    lib = ptrbridge.wrap(ffi.dlopen(str(checked_so)))
+    text = b"to be  or not"
+    base = int(ffi.cast("uintptr_t", ffi.from_buffer(text)))
+    assert lib.address_seen(text) != base  # C works on a shadow
+    words: List[Tuple[int, bytes]] = []
+
+    def on_word(start: Any, length: int) -> int:
+        words.append((int(ffi.cast("uintptr_t", start)) - base, ffi.unpack(start, length)))
+        return 0
+
+    expected = [(0, b"to"), (3, b"be"), (7, b"or"), (10, b"not")]
+    with ptrbridge.callback(ffi, "int(const char *, int)", on_word) as callback:
+        assert lib.each_word(text, callback.cdata) == 4 and words == expected
+    words.clear()
+    assert lib.each_word(text, ffi.callback("int(const char *, int)", on_word)) == 4 and words == expected
+    crt = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    word_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_char), ctypes.c_int)
+    crt.each_word.argtypes = [ctypes.c_char_p, word_type]
+    found: List[Tuple[int, bytes]] = []
+
+    def on_ctypes_word(start: Any, length: int) -> int:
+        found.append((ctypes.cast(start, ctypes.c_void_p).value - base, ctypes.string_at(start, length)))
+        return 0
+
+    assert crt.each_word(text, word_type(on_ctypes_word)) == 4 and found == expected
+
+
 def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:
     import ctypes
 

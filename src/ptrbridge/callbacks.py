@@ -131,7 +131,7 @@ class Callback:
         try:
             if self.userdata is not None:
                 args = self._resolve_userdata(args)
-            result = fn(*args)
+            result = fn(*quarantine.callback_args(args, synced))
             if self._convert is not None:
                 self._convert(result)
             if self.pointer_result and levels._level and result is not None:

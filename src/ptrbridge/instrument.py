@@ -425,7 +425,7 @@ class _Shim:
             return self._collected()
         synced = quarantine.callback_entered()  # a quarantined call in flight: C's view of its buffers
         try:
-            result = fn(*args)
+            result = fn(*quarantine.callback_args(args, synced))
         finally:
             quarantine.callback_left(synced)
         if self.pointer_result and levels._level and result is not None:

@@ -941,13 +941,12 @@ def enter_call(shadows: List[Shadow]) -> bool:
     :func:`callback_left` copies it back when the callback returns.  True:
     call :func:`leave_call` after the call.
     """
-    writable = [(record[6], record[3], record[4]) for record in shadows if record[1] is not None]
-    if not writable:
+    if not shadows:
         return False
     stack = getattr(_in_flight, "stack", None)
     if stack is None:
         stack = _in_flight.stack = []
-    stack.append(writable)
+    stack.append([(record[6], record[3], record[4], record[1] is not None) for record in shadows])
     return True
 
 
@@ -957,22 +956,58 @@ def leave_call(entered: bool) -> None:
         _in_flight.stack.pop()
 
 
-def callback_entered() -> Optional[List[Tuple[int, int, int]]]:
-    """A Python callback starts: copy this thread's in-flight shadows to their originals."""
+_Span = Tuple[int, int, int, bool]  # original, shadow, size, writable
+
+
+def callback_entered() -> Optional[List[_Span]]:
+    """A Python callback starts: copy this thread's in-flight writable shadows to their originals."""
     stack = getattr(_in_flight, "stack", None)
     if not stack:
         return None
     spans = [span for frame in stack for span in frame]
-    for origin, shadow, size in spans:
-        ctypes.memmove(origin, shadow, size)
+    for origin, shadow, size, writable in spans:
+        if writable:
+            ctypes.memmove(origin, shadow, size)
     return spans
 
 
-def callback_left(spans: Optional[List[Tuple[int, int, int]]]) -> None:
+def callback_args(args: Tuple[Any, ...], spans: Optional[List[_Span]]) -> Tuple[Any, ...]:
+    """A callback's pointer arguments into an in-flight shadow, pointing into the original instead.
+
+    C hands callbacks pointers into the buffer it works on (a tokenizer's
+    ``on_token(start, len)``): the program computes ``start - text`` and reads
+    there, as it would without the quarantine.
+    """
+    if not spans:
+        return args
+    items: Optional[List[Any]] = None
+    for i, arg in enumerate(args):
+        if isinstance(arg, ffi.CData):
+            ctype = ffi.typeof(arg)
+            if ctype.kind != "pointer":
+                continue
+            value = address_of(arg)
+        elif isinstance(arg, _PointerBase):
+            value = ctypes_pointer_value(arg)
+        else:
+            continue
+        for origin, shadow, size, _writable in spans:
+            if shadow <= value <= shadow + size:
+                moved = origin + (value - shadow)
+                if items is None:
+                    items = list(args)
+                items[i] = ffi.cast(ctype, moved) if isinstance(arg, ffi.CData) else ctypes.cast(
+                    ctypes.c_void_p(moved), type(arg))
+                break
+    return args if items is None else tuple(items)
+
+
+def callback_left(spans: Optional[List[_Span]]) -> None:
     """The callback returned: what it left in the originals is what C sees on."""
     if spans:
-        for origin, shadow, size in spans:
-            ctypes.memmove(shadow, origin, size)
+        for origin, shadow, size, writable in spans:
+            if writable:
+                ctypes.memmove(shadow, origin, size)
 
 
 def translate(result: Any, args: Sequence[Any], shadows: List[Shadow], pointer_result: bool = False) -> Any:

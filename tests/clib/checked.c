@@ -324,3 +324,21 @@ int fill_calling(char *buf, int n, int (*progress)(int))
     }
     return buf[0];
 }
+
+/* Calls on_word with a pointer into text for each space-separated word; returns the count. */
+int each_word(const char *text, int (*on_word)(const char *start, int len))
+{
+    int words = 0;
+    for (const char *p = text; *p;) {
+        while (*p == ' ')
+            p++;
+        const char *start = p;
+        while (*p && *p != ' ')
+            p++;
+        if (p > start) {
+            on_word(start, (int)(p - start));
+            words++;
+        }
+    }
+    return words;
+}

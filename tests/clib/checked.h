@@ -27,6 +27,7 @@ int is_null_text(const char *p);
 int is_null_int(const int *p);
 unsigned long long address_seen(const char *p);
 int fill_calling(char *buf, int n, int (*progress)(int));
+int each_word(const char *text, int (*on_word)(const char *start, int len));
 unsigned long thread_id(void);
 void counter_bump(int times);
 long counter_value(void);
