@@ -229,6 +229,7 @@ def test_pointers_c_returns_into_a_shadow_point_into_the_original(quarantined: N
     libc_ffi.cdef("long strtol(const char *s, char **end, int base); double strtod(const char *s, char **end);"
                   "void *memchr(const void *s, int c, size_t n); unsigned long long address_seen(const char *p);")
     libc = ptrbridge.wrap(libc_ffi.dlopen(None))
+    findings.take()
     text = b"  1234 rest"
     base = int(libc_ffi.cast("uintptr_t", libc_ffi.from_buffer(text)))
     assert ptrbridge.wrap(libc_ffi.dlopen(str(checked_so))).address_seen(text) != base  # C sees a shadow
@@ -256,7 +257,8 @@ def test_pointers_c_returns_into_a_shadow_point_into_the_original(quarantined: N
     crt.memchr.restype = ctypes.POINTER(ctypes.c_char)
     hit = wrapped.memchr(buf, ord("t"), 10)
     assert ctypes.cast(hit, ctypes.c_void_p).value - ctypes.addressof(buf) == 5
-    assert findings.take() == []  # nothing read the shadows after the calls
+    # Nothing read a shadow after its call (a retention scan may report older tests' memory).
+    assert [f for f in findings.take() if f.kind in ("use-after-release", "use-after-free")] == []
 
 
 def test_a_callback_during_a_quarantined_call_sees_the_buffer_as_c_has_it(quarantined: None, instrumented: None,
