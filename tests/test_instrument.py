@@ -825,4 +825,5 @@ def test_instrumented_ctypes_pointer_results_point_into_the_original(instrumente
             assert crt.strtol(buf, ctypes.byref(end), 10) == 42 and end.value == ctypes.addressof(buf) + 2
     finally:
         ptrbridge.set_quarantine(old)
-    assert [f for f in findings.take() if f.severity == "error"] == []  # (scans: older tests' memory)
+    # No read of a closed shadow (kept reads are use-after-release); scans may report older tests' memory.
+    assert [f for f in findings.take() if f.severity == "error" or f.kind == "use-after-release"] == []
