@@ -162,12 +162,12 @@ def _make_unwrapping(original: Callable[..., Any], position: int) -> Callable[..
     ``self``) is the raw function then.
     """
     @functools.wraps(original)
-    def unwrapping(*args: Any) -> Any:
+    def unwrapping(*args: Any, **kwargs: Any) -> Any:
         if len(args) > position and type(args[position]) in _CHECKED_FUNCTIONS:
             wrapped = getattr(args[position], "__wrapped__", None)
             if wrapped is not None:
                 args = args[:position] + (wrapped,) + args[position + 1:]
-        return original(*args)
+        return original(*args, **kwargs)
     return unwrapping
 
 
