@@ -53,7 +53,12 @@ void pb__quarantine_owner_freed_slow(uintptr_t object);
 
 /* Ends a lend: copies the shadow back to dst (if dst is not NULL), makes the
  * shadow inaccessible and puts it in the quarantine FIFO (evicting the
- * oldest).  Returns PB_OK or PB_ERR_INVALID (not a lent slot).  Thread-safe. */
+ * oldest).  Returns PB_OK, PB_ERR_INVALID (not a lent slot) or
+ * PB_QUARANTINE_WROTE_IMMUTABLE: the original is an immutable object (a
+ * bytes) and C changed the shadow, which a bytes must never be; the shadow
+ * was copied to the original, as C's writes would have reached it without
+ * the quarantine.  Thread-safe. */
+#define PB_QUARANTINE_WROTE_IMMUTABLE 1
 int pb__quarantine_finish(int slot, void *dst);
 
 /* pb__quarantine_finish with the copy-back address as an integer (0: none),

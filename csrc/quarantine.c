@@ -1308,6 +1308,14 @@ int pb__quarantine_finish(int index, void *dst)
     }
     if (dst != NULL && s->len)
         memcpy(dst, (const void *)s->data, s->len);
+    int status = PB_OK;
+    if (dst == NULL && s->len && s->src != 0 && atomic_load(&s->owner) != 0 && !s->mutable_owner && !s->trap &&
+        memcmp((const void *)s->data, (const void *)s->src, s->len) != 0) {
+        /* C wrote into the copy of an immutable original: without the quarantine the write
+         * reaches the object itself, so it does now too; the caller reports it. */
+        memcpy((void *)s->src, (const void *)s->data, s->len);
+        status = PB_QUARANTINE_WROTE_IMMUTABLE;
+    }
     if (fifo_count == QUARANTINE_DEPTH)
         evict_one();
     s->closed = s->data & ~(uintptr_t)(page - 1); /* the pages that held the copy */
@@ -1323,12 +1331,12 @@ int pb__quarantine_finish(int index, void *dst)
             atomic_store_explicit(&s->state, FREE, memory_order_release);
         }
         pthread_mutex_unlock(&lock);
-        return PB_OK;
+        return status;
     }
     atomic_store_explicit(&s->state, QUARANTINED, memory_order_release);
     enqueue_locked(index);
     pthread_mutex_unlock(&lock);
-    return PB_OK;
+    return status;
 }
 
 static void enqueue_locked(int index)

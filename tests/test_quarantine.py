@@ -340,6 +340,35 @@ def test_a_callback_given_a_pointer_into_a_shadow_gets_one_into_the_original(
     assert crt.each_word(text, word_type(on_ctypes_word)) == 4 and found == expected
 
 
+def test_c_writing_into_a_bytes_is_an_error_and_the_write_goes_through(quarantined: None) -> None:
+    # Without the quarantine C's write reaches the bytes object (a memory-safety bug that CPython
+    # does not see); with it, the write would stay in the shadow and hide the bug.
+    import ctypes
+
+    libc_ffi = cffi.FFI()
+    libc_ffi.cdef("void *memset(void *s, int c, size_t n); size_t strlen(const char *s);")
+    libc = ptrbridge.wrap(libc_ffi.dlopen(None))
+    crt = ptrbridge.wrap(ctypes.CDLL(None))
+    crt.memset.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
+    findings.take()
+    data = bytes(range(97, 105))  # made at run time: not a shared constant
+    line = sys._getframe().f_lineno + 1
+    libc.memset(data, ord("A"), 2)
+    assert data == b"AAcdefgh"  # as without the quarantine
+    other = bytes(range(97, 105))
+    crt.memset(other, ord("B"), 1)
+    assert other == b"Bbcdefgh"
+    assert libc.strlen(data) == 8  # a read leaves it alone: no finding
+    found = [f for f in findings.take() if f.kind == "immutable-write"]
+    assert [(f.severity, f.function, f.object) for f in found] == [("error", "memset", "bytes(8)")] * 2
+    assert found[0].lent_at == f"test_quarantine.py:{line}"
+    assert found[0].message.endswith(f"SUMMARY: ptrbridge: immutable-write bytes(8) passed to memset() at "
+                                     f"test_quarantine.py:{line}")
+    mutable = bytearray(b"abc")
+    libc.memset(libc_ffi.from_buffer(mutable), ord("C"), 1)  # a buffer C may write: no finding
+    assert mutable == b"Cbc" and [f for f in findings.take() if f.kind == "immutable-write"] == []
+
+
 def test_ctypes_arguments_are_shadowed(quarantined: None) -> None:
     import ctypes
 

@@ -472,9 +472,9 @@ def _return_lent(regions: List[Lend], function: str, frame: Any) -> None:
     scanning.after_call()
 
 
-def _finish_shadows(shadows: List[Any], regions: List[Lend]) -> None:
+def _finish_shadows(shadows: List[Any], regions: List[Lend], function: str, frame: Any) -> None:
     """Level 2 with quarantine, after the call: close the shadows; the scan looks for them too."""
-    quarantine.finish(shadows)
+    quarantine.finish(shadows, function, frame)
     for _slot, _back, _keeper, shadow, size, text, _origin in shadows:
         # C must not keep the shadow either: look for it too.
         regions.append(lend(shadow, size, text.split(" lent to ")[0]))
@@ -821,7 +821,7 @@ class CheckedLibrary:
             finally:
                 if shadows:
                     quarantine.leave_call(entered)
-                    _finish_shadows(shadows, regions)
+                    _finish_shadows(shadows, regions, function, frame)
                 if lent:
                     note_cursors(lent)
                 _return_lent(regions, function, frame)
@@ -840,7 +840,7 @@ class CheckedLibrary:
                 result, err, exc = dispatch(args)
             finally:
                 quarantine.leave_call(entered)
-                quarantine.finish(shadows)
+                quarantine.finish(shadows, function, frame)
             if shadows:
                 result = quarantine.translate(result, args, shadows, int_is_pointer)
             return finish(result, err, exc)

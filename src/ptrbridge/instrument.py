@@ -311,7 +311,7 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
         finally:
             if shadows:
                 quarantine.leave_call(entered)
-                calls._finish_shadows(shadows, regions)
+                calls._finish_shadows(shadows, regions, name, frame)
             if lent:
                 note_cursors(lent)
             calls._return_lent(regions, name, frame)
@@ -324,7 +324,7 @@ def _ctypes_call(self: Any, *args: Any) -> Any:
             result = _base_call(self, *args)
         finally:
             quarantine.leave_call(entered)
-            quarantine.finish(shadows)
+            quarantine.finish(shadows, name, frame)
         return quarantine.translate(result, args, shadows, _returns_address(self)) if shadows else result
     return _base_call(self, *args)
 

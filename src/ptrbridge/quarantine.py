@@ -1071,15 +1071,36 @@ def translate(result: Any, args: Sequence[Any], shadows: List[Shadow], pointer_r
     return result
 
 
-def finish(shadows: List[Shadow]) -> None:
-    """After the call: translate repointed slots back, copy writable data back, quarantine the shadows."""
-    for slot, copy_back, keeper, _shadow, _size, _text, _origin in shadows:
-        for slot_address, shadow, size, start in keeper[1]:
+def finish(shadows: List[Shadow], function: str = "", frame: Any = None) -> None:
+    """After the call: translate repointed slots back, copy writable data back, quarantine the shadows.
+
+    ``function`` and ``frame`` (the call's) name the call in the error when C
+    wrote into the shadow of a ``bytes`` (:func:`_wrote_immutable`).
+    """
+    for slot, copy_back, keeper, _shadow, size, text, _origin in shadows:
+        for slot_address, shadow, fixed_size, start in keeper[1]:
             cell = ffi.cast("uintptr_t *", slot_address)
             value = int(cell[0])
-            if shadow <= value <= shadow + size:
+            if shadow <= value <= shadow + fixed_size:
                 cell[0] = start + (value - shadow)  # C advanced it inside the shadow: same offset
-        lib.pb__quarantine_finish_at(slot, copy_back or 0)
+        if lib.pb__quarantine_finish_at(slot, copy_back or 0) == lib.PB_QUARANTINE_WROTE_IMMUTABLE:
+            _wrote_immutable(text, size, function, frame)
+
+
+def _wrote_immutable(text: str, size: int, function: str, frame: Any) -> None:
+    """C changed a ``bytes`` it was lent: an error (the change reached the object, as without the quarantine)."""
+    what = text.split(" lent to ")[0]
+    site = frame_site(frame) if frame is not None else "<unknown>:0"
+    call = f"{function}() at {site}" if function else "a checked call"
+    message = (
+        f"ptrbridge: C wrote into an immutable object: {what} passed to {call} was changed by C during "
+        f"the call. CPython shares bytes objects (constants, interned and cached values), so the write "
+        f"corrupts every user of that object; it went through, as without ptrbridge. Give C a buffer it "
+        f"may write (a bytearray, ffi.new(\"char[]\", n), ctypes.create_string_buffer)\n"
+        f"SUMMARY: ptrbridge: immutable-write {what} passed to {call}"
+    )
+    record(Finding("immutable-write", "error", "immutable", message, object=what, object_size=size,
+                   function=function or None, lent_at=site, state="lent"))
 
 
 if _log_path:
