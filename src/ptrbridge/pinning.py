@@ -23,7 +23,7 @@ import itertools
 import operator
 import warnings
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Tuple
 
 from . import levels, scanning
 from ._bindings import address_of, ffi, lib, native
