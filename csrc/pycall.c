@@ -293,11 +293,9 @@ static int fc_unwalked(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs,
     return 1;
 }
 
-/* 1: the level-1 fast path takes these arguments (*lent: one is a buffer lent to C), 0: the closure. */
-static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
+/* The arguments that need no walk by their kind (see the top of the file). */
+static int fc_settled_by_kind(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
 {
-    if (fc_unwalked(fn, args, nargs, lent))
-        return 1;
     if (fn->flags & FC_CTYPES) {
         for (Py_ssize_t i = 0; i < nargs; i++) {
             PyObject *arg = args[i];
@@ -337,6 +335,15 @@ static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
             return 0;
     }
     return 1;
+}
+
+/* 1: the level-1 fast path takes these arguments (*lent: one is a buffer lent to C), 0: the closure. */
+static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, int *lent)
+{
+    if (fc_settled_by_kind(fn, args, nargs, lent))
+        return 1;
+    *lent = 0;
+    return fc_unwalked(fn, args, nargs, lent);
 }
 
 static PyObject *fc_call_raw(CheckedCall *fn, PyObject *const *args, size_t nargsf)
