@@ -35,8 +35,16 @@ What is shadowed is exactly the memory C treats as bytes:
   ``iov[1..]`` in C memory are passed as they are, unquarantined.
 
 Never moved: structs, unions, arrays of pointers, anything pinned (C may keep
-a pinned buffer: that is what pinning is for) and anything whose address C
-may keep as identity (a ``z_stream``: zlib checks ``state->strm == strm``).
+a pinned buffer: that is what pinning is for), anything whose address C
+may keep as identity (a ``z_stream``: zlib checks ``state->strm == strm``),
+and an argument the call would refuse (it raises as it does without us).
+
+The program sees the originals, not the shadows: pointers C returns into a
+shadow, stores in an out-parameter or passes to a callback during the call
+point into the original (:func:`translate`, :func:`callback_args`), and a
+callback during the call sees the buffer as C has it (:func:`enter_call`).
+C writing into the shadow of a ``bytes`` is an ``immutable-write`` error, and
+the write reaches the object, as it would without the quarantine.
 
 Kept reads.  A read of a closed shadow whose original is a ``bytes`` the heap
 map has not seen freed is what C would have read from the original, which
