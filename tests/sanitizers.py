@@ -71,9 +71,13 @@ def own_asan_log(directory: Path) -> Dict[str, str]:
 
     For a child that runs a program with a memory bug on purpose: ASan rightly reports
     it, the test reads the report with ``asan_reports(directory)`` and asserts it is the
-    program's bug; ``.ci/sanitize`` never sees it.  Empty without ASan.
+    program's bug; ``.ci/sanitize`` never sees it.  Creates ``directory``.  Empty without
+    ASan (and nothing created).
     """
-    return _asan_options(f"log_path={Path(directory) / 'asan'}")
+    env = _asan_options(f"log_path={Path(directory) / 'asan'}")
+    if env:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return env
 
 
 def asan_reports(directory: Path) -> List[str]:
