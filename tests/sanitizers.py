@@ -8,7 +8,8 @@ child process uses these helpers where the runtime changes what the child does:
 - ``without_asan_quarantine()``: for a child whose test is about what libc does with
   freed memory at once (hands it to the next malloc, unmaps a big block);
 - ``own_asan_log(directory)`` / ``asan_reports(directory)``: for a child that runs a
-  program buggy on purpose, whose ASan report is expected and checked by the test.
+  program buggy on purpose, whose ASan report is expected and checked by the test
+  (``is_writev_of_freed_cffi_memory``: the demo's gather.py run plainly).
 
 Outside a sanitizer run each is a no-op (an empty environment, no reports).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -83,3 +85,15 @@ def own_asan_log(directory: Path) -> Dict[str, str]:
 def asan_reports(directory: Path) -> List[str]:
     """The texts of the ASan reports a child started with ``own_asan_log(directory)`` wrote."""
     return [p.read_text(errors="replace") for p in sorted(Path(directory).glob("asan.*"))]
+
+
+def is_writev_of_freed_cffi_memory(report: str) -> bool:
+    """Whether an ASan report is gather.py's bug, run plainly, and nothing else.
+
+    A heap-use-after-free read by ASan's writev() interceptor (it checks the iovec's
+    buffers) of memory cffi freed (``cdata_dealloc``), with no frame of ptrbridge's.
+    """
+    return ("ERROR: AddressSanitizer: heap-use-after-free" in report
+            and re.search(r"#1 0x[0-9a-f]+ in __interceptor_writev ", report) is not None
+            and re.search(r"freed by thread T0 here:\n.*\n    #1 0x[0-9a-f]+ in cdata_dealloc ", report) is not None
+            and re.search(r"ptrbridge/_native|csrc/", report) is None)

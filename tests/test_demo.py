@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from sanitizers import asan_active, asan_reports, own_asan_log
+from sanitizers import asan_active, asan_reports, is_writev_of_freed_cffi_memory, own_asan_log
 
 
 def test_demo_runs_and_reports_each_bug(tmp_path: Path) -> None:
@@ -21,9 +20,7 @@ def test_demo_runs_and_reports_each_bug(tmp_path: Path) -> None:
     reports = asan_reports(tmp_path)
     assert len(reports) == (1 if asan_active() else 0), reports
     for report in reports:
-        assert "ERROR: AddressSanitizer: heap-use-after-free" in report, report
-        assert re.search(r"#1 0x[0-9a-f]+ in __interceptor_writev ", report), report
-        assert not re.search(r"ptrbridge/_native|csrc/", report), report
+        assert is_writev_of_freed_cffi_memory(report), report
         assert "gather.py: writev() of an iovec whose bases were freed before the call\n    plainly: exit status 1" \
             in out
     # The sanitizer opens the tour: the unchanged buggy programs and what ptrbridge said.

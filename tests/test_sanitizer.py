@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Set
 import pytest
 
 from ptrbridge import demo_programs
-from sanitizers import asan_active, asan_reports, own_asan_log
+from sanitizers import asan_active, asan_reports, is_writev_of_freed_cffi_memory, own_asan_log
 
 
 def _env() -> Dict[str, str]:
@@ -69,10 +69,7 @@ def test_the_bug_is_silent_plainly(tmp_path: Path) -> None:
     # stops the program at the bug, the bases cffi freed - the only report, and not ptrbridge's.
     assert plain.returncode != 0 and plain.stdout == ""
     (report,) = asan_reports(tmp_path)
-    assert "ERROR: AddressSanitizer: heap-use-after-free" in report, report
-    assert re.search(r"#1 0x[0-9a-f]+ in __interceptor_writev ", report), report
-    assert re.search(r"freed by thread T0 here:\n.*\n    #1 0x[0-9a-f]+ in cdata_dealloc ", report), report
-    assert not re.search(r"ptrbridge/_native|csrc/", report), report
+    assert is_writev_of_freed_cffi_memory(report), report
 
 
 def test_the_correct_twin_is_clean(tmp_path: Path) -> None:
