@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,8 @@ from typing import Any, Dict, List, Set
 import pytest
 
 from ptrbridge import demo_programs
-from sanitizers import asan_active, asan_reports, is_writev_of_freed_cffi_memory, own_asan_log
+from sanitizers import (first_frame_past_the_runtime, is_writev_of_freed_cffi_memory, own_sanitizer_log,
+                        sanitizer_active, sanitizer_reports)
 
 
 def _env() -> Dict[str, str]:
@@ -60,15 +60,15 @@ def test_use_after_free_in_an_iovec_is_an_error_naming_the_slot_and_the_call(tmp
 def test_the_bug_is_silent_plainly(tmp_path: Path) -> None:
     # Plainly nothing reports the bug: what writev() reads depends on the allocator (CPython 3.11
     # prints b'world\nworld\n', 3.10 may still find the old bytes intact and print the right text).
-    plain = _plain("gather.py", **own_asan_log(tmp_path))
-    if not asan_active():
+    plain = _plain("gather.py", **own_sanitizer_log(tmp_path))
+    if not sanitizer_active():
         assert plain.returncode == 0 and plain.stderr == ""
         assert plain.stdout.startswith("writev wrote 12 bytes: ")
         return
-    # Under ASan (.ci/sanitize) "plainly" is not plain: ASan's writev() reads the iovec first and
-    # stops the program at the bug, the bases cffi freed - the only report, and not ptrbridge's.
-    assert plain.returncode != 0 and plain.stdout == ""
-    (report,) = asan_reports(tmp_path)
+    # Under ASan or TSan (.ci/sanitize) "plainly" is not plain: the sanitizer's writev() reads the
+    # iovec first and reports the bug, the bases cffi freed - the only report, and not ptrbridge's.
+    assert plain.returncode != 0
+    (report,) = sanitizer_reports(tmp_path)
     assert is_writev_of_freed_cffi_memory(report), report
 
 
@@ -142,13 +142,6 @@ def _run_buggy(directory: Path, name: str, **env: str) -> "tuple[subprocess.Comp
     return proc, json.loads(report.read_text())["findings"]
 
 
-def _first_frame_past_the_runtime(report: str) -> str:
-    """The first frame of a report's access stack that is not ASan's own (an interceptor)."""
-    access = report.split("\n\n")[0]
-    frames = re.findall(r"^    #\d+ 0x[0-9a-f]+ in (.*)$", access, re.M)
-    return next(f for f in frames if "libsanitizer" not in f)
-
-
 def test_the_corpus_is_whole() -> None:
     assert len(BUGS) == 15 and len(TWINS) == 16
     assert {b.replace("_bug.py", "") for b in BUGS} <= {t.replace("_ok.py", "") for t in TWINS}
@@ -156,14 +149,14 @@ def test_the_corpus_is_whole() -> None:
 
 @pytest.mark.parametrize("name", BUGS)
 def test_every_bug_of_the_corpus_is_an_error_naming_the_program(buggy_dir: Path, name: str) -> None:
-    asan_log = buggy_dir / f"{name}.asan"
-    proc, found = _run_buggy(buggy_dir, name, **own_asan_log(asan_log))
+    logs = buggy_dir / f"{name}.reports"
+    proc, found = _run_buggy(buggy_dir, name, **own_sanitizer_log(logs))
     assert proc.returncode != 0, proc.stdout + proc.stderr[-3000:]
-    # Under ASan (.ci/sanitize) a program's bug may be ASan's report too, after ptrbridge's: p08's
-    # snprintf("%s") runs off the freed name ptrbridge holds, poisoned (0xDD, no NUL left), into
-    # the redzone.  Each report must be an access by the corpus's own C code, never by ptrbridge.
-    for report in asan_reports(asan_log):
-        assert "libkeep.so" in _first_frame_past_the_runtime(report), report
+    # Under a sanitizer (.ci/sanitize) a program's bug may be its report too, after ptrbridge's:
+    # under ASan p08's snprintf("%s") runs off the freed name ptrbridge holds, poisoned (0xDD, no
+    # NUL left), into the redzone.  Each report must be an access by the corpus's own C code.
+    for report in sanitizer_reports(logs):
+        assert "libkeep.so" in first_frame_past_the_runtime(report), report
     errors = [f for f in found if f["severity"] == "error"]
     assert errors, proc.stderr[-3000:]
     # the report names the program's line: where the object was lent, or the call that failed
