@@ -26,6 +26,7 @@ import ptrbridge
 from ptrbridge import NestedPointerError, UseAfterFreeError, calls, findings, ownership
 from ptrbridge._bindings import native
 from conftest import CHECKED_CDEF, at_level_1, python_frames_of
+from sanitizers import runtime_env
 
 SRC = Path(ptrbridge.__file__).resolve().parent.parent
 
@@ -315,8 +316,12 @@ def api_dir(clib_dir: Path) -> Path:
 
 
 def _run(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # A minimal environment (nothing of this run's PTRBRIDGE_* settings), but the sanitizer
+    # runtime's preload and options when there is one: without the preload an instrumented
+    # _native cannot load.
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={"PYTHONPATH": f"{cwd}:{SRC}", "PATH": "/usr/bin:/bin"})
+                          cwd=cwd, timeout=300,
+                          env={"PYTHONPATH": f"{cwd}:{SRC}", "PATH": "/usr/bin:/bin", **runtime_env()})
 
 
 def test_api_module_imported_after_instrument(api_dir: Path) -> None:

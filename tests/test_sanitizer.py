@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Set
 import pytest
 
 from ptrbridge import demo_programs
+from sanitizers import (first_frame_past_the_runtime, is_writev_of_freed_cffi_memory, own_sanitizer_log,
+                        sanitizer_active, sanitizer_reports)
 
 
 def _env() -> Dict[str, str]:
@@ -28,9 +30,9 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _plain(name: str) -> "subprocess.CompletedProcess[str]":
+def _plain(name: str, **env: str) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, demo_programs.path(name)], capture_output=True, text=True,
-                          timeout=120, env=_env())
+                          timeout=120, env=dict(_env(), **env))
 
 
 def _under_run(name: str, tmp_path: Path, *options: str) -> "tuple[subprocess.CompletedProcess[str], List[Any]]":
@@ -58,9 +60,16 @@ def test_use_after_free_in_an_iovec_is_an_error_naming_the_slot_and_the_call(tmp
 def test_the_bug_is_silent_plainly(tmp_path: Path) -> None:
     # Plainly nothing reports the bug: what writev() reads depends on the allocator (CPython 3.11
     # prints b'world\nworld\n', 3.10 may still find the old bytes intact and print the right text).
-    plain = _plain("gather.py")
-    assert plain.returncode == 0 and plain.stderr == ""
-    assert plain.stdout.startswith("writev wrote 12 bytes: ")
+    plain = _plain("gather.py", **own_sanitizer_log(tmp_path))
+    if not sanitizer_active():
+        assert plain.returncode == 0 and plain.stderr == ""
+        assert plain.stdout.startswith("writev wrote 12 bytes: ")
+        return
+    # Under ASan or TSan (.ci/sanitize) "plainly" is not plain: the sanitizer's writev() reads the
+    # iovec first and reports the bug, the bases cffi freed - the only report, and not ptrbridge's.
+    assert plain.returncode != 0
+    (report,) = sanitizer_reports(tmp_path)
+    assert is_writev_of_freed_cffi_memory(report), report
 
 
 def test_the_correct_twin_is_clean(tmp_path: Path) -> None:
@@ -124,11 +133,11 @@ def buggy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _run_buggy(directory: Path, name: str) -> "tuple[subprocess.CompletedProcess[str], List[Any]]":
+def _run_buggy(directory: Path, name: str, **env: str) -> "tuple[subprocess.CompletedProcess[str], List[Any]]":
     report = directory / f"{name}.json"
     proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--check", "2", "--report", str(report), "--",
                            sys.executable, str(directory / name)],
-                          capture_output=True, text=True, errors="replace", timeout=300, env=_env(),
+                          capture_output=True, text=True, errors="replace", timeout=300, env=dict(_env(), **env),
                           cwd=directory)
     return proc, json.loads(report.read_text())["findings"]
 
@@ -140,8 +149,14 @@ def test_the_corpus_is_whole() -> None:
 
 @pytest.mark.parametrize("name", BUGS)
 def test_every_bug_of_the_corpus_is_an_error_naming_the_program(buggy_dir: Path, name: str) -> None:
-    proc, found = _run_buggy(buggy_dir, name)
+    logs = buggy_dir / f"{name}.reports"
+    proc, found = _run_buggy(buggy_dir, name, **own_sanitizer_log(logs))
     assert proc.returncode != 0, proc.stdout + proc.stderr[-3000:]
+    # Under a sanitizer (.ci/sanitize) a program's bug may be its report too, after ptrbridge's:
+    # under ASan p08's snprintf("%s") runs off the freed name ptrbridge holds, poisoned (0xDD, no
+    # NUL left), into the redzone.  Each report must be an access by the corpus's own C code.
+    for report in sanitizer_reports(logs):
+        assert "libkeep.so" in first_frame_past_the_runtime(report), report
     errors = [f for f in found if f["severity"] == "error"]
     assert errors, proc.stderr[-3000:]
     # the report names the program's line: where the object was lent, or the call that failed
