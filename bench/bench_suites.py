@@ -98,6 +98,8 @@ SUITES = [
     Suite("pygit2", "test", ["pygit2"], wheels=("pygit2",)),
     # chibitest, misaka's own runner (prints "N passed; M failed."); Debian's tidy package.
     Suite("misaka", "tests", ["misaka"], command=["tests/run_tests.py"], programs=("tidy",)),
+    # API mode over the libsodium its sdist bundles (built with it, a few minutes).
+    Suite("pynacl", "tests", ["pynacl"]),
 ]
 
 
