@@ -491,9 +491,10 @@ def test_abi_function_pointer_variable_is_read_anew_when_instrumented(clib_dir: 
     ffi = cffi.FFI()
     ffi.cdef(FNVALUES_CDEF)
     findings.take()
-    assert ptrbridge.instrument() is True
+    started = ptrbridge.instrument()  # False: already on (the suite under the plugin)
     try:
         lib = ffi.dlopen(str(build_shared("fnvalues.c", clib_dir)))
+        assert type(lib).__name__ == "CheckedLibrary"
         two = ffi.new("int *", 2)
         with ptrbridge.checking(1):
             assert lib.fv_hook(two) == 6
@@ -501,7 +502,8 @@ def test_abi_function_pointer_variable_is_read_anew_when_instrumented(clib_dir: 
             assert lib.fv_hook(two) == 8  # was the first value read, kept as a checked function
             assert lib.fv_call_hook(2) == 8
     finally:
-        assert ptrbridge.uninstrument() is True
+        if started:
+            ptrbridge.uninstrument()
         findings.take()
 
 
