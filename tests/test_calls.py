@@ -436,6 +436,77 @@ def test_cffi_abi_constants_are_cached_and_variables_read_through() -> None:
         raw.opterr = old
 
 
+FNVALUES_CDEF = """
+    extern int (*fv_hook)(const int *);
+    void fv_hook_reset(void);
+    void fv_hook_set_quadruple(void);
+    int fv_call_hook(int v);
+    struct fv_ops { int (*fn)(const int *); };
+    int fv_call_ops(const struct fv_ops *ops, int v);
+"""
+
+
+@pytest.fixture(scope="module")
+def fnvalues_api(clib_dir: Path) -> Any:
+    from cbuild import build_cffi_module
+
+    mod = build_cffi_module("_fnvalues_api", FNVALUES_CDEF + 'extern "Python" int fv_py(const int *);',
+                            "#include \"fnvalues.h\"\nstatic int fv_py(const int *);",
+                            clib_dir / "fnvalues_api", extra_sources=["fnvalues.c"])
+
+    @mod.ffi.def_extern()
+    def fv_py(p: Any) -> int:
+        return int(p[0]) + 100
+
+    return mod
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_extern_python_function_and_function_pointer_variable_stay_values(fnvalues_api: Any, level: int) -> None:
+    """pygit2 does ``opts.callbacks.credentials = C._credentials_cb``: the extern "Python" function
+    is a cdata the program assigns to struct fields, so the wrapped lib gives it as it is (it was a
+    checked function, which cffi refuses there); a function-pointer variable is read anew."""
+    ffi, raw = fnvalues_api.ffi, fnvalues_api.lib
+    lib = ptrbridge.wrap(raw)
+    two = ffi.new("int *", 2)
+    with ptrbridge.checking(level):
+        try:
+            assert lib.fv_py is raw.fv_py
+            ops = ffi.new("struct fv_ops *")
+            ops.fn = lib.fv_py
+            assert lib.fv_call_ops(ops, 1) == 101
+            lib.fv_hook = lib.fv_py  # assigned in C
+            assert lib.fv_call_hook(2) == 102 and raw.fv_hook == raw.fv_py
+            lib.fv_hook_reset()
+            assert lib.fv_hook(two) == 6
+            lib.fv_hook_set_quadruple()  # C changes the variable
+            assert lib.fv_hook(two) == 8 and "fv_hook" not in lib.__dict__
+        finally:
+            raw.fv_hook_reset()
+
+
+def test_abi_function_pointer_variable_is_read_anew_when_instrumented(clib_dir: Path) -> None:
+    from cbuild import build_shared
+
+    ffi = cffi.FFI()
+    ffi.cdef(FNVALUES_CDEF)
+    findings.take()
+    started = ptrbridge.instrument()  # False: already on (the suite under the plugin)
+    try:
+        lib = ffi.dlopen(str(build_shared("fnvalues.c", clib_dir)))
+        assert type(lib).__name__ == "CheckedLibrary"
+        two = ffi.new("int *", 2)
+        with ptrbridge.checking(1):
+            assert lib.fv_hook(two) == 6
+            lib.fv_hook_set_quadruple()
+            assert lib.fv_hook(two) == 8  # was the first value read, kept as a checked function
+            assert lib.fv_call_hook(2) == 8
+    finally:
+        if started:
+            ptrbridge.uninstrument()
+        findings.take()
+
+
 def test_instrumented_function_without_pointers_is_the_raw_one(abi: Tuple[Any, Any]) -> None:
     """Recording, a function with no pointer or function parameter has nothing to do: it is raw."""
     inst = __import__("importlib").import_module("ptrbridge.instrument")

@@ -191,6 +191,34 @@ def _freed_buffer_chain(ffi: Any) -> Tuple[Any, Any, List[Any]]:
     return msg, iov, parts
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_handles_and_void_pointer_views_as_arguments_and_caller_locals(instrumented: None, level: int) -> None:
+    """pygit2 keeps ``ffi.new_handle(payload)`` in a local while it calls C with ``ffi.addressof``
+    of a struct field: at level 2 the owner search asked the size a ``void *`` handle points to
+    and the call raised ``ffi.error: don't know the size of ctype 'void'``; a handle or a
+    ``from_buffer("void *", ...)`` view passed as an argument raised the same."""
+    ffi = cffi.FFI()
+    ffi.cdef("void *memchr(const void *s, int c, size_t n); void *memset(void *s, int c, size_t n);")
+    libc = ffi.dlopen(None)
+    payload = object()
+    handle = ffi.new_handle(payload)
+    opts = ffi.new("struct { void *payload; char field[8]; } *")
+    opts.payload = handle
+    data = bytearray(b"abcdef")
+    view = ffi.from_buffer("void *", data)
+    with ptrbridge.checking(level):
+        assert libc.memchr(handle, 0, 0) == ffi.NULL
+        assert libc.memset(ffi.addressof(opts[0], "field"), ord("x"), 8) == ffi.addressof(opts[0], "field")
+        assert libc.memchr(view, ord("d"), len(data)) == ffi.cast("char *", view) + 3
+        assert libc.memset(view, ord("z"), 2) == view
+    assert ffi.string(opts.field, 8) == b"x" * 8 and data == bytearray(b"zzcdef")
+    assert ffi.from_handle(opts.payload) is payload
+    assert findings.take() == []
+    assert ownership.cdata_extent(handle) is None and ownership.cdata_extent(view) is None
+    with pytest.raises(ptrbridge.UnpinnableError):
+        ptrbridge.Pinner().pin(handle)
+
+
 def test_freed_iovec_base_and_msghdr_chain(instrumented: None, level2: None, checked_so: Path) -> None:
     ffi, lib = _abi(checked_so)
     msg, iov, parts = _freed_buffer_chain(ffi)

@@ -548,6 +548,24 @@ def _is_cffi_constant(library: Any, name: str, value: Any) -> bool:
 _MISSING = object()
 
 
+def _is_function_value(library: Any, name: str, raw: Any) -> bool:
+    """Whether ``library.name`` is a function-pointer value of a cffi library, not one of its functions.
+
+    An API-mode ``lib`` gives its functions as built-in functions, and as cdata
+    both a C variable of function-pointer type (C may change it: it is read anew)
+    and an ``extern "Python"`` function (a pointer the program hands C as a
+    callback, assigning it to struct fields and variables: it must stay the
+    cdata it is). An ABI-mode library reads its variables through properties of
+    its class. Calls through such a value are not checked, as calls through any
+    function pointer the program reads from C are not.
+    """
+    if type(library) is _LIB_TYPE:
+        return isinstance(raw, ffi.CData)
+    if _is_cffi_abi_library(library):
+        return isinstance(getattr(type(library), name, None), property)
+    return False
+
+
 def _unwrap_functions(args: Tuple[Any, ...], positions: Tuple[int, ...]) -> Tuple[Any, ...]:
     """Checked functions passed where C takes a function pointer: pass the real function."""
     items = list(args)
@@ -594,7 +612,7 @@ class CheckedLibrary:
         cached = self._cache.get(name)
         if cached is None:
             raw = getattr(self._lib, name)
-            checked = self._build(name, raw)
+            checked = None if _is_function_value(self._lib, name, raw) else self._build(name, raw)
             if checked is None:
                 if _is_cffi_constant(self._lib, name, raw):
                     self.__dict__[name] = raw  # a constant never changes: a plain attribute from now on

@@ -136,7 +136,8 @@ def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
     """``(address, size)`` of the memory a cffi cdata owns, or None if it owns none.
 
     ``ffi.new`` results and ``ffi.from_buffer`` views are Python-owned; casts,
-    pointers from C, ``ffi.gc`` results and handles are not.
+    pointers from C, ``ffi.gc`` results and handles (``ffi.new_handle``) are not,
+    nor is a ``from_buffer`` view typed ``void *`` (its length is unknown).
     """
     if type(obj) not in _CDATA_OWNING:  # exact types: a handle (a subclass) owns no memory
         if _managed and isinstance(obj, ffi.CData) and type(obj) is not _HANDLE_TYPE:
@@ -162,7 +163,14 @@ _shapes: Dict[Any, Tuple[str, int]] = {}  # ctype -> (kind, size of the item a p
 
 def _shape(ctype: Any) -> Tuple[str, int]:
     kind = ctype.kind
-    item_size = ffi.sizeof(ctype.item) if kind == "pointer" else 0  # raises as before for void
+    item_size = 0
+    if kind == "pointer":
+        try:
+            item_size = ffi.sizeof(ctype.item)
+        except ffi.error:
+            # void * or an opaque struct: an ffi.new_handle (an identity, not memory C
+            # reads) or ffi.from_buffer("void *", ...), whose length cffi does not give.
+            kind = "unsized"
     shape = (kind, item_size)
     if len(_shapes) < 4096:
         _shapes[ctype] = shape
