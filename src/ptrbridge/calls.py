@@ -69,7 +69,6 @@ _PointerBase = ctypes._Pointer  # type: ignore[attr-defined]
 _PLAIN = (float, bool, str, type(None))  # ctypes arguments that cannot hold pointers
 _PLAIN_CFFI = frozenset({bytes, type(None)})  # cffi pointer arguments that hold no pointers
 _OWN_CDATA, _FROMBUF_CDATA = _CDATA_OWNING  # the types of ffi.new and ffi.from_buffer results
-_HANDLE_CDATA = _HANDLE_TYPE  # ffi.new_handle results
 _scan_slots = native.scan_slots
 _fast_callers = native.fastcall_callers
 _fast_defer = native.fastcall_defer
@@ -324,7 +323,7 @@ def _unwalked_lent(args: Tuple[Any, ...]) -> List[Any]:
 
 def _check_cffi_arg(check: CallCheck, argno: int, arg: Any, param: Any, lent: List[Any]) -> None:
     if isinstance(arg, ffi.CData):
-        if type(arg) is _HANDLE_CDATA:
+        if type(arg) is _HANDLE_TYPE:
             return  # ffi.new_handle(): a token C may keep while the handle lives, not lent memory
         ctype = ffi.typeof(arg)
         kind = ctype.kind

@@ -934,8 +934,9 @@ def _shadow_ctypes_lends(args: Tuple[Any, ...], argtypes: Sequence[Any], functio
     return tuple(new_args), shadows
 
 
-# The writable shadows of the quarantined calls in flight on this thread, innermost last: a
-# Python callback C calls during one of them sees (and changes) the original (see enter_call).
+# The shadows of the quarantined calls in flight on this thread, innermost last, as _Span
+# lists: a Python callback C calls during one of them sees (and changes) the originals, and
+# gets its pointer arguments into them translated (see enter_call).
 _in_flight = threading.local()
 
 
