@@ -56,7 +56,9 @@ def _only(kind: str) -> List[findings.Finding]:
 def test_instrument_is_idempotent_thread_safe_and_reversible() -> None:
     import threading
 
-    originals = (cffi.FFI.dlopen, cffi.FFI.callback, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
+    was_on = ptrbridge.uninstrument()  # on when the plugin instruments the run (PTRBRIDGE_CHECK=2)
+    originals = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+                 cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
     assert not ptrbridge.instrumented()
     results: List[bool] = []
     threads = [threading.Thread(target=lambda: results.append(ptrbridge.instrument())) for _ in range(4)]
@@ -65,10 +67,15 @@ def test_instrument_is_idempotent_thread_safe_and_reversible() -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [False, False, False, True] and ptrbridge.instrumented()
-    assert cffi.FFI.dlopen is not originals[0]
+    now = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+           cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
+    assert all(a is not b for a, b in zip(now, originals))
     assert ptrbridge.uninstrument() is True and ptrbridge.uninstrument() is False
-    assert (cffi.FFI.dlopen, cffi.FFI.callback, ctypes.CDLL.__init__, ctypes.CFUNCTYPE) == originals
+    assert (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+            cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE) == originals
     assert not ptrbridge.instrumented()
+    if was_on:
+        ptrbridge.instrument()
 
 
 # --- cffi ABI mode ------------------------------------------------------------------
