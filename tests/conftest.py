@@ -50,8 +50,13 @@ def uses_pb_lib(clib_dir: Path) -> Path:
     return build_shared("uses_pb.c", clib_dir)
 
 
-CHECKED_HEADER = Path(__file__).parent / "clib" / "checked.h"
-CHECKED_CDEF = CHECKED_HEADER.read_text().split("/* CDEF_BEGIN */")[1].split("/* CDEF_END */")[0]
+def header_cdef(name: str) -> str:
+    """The cffi cdef of tests/clib/NAME: its declarations between the CDEF_BEGIN and CDEF_END markers."""
+    text = (Path(__file__).parent / "clib" / name).read_text()
+    return text.split("/* CDEF_BEGIN */")[1].split("/* CDEF_END */")[0]
+
+
+CHECKED_CDEF = header_cdef("checked.h")
 
 
 @pytest.fixture(scope="session")

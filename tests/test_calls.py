@@ -16,7 +16,7 @@ import pytest
 import ptrbridge
 from ptrbridge import CError, NestedPointerError, Pinner, calls, findings, ownership
 from ptrbridge._bindings import native
-from conftest import CHECKED_CDEF, at_level_1, python_frames_of
+from conftest import CHECKED_CDEF, at_level_1, header_cdef, python_frames_of
 
 libc_ffi = cffi.FFI()
 libc_ffi.cdef("""
@@ -436,14 +436,7 @@ def test_cffi_abi_constants_are_cached_and_variables_read_through() -> None:
         raw.opterr = old
 
 
-FNVALUES_CDEF = """
-    extern int (*fv_hook)(const int *);
-    void fv_hook_reset(void);
-    void fv_hook_set_quadruple(void);
-    int fv_call_hook(int v);
-    struct fv_ops { int (*fn)(const int *); };
-    int fv_call_ops(const struct fv_ops *ops, int v);
-"""
+FNVALUES_CDEF = header_cdef("fnvalues.h")
 
 
 @pytest.fixture(scope="module")
