@@ -955,8 +955,12 @@ def enter_call(shadows: List[Shadow]) -> bool:
     stack = getattr(_in_flight, "stack", None)
     if stack is None:
         stack = _in_flight.stack = []
-    stack.append([(record[6], record[3], record[4], record[1] is not None) for record in shadows])
+    stack.append(_spans(shadows))
     return True
+
+
+def _spans(shadows: List[Shadow]) -> List[_Span]:
+    return [(record[6], record[3], record[4], record[1] is not None) for record in shadows]
 
 
 def leave_call(entered: bool) -> None:
@@ -1000,15 +1004,21 @@ def callback_args(args: Tuple[Any, ...], spans: Optional[List[_Span]]) -> Tuple[
             value = ctypes_pointer_value(arg)
         else:
             continue
-        for origin, shadow, size, _writable in spans:
-            if shadow <= value <= shadow + size:
-                moved = origin + (value - shadow)
-                if items is None:
-                    items = list(args)
-                items[i] = ffi.cast(ctype, moved) if isinstance(arg, ffi.CData) else ctypes.cast(
-                    ctypes.c_void_p(moved), type(arg))
-                break
+        moved = _into_original(value, spans)
+        if moved is not None:
+            if items is None:
+                items = list(args)
+            items[i] = ffi.cast(ctype, moved) if isinstance(arg, ffi.CData) else ctypes.cast(
+                ctypes.c_void_p(moved), type(arg))
     return args if items is None else tuple(items)
+
+
+def _into_original(value: int, spans: List[_Span]) -> Optional[int]:
+    """``value`` moved from inside a shadow (or one past its end) to the same offset in its original."""
+    for origin, shadow, size, _writable in spans:
+        if shadow <= value <= shadow + size:
+            return origin + (value - shadow)
+    return None
 
 
 def callback_left(spans: Optional[List[_Span]]) -> None:
@@ -1033,13 +1043,10 @@ def translate(result: Any, args: Sequence[Any], shadows: List[Shadow], pointer_r
     shadow, or one past its end, are moved to the same offset in the
     original.  Returns the result.
     """
-    spans = [(record[3], record[4], record[6]) for record in shadows]
+    spans = _spans(shadows)
 
     def back(value: int) -> Optional[int]:
-        for shadow, size, origin in spans:
-            if shadow <= value <= shadow + size:
-                return origin + (value - shadow)
-        return None
+        return _into_original(value, spans)
 
     for arg in args:
         if type(arg) is _OWN_CDATA:
