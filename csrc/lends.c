@@ -26,9 +26,7 @@ uint64_t pb__lend_add(uintptr_t start, size_t size)
 
 int pb__lend_return(uint64_t region, uintptr_t start, size_t size, uint64_t target_id)
 {
-    pb_region_remove(region);
-    uint64_t covering = pb__region_lookup(start);
-    if (covering != 0 && (covering & 3) == PB_REGION_PINNED)
+    if (pb__region_remove_then_pinned(region, start))
         return 0; /* pinned: C may keep it */
     int status = pb__scan_retire(start, size, target_id);
     return status == PB_OK ? 1 : status;

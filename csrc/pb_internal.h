@@ -70,6 +70,10 @@ int pb__region_add_many(const uintptr_t *addr, const size_t *size, size_t n, int
 /* Forgets n regions (unknown ids are ignored), newest first. */
 void pb__region_remove_many(const uint64_t *ids, size_t n);
 
+/* Removes region `id` and answers whether a pinned region contains addr
+ * (1) or not (0), under one lock: the end of a lend. */
+int pb__region_remove_then_pinned(uint64_t id, uintptr_t addr);
+
 /* lends.c: a level-2 call lends [start, start + size) to C: drops the scan
  * targets the range had (lent again) and adds a PB_REGION_LENT region.
  * Returns its id, or 0 when out of memory. */

@@ -42,6 +42,14 @@ int pb__site_capture_stack(PyObject *frame, uint32_t *ids, int max);
  * cffi's exported C API when available).  New reference, or NULL. */
 PyObject *pb__charp_object(uintptr_t addr);
 
+/* pylends.c: level 2's fast-path lends.  The first of n new scan target ids
+ * (shared with scanning.py); a returned lend queued as target_id, recorded
+ * for reports (0, or -1 with MemoryError set); how many await a scan. */
+uint64_t pb__fl_take_ids(uint64_t n);
+int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyTypeObject *type, PyObject *function,
+                    uint32_t site);
+size_t pb__fl_pending(void);
+
 /* Registers a module function table on `module`.  Returns 0 or -1. */
 int pb__add_functions(PyObject *module, PyMethodDef *defs);
 
@@ -51,5 +59,6 @@ int pb__py_pins_init(PyObject *module);    /* pypin.c */
 int pb__py_frames_init(PyObject *module);  /* pyframes.c */
 int pb__py_quarantine_init(PyObject *module); /* pyquarantine.c */
 int pb__py_calls_init(PyObject *module);   /* pycall.c */
+int pb__py_lends_init(PyObject *module);   /* pylends.c */
 
 #endif /* PB_PY_H */

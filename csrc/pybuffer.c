@@ -669,7 +669,7 @@ int pb__py_init(void)
     if (pb__add_functions(module, buffer_functions) < 0 || pb__py_sites_init(module) < 0 ||
         pb__py_handles_init(module) < 0 || pb__py_pins_init(module) < 0 ||
         pb__py_frames_init(module) < 0 || pb__py_quarantine_init(module) < 0 ||
-        pb__py_calls_init(module) < 0)
+        pb__py_calls_init(module) < 0 || pb__py_lends_init(module) < 0)
         goto out;
     rc = 0;
 out:

@@ -18,8 +18,15 @@
  *     ptrbridge memory being on record and strict mode off): count the call
  *     if instrumented, draw the quarantine sample (a drawn call goes to the
  *     closure, which shadows it), call the raw function;
+ *   - level 2, the quarantine off, and each argument it looks at is bytes,
+ *     bytearray or None (ctypes: also float, bool, str and an int <= 0; a
+ *     positive int is an address the closure checks), at most FC_L2_MAX of
+ *     them buffers: count the call if instrumented, lend the buffers
+ *     (lends.c), call C, return them and queue them for the scan, record
+ *     what a report would say about them (pylends.c), and every so many
+ *     calls ask scanning.py whether a scan is due (fc_l2_due, which it sets);
  *   - level 0: call the raw function;
- *   - everything else (level 2, other arguments, keywords): the closure.
+ *   - everything else (other arguments, keywords): the closure.
  *
  * A fast call has no frame that defer_exception or the R3 watchdog could
  * find, so it registers itself instead: a record in one list of the calls in
@@ -40,7 +47,10 @@
  * findings.counters() folds into its own.
  */
 #include "pb_py.h"
+#include "pb_quarantine.h"
 #include "pb_slots.h"
+#include "pb_internal.h"
+#include "ptrbridge.h"
 
 #include <stddef.h>
 
@@ -69,10 +79,21 @@ typedef struct {
     PyObject *name; /* for the watchdog */
     PyObject *dict;
     PyObject *weakrefs;
+    PyObject *argtuple; /* reused for a raw function with no vectorcall (cffi's); items NULL when idle */
     Py_ssize_t *plan; /* cffi: the positions of the pointer parameters */
     Py_ssize_t nplan;
     int flags;
 } CheckedCall;
+
+/* The buffers a level-2 fast call lends (copied into its record: ownership.lookup names them). */
+#define FC_L2_MAX 4
+typedef struct {
+    int n;
+    uint64_t region[FC_L2_MAX];
+    uintptr_t start[FC_L2_MAX];
+    size_t size[FC_L2_MAX];
+    PyTypeObject *type[FC_L2_MAX];
+} fc_lent;
 
 /* One fast call in flight. */
 typedef struct fc_record {
@@ -84,6 +105,7 @@ typedef struct fc_record {
     void *caller; /* the calling frame (3.11, 3.12: the interpreter frame), or NULL */
     PyObject *exc;    /* owned: the exception a callback deferred to this call */
     unsigned long long seq;
+    fc_lent lends;   /* level 2: what it lends (n == 0 otherwise) */
 } fc_record;
 
 static int fc_level;                  /* calls._level */
@@ -110,7 +132,12 @@ static PyObject *fc_zero;             /* 0 */
 enum { FC_SHAPE_WALK = 1 }; /* calls._WALK */
 static PyTypeObject CheckedCallType;
 static PyTypeObject CheckedMethodType;
-static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0};
+static unsigned long long fc_lends_counted; /* level-2 lends made here, not yet folded into findings */
+static unsigned long long fc_l2_count;      /* level-2 fast calls that lent, not yet told to scanning.py */
+static unsigned long long fc_l2_due = 1;    /* tell it when fc_l2_count reaches this (it sets it) */
+static PyObject *fc_l2_hook;                /* scanning._fast_calls_due */
+static PyObject *fc_l2_check;               /* _bindings.check: a PB_ERR_* code as its exception */
+static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0, {0, {0}, {0}, {0}, {NULL}}};
 static fc_record *fc_pool; /* free records */
 
 /* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
@@ -346,10 +373,48 @@ static int fc_settled(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
     return fc_unwalked(fn, args, nargs, lent);
 }
 
+/* Calls a raw function that takes only a tuple (a cffi function: no vectorcall) with a tuple
+ * kept for it, instead of one made and freed per call (at level 2 each goes through the heap
+ * map's hooks).  The tuple is untracked by the GC and its items are NULL between calls; one
+ * still referenced after the call (the callee kept it) is left to its keeper, whole. */
+static PyObject *fc_call_tuple(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *t = fn->argtuple;
+    if (t == NULL || PyTuple_GET_SIZE(t) != nargs || Py_REFCNT(t) != 1) {
+        if (t != NULL && Py_REFCNT(t) != 1) /* in use: a call of this function from a callback */
+            return PyObject_Vectorcall(fn->raw, args, (size_t)nargs, NULL);
+        if ((t = PyTuple_New(nargs)) == NULL)
+            return NULL;
+        PyObject_GC_UnTrack(t);
+        Py_XSETREF(fn->argtuple, t);
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        PyTuple_SET_ITEM(t, i, Py_NewRef(args[i]));
+    Py_INCREF(t);
+    PyObject *result = PyObject_Call(fn->raw, t, NULL); /* tp_call, with the recursion and result checks */
+    if (Py_REFCNT(t) == 2) {
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            PyObject *item = PyTuple_GET_ITEM(t, i);
+            PyTuple_SET_ITEM(t, i, NULL);
+            Py_DECREF(item);
+        }
+        Py_DECREF(t);
+    } else { /* kept by someone: theirs now, items and all */
+        fn->argtuple = NULL;
+        Py_DECREF(t);
+        Py_DECREF(t);
+    }
+    return result;
+}
+
 static PyObject *fc_call_raw(CheckedCall *fn, PyObject *const *args, size_t nargsf)
 {
-    if (!(fn->flags & FC_METHOD))
+    if (!(fn->flags & FC_METHOD)) {
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+        if (nargs > 0 && PyVectorcall_Function(fn->raw) == NULL && Py_TYPE(fn->raw)->tp_call != NULL)
+            return fc_call_tuple(fn, args, nargs);
         return PyObject_Vectorcall(fn->raw, args, nargsf, NULL);
+    }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *tuple = PyTuple_New(nargs - 1);
     if (tuple == NULL)
@@ -365,8 +430,6 @@ static PyObject *fc_call_raw(CheckedCall *fn, PyObject *const *args, size_t narg
 static int fc_wants_slow(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs)
 {
     int level = fc_level;
-    if (level == 2)
-        return 1;
     if ((fn->flags & FC_METHOD) && (nargs < 1 || !PyObject_TypeCheck(args[0], (PyTypeObject *)fn->raw)))
         return 1;
     if (level == 1) {
@@ -382,8 +445,10 @@ static int fc_wants_slow(CheckedCall *fn, PyObject *const *args, Py_ssize_t narg
     return 0;
 }
 
-/* Calls C, registered as a call in flight; `tuple`: the arguments as a tuple, if the caller had one. */
-static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple)
+/* Calls C, registered as a call in flight; `tuple`: the arguments as a tuple, if the caller had one;
+ * `lends`: what a level-2 call lends, or NULL. */
+static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple,
+                        const fc_lent *lends)
 {
     if (fn->flags & FC_METHOD)
         return fc_call_raw(fn, args, nargsf); /* as the raw call: callbacks' exceptions are not deferred */
@@ -404,6 +469,10 @@ static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, P
 #endif
     rec->exc = NULL;
     rec->seq = ++fc_seq;
+    if (lends != NULL)
+        rec->lends = *lends;
+    else
+        rec->lends.n = 0;
     rec->next = &fc_all;
     rec->prev = fc_all.prev;
     fc_all.prev->next = rec;
@@ -426,12 +495,118 @@ static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, P
     return result;
 }
 
+/* Level 2: 1 if the fast path takes these arguments, with the buffers they lend in *out. */
+static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out)
+{
+    out->n = 0;
+    if (fc_sample_on || fc_l2_hook == NULL || (fn->flags & FC_METHOD))
+        return 0; /* quarantined lends, and instrumented ctypes methods: the closure */
+    Py_ssize_t count = (fn->flags & FC_CTYPES) ? nargs : fn->nplan;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        Py_ssize_t i = (fn->flags & FC_CTYPES) ? j : fn->plan[j];
+        if (i >= nargs)
+            return 0; /* too few arguments: the closure lets C raise */
+        PyObject *arg = args[i];
+        PyTypeObject *kind = Py_TYPE(arg);
+        if (kind == &PyBytes_Type || kind == &PyByteArray_Type) {
+            if (out->n == FC_L2_MAX)
+                return 0;
+            int k = out->n++;
+            out->type[k] = kind;
+            if (kind == &PyBytes_Type) {
+                out->start[k] = (uintptr_t)PyBytes_AS_STRING(arg);
+                out->size[k] = (size_t)PyBytes_GET_SIZE(arg);
+            } else {
+                out->start[k] = (uintptr_t)PyByteArray_AS_STRING(arg);
+                out->size[k] = (size_t)PyByteArray_GET_SIZE(arg);
+            }
+        } else if (arg == Py_None) {
+            continue;
+        } else if (!(fn->flags & FC_CTYPES)) {
+            return 0;
+        } else if (kind == &PyLong_Type) {
+            int positive = PyObject_RichCompareBool(arg, fc_zero, Py_GT);
+            if (positive != 0) { /* an address, checked against freed memory at level 2 */
+                if (positive < 0)
+                    PyErr_Clear();
+                return 0;
+            }
+        } else if (kind != &PyFloat_Type && kind != &PyBool_Type && kind != &PyUnicode_Type) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The level-2 call of fc_l2_plan: lend, call, return, record, and tell scanning.py when it asked. */
+static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple, fc_lent *l)
+{
+    if (fn->flags & FC_RECORD)
+        fc_calls++;
+    if (l->n == 0) {
+        if (fn->nplan == 0 && !(fn->flags & FC_CTYPES))
+            pb__quarantine_refresh_adopted(); /* C may read a kept buffer's shadow in this call */
+        return fc_run(fn, args, nargsf, tuple, NULL);
+    }
+    uint32_t site = pb__site_capture();
+    for (int k = 0; k < l->n; k++) {
+        if ((l->region[k] = pb__lend_add(l->start[k], l->size[k])) == 0) {
+            while (k-- > 0)
+                pb_region_remove(l->region[k]);
+            return PyErr_NoMemory();
+        }
+    }
+    fc_lends_counted += (unsigned long long)l->n;
+    PyObject *result = fc_run(fn, args, nargsf, tuple, l);
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (result == NULL)
+        PyErr_Fetch(&type, &value, &tb);
+    int failed = 0;
+    for (int k = 0; k < l->n; k++) {
+        uint64_t target = pb__fl_take_ids(1);
+        int queued = pb__lend_return(l->region[k], l->start[k], l->size[k], target);
+        if (failed)
+            continue;
+        if (queued == 1) {
+            failed = pb__fl_returned(target, l->start[k], l->size[k], l->type[k], fn->name, site) < 0;
+        } else if (queued < 0) {
+            PyObject *r = fc_l2_check ? PyObject_CallFunction(fc_l2_check, "is", queued, "queueing a lent buffer for the scan")
+                                      : (PyErr_NoMemory(), NULL);
+            Py_XDECREF(r);
+            failed = 1;
+        }
+    }
+    if (!failed && ++fc_l2_count >= fc_l2_due && result != NULL) {
+        PyObject *r = PyObject_CallNoArgs(fc_l2_hook); /* scans if due; may raise a retention */
+        if (r == NULL)
+            failed = 1;
+        Py_XDECREF(r);
+    }
+    if (failed) {
+        Py_CLEAR(result);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    } else if (result == NULL) {
+        PyErr_Restore(type, value, tb);
+    }
+    return result;
+}
+
 static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     CheckedCall *fn = (CheckedCall *)self;
-    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) || fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)
         return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
-    return fc_run(fn, args, nargsf, NULL);
+    if (fc_level == 2) {
+        fc_lent l;
+        if (!fc_l2_plan(fn, args, PyVectorcall_NARGS(nargsf), &l))
+            return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
+        return fc_run_l2(fn, args, nargsf, NULL, &l);
+    }
+    if (fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
+        return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
+    return fc_run(fn, args, nargsf, NULL, NULL);
 }
 
 /* Called with a tuple: the wrapped ctypes functions (no vectorcall), and PyObject_Call of the others. */
@@ -440,9 +615,17 @@ static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
     CheckedCall *fn = (CheckedCall *)self;
     PyObject *const *args = &PyTuple_GET_ITEM(tuple, 0);
     Py_ssize_t nargs = PyTuple_GET_SIZE(tuple);
-    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) || fc_wants_slow(fn, args, nargs))
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0)
         return PyObject_Call(fn->slow, tuple, kwargs);
-    return fc_run(fn, args, (size_t)nargs, (fn->flags & FC_METHOD) ? NULL : tuple);
+    if (fc_level == 2) {
+        fc_lent l;
+        if (!fc_l2_plan(fn, args, nargs, &l))
+            return PyObject_Call(fn->slow, tuple, kwargs);
+        return fc_run_l2(fn, args, (size_t)nargs, tuple, &l);
+    }
+    if (fc_wants_slow(fn, args, nargs))
+        return PyObject_Call(fn->slow, tuple, kwargs);
+    return fc_run(fn, args, (size_t)nargs, (fn->flags & FC_METHOD) ? NULL : tuple, NULL);
 }
 
 /* -- the type ----------------------------------------------------------- */
@@ -506,6 +689,7 @@ static int fc_traverse(PyObject *self, visitproc visit, void *arg)
     Py_VISIT(fn->raw);
     Py_VISIT(fn->slow);
     Py_VISIT(fn->dict);
+    Py_VISIT(fn->argtuple);
     return 0;
 }
 
@@ -515,6 +699,7 @@ static int fc_clear(PyObject *self)
     Py_CLEAR(fn->raw);
     Py_CLEAR(fn->slow);
     Py_CLEAR(fn->dict);
+    Py_CLEAR(fn->argtuple);
     return 0;
 }
 
@@ -797,6 +982,66 @@ fail:
     return NULL;
 }
 
+/* fastcall_init_l2(hook, check): scanning._fast_calls_due and _bindings.check; the level-2 path on. */
+static PyObject *m_fastcall_init_l2(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *hook, *check;
+    if (!PyArg_ParseTuple(args, "OO", &hook, &check))
+        return NULL;
+    Py_XSETREF(fc_l2_hook, Py_NewRef(hook));
+    Py_XSETREF(fc_l2_check, Py_NewRef(check));
+    Py_RETURN_NONE;
+}
+
+/* The level-2 fast calls that lent since the last take (and zero them). */
+static PyObject *m_fastcall_take_l2(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    unsigned long long n = fc_l2_count;
+    fc_l2_count = 0;
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+/* fastcall_scan_due(n): call the hook once n level-2 fast calls have lent (n >= 1). */
+static PyObject *m_fastcall_scan_due(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    fc_l2_due = n ? n : 1;
+    Py_RETURN_NONE;
+}
+
+/* The lends made on the fast path since the last take (and zero them). */
+static PyObject *m_fastcall_take_lends(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    unsigned long long n = fc_lends_counted;
+    fc_lends_counted = 0;
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+/* fastcall_lent_region(region_id) -> None or (start, size, description): a lend of a fast call in flight. */
+static PyObject *m_fastcall_lent_region(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    for (fc_record *rec = fc_all.next; rec != &fc_all; rec = rec->next) {
+        for (int k = 0; k < rec->lends.n; k++) {
+            if (rec->lends.region[k] == id)
+                return Py_BuildValue("(KnN)", (unsigned long long)rec->lends.start[k], (Py_ssize_t)rec->lends.size[k],
+                                     PyUnicode_FromFormat("%s(%zu)", rec->lends.type[k]->tp_name, rec->lends.size[k]));
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* In a forked child only the forking thread lives on: drop the other threads' calls. */
 static PyObject *m_fastcall_after_fork(PyObject *self, PyObject *unused)
 {
@@ -836,6 +1081,13 @@ static PyMethodDef call_functions[] = {
     {"fastcall_in_flight", m_fastcall_in_flight, METH_NOARGS,
      "fastcall_in_flight() -> [(seq, name, args, frame)]"},
     {"fastcall_after_fork", m_fastcall_after_fork, METH_NOARGS, "fastcall_after_fork(): in a forked child"},
+    {"fastcall_init_l2", m_fastcall_init_l2, METH_VARARGS,
+     "fastcall_init_l2(hook, check): level 2's fast path (hook: scanning._fast_calls_due)"},
+    {"fastcall_take_l2", m_fastcall_take_l2, METH_NOARGS, "fastcall_take_l2() -> level-2 fast calls that lent"},
+    {"fastcall_scan_due", m_fastcall_scan_due, METH_O, "fastcall_scan_due(n): call the hook after n more"},
+    {"fastcall_take_lends", m_fastcall_take_lends, METH_NOARGS, "fastcall_take_lends() -> lends counted"},
+    {"fastcall_lent_region", m_fastcall_lent_region, METH_O,
+     "fastcall_lent_region(region_id) -> None or (start, size, description)"},
     {NULL, NULL, 0, NULL},
 };
 

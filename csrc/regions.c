@@ -73,6 +73,25 @@ static int contains(const struct pb_region *r, uintptr_t a)
     return a >= r->start && (a - r->start < r->size || a == r->start);
 }
 
+int pb__region_remove_then_pinned(uint64_t id, uintptr_t addr)
+{
+    int pinned = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = region_count; i-- > 0;) {
+        if (regions[i].id == id) {
+            kind_count[regions[i].kind]--;
+            regions[i] = regions[--region_count];
+            break;
+        }
+    }
+    if (kind_count[PB_REGION_PINNED] > 0) {
+        for (size_t i = 0; i < region_count && !pinned; i++)
+            pinned = regions[i].kind == PB_REGION_PINNED && contains(&regions[i], addr);
+    }
+    pthread_mutex_unlock(&lock);
+    return pinned;
+}
+
 PB_API int pb_region_find(const void *addr, struct pb_region *out)
 {
     uintptr_t a = (uintptr_t)addr;

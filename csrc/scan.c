@@ -52,7 +52,7 @@
 
 struct target {
     uintptr_t start;
-    uintptr_t end; /* exclusive; start + max(size, 1) */
+    uintptr_t end; /* exclusive; start + max(size, 1); 0: cancelled (start too) */
     uint64_t id;
 };
 
@@ -65,9 +65,28 @@ struct root {
 };
 
 static pthread_mutex_t target_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct target *targets;
-static size_t target_count, target_cap;
+static struct target *targets; /* the queue, in the order queued; cancelled ones stay, marked */
+static size_t target_count, target_cap, target_live;
 static uint64_t target_generation; /* bumped on every change of the queue */
+
+/* The queue's index for pb__scan_cancel, which every level-2 lend calls: a
+ * linear walk would make a batch of N lends of distinct buffers cost N^2.
+ * Each target of up to NARROW_PAGES pages is chained (target_next) under the
+ * page its start is in, in an open-addressing table of pages (page_keys,
+ * page_heads; a power of two, at most half full); wider ones are only in
+ * the queue, and counted (target_wide), so that a cancel walks the queue
+ * only while there are some.  A cancel looks at the pages from the range's
+ * first page less the widest narrow target's extent (target_reach) to its
+ * last, and unlinks what it drops.  Cancelled targets stay in the queue,
+ * marked, until the scan takes it (pages are never removed from the table),
+ * so indices stay valid.  Guarded by target_lock. */
+#define NARROW_PAGES 16
+#define NO_TARGET UINT32_MAX
+static uint32_t *target_next;
+static uintptr_t *page_keys; /* page number + 1; 0: empty */
+static uint32_t *page_heads;
+static size_t page_cap, page_used, target_wide;
+static uintptr_t target_reach; /* max (last page - first page) of a narrow target */
 
 static pthread_mutex_t root_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct root *roots;
@@ -128,6 +147,94 @@ static void register_atfork(void)
 
 /* ---- targets ---------------------------------------------------------- */
 
+static size_t page_slot(uintptr_t page)
+{
+    uint64_t h = (uint64_t)page * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 32) & (page_cap - 1);
+}
+
+/* The table slot of `page`: its own, or the empty one where it would go. */
+static size_t page_find(uintptr_t page)
+{
+    size_t j = page_slot(page);
+    while (page_keys[j] != 0 && page_keys[j] != page + 1)
+        j = (j + 1) & (page_cap - 1);
+    return j;
+}
+
+static void chain_target(size_t i)
+{
+    uintptr_t first = targets[i].start >> PAGE_SHIFT, last = (targets[i].end - 1) >> PAGE_SHIFT;
+    if (last - first >= NARROW_PAGES) {
+        target_wide++;
+        target_next[i] = NO_TARGET;
+        return;
+    }
+    if (last - first > target_reach)
+        target_reach = last - first;
+    size_t j = page_find(first);
+    if (page_keys[j] == 0) {
+        page_keys[j] = first + 1;
+        page_heads[j] = NO_TARGET;
+        page_used++;
+    }
+    target_next[i] = page_heads[j];
+    page_heads[j] = (uint32_t)i;
+}
+
+/* Room in the page table for `pages` distinct pages (at most half full).  0 or -1. */
+static int pages_reserve(size_t pages)
+{
+    if (pages * 2 <= page_cap)
+        return 0;
+    size_t cap = page_cap ? page_cap : 1024;
+    while (cap < pages * 2)
+        cap *= 2;
+    uintptr_t *keys = calloc(cap, sizeof *keys);
+    uint32_t *heads = malloc(cap * sizeof *heads);
+    if (keys == NULL || heads == NULL) {
+        free(keys);
+        free(heads);
+        return -1;
+    }
+    free(page_keys);
+    free(page_heads);
+    page_keys = keys;
+    page_heads = heads;
+    page_cap = cap;
+    page_used = 0;
+    target_wide = 0;
+    target_reach = 0;
+    /* Re-chained in queue order, so that each chain stays newest first. */
+    for (size_t i = 0; i < target_count; i++)
+        if (targets[i].end != 0)
+            chain_target(i);
+    return 0;
+}
+
+/* The queue is empty (a scan took it): the index too.  Under target_lock. */
+static void reset_index(void)
+{
+    if (page_used)
+        memset(page_keys, 0, page_cap * sizeof *page_keys);
+    page_used = 0;
+    target_wide = 0;
+    target_reach = 0;
+    target_live = 0;
+}
+
+static int drop_target(size_t i, uintptr_t start, uintptr_t end)
+{
+    if (targets[i].end == 0 || !(targets[i].start < end && start < targets[i].end))
+        return 0;
+    uintptr_t first = targets[i].start >> PAGE_SHIFT, last = (targets[i].end - 1) >> PAGE_SHIFT;
+    if (last - first >= NARROW_PAGES)
+        target_wide--;
+    targets[i].start = targets[i].end = 0;
+    target_live--;
+    return 1;
+}
+
 int pb__scan_retire(uintptr_t start, size_t size, uint64_t id)
 {
     return pb__scan_retire_many(&start, &size, id, 1);
@@ -148,20 +255,35 @@ int pb__scan_retire_many(const uintptr_t *starts, const size_t *sizes, uint64_t 
             }
             cap *= 2;
         }
-        struct target *t = realloc(targets, cap * sizeof *t);
-        if (t == NULL) {
+        if (cap > NO_TARGET) {
             pthread_mutex_unlock(&target_lock);
             return PB_ERR_NOMEM;
         }
-        targets = t;
+        struct target *t = realloc(targets, cap * sizeof *t);
+        if (t != NULL)
+            targets = t;
+        uint32_t *next = t ? realloc(target_next, cap * sizeof *next) : NULL;
+        if (next != NULL)
+            target_next = next;
+        if (t == NULL || next == NULL) {
+            pthread_mutex_unlock(&target_lock);
+            return PB_ERR_NOMEM;
+        }
         target_cap = cap;
+    }
+    if (pages_reserve(page_used + n) != 0) {
+        pthread_mutex_unlock(&target_lock);
+        return PB_ERR_NOMEM;
     }
     for (size_t i = 0; i < n; i++) {
         uintptr_t start = starts[i];
         uintptr_t end = start + (sizes[i] ? sizes[i] : 1);
         if (end < start)
             end = UINTPTR_MAX;
-        targets[target_count++] = (struct target){start, end, first_id + i};
+        targets[target_count] = (struct target){start, end, first_id + i};
+        chain_target(target_count);
+        target_count++;
+        target_live++;
     }
     target_generation++;
     pthread_mutex_unlock(&target_lock);
@@ -177,17 +299,42 @@ void pb__scan_clocks_store(uint64_t *clocks, const size_t *slots, size_t n)
 size_t pb__scan_cancel(uintptr_t start, size_t size)
 {
     uintptr_t end = start + (size ? size : 1);
+    if (end < start)
+        end = UINTPTR_MAX;
     size_t dropped = 0;
     pthread_mutex_lock(&target_lock);
-    for (size_t i = 0; i < target_count;) {
-        if (targets[i].start < end && start < targets[i].end) {
-            targets[i] = targets[--target_count];
-            dropped++;
-            target_generation++;
-        } else {
-            i++;
+    if (target_live == 0) {
+        pthread_mutex_unlock(&target_lock);
+        return 0;
+    }
+    uintptr_t first = start >> PAGE_SHIFT, last = (end - 1) >> PAGE_SHIFT;
+    uintptr_t from = first >= target_reach ? first - target_reach : 0;
+    if (target_wide > 0 || last - from >= target_count) {
+        for (size_t i = 0; i < target_count; i++) /* a wide target may be anywhere: the whole queue */
+            dropped += (size_t)drop_target(i, start, end);
+    } else {
+        for (uintptr_t page = from;; page++) {
+            size_t j = page_find(page);
+            if (page_keys[j] != 0) {
+                /* Dropped targets leave the chain (a buffer lent again and again stays one entry). */
+                for (uint32_t *link = &page_heads[j]; *link != NO_TARGET;) {
+                    uint32_t i = *link;
+                    if (targets[i].end == 0) { /* dropped by a walk of the whole queue */
+                        *link = target_next[i];
+                    } else if (drop_target(i, start, end)) {
+                        dropped++;
+                        *link = target_next[i];
+                    } else {
+                        link = &target_next[i];
+                    }
+                }
+            }
+            if (page == last)
+                break;
         }
     }
+    if (dropped)
+        target_generation++;
     pthread_mutex_unlock(&target_lock);
     return dropped;
 }
@@ -195,7 +342,7 @@ size_t pb__scan_cancel(uintptr_t start, size_t size)
 size_t pb__scan_pending(void)
 {
     pthread_mutex_lock(&target_lock);
-    size_t n = target_count;
+    size_t n = target_live;
     pthread_mutex_unlock(&target_lock);
     return n;
 }
@@ -556,10 +703,14 @@ static int build_index(struct index *ix, int keep)
         pthread_mutex_unlock(&target_lock);
         return -1;
     }
-    if (n)
-        memcpy(t, targets, n * sizeof *t);
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (targets[i].end != 0)
+            t[m++] = targets[i];
+    n = m;
     if (!keep) {
         target_count = 0;
+        reset_index();
         target_generation++;
     }
     pthread_mutex_unlock(&target_lock);

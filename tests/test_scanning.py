@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import traceback
 import zlib as py_zlib
 from pathlib import Path
@@ -28,6 +29,7 @@ import cffi
 import pytest
 
 import ptrbridge
+from ptrbridge import findings
 from ptrbridge import RetainedPointerError, RetainedPointerWarning, Retention
 from ptrbridge._bindings import ffi as pb_ffi
 from ptrbridge._bindings import lib as pb_lib
@@ -1161,3 +1163,134 @@ def test_a_live_link_map_is_c_memory_not_freed_python_memory() -> None:
     data = bytearray(4096)
     assert pb_lib.pb__interpose_in_link_map(ctypes.addressof((ctypes.c_char * 4096).from_buffer(data)) + 2048) == 0
     assert pb_lib.pb__interpose_in_link_map(0) == 0
+
+
+# ---------------------------------------------------------------------------
+# Level 2's fast path: a call that lends only bytes and bytearrays runs in C
+# (csrc/pycall.c, csrc/pylends.c), and says what the Python closure says.
+
+
+def _runs_in_c(checked: Any, *args: Any) -> bool:
+    """Whether a call of ``checked`` with ``args`` ran without the Python closure's frame."""
+    seen: List[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(tracer)
+    try:
+        checked(*args)
+    finally:
+        sys.setprofile(None)
+    return "checked" not in seen
+
+
+def test_fast_path_reports_what_the_closure_reports(k: Any, keeper_raw: Any) -> None:
+    ptrbridge.set_scan_batch(1_000_000)
+    data = b"kept in a global"
+    assert _runs_in_c(k.keep_copy, data, 3)  # the fast path takes it...
+    fast_line = _next_line()
+    k.keep_global(data)
+    (fast,) = ptrbridge.scan()
+    slow_line = _next_line()
+    k.keep_global._ptrbridge_slow(data)  # ...and the closure, called directly, says the same
+    (slow,) = ptrbridge.scan()
+    assert (fast.description, fast.function, fast.lent_at, fast.state) == (
+        "bytes(16)", "keep_global", f"{HERE}:{fast_line}", "returned")
+    assert (slow.description, slow.function, slow.lent_at) == ("bytes(16)", "keep_global", f"{HERE}:{slow_line}")
+    assert (fast.root, fast.offset, fast.address) == (slow.root, slow.offset, slow.address)
+
+
+def test_fast_path_counts_its_lends_and_scans_by_the_batch(k: Any) -> None:
+    ptrbridge.set_scan_batch(3)
+    ptrbridge.scan()
+    before = findings.counters().get("lends", 0)
+    data = b"kept at the third call"
+    k.keep_global(data)
+    k.keep_global(data)
+    line = _next_line() + 1
+    with pytest.raises(RetainedPointerError) as info:
+        k.keep_global(data)  # the batch of 3 is due: the scan runs here
+    (r,) = info.value.retentions
+    assert (r.description, r.lent_at) == ("bytes(22)", f"{HERE}:{line}")  # lent again: the last lend
+    assert findings.counters()["lends"] - before == 3
+    assert k.keep_copy(b"two buffers? one", 4) == 0 and findings.counters()["lends"] - before == 4
+
+
+def test_fast_path_lend_is_a_lent_region_while_the_call_runs(level2: None, abi: Tuple[Any, Any]) -> None:
+    from ptrbridge import ownership
+
+    c = ptrbridge.wrap(abi[1])
+    read_end, write_end = os.pipe()
+    text = b"held while C waits" + b"!" * 14
+    result: List[int] = []
+    assert _runs_in_c(c.text_len, text)
+    worker = threading.Thread(target=lambda: result.append(c.wait_then_len(read_end, text)))
+    address = _addr(pb_ffi.from_buffer(text))
+    try:
+        worker.start()
+        info = None
+        for _ in range(10_000):  # until the worker is inside read(): its buffer is lent
+            info = ownership.lookup(address + 5)
+            if info is not None:
+                break
+            threading.Event().wait(0.001)
+        assert info is not None and (info.kind, info.start, info.size, info.description) == (
+            "lent", address, 32, "bytes(32)")
+        os.write(write_end, b"!")
+        worker.join()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert result == [32] and ownership.lookup(address) is None and ptrbridge.scan() == []
+
+
+def test_fast_path_from_many_threads_is_clean_and_counted(k: Any) -> None:
+    ptrbridge.set_scan_batch(7)
+    before = findings.counters().get("lends", 0)
+    errors: List[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(2000):
+                assert k.keep_copy(bytes([65 + n]) * (i % 50 + 1), 1) == 0
+        except BaseException as exc:  # noqa: B902 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and ptrbridge.scan() == [] and ptrbridge.violations() == []
+    assert findings.counters()["lends"] - before == 8000
+
+
+_FAST_PROVENANCE_CHILD = """
+import sys, cffi, ptrbridge
+from ptrbridge import heapmap, scanning
+ffi = cffi.FFI()
+ffi.cdef("int keep_copy(const char *p, size_t n);")
+k = ptrbridge.wrap(ffi.dlopen(sys.argv[1]))
+ptrbridge.set_check_level(2)
+heapmap.set_hold(0, 0)
+first = b"A" * int("60")
+block = heapmap.lookup_block(id(first))
+k.keep_copy(first, 1)                  # a fast lend, once
+other = b"B" * int("90")
+for _ in range(70000):                 # then another, more often than the history holds lends
+    k.keep_copy(other, 1)
+del first
+print(scanning.lent_provenance(block.start, block.size))
+"""
+
+
+def test_fast_path_lends_keep_their_provenance(keeper_raw: Any, tmp_path: Path) -> None:
+    """A use-after-free report names a buffer a fast call lent, and a loop lending one buffer
+    again and again refreshes its record instead of pushing the others out."""
+    so = build_shared("keeper.c", tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _FAST_PROVENANCE_CHILD, str(so)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["('bytes(60)', 'keep_copy', '<string>:11')"], proc.stdout

@@ -1073,6 +1073,8 @@ del _sample_cdata
 native.fastcall_init_ctypes(_ctypes_plans, _CArgObject)  # ctypes aggregates' plans, as _settled_ctypes fills them
 native.fastcall_init_strict(vars(findings), findings.strict, findings._ENV_DATA, findings._ENV_KEY, _CTYPES_LENDS)
 findings._take_native_calls = native.fastcall_take_calls  # the calls the fast path counted
+findings._take_native_lends = native.fastcall_take_lends  # and the level-2 lends it made
+native.fastcall_init_l2(scanning._fast_calls_due, check)  # level 2's lends in C (csrc/pylends.c)
 os.register_at_fork(after_in_child=native.fastcall_after_fork)  # other threads' calls are gone
 
 

@@ -188,16 +188,19 @@ def count(name: str, n: int = 1) -> None:
     _counters[name] = _counters.get(name, 0) + n
 
 
-# The checked calls' C fast path (csrc/pycall.c) counts "calls" in C; this takes its count
-# (and zeroes it), set by calls.py.  Folded in before the counters are read or reset.
+# The checked calls' C fast path (csrc/pycall.c) counts "calls" and level 2's "lends" in C;
+# these take its counts (and zero them), set by calls.py.  Folded in before the counters are
+# read or reset.
 _take_native_calls: Optional[Callable[[], int]] = None
+_take_native_lends: Optional[Callable[[], int]] = None
 
 
 def _fold_native() -> None:
-    if _take_native_calls is not None:
-        n = _take_native_calls()
-        if n:
-            _counters["calls"] = _counters.get("calls", 0) + n
+    for name, take in (("calls", _take_native_calls), ("lends", _take_native_lends)):
+        if take is not None:
+            n = take()
+            if n:
+                _counters[name] = _counters.get(name, 0) + n
 
 
 def counters() -> Dict[str, int]:

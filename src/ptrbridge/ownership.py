@@ -305,6 +305,9 @@ def lookup(address: int) -> Optional[RegionInfo]:
         entry = _lends.get(region_id)
         if entry is not None:
             return RegionInfo(region_id, entry.start, entry.size, "lent", entry.description, "<in call>")
+        fast = native.fastcall_lent_region(region_id)  # lent by a level-2 call on the C fast path
+        if fast is not None:
+            return RegionInfo(region_id, fast[0], fast[1], "lent", fast[2], "<in call>")
     if info is None and (packed & 3) == lib.PB_REGION_PINNED:
         # Pins are registered by one C call (csrc/pypin.c); their description
         # and site text are made here, the first time a check asks.  Region ids

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import findings as _findings
 from .callsite import user_stacklevel
-from ._bindings import address_of, check, ffi, lib
+from ._bindings import address_of, check, ffi, lib, native
 from .errors import PointerError, PointerWarning, RootError, RootTypeError, StaleRootWarning
 
 __all__ = [
@@ -174,21 +174,16 @@ class _Ids:
     """Scan target ids: one at a time, or a block of consecutive ones.
 
     A block is taken in one step, so no other thread gets an id inside it (the
-    scanner prefers the newest target, by id).  Not an ``itertools.islice`` of
-    a counter: that makes and frees an int per id, which would fill the heap
-    map's freed history with ptrbridge's own garbage.
+    scanner prefers the newest target, by id).  The counter is in C
+    (csrc/pylends.c), shared with the level-2 fast path, which takes ids with
+    the GIL held as this does.  Not an ``itertools.islice`` of a counter: that
+    makes and frees an int per id, which would fill the heap map's freed
+    history with ptrbridge's own garbage.
     """
-
-    def __init__(self) -> None:
-        self._next = 1
-        self._lock = threading.Lock()
 
     def take(self, n: int = 1) -> int:
         """The first of ``n`` new consecutive ids."""
-        with self._lock:
-            first = self._next
-            self._next = first + n
-        return first
+        return native.target_ids(n)  # type: ignore[no-any-return]
 
     def __next__(self) -> int:
         return self.take()
@@ -204,7 +199,7 @@ _roots: Dict[int, Tuple[int, int]] = {}
 # Batching of automatic scans: adaptive unless fixed with set_scan_batch().
 _batch = 1
 _fixed_batch: Optional[int] = None
-_MAX_BATCH = 1024
+_MAX_BATCH = 16384  # at ~1 µs a call, a scan every ~16 ms at most: the report still names the call
 _calls_since_scan = 0
 _scan_due = False  # set when retired memory was freed: scan at the next opportunity
 _last_scan_end = time.perf_counter()
@@ -232,7 +227,6 @@ _Lend = Tuple[int, Description, str, Description, int, int]
 _lent: Dict[int, _Lend] = {}
 _lent_pages: Dict[int, Set[int]] = {}
 _lent_huge: Set[int] = set()
-_lent_seq = 0
 _slot_start: List[Optional[int]] = [None] * LENT_HISTORY
 _clocks = ffi.new("uint64_t[]", 3 * LENT_HISTORY)  # written under _lock
 
@@ -259,9 +253,7 @@ def _forget_lend(start: int) -> None:
 
 
 def _remember_lend(start: int, size: int, description: Description, function: str, site: Description) -> None:
-    global _lent_seq
-    seq = _lent_seq
-    _lent_seq = seq + 1
+    seq = native.lend_seqs(1)  # shared with the fast path's history (csrc/pylends.c): newest wins
     prior = _lent.get(start)
     if prior is not None:
         if prior[0] == size and prior[2] == function and prior[1] == description and prior[3] == site:
@@ -321,6 +313,12 @@ def _best_lend(start: int, size: int, consume: bool = False) -> Optional[Tuple[i
     if consume:
         for lent_start in overlapping:
             _forget_lend(lent_start)
+    else:
+        # The lends of level 2's fast path are kept in C (csrc/pylends.c): the newest of both.
+        fast = native.fast_lend_best(start, size)
+        if fast is not None and (best is None or fast[1] > best[1][4]):
+            (lent_start, lent_size, description, function, site), seq = fast
+            best = (lent_start, (lent_size, description, function, site, seq, -1))
     return best
 
 
@@ -391,6 +389,7 @@ def retire(start: int, size: int, description: Description, function: str, site:
     with _lock:
         if state == "freed":
             _scan_due = True
+            native.fastcall_scan_due(1)
         elif function and not function.startswith("("):
             _remember_lend(start, size, description, function, site)
         target_id = next(_target_ids)
@@ -420,6 +419,7 @@ def retire_many(starts: List[int], sizes: List[int], descriptions: List[str], fu
     with _lock:
         if state == "freed":
             _scan_due = True
+            native.fastcall_scan_due(1)
         elif function and not function.startswith("("):
             _remember_lends(starts, sizes, descriptions, function, sites)
         first = _target_ids.take(n)  # first .. last, in one step
@@ -440,7 +440,6 @@ def _remember_lends(starts: List[int], sizes: List[int], descriptions: List[str]
     The common case inlined: a buffer lent again with the same texts (a pool of payloads
     pinned batch after batch) only refreshes its record.
     """
-    global _lent_seq
     lent = _lent
     n = len(starts)
     priors = list(map(lent.get, starts, itertools.repeat(_NO_LEND, n)))
@@ -448,8 +447,7 @@ def _remember_lends(starts: List[int], sizes: List[int], descriptions: List[str]
     if texts == list(map(_LEND_TEXTS, priors)):  # every one lent again with the same texts
         # What the loop below does for each, without a Python loop: new seqs, same slots.
         slots = list(map(_LEND_SLOT, priors))
-        seq = _lent_seq
-        _lent_seq = seq + n
+        seq = native.lend_seqs(n)
         lent.update(zip(starts, map(operator.add, texts, zip(range(seq, seq + n), slots))))
         lib.pb__scan_clocks_store(_clocks, ffi.new("size_t[]", slots), n)  # the free clock of now
         return
@@ -488,7 +486,7 @@ def next_target_id() -> int:
 
 def cancel(start: int, size: int) -> None:
     """Drop queued targets overlapping this range: it is lent or pinned again, legitimately."""
-    if _targets or _retired_batches:
+    if _targets or _retired_batches or native.fast_lends_pending():
         lib.pb__scan_cancel(start, size)
 
 
@@ -549,17 +547,24 @@ def scan() -> List[Retention]:
     global _calls_since_scan, _last_scan_end, _scan_due
     with _lock:
         _scan_due = False
-        if not _targets and not _freed_batches and not _retired_batches:
+        if not _targets and not _freed_batches and not _retired_batches and not native.fast_lends_pending():
             _calls_since_scan = 0
+            native.fastcall_take_l2()
+            _sync_fast_due()
             return []
         out = ffi.new("struct pb_finding[]", _MAX_FINDINGS)
         scanned = ffi.new("uint64_t *")
+        # The fast path's records of the targets queued so far; one queued while the scan
+        # runs (another thread: the scan releases the GIL) stays pending, and is read too.
+        native.fast_lends_swap()
         total = lib.pb__scan_run(out, _MAX_FINDINGS, 0, scanned)
         targets = dict(_targets)
         _targets.clear()
         batches, _freed_batches[:] = list(_freed_batches), []
         retired, _retired_batches[:] = list(_retired_batches), []
         _calls_since_scan = 0
+        native.fastcall_take_l2()
+        _sync_fast_due()
     found: List[Retention] = []
     # One place in memory is one finding, even when two roots cover it (a registered
     # root inside an interposed block, a watched library's segment) or two targets
@@ -570,7 +575,7 @@ def scan() -> List[Retention]:
         f = out[i]
         place = int(f.root_base) + int(f.offset)
         target = (targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
-                  or _retired_target(retired, int(f.target_id)))
+                  or _retired_target(retired, int(f.target_id)) or _fast_target(int(f.target_id)))
         if target is None:
             continue
         if target.function.startswith("("):
@@ -616,11 +621,21 @@ def scan() -> List[Retention]:
                 object_size=target.size,
             )
         )
+    native.fast_lends_release()
     for retention in found:
         _findings.record(retention.to_finding())
     _warn_stale()
     _last_scan_end = time.perf_counter()
     return found
+
+
+def _fast_target(target_id: int) -> Optional[_Target]:
+    """The record of a target the level-2 fast path queued (csrc/pylends.c), or None."""
+    record = native.fast_lend_target(target_id)
+    if record is None:
+        return None
+    start, size, description, function, site = record
+    return _Target(start, size, description, function, site, "returned")
 
 
 def _live_again(address: int, freed_start: int) -> bool:
@@ -732,9 +747,26 @@ def scan_and_report() -> None:
 
 def after_call() -> None:
     """Called after a level-2 checked call retired its lent memory: scan when the batch is due."""
-    global _calls_since_scan, _batch
+    global _calls_since_scan
     _calls_since_scan += 1
+    _after_calls()
+
+
+def _fast_calls_due() -> None:
+    """The level-2 fast path (csrc/pycall.c) made the calls :func:`_sync_fast_due` asked for."""
+    _after_calls()
+
+
+def _sync_fast_due() -> None:
+    """Tell the fast path after how many more calls to call :func:`_fast_calls_due`."""
+    native.fastcall_scan_due(1 if _scan_due else max(1, _batch - _calls_since_scan))
+
+
+def _after_calls() -> None:
+    global _calls_since_scan, _batch
+    _calls_since_scan += native.fastcall_take_l2()  # the fast path's calls since it last said
     if _calls_since_scan < _batch and not _scan_due:
+        _sync_fast_due()
         return
     began = time.perf_counter()
     idle = began - _last_scan_end
@@ -748,6 +780,7 @@ def after_call() -> None:
         _batch *= 2
     elif cost < idle * 0.01 and _batch > 1:
         _batch //= 2
+    _sync_fast_due()
     _report(found)
 
 
@@ -764,6 +797,7 @@ def set_scan_batch(calls: Optional[int]) -> Optional[int]:
         raise ValueError(f"ptrbridge.set_scan_batch: calls must be a positive int or None, not {calls!r}")
     old, _fixed_batch = _fixed_batch, calls
     _batch = calls if calls is not None else 1
+    _sync_fast_due()
     return old
 
 

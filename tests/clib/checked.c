@@ -165,6 +165,15 @@ long read_into(int fd, char *buf, long n)
     return (long)read(fd, buf, (size_t)n);
 }
 
+/* Waits for one byte on fd, then returns strlen(text): a call that holds its argument a while. */
+long wait_then_len(int fd, const char *text)
+{
+    char byte;
+    if (read(fd, &byte, 1) != 1)
+        return -1;
+    return (long)strlen(text);
+}
+
 /* Calls fn(0..n-1); returns the sum, or the first negative result. */
 int call_each(int (*fn)(int), int n)
 {

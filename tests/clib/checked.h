@@ -38,6 +38,7 @@ void gate_wait_inside(int n);
 void gate_open(void);
 int gate_most_inside(void);
 long read_into(int fd, char *buf, long n);
+long wait_then_len(int fd, const char *text);
 int call_each(int (*fn)(int), int n);
 int call_with_userdata(int (*fn)(void *, int), void *userdata, int n);
 void keep_userdata(int (*fn)(void *, int), void *userdata);
