@@ -46,9 +46,11 @@ PyObject *pb__charp_object(uintptr_t addr);
  * (shared with scanning.py); a returned lend queued as target_id, recorded
  * for reports (0, or -1 with MemoryError set); how many await a scan. */
 uint64_t pb__fl_take_ids(uint64_t n);
-int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyTypeObject *type, PyObject *function,
+int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *kind, PyObject *function,
                     uint32_t site);
 size_t pb__fl_pending(void);
+/* "bytes(21)", "cdata 'char[]'(64)": ownership.describe's text for what `kind` says (new reference). */
+PyObject *pb__fl_description(PyObject *kind, size_t size);
 
 /* Registers a module function table on `module`.  Returns 0 or -1. */
 int pb__add_functions(PyObject *module, PyMethodDef *defs);

@@ -21,4 +21,7 @@ int pb__py_slots_init(PyObject *module); /* pyslots.c, called by pb__py_frames_i
 int pb__slots_settled(PyObject *where, PyObject *plan, Py_ssize_t count, int level2);
 int pb__slots_settled_at(uintptr_t base, PyObject *plan, Py_ssize_t count, int level2); /* at an address */
 
+/* The address a pointer or array cdata holds (cffi's C API): 0, or -1 with an exception set. */
+int pb__cdata_address(PyObject *cdata, uintptr_t *out);
+
 #endif /* PB_SLOTS_H */

@@ -1,5 +1,5 @@
 /*
- * pycall.c - the checked call's common case at level 1, with no Python frame.
+ * pycall.c - the checked call's common cases at levels 1 and 2, with no Python frame.
  *
  * A checked function (calls.py) is a Python closure, `checked(*args)`.  At
  * level 1 most calls pass only byte buffers, NULL and scalars, which need no
@@ -19,12 +19,15 @@
  *     if instrumented, draw the quarantine sample (a drawn call goes to the
  *     closure, which shadows it), call the raw function;
  *   - level 2, the quarantine off, and each argument it looks at is bytes,
- *     bytearray or None (ctypes: also float, bool, str and an int <= 0; a
- *     positive int is an address the closure checks), at most FC_L2_MAX of
- *     them buffers: count the call if instrumented, lend the buffers
- *     (lends.c), call C, return them and queue them for the scan, record
- *     what a report would say about them (pylends.c), and every so many
- *     calls ask scanning.py whether a scan is due (fc_l2_due, which it sets);
+ *     bytearray, None or ffi.new memory whose pointer slots pyslots.c
+ *     settles (ctypes: bytes, bytearray, None, float, bool, str, an int
+ *     below vm.mmap_min_addr - a larger one is an address the closure
+ *     checks - and a structure, union or array, or a byref() of one, whose
+ *     slots are settled), at most FC_L2_MAX of them lent: count the call if
+ *     instrumented, lend them (lends.c), call C, return them and queue them
+ *     for the scan, record what a report would say about them (pylends.c),
+ *     and every so many calls ask scanning.py whether a scan is due
+ *     (fc_l2_due, which it sets);
  *   - level 0: call the raw function;
  *   - everything else (other arguments, keywords): the closure.
  *
@@ -53,6 +56,7 @@
 #include "ptrbridge.h"
 
 #include <stddef.h>
+#include <stdio.h>
 
 /* 3.11 and 3.12 make a frame object only when asked for one: a fast call notes
  * its caller's interpreter frame (free) and finds the frame object only when
@@ -92,7 +96,7 @@ typedef struct {
     uint64_t region[FC_L2_MAX];
     uintptr_t start[FC_L2_MAX];
     size_t size[FC_L2_MAX];
-    PyTypeObject *type[FC_L2_MAX];
+    PyObject *kind[FC_L2_MAX]; /* borrowed while the call runs: bytes, bytearray, or a cdata's ctype */
 } fc_lent;
 
 /* One fast call in flight. */
@@ -114,7 +118,7 @@ static long long fc_countdown = 1;    /* > 1: answer False that many - 1 times; 
 static unsigned long long fc_calls;   /* calls counted here, not yet folded into findings */
 static unsigned long long fc_seq;     /* numbers the calls in flight */
 static PyObject *fc_freed;            /* ownership._freed: not empty = freed memory on record */
-static PyObject *fc_shapes;           /* calls._arg_shapes: ctype -> (shape, plan, is_array) */
+static PyObject *fc_shapes;           /* calls._arg_shapes: ctype -> (shape, plan, is_array, item size) */
 static PyObject *fc_ctypes_plans;     /* calls._ctypes_plans: ctypes aggregate type -> plan or None */
 static PyTypeObject *fc_carg;         /* type(ctypes.byref(...)) */
 static PyObject *fc_ctypes_lends;     /* calls._CTYPES_LENDS */
@@ -159,7 +163,7 @@ static int fc_tick(void)
  * (calls._arg_shape): its items hold no pointers (_FLAT), or every pointer
  * slot of its items is settled in C (_WALK: NULL, pinned, C memory; the
  * walk of calls._settled_cffi, by pyslots.c).  Either way it is lent. */
-static int fc_settled_cdata(PyObject *arg)
+static int fc_settled_cdata(PyObject *arg, int level2, Py_ssize_t *items, Py_ssize_t *item_size)
 {
     if (fc_shapes == NULL)
         return 0;
@@ -168,13 +172,9 @@ static int fc_settled_cdata(PyObject *arg)
         PyErr_Clear();
         return 0; /* not seen yet: the closure works it out and caches it */
     }
-    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) != 3)
+    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) != 4)
         return 0;
     PyObject *kind = PyTuple_GET_ITEM(shape, 0);
-    if (kind == fc_flat)
-        return 1;
-    if (!PyLong_Check(kind) || PyLong_AsLong(kind) != FC_SHAPE_WALK)
-        return 0;
     Py_ssize_t count = 1;
     if (PyTuple_GET_ITEM(shape, 2) == Py_True) { /* an array: its items, as the closure counts them */
         count = PyObject_Length(arg);
@@ -182,10 +182,20 @@ static int fc_settled_cdata(PyObject *arg)
             PyErr_Clear();
             return 0;
         }
-        if (count == 0)
-            count = 1;
     }
-    int settled = pb__slots_settled(arg, PyTuple_GET_ITEM(shape, 1), count, 0);
+    if (items != NULL) {
+        *items = count;
+        *item_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, 3));
+        if (*item_size == -1 && PyErr_Occurred())
+            PyErr_Clear();
+    }
+    if (count == 0)
+        count = 1;
+    if (kind == fc_flat)
+        return 1;
+    if (!PyLong_Check(kind) || PyLong_AsLong(kind) != FC_SHAPE_WALK)
+        return 0;
+    int settled = pb__slots_settled(arg, PyTuple_GET_ITEM(shape, 1), count, level2);
     if (settled < 0) {
         PyErr_Clear();
         return 0;
@@ -197,7 +207,7 @@ static int fc_settled_cdata(PyObject *arg)
  * byref() of one, whose type holds no pointers or whose pointer slots
  * pyslots.c settles in C.  Its address is read through the buffer protocol
  * (ctypes exports its b_ptr), not from ctypes' private structs. */
-static int fc_settled_ctypes(PyObject *arg)
+static int fc_settled_ctypes(PyObject *arg, int level2, fc_lent *out)
 {
     if (fc_ctypes_plans == NULL)
         return 0;
@@ -212,12 +222,18 @@ static int fc_settled_ctypes(PyObject *arg)
     }
     int settled = 0;
     PyObject *plan = PyDict_GetItemWithError(fc_ctypes_plans, (PyObject *)Py_TYPE(obj)); /* borrowed */
-    if (plan == Py_None) {
+    if (plan == Py_None && out == NULL) {
         settled = 1; /* holds no pointers */
-    } else if (plan != NULL && PyBytes_Check(plan)) {
+    } else if (plan == Py_None || (plan != NULL && PyBytes_Check(plan))) {
         Py_buffer view;
         if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) == 0) {
-            settled = pb__slots_settled_at((uintptr_t)view.buf, plan, 1, 0);
+            settled = plan == Py_None ? 1 : pb__slots_settled_at((uintptr_t)view.buf, plan, 1, level2);
+            if (settled == 1 && out != NULL) { /* level 2: lent whole, as ownership.ctypes_extent has it */
+                int k = out->n++;
+                out->kind[k] = (PyObject *)Py_TYPE(obj); /* alive with obj, which arg holds */
+                out->start[k] = (uintptr_t)view.buf;
+                out->size[k] = (size_t)view.len;
+            }
             PyBuffer_Release(&view);
         } else {
             settled = -1;
@@ -341,7 +357,7 @@ static int fc_settled_by_kind(CheckedCall *fn, PyObject *const *args, Py_ssize_t
                 }
             } else if (arg != Py_None && kind != &PyFloat_Type && kind != &PyBool_Type &&
                        kind != &PyUnicode_Type) {
-                if (!fc_settled_ctypes(arg))
+                if (!fc_settled_ctypes(arg, 0, NULL))
                     return 0;
                 *lent = 1;
             }
@@ -356,7 +372,7 @@ static int fc_settled_by_kind(CheckedCall *fn, PyObject *const *args, Py_ssize_t
         PyTypeObject *kind = Py_TYPE(arg);
         if (kind == &PyBytes_Type || kind == &PyByteArray_Type)
             *lent = 1;
-        else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && fc_settled_cdata(arg))
+        else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && fc_settled_cdata(arg, 0, NULL, NULL))
             *lent = 1;
         else if (arg != Py_None)
             return 0;
@@ -495,6 +511,20 @@ static PyObject *fc_run(CheckedCall *fn, PyObject *const *args, size_t nargsf, P
     return result;
 }
 
+/* Nothing can be mapped below vm.mmap_min_addr (read at import; 4096 if unreadable). */
+static long long fc_no_address_below = 4096;
+
+static void fc_read_mmap_min_addr(void)
+{
+    FILE *f = fopen("/proc/sys/vm/mmap_min_addr", "r");
+    if (f == NULL)
+        return;
+    long long v;
+    if (fscanf(f, "%lld", &v) == 1 && v >= 0)
+        fc_no_address_below = v > 0 ? v : 1;
+    fclose(f);
+}
+
 /* Level 2: 1 if the fast path takes these arguments, with the buffers they lend in *out. */
 static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out)
 {
@@ -512,7 +542,7 @@ static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
             if (out->n == FC_L2_MAX)
                 return 0;
             int k = out->n++;
-            out->type[k] = kind;
+            out->kind[k] = (PyObject *)kind;
             if (kind == &PyBytes_Type) {
                 out->start[k] = (uintptr_t)PyBytes_AS_STRING(arg);
                 out->size[k] = (size_t)PyBytes_GET_SIZE(arg);
@@ -522,17 +552,36 @@ static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
             }
         } else if (arg == Py_None) {
             continue;
+        } else if (kind == fc_cdata_own && !(fn->flags & FC_CTYPES)) {
+            /* ffi.new memory whose pointer slots are settled (NULL, pinned, C memory): lent whole,
+             * its extent as ownership.cdata_extent has it (items times the item size). */
+            Py_ssize_t items, item_size;
+            uintptr_t start;
+            if (out->n == FC_L2_MAX || !fc_settled_cdata(arg, 1, &items, &item_size) || item_size < 0 ||
+                pb__cdata_address(arg, &start) < 0) {
+                PyErr_Clear();
+                return 0;
+            }
+            int k = out->n++;
+            out->kind[k] = ((fc_cdata *)arg)->c_type;
+            out->start[k] = start;
+            out->size[k] = (size_t)items * (size_t)item_size;
         } else if (!(fn->flags & FC_CTYPES)) {
             return 0;
         } else if (kind == &PyLong_Type) {
-            int positive = PyObject_RichCompareBool(arg, fc_zero, Py_GT);
-            if (positive != 0) { /* an address, checked against freed memory at level 2 */
-                if (positive < 0)
-                    PyErr_Clear();
+            /* An int is an address the closure checks against freed memory at level 2, unless it
+             * is below the lowest address anything can be mapped at (vm.mmap_min_addr): a length,
+             * a flag, a file descriptor. */
+            int overflow = 0;
+            long long v = PyLong_AsLongLongAndOverflow(arg, &overflow);
+            if (overflow > 0 || v >= fc_no_address_below || (v == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
                 return 0;
             }
-        } else if (kind != &PyFloat_Type && kind != &PyBool_Type && kind != &PyUnicode_Type) {
-            return 0;
+        } else if (kind == &PyFloat_Type || kind == &PyBool_Type || kind == &PyUnicode_Type) {
+            continue;
+        } else if (out->n == FC_L2_MAX || !fc_settled_ctypes(arg, 1, out)) {
+            return 0; /* a ctypes structure, union or array (or byref of one) whose slots are settled: lent */
         }
     }
     return 1;
@@ -568,7 +617,7 @@ static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf
         if (failed)
             continue;
         if (queued == 1) {
-            failed = pb__fl_returned(target, l->start[k], l->size[k], l->type[k], fn->name, site) < 0;
+            failed = pb__fl_returned(target, l->start[k], l->size[k], l->kind[k], fn->name, site) < 0;
         } else if (queued < 0) {
             PyObject *r = fc_l2_check ? PyObject_CallFunction(fc_l2_check, "is", queued, "queueing a lent buffer for the scan")
                                       : (PyErr_NoMemory(), NULL);
@@ -1036,7 +1085,7 @@ static PyObject *m_fastcall_lent_region(PyObject *self, PyObject *arg)
         for (int k = 0; k < rec->lends.n; k++) {
             if (rec->lends.region[k] == id)
                 return Py_BuildValue("(KnN)", (unsigned long long)rec->lends.start[k], (Py_ssize_t)rec->lends.size[k],
-                                     PyUnicode_FromFormat("%s(%zu)", rec->lends.type[k]->tp_name, rec->lends.size[k]));
+                                     pb__fl_description(rec->lends.kind[k], rec->lends.size[k]));
         }
     }
     Py_RETURN_NONE;
@@ -1093,6 +1142,7 @@ static PyMethodDef call_functions[] = {
 
 int pb__py_calls_init(PyObject *module)
 {
+    fc_read_mmap_min_addr();
     if (fc_zero == NULL && (fc_zero = PyLong_FromLong(0)) == NULL)
         return -1;
     CheckedMethodType.tp_base = &CheckedCallType;

@@ -2,14 +2,14 @@
  * pylends.c - level 2's lends on the checked call's fast path (pycall.c), kept
  * in C with their texts made only when a report asks.
  *
- * A level-2 call that lends bytes or a bytearray to C (and nothing that needs
- * a walk) runs in C: it adds a lent region, calls C, returns the region and
+ * A level-2 call that lends bytes, a bytearray or ffi.new memory whose pointer
+ * slots are settled (and nothing that needs a walk) runs in C: it adds a lent region, calls C, returns the region and
  * queues the range for the next retention scan (lends.c).  What Python's
  * closure would record with it (scanning.returned) is recorded here instead,
  * as numbers and borrowed-by-reference objects:
  *
  *   - a *pending* record per queued scan target (its id, the range, the
- *     buffer's type, the function's name, the call site as a pysite.c id),
+ *     buffer's type or ctype, the function's name, the call site as a pysite.c id),
  *     so that a scan that finds a pointer into the range can name the lend.
  *     scanning.scan() swaps the pending records out before it runs the scan
  *     (pending -> scanning) and drops them after; a target queued by another
@@ -28,9 +28,9 @@
  * "newest target wins" and the history's "newest lend wins" hold across both
  * paths.  Everything here runs with the GIL held; the arrays are libc memory
  * (never the hooked Python allocators, which would fill the heap map's
- * history with ptrbridge's own blocks).  The buffer types recorded are bytes
- * and bytearray (static types, no reference needed); the function names are
- * strong references, released when a record goes.
+ * history with ptrbridge's own blocks).  What was lent (bytes, bytearray, or
+ * the ctype of ffi.new memory) and the function's name are strong
+ * references, released when a record goes.
  */
 #include "pb_py.h"
 #include "pb_heapmap.h"
@@ -45,7 +45,7 @@ struct fl_pending {
     uint64_t target_id;
     uintptr_t start;
     size_t size;
-    PyTypeObject *type;
+    PyObject *kind;     /* strong: bytes, bytearray, or the ctype of ffi.new memory */
     PyObject *function; /* strong */
     uint32_t site;
 };
@@ -58,7 +58,7 @@ struct fl_array {
 struct fl_history {
     uintptr_t start;
     size_t size;
-    PyTypeObject *type;
+    PyObject *kind;     /* strong */
     PyObject *function; /* strong; NULL: an empty slot */
     uint32_t site;
     uint64_t seq;
@@ -81,8 +81,10 @@ uint64_t pb__fl_take_ids(uint64_t n)
 
 static void array_clear(struct fl_array *a)
 {
-    for (size_t i = 0; i < a->n; i++)
+    for (size_t i = 0; i < a->n; i++) {
+        Py_DECREF(a->items[i].kind);
         Py_DECREF(a->items[i].function);
+    }
     a->n = 0;
 }
 
@@ -93,7 +95,7 @@ static size_t index_of(uintptr_t start)
 }
 
 /* Records a lend the fast path returned and queued as target_id.  0, or -1 with MemoryError set. */
-int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyTypeObject *type, PyObject *function,
+int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *kind, PyObject *function,
                     uint32_t site)
 {
     struct fl_array *a = &fl_pending_now;
@@ -119,13 +121,13 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyTypeObje
             return -1;
         }
     }
-    a->items[a->n++] = (struct fl_pending){target_id, start, size, type, Py_NewRef(function), site};
+    a->items[a->n++] = (struct fl_pending){target_id, start, size, Py_NewRef(kind), Py_NewRef(function), site};
 
     size_t at = index_of(start);
     struct fl_history *h = NULL;
     if (fl_index[at] != 0) {
         struct fl_history *old = &fl_ring[fl_index[at] - 1];
-        if (old->function != NULL && old->start == start && old->size == size && old->type == type &&
+        if (old->function != NULL && old->start == start && old->size == size && old->kind == kind &&
             old->site == site && old->function == function)
             h = old; /* lent again: a new seq and clock, the same slot */
     }
@@ -134,9 +136,9 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyTypeObje
         fl_ring_next = (fl_ring_next + 1) % FL_HISTORY;
         h = &fl_ring[slot];
         Py_XSETREF(h->function, Py_NewRef(function));
+        Py_XSETREF(h->kind, Py_NewRef(kind));
         h->start = start;
         h->size = size;
-        h->type = type;
         h->site = site;
         fl_index[at] = (uint32_t)slot + 1;
     }
@@ -152,14 +154,27 @@ size_t pb__fl_pending(void)
 
 /* -- module functions ---------------------------------------------------- */
 
-static PyObject *description(PyTypeObject *type, size_t size)
+PyObject *pb__fl_description(PyObject *kind, size_t size)
 {
-    return PyUnicode_FromFormat("%s(%zu)", type->tp_name, size); /* ownership.type_text */
+    if (PyType_Check(kind)) { /* ownership.type_text */
+        PyObject *name = PyObject_GetAttrString(kind, "__name__");
+        if (name == NULL)
+            return NULL;
+        PyObject *text = PyUnicode_FromFormat("%U(%zu)", name, size);
+        Py_DECREF(name);
+        return text;
+    }
+    PyObject *cname = PyObject_GetAttrString(kind, "cname"); /* ownership.cdata_text */
+    if (cname == NULL)
+        return NULL;
+    PyObject *text = PyUnicode_FromFormat("cdata '%U'(%zu)", cname, size);
+    Py_DECREF(cname);
+    return text;
 }
 
-static PyObject *record_tuple(uintptr_t start, size_t size, PyTypeObject *type, PyObject *function, uint32_t site)
+static PyObject *record_tuple(uintptr_t start, size_t size, PyObject *kind, PyObject *function, uint32_t site)
 {
-    PyObject *text = description(type, size);
+    PyObject *text = pb__fl_description(kind, size);
     PyObject *where = text ? pb__site_text(site) : NULL;
     PyObject *out = where ? Py_BuildValue("(KnOOO)", (unsigned long long)start, (Py_ssize_t)size, text, function,
                                           where)
@@ -239,7 +254,7 @@ static PyObject *m_fast_lend_target(PyObject *self, PyObject *arg)
         p = find_target(&fl_pending_now, id);
     if (p == NULL)
         Py_RETURN_NONE;
-    return record_tuple(p->start, p->size, p->type, p->function, p->site);
+    return record_tuple(p->start, p->size, p->kind, p->function, p->site);
 }
 
 /* fast_lend_best(start, size) -> None or (lent start, size, description, function, site, seq):
@@ -267,7 +282,7 @@ static PyObject *m_fast_lend_best(PyObject *self, PyObject *args)
     }
     if (best == NULL)
         Py_RETURN_NONE;
-    PyObject *rec = record_tuple(best->start, best->size, best->type, best->function, best->site);
+    PyObject *rec = record_tuple(best->start, best->size, best->kind, best->function, best->site);
     if (rec == NULL)
         return NULL;
     PyObject *out = Py_BuildValue("(OK)", rec, (unsigned long long)best->seq);

@@ -117,6 +117,11 @@ static int address_arg(PyObject *obj, uintptr_t *out)
     return 0;
 }
 
+int pb__cdata_address(PyObject *cdata, uintptr_t *out)
+{
+    return address_arg(cdata, out);
+}
+
 static PyObject *m_cdata_address(PyObject *self, PyObject *arg)
 {
     (void)self;

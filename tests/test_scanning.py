@@ -1202,6 +1202,49 @@ def test_fast_path_reports_what_the_closure_reports(k: Any, keeper_raw: Any) -> 
     assert (fast.root, fast.offset, fast.address) == (slow.root, slow.offset, slow.address)
 
 
+def _lent_kinds(keeper_so: str) -> List[Tuple[str, Any, Any, str]]:
+    """(kind, checked library, argument, its description) for each kind the fast path lends."""
+    array = (ctypes.c_char * 12).from_buffer_copy(b"ctypes array")
+    ctypes_lib = ptrbridge.wrap(ctypes.CDLL(keeper_so))
+    cffi_ffi = cffi.FFI()
+    cffi_ffi.cdef(KEEPER_CDEF)
+    cdata = cffi_ffi.new("char[]", b"ffi.new memory")
+    cffi_lib = ptrbridge.wrap(cffi_ffi.dlopen(keeper_so))
+    return [("cffi bytes", cffi_lib, b"kept bytes", "bytes(10)"),
+            ("cffi ffi.new", cffi_lib, cdata, "cdata 'char[]'(15)"),
+            ("ctypes bytes", ctypes_lib, b"kept bytes", "bytes(10)"),
+            ("ctypes array", ctypes_lib, array, "c_char_Array_12(12)"),
+            ("ctypes byref", ctypes_lib, ctypes.byref(array), "c_char_Array_12(12)")]
+
+
+def test_fast_path_lends_each_kind_as_the_closure_does(level2: None, tmp_path: Path) -> None:
+    so = str(build_shared("keeper.c", tmp_path))
+    ptrbridge.set_scan_batch(1_000_000)
+    kinds = _lent_kinds(so)
+    try:
+        _lends_each_kind(kinds)
+    finally:
+        kinds[0][1].keeper_clear()
+
+
+def _lends_each_kind(kinds: List[Tuple[str, Any, Any, str]]) -> None:
+    for kind, lib_, arg, text in kinds:
+        lib_.keep_copy(arg, 1)  # the first call of a type: the closure learns its shape
+        assert _runs_in_c(lib_.keep_copy, arg, 1), kind
+        ptrbridge.scan()
+        fast_line = _next_line()
+        lib_.keep_global(arg)
+        (fast,) = ptrbridge.scan()
+        checked = type(lib_.keep_global).__call__ if kind.startswith("ctypes") else lib_.keep_global
+        slow_line = _next_line()
+        checked._ptrbridge_slow(arg)  # the Python closure, which the fast path stands for
+        (slow,) = ptrbridge.scan()
+        assert (fast.description, fast.function, fast.lent_at) == (text, "keep_global", f"{HERE}:{fast_line}"), kind
+        assert (slow.description, slow.function, slow.lent_at) == (text, "keep_global", f"{HERE}:{slow_line}"), kind
+        assert (fast.address, fast.object_size) == (slow.address, slow.object_size), kind
+        lib_.keeper_clear()
+
+
 def test_fast_path_counts_its_lends_and_scans_by_the_batch(k: Any) -> None:
     ptrbridge.set_scan_batch(3)
     ptrbridge.scan()
@@ -1294,3 +1337,16 @@ def test_fast_path_lends_keep_their_provenance(keeper_raw: Any, tmp_path: Path) 
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == ["('bytes(60)', 'keep_copy', '<string>:11')"], proc.stdout
+
+
+def test_fast_path_leaves_ctypes_addresses_to_the_closure(level2: None, checked_so: Path) -> None:
+    """At level 2 a ctypes int may be an address the closure checks against freed memory: only
+    one below the lowest address anything can be mapped at (vm.mmap_min_addr) is taken in C."""
+    c = ptrbridge.wrap(ctypes.CDLL(str(checked_so)))
+    try:
+        low = int(Path("/proc/sys/vm/mmap_min_addr").read_text()) or 1
+    except OSError:
+        low = 4096
+    assert _runs_in_c(c.add, 0, low - 1) and _runs_in_c(c.add, -5, 3)
+    assert not _runs_in_c(c.add, low, 1) and not _runs_in_c(c.add, 1 << 40, 1)
+    assert c.add(low - 1, 1) == low and c.add(2, 3) == 5

@@ -255,26 +255,35 @@ def _cffi_param_plan(param: Any) -> Optional[str]:
     return None
 
 
-# Per C type, what a cdata argument of that type needs: (_FLAT, None, _) for pointers and
-# arrays whose items hold no pointers (void, char, opaque, function), (_WALK, plan, _) for
-# those whose items do, (_OTHER, None, _) for the rest (struct by value, scalars); the
-# third item says whether the type is an array.
+# Per C type, what a cdata argument of that type needs: (_FLAT, None, _, _) for pointers and
+# arrays whose items hold no pointers (void, char, opaque, function), (_WALK, plan, _, _) for
+# those whose items do, (_OTHER, None, _, _) for the rest (struct by value, scalars); the
+# third item says whether the type is an array, the fourth is the size of an item (-1: none,
+# as void or an opaque struct), so that an ffi.new result's extent is its count of items
+# times it (ownership.cdata_extent).
 _FLAT, _WALK, _OTHER = 0, 1, 2  # csrc/pycall.c reads these tuples (FC_SHAPE_WALK)
-_arg_shapes: Dict[Any, Tuple[int, Any, bool]] = {}
+_arg_shapes: Dict[Any, Tuple[int, Any, bool, int]] = {}
 
 
-def _arg_shape(ctype: Any) -> Tuple[int, Any, bool]:
+def _item_size(ctype: Any) -> int:
+    try:
+        return int(ffi.sizeof(ctype.item))
+    except (ffi.error, TypeError, ValueError):
+        return -1
+
+
+def _arg_shape(ctype: Any) -> Tuple[int, Any, bool, int]:
     shape = _arg_shapes.get(ctype)
     if shape is None:
         kind = ctype.kind
         if kind in ("pointer", "array"):
             layout = layout_of(ctype.item)
             if layout is not None and layout.slots and layout.size:
-                shape = (_WALK, layout.plan, kind == "array")
+                shape = (_WALK, layout.plan, kind == "array", _item_size(ctype))
             else:
-                shape = (_FLAT, None, kind == "array")
+                shape = (_FLAT, None, kind == "array", _item_size(ctype))
         else:
-            shape = (_OTHER, None, False)
+            shape = (_OTHER, None, False, -1)
         if len(_arg_shapes) < 4096:
             _arg_shapes[ctype] = shape
     return shape
@@ -293,7 +302,7 @@ def _settled_cffi(arg: Any, lent: List[Any]) -> bool:
     if not isinstance(arg, ffi.CData):
         return False
     ctype = ffi.typeof(arg)
-    shape, plan, is_array = _arg_shapes.get(ctype) or _arg_shape(ctype)
+    shape, plan, is_array, _size = _arg_shapes.get(ctype) or _arg_shape(ctype)
     if shape == _OTHER:
         return False
     if type(arg) in _CDATA_OWNING:
@@ -898,7 +907,7 @@ class CheckedLibrary:
                             # Inlined _settled_cffi for an owning cdata (level 1 ignores `lent`):
                             # a flat item type, or slots scan_slots settles in C, need no CallCheck.
                             ctype = ffi.typeof(arg)
-                            shape, walk, is_array = _arg_shapes.get(ctype) or _arg_shape(ctype)
+                            shape, walk, is_array, _size = _arg_shapes.get(ctype) or _arg_shape(ctype)
                             if shape == _OTHER or (shape == _WALK and _scan_slots(
                                     arg, walk, max(1, len(arg)) if is_array else 1, False) is not None):
                                 check_args(args)
