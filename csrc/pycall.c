@@ -97,6 +97,7 @@ typedef struct {
     uintptr_t start[FC_L2_MAX];
     size_t size[FC_L2_MAX];
     PyObject *kind[FC_L2_MAX]; /* borrowed while the call runs: bytes, bytearray, or a cdata's ctype */
+    PyObject *arg[FC_L2_MAX];  /* borrowed: the argument lent */
 } fc_lent;
 
 /* One fast call in flight. */
@@ -141,7 +142,7 @@ static unsigned long long fc_l2_count;      /* level-2 fast calls that lent, not
 static unsigned long long fc_l2_due = 1;    /* tell it when fc_l2_count reaches this (it sets it) */
 static PyObject *fc_l2_hook;                /* scanning._fast_calls_due */
 static PyObject *fc_l2_check;               /* _bindings.check: a PB_ERR_* code as its exception */
-static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0, {0, {0}, {0}, {0}, {NULL}}};
+static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0, {0, {0}, {0}, {0}, {NULL}, {NULL}}};
 static fc_record *fc_pool; /* free records */
 
 /* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
@@ -231,6 +232,7 @@ static int fc_settled_ctypes(PyObject *arg, int level2, fc_lent *out)
             if (settled == 1 && out != NULL) { /* level 2: lent whole, as ownership.ctypes_extent has it */
                 int k = out->n++;
                 out->kind[k] = (PyObject *)Py_TYPE(obj); /* alive with obj, which arg holds */
+                out->arg[k] = arg;
                 out->start[k] = (uintptr_t)view.buf;
                 out->size[k] = (size_t)view.len;
             }
@@ -543,6 +545,7 @@ static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
                 return 0;
             int k = out->n++;
             out->kind[k] = (PyObject *)kind;
+            out->arg[k] = arg;
             if (kind == &PyBytes_Type) {
                 out->start[k] = (uintptr_t)PyBytes_AS_STRING(arg);
                 out->size[k] = (size_t)PyBytes_GET_SIZE(arg);
@@ -564,6 +567,7 @@ static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
             }
             int k = out->n++;
             out->kind[k] = ((fc_cdata *)arg)->c_type;
+            out->arg[k] = arg;
             out->start[k] = start;
             out->size[k] = (size_t)items * (size_t)item_size;
         } else if (!(fn->flags & FC_CTYPES)) {
@@ -597,7 +601,13 @@ static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf
             pb__quarantine_refresh_adopted(); /* C may read a kept buffer's shadow in this call */
         return fc_run(fn, args, nargsf, tuple, NULL);
     }
-    uint32_t site = pb__site_capture();
+    uint32_t site = pb__site_capture(); /* may run Python (once per code object): another thread may */
+    for (int k = 0; k < l->n; k++) {   /* resize a bytearray meanwhile, so its extent is read again */
+        if (l->kind[k] == (PyObject *)&PyByteArray_Type) {
+            l->start[k] = (uintptr_t)PyByteArray_AS_STRING(l->arg[k]);
+            l->size[k] = (size_t)PyByteArray_GET_SIZE(l->arg[k]);
+        }
+    }
     for (int k = 0; k < l->n; k++) {
         if ((l->region[k] = pb__lend_add(l->start[k], l->size[k])) == 0) {
             while (k-- > 0)
