@@ -617,15 +617,11 @@ int pb__interpose_find(uintptr_t addr, struct pb_iblock *out)
     return 1;
 }
 
-int pb__interpose_c_reused(uintptr_t addr)
+/* Whether a remembered C free of a block containing addr came after (after = 1) or before
+ * (after = 0) the newest Python free there, in the epoch of `need`. */
+static int cfreed_ordered(uintptr_t addr, const struct pb_heapmap_clock *need, int after)
 {
-    struct pb_iblock b;
-    if (pb__interpose_find(addr, &b) && !b.python)
-        return 1;
-    struct pb_heapmap_clock need;
-    if (pb_heapmap_freed_clock_at(addr, &need) == 0 || need.epoch == 0)
-        return 0; /* no Python free to order C's after: nothing is known */
-    uint64_t epoch = epoch_bits(need.epoch);
+    uint64_t epoch = epoch_bits(need->epoch);
     int found = 0;
     for (size_t i = 0; i < NSHARD && !found; i++) {
         struct shard *s = &shards[i];
@@ -634,14 +630,33 @@ int pb__interpose_c_reused(uintptr_t addr)
             const struct cfreed *f = &cfreed[i][k];
             if (f->ptr != 0 && addr >= f->ptr && addr - f->ptr < (f->size_epoch & CFREED_SIZE_MASK) &&
                 f->size_epoch >> CFREED_SIZE_BITS == epoch &&
-                f->gil >= need.gil && f->lock >= need.lock) {
+                (f->gil >= need->gil && f->lock >= need->lock) == (after != 0)) {
                 found = 1;
                 break;
             }
         }
         shard_unlock(s);
     }
-    return found ? 2 : 0;
+    return found;
+}
+
+int pb__interpose_c_reused(uintptr_t addr)
+{
+    struct pb_iblock b;
+    if (pb__interpose_find(addr, &b) && !b.python)
+        return 1;
+    struct pb_heapmap_clock need;
+    if (pb_heapmap_freed_clock_at(addr, &need) == 0 || need.epoch == 0)
+        return 0; /* no Python free to order C's after: nothing is known */
+    return cfreed_ordered(addr, &need, 1) ? 2 : 0;
+}
+
+int pb__interpose_c_before(uintptr_t addr)
+{
+    struct pb_heapmap_clock need;
+    if (pb_heapmap_freed_clock_at(addr, &need) == 0 || need.epoch == 0)
+        return 0;
+    return cfreed_ordered(addr, &need, 0);
 }
 
 /* ---- the loader's own memory ------------------------------------------- */

@@ -91,6 +91,14 @@ int pb__interpose_find(uintptr_t addr, struct pb_iblock *out);
  * in the table and the C frees remembered: for findings, not hot paths. */
 int pb__interpose_c_reused(uintptr_t addr);
 
+/* 1 if an interposed library freed a block containing addr before the
+ * newest Python free of it that the heap map's history holds: the memory
+ * was C's before it was that Python block's, so a word pointing into it may
+ * be C's own pointer left from then (a stale field, a free list), not one
+ * into Python memory.  0 otherwise, or when nothing can be ordered (as
+ * pb__interpose_c_reused; same locks and cost: for findings only). */
+int pb__interpose_c_before(uintptr_t addr);
+
 /* 1 if addr lies in the loader's own record of a loaded object: a live
  * link_map of the base namespace (what dlopen() returns and libraries such
  * as libsasl2 keep), taken as PB_LINK_MAP_SPAN bytes from its start - glibc's

@@ -589,9 +589,11 @@ def scan() -> List[Retention]:
             if target.function.startswith("("):
                 with _lock:
                     lent = _lent_inside(target.start, target.size)
-                if lent is None and target.given_back:
-                    # libc has had this memory back and no checked call lent it: C code no
-                    # hook sees (a constructor inside dlopen, libc's fopen) may own it now.
+                if lent is None and (target.given_back or lib.pb__interpose_c_before(int(f.value))):
+                    # No checked call lent it, and libc has had this memory back (C code no
+                    # hook sees - a constructor inside dlopen, libc's fopen - may own it now),
+                    # or an interposed library had it before this Python block did (the word
+                    # may be that library's own pointer left from then: sqlite's, libX11's).
                     continue
                 target = lent or target
         prior = by_place.get(place)
