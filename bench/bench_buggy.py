@@ -64,7 +64,7 @@ def _suppressions(work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-valgrind", action="store_true", help="skip the valgrind column")
-    parser.add_argument("--only", default="", help="only the programs whose name contains this (e.g. p18)")
+    parser.add_argument("--only", default="", help="only the programs whose name contains this (e.g. p17)")
     args = parser.parse_args()
     valgrind = None if args.no_valgrind else shutil.which("valgrind")
     with tempfile.TemporaryDirectory(prefix="bench-buggy-") as tmp:
@@ -90,7 +90,7 @@ def main() -> None:
             if valgrind and supp is not None:
                 vg, vg_s = _timed([valgrind, f"--suppressions={supp}", "--error-exitcode=99", sys.executable, name],
                                   work, dict(_env(), PYTHONMALLOC="malloc"))
-                # Its errors, also of a process that then died (an abort after the invalid read).
+                # Its errors, also of a process that then died (p17: cffi aborts after the invalid read).
                 summary = re.findall(r"ERROR SUMMARY: (\d+) errors", vg.stderr)
                 vg_hit = vg.returncode == 99 or bool(summary and int(summary[-1]) > 0)
                 vg_cell = "error" if vg_hit else f"clean ({_output(vg)})"

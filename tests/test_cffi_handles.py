@@ -1,6 +1,10 @@
-"""ffi.new_handle() results: tokens C keeps, not memory lent to it (instrumented and wrapped calls)."""
+"""ffi.new_handle() results under instrumentation (ptrbridge.cffi_handles)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +52,42 @@ def test_a_handle_c_keeps_is_a_token_not_lent_memory(instrumented: None, checked
     with pytest.raises(ptrbridge.UnpinnableError, match=r"ffi.new_handle\(\) result is a token"):
         ptrbridge.Pinner().pin(handle)
     lib.keep_userdata(ffi.NULL, ffi.NULL)
+
+
+def test_from_handle_of_a_collected_handle_is_reported_before_cffi_aborts(tmp_path: Path,
+                                                                         checked_so: Path) -> None:
+    program = tmp_path / "subscribe.py"
+    program.write_text(textwrap.dedent(f"""
+        import gc, cffi
+        ffi = cffi.FFI()
+        ffi.cdef("void keep_userdata(int (*fn)(void *, int), void *userdata); int call_kept_userdata(int);")
+        lib = ffi.dlopen({str(checked_so)!r})
+
+        @ffi.callback("int(void *, int)")
+        def add(userdata, x):
+            return ffi.from_handle(userdata).count + x
+
+        class Box:
+            count = 1
+
+        def subscribe():
+            lib.keep_userdata(add, ffi.new_handle(Box()))  # the handle dies on return
+
+        subscribe()
+        gc.collect()
+        print(lib.call_kept_userdata(1))
+    """))
+    plain = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == -6 and "ffi.from_handle() detected that the address passed points to garbage" \
+        in plain.stderr  # cffi's own abort: the bug is not silent, but says nothing of where
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "ptrbridge", "run", "--check", "1", "--report", str(report), "--",
+                           sys.executable, str(program)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + 6, proc.stderr[-3000:]  # cffi still aborts, as without ptrbridge
+    found = json.loads(report.read_text())["findings"]
+    assert [f["kind"] for f in found] == ["collected-handle"]
+    assert found[0]["severity"] == "error" and found[0]["created_at"] == "subscribe.py:15"
+    assert found[0]["lent_at"] == "subscribe.py:9" and found[0]["object"] == "ffi.new_handle(Box object)"
+    assert found[0]["message"].endswith(
+        "SUMMARY: ptrbridge: collected-handle ffi.new_handle(Box object) (subscribe.py:15)")
+    assert "ffi.from_handle() was given a collected handle" in proc.stderr  # the run's summary

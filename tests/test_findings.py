@@ -86,5 +86,5 @@ def test_every_kind_the_finding_docs_name_is_one_the_report_schema_accepts() -> 
     from ptrbridge.report import FINDING_SCHEMA
 
     documented = set(re.findall(r'``"([a-z-]+)"``', Finding.__doc__ or ""))
-    assert {"use-after-free", "immutable-write", "collected-callback"} <= documented
+    assert {"use-after-free", "collected-handle", "collected-callback"} <= documented
     assert documented == set(FINDING_SCHEMA["properties"]["kind"]["enum"])

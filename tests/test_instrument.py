@@ -57,8 +57,8 @@ def test_instrument_is_idempotent_thread_safe_and_reversible() -> None:
     import threading
 
     was_on = ptrbridge.uninstrument()  # on when the plugin instruments the run (PTRBRIDGE_CHECK=2)
-    originals = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, ctypes.CDLL.__init__,
-                 ctypes.CFUNCTYPE)
+    originals = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+                 cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
     assert not ptrbridge.instrumented()
     results: List[bool] = []
     threads = [threading.Thread(target=lambda: results.append(ptrbridge.instrument())) for _ in range(4)]
@@ -67,12 +67,12 @@ def test_instrument_is_idempotent_thread_safe_and_reversible() -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [False, False, False, True] and ptrbridge.instrumented()
-    now = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, ctypes.CDLL.__init__,
-           ctypes.CFUNCTYPE)
+    now = (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+           cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE)
     assert all(a is not b for a, b in zip(now, originals))
     assert ptrbridge.uninstrument() is True and ptrbridge.uninstrument() is False
-    assert (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, ctypes.CDLL.__init__,
-            ctypes.CFUNCTYPE) == originals
+    assert (cffi.FFI.dlopen, cffi.FFI.callback, cffi.FFI.cast, cffi.FFI.typeof, cffi.FFI.new_handle,
+            cffi.FFI.from_handle, ctypes.CDLL.__init__, ctypes.CFUNCTYPE) == originals
     assert not ptrbridge.instrumented()
     if was_on:
         ptrbridge.instrument()

@@ -70,3 +70,14 @@ unsigned long bg_join(void) {
     pthread_join(g_thr, NULL);
     return g_bg_sum;
 }
+
+/* 6. a callback registered with user data and called later, as an event loop does */
+typedef void (*ev_cb)(void *ud, int x);
+static ev_cb g_ev_cb;
+static void *g_ev_ud;
+void ev_register(ev_cb cb, void *ud) { g_ev_cb = cb; g_ev_ud = ud; }
+int ev_fire(int x) {
+    if (!g_ev_cb) return -1;
+    g_ev_cb(g_ev_ud, x);
+    return 0;
+}

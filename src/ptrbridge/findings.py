@@ -62,6 +62,7 @@ class Finding:
     memory freed since: a quarantine trap),
     ``"overrun"`` (C accessed past the end of a lent buffer),
     ``"callback-result"`` (R4), ``"collected-callback"``, ``"released-callback"``,
+    ``"collected-handle"`` (``ffi.from_handle`` given a handle collected since),
     ``"immutable-write"`` (C wrote into a ``bytes`` it was lent: the quarantine saw it),
     ``"leak"`` (a handle, pin, C block or transferred buffer never given back),
     ``"call-timeout"`` (R3), ``"error-raised"`` (a ptrbridge error raised in

@@ -24,8 +24,8 @@ plugin call it; :func:`uninstrument` undoes it.  Interception points:
   held its address is kept alive and reported when C calls it ("callback
   on_event created at app.py:12 was collected; C called it") instead of
   crashing the process;
-* handles: ``ffi.new_handle`` results are tokens C may keep (not memory it
-  was lent).
+* handles: ``cffi.FFI().new_handle`` results are tokens C may keep (not
+  memory it was lent), and ``from_handle`` of one collected since is reported.
 
 What the checks report (:class:`~ptrbridge.findings.Finding`):
 
@@ -35,7 +35,9 @@ What the checks report (:class:`~ptrbridge.findings.Finding`):
   literally - a nested pointer to live, unpinned Python memory.  CPython never
   moves objects, so ``ffi.new("uint8_t **", buf)`` with ``buf`` alive is
   correct code and is clean by default;
-* ``"callback-result"`` (error or portability), ``"collected-callback"`` (error).
+* ``"callback-result"`` (error or portability), ``"collected-callback"`` (error);
+* ``"collected-handle"`` (error): ``ffi.from_handle`` given the address of an
+  ``ffi.new_handle`` result collected since (see :mod:`ptrbridge.cffi_handles`).
 
 An instrumented ABI library's function is a checked function, not a cdata:
 passing it for a function-pointer or ``void *`` parameter, ``ffi.cast`` and
@@ -66,7 +68,7 @@ from collections import OrderedDict
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import calls, findings, levels, quarantine
+from . import calls, cffi_handles, findings, levels, quarantine
 from ._bindings import address_of, ffi as _pb_ffi, lib as _pb_lib, native as _pb_native
 from .callsite import caller_site, frame_site
 from .checking import CallCheck, note_cursors, object_extent
@@ -105,6 +107,8 @@ def instrument() -> bool:
         _patch(cffi.FFI, "callback", _make_cffi_callback(cffi.FFI.callback))
         _patch(cffi.FFI, "cast", _make_unwrapping(cffi.FFI.cast, 2))
         _patch(cffi.FFI, "typeof", _make_unwrapping(cffi.FFI.typeof, 1))
+        _patch(cffi.FFI, "new_handle", cffi_handles.make_new_handle(cffi.FFI.new_handle))
+        _patch(cffi.FFI, "from_handle", cffi_handles.make_from_handle(cffi.FFI.from_handle))
         _patch(ctypes.CDLL, "__init__", _make_cdll_init(ctypes.CDLL.__init__))
         _patch(ctypes, "CFUNCTYPE", _make_cfunctype(ctypes.CFUNCTYPE))
         _patch(importlib.machinery.ExtensionFileLoader, "exec_module",

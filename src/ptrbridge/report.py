@@ -415,7 +415,7 @@ FINDING_SCHEMA: Dict[str, Any] = {
     "properties": {
         "kind": {"enum": ["dangling-argument", "nested-unpinned", "retained-live", "retained-freed",
                           "use-after-release", "use-after-free", "overrun", "callback-result",
-                          "collected-callback", "released-callback", "immutable-write", "leak",
+                          "collected-callback", "released-callback", "collected-handle", "immutable-write", "leak",
                           "call-timeout", "error-raised"]},
         "severity": {"enum": list(_findings.SEVERITIES)},
         "rule": {"type": "string"},
