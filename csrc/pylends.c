@@ -131,12 +131,15 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *
             old->site == site && old->function == function)
             h = old; /* lent again: a new seq and clock, the same slot */
     }
+    PyObject *old_function = NULL, *old_kind = NULL;
     if (h == NULL) {
         size_t slot = fl_ring_next;
         fl_ring_next = (fl_ring_next + 1) % FL_HISTORY;
         h = &fl_ring[slot];
-        Py_XSETREF(h->function, Py_NewRef(function));
-        Py_XSETREF(h->kind, Py_NewRef(kind));
+        old_function = h->function;
+        old_kind = h->kind;
+        h->function = Py_NewRef(function);
+        h->kind = Py_NewRef(kind);
         h->start = start;
         h->size = size;
         h->site = site;
@@ -144,6 +147,9 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *
     }
     h->seq = fl_next_seq++;
     pb__heapmap_clock_store(h->clock, 0);
+    /* Released last: a deallocator that ran Python (and lent again) would find the ring whole. */
+    Py_XDECREF(old_function);
+    Py_XDECREF(old_kind);
     return 0;
 }
 

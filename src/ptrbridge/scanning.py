@@ -562,6 +562,15 @@ def scan() -> List[Retention]:
         _targets.clear()
         batches, _freed_batches[:] = list(_freed_batches), []
         retired, _retired_batches[:] = list(_retired_batches), []
+        # The fast path's targets a finding names, resolved before its records go (a scan on
+        # another thread, once this one lets go of the lock, swaps in records of its own).
+        for i in range(min(total, _MAX_FINDINGS)):
+            target_id = int(out[i].target_id)
+            if target_id not in targets:
+                fast = _fast_target(target_id)
+                if fast is not None:
+                    targets[target_id] = fast
+        native.fast_lends_release()
         _calls_since_scan = 0
         native.fastcall_take_l2()
         _sync_fast_due()
@@ -575,7 +584,7 @@ def scan() -> List[Retention]:
         f = out[i]
         place = int(f.root_base) + int(f.offset)
         target = (targets.get(int(f.target_id)) or _freed_target(batches, int(f.target_id))
-                  or _retired_target(retired, int(f.target_id)) or _fast_target(int(f.target_id)))
+                  or _retired_target(retired, int(f.target_id)))
         if target is None:
             continue
         if target.function.startswith("("):
@@ -623,7 +632,6 @@ def scan() -> List[Retention]:
                 object_size=target.size,
             )
         )
-    native.fast_lends_release()
     for retention in found:
         _findings.record(retention.to_finding())
     _warn_stale()
