@@ -19,8 +19,8 @@
  *     if instrumented, draw the quarantine sample (a drawn call goes to the
  *     closure, which shadows it), call the raw function;
  *   - level 2, the quarantine off, and each argument it looks at is bytes,
- *     bytearray, None or ffi.new memory whose pointer slots pyslots.c
- *     settles (ctypes: bytes, bytearray, None, float, bool, str, an int
+ *     bytearray, None, or ffi.new memory or an ffi.from_buffer view whose
+ *     pointer slots pyslots.c settles (ctypes: bytes, bytearray, None, float, bool, str, an int
  *     below vm.mmap_min_addr - a larger one is an address the closure
  *     checks - and a structure, union or array, or a byref() of one, whose
  *     slots are settled), at most FC_L2_MAX of them lent: count the call if
@@ -98,7 +98,16 @@ typedef struct {
     size_t size[FC_L2_MAX];
     PyObject *kind[FC_L2_MAX]; /* borrowed while the call runs: bytes, bytearray, or a cdata's ctype */
     PyObject *arg[FC_L2_MAX];  /* borrowed: the argument lent */
+    unsigned owned;            /* bit k: kind[k] is a reference of ours (a view's description) */
 } fc_lent;
+
+static void fc_lent_release(fc_lent *l)
+{
+    for (int k = 0; k < l->n; k++)
+        if (l->owned & (1u << k))
+            Py_DECREF(l->kind[k]);
+    l->owned = 0;
+}
 
 /* One fast call in flight. */
 typedef struct fc_record {
@@ -142,7 +151,8 @@ static unsigned long long fc_l2_count;      /* level-2 fast calls that lent, not
 static unsigned long long fc_l2_due = 1;    /* tell it when fc_l2_count reaches this (it sets it) */
 static PyObject *fc_l2_hook;                /* scanning._fast_calls_due */
 static PyObject *fc_l2_check;               /* _bindings.check: a PB_ERR_* code as its exception */
-static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0, {0, {0}, {0}, {0}, {NULL}, {NULL}}};
+static PyObject *fc_l2_describe;            /* ownership.describe: a from_buffer view's text */
+static fc_record fc_all = {&fc_all, &fc_all, NULL, NULL, 0, NULL, NULL, NULL, 0, {0, {0}, {0}, {0}, {NULL}, {NULL}, 0}};
 static fc_record *fc_pool; /* free records */
 
 /* cffi's CDataObject starts with its ctype (checked by fastcall_init on a sample). */
@@ -527,10 +537,22 @@ static void fc_read_mmap_min_addr(void)
     fclose(f);
 }
 
-/* Level 2: 1 if the fast path takes these arguments, with the buffers they lend in *out. */
+static int fc_l2_plan_args(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out);
+
+/* Level 2: 1 if the fast path takes these arguments, with what they lend in *out (release it
+ * with fc_lent_release); 0: the closure's, nothing held. */
 static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out)
 {
     out->n = 0;
+    out->owned = 0;
+    if (fc_l2_plan_args(fn, args, nargs, out))
+        return 1;
+    fc_lent_release(out);
+    return 0;
+}
+
+static int fc_l2_plan_args(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out)
+{
     if (fc_sample_on || fc_l2_hook == NULL || (fn->flags & FC_METHOD))
         return 0; /* quarantined lends, and instrumented ctypes methods: the closure */
     Py_ssize_t count = (fn->flags & FC_CTYPES) ? nargs : fn->nplan;
@@ -555,21 +577,34 @@ static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, 
             }
         } else if (arg == Py_None) {
             continue;
-        } else if (kind == fc_cdata_own && !(fn->flags & FC_CTYPES)) {
-            /* ffi.new memory whose pointer slots are settled (NULL, pinned, C memory): lent whole,
-             * its extent as ownership.cdata_extent has it (items times the item size). */
+        } else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && !(fn->flags & FC_CTYPES)) {
+            /* ffi.new memory or an ffi.from_buffer view whose pointer slots are settled (NULL,
+             * pinned, C memory): lent whole, its extent as ownership.cdata_extent has it (items
+             * times the item size).  A view is described by what it views: ownership.describe
+             * says (it reads that once per view), now, while the view is alive. */
             Py_ssize_t items, item_size;
             uintptr_t start;
             if (out->n == FC_L2_MAX || !fc_settled_cdata(arg, 1, &items, &item_size) || item_size < 0 ||
-                pb__cdata_address(arg, &start) < 0) {
+                pb__cdata_address(arg, &start) < 0 || (kind == fc_cdata_frombuf && fc_l2_describe == NULL)) {
                 PyErr_Clear();
                 return 0;
             }
-            int k = out->n++;
+            int k = out->n;
             out->kind[k] = ((fc_cdata *)arg)->c_type;
             out->arg[k] = arg;
             out->start[k] = start;
             out->size[k] = (size_t)items * (size_t)item_size;
+            if (kind == fc_cdata_frombuf) {
+                PyObject *text = PyObject_CallFunction(fc_l2_describe, "On", arg, (Py_ssize_t)out->size[k]);
+                if (text == NULL || !PyUnicode_Check(text)) {
+                    Py_XDECREF(text);
+                    PyErr_Clear();
+                    return 0;
+                }
+                out->kind[k] = text; /* owned: released by fc_lent_release */
+                out->owned |= 1u << k;
+            }
+            out->n++;
         } else if (!(fn->flags & FC_CTYPES)) {
             return 0;
         } else if (kind == &PyLong_Type) {
@@ -661,7 +696,9 @@ static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nar
         fc_lent l;
         if (!fc_l2_plan(fn, args, PyVectorcall_NARGS(nargsf), &l))
             return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
-        return fc_run_l2(fn, args, nargsf, NULL, &l);
+        PyObject *result = fc_run_l2(fn, args, nargsf, NULL, &l);
+        fc_lent_release(&l);
+        return result;
     }
     if (fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
         return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
@@ -680,7 +717,9 @@ static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
         fc_lent l;
         if (!fc_l2_plan(fn, args, nargs, &l))
             return PyObject_Call(fn->slow, tuple, kwargs);
-        return fc_run_l2(fn, args, (size_t)nargs, tuple, &l);
+        PyObject *result = fc_run_l2(fn, args, (size_t)nargs, tuple, &l);
+        fc_lent_release(&l);
+        return result;
     }
     if (fc_wants_slow(fn, args, nargs))
         return PyObject_Call(fn->slow, tuple, kwargs);
@@ -1041,15 +1080,17 @@ fail:
     return NULL;
 }
 
-/* fastcall_init_l2(hook, check): scanning._fast_calls_due and _bindings.check; the level-2 path on. */
+/* fastcall_init_l2(hook, check, describe): scanning._fast_calls_due, _bindings.check and
+ * ownership.describe; the level-2 path on. */
 static PyObject *m_fastcall_init_l2(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *hook, *check;
-    if (!PyArg_ParseTuple(args, "OO", &hook, &check))
+    PyObject *hook, *check, *describe;
+    if (!PyArg_ParseTuple(args, "OOO", &hook, &check, &describe))
         return NULL;
     Py_XSETREF(fc_l2_hook, Py_NewRef(hook));
     Py_XSETREF(fc_l2_check, Py_NewRef(check));
+    Py_XSETREF(fc_l2_describe, Py_NewRef(describe));
     Py_RETURN_NONE;
 }
 

@@ -23,6 +23,10 @@
  *     (a loop passing one payload does not flush the ring), found through a
  *     direct-mapped index by start address.
  *
+ * The Python closure's level-2 lends end here too (lend_return): one C call
+ * instead of a target id, a queue call and two dict records in Python; their
+ * descriptions and sites are already text.
+ *
  * Target ids and lend sequence numbers come from counters here, shared with
  * scanning.py (native.target_ids, native.lend_seqs), so that the scanner's
  * "newest target wins" and the history's "newest lend wins" hold across both
@@ -34,6 +38,7 @@
  */
 #include "pb_py.h"
 #include "pb_heapmap.h"
+#include "pb_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -45,8 +50,9 @@ struct fl_pending {
     uint64_t target_id;
     uintptr_t start;
     size_t size;
-    PyObject *kind;     /* strong: bytes, bytearray, or the ctype of ffi.new memory */
+    PyObject *kind;     /* strong: bytes, bytearray, the ctype of ffi.new memory, or the description (str) */
     PyObject *function; /* strong */
+    PyObject *where;    /* strong: the site's text, or NULL (then `site`) */
     uint32_t site;
 };
 
@@ -60,6 +66,7 @@ struct fl_history {
     size_t size;
     PyObject *kind;     /* strong */
     PyObject *function; /* strong; NULL: an empty slot */
+    PyObject *where;    /* strong, or NULL */
     uint32_t site;
     uint64_t seq;
     uint64_t clock[3];
@@ -84,6 +91,7 @@ static void array_clear(struct fl_array *a)
     for (size_t i = 0; i < a->n; i++) {
         Py_DECREF(a->items[i].kind);
         Py_DECREF(a->items[i].function);
+        Py_XDECREF(a->items[i].where);
     }
     a->n = 0;
 }
@@ -94,9 +102,27 @@ static size_t index_of(uintptr_t start)
     return (size_t)(h >> 48) & (FL_INDEX - 1);
 }
 
+static int same_text(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    if (a == NULL || b == NULL || !PyUnicode_CheckExact(a) || !PyUnicode_CheckExact(b))
+        return 0;
+    return PyUnicode_Compare(a, b) == 0; /* never fails on two str */
+}
+
+static int record(uint64_t target_id, uintptr_t start, size_t size, PyObject *kind, PyObject *function,
+                  PyObject *where, uint32_t site);
+
 /* Records a lend the fast path returned and queued as target_id.  0, or -1 with MemoryError set. */
 int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *kind, PyObject *function,
                     uint32_t site)
+{
+    return record(target_id, start, size, kind, function, NULL, site);
+}
+
+static int record(uint64_t target_id, uintptr_t start, size_t size, PyObject *kind, PyObject *function,
+                  PyObject *where, uint32_t site)
 {
     struct fl_array *a = &fl_pending_now;
     if (a->n == a->cap) {
@@ -121,25 +147,28 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *
             return -1;
         }
     }
-    a->items[a->n++] = (struct fl_pending){target_id, start, size, Py_NewRef(kind), Py_NewRef(function), site};
+    a->items[a->n++] =
+        (struct fl_pending){target_id, start, size, Py_NewRef(kind), Py_NewRef(function), Py_XNewRef(where), site};
 
     size_t at = index_of(start);
     struct fl_history *h = NULL;
     if (fl_index[at] != 0) {
         struct fl_history *old = &fl_ring[fl_index[at] - 1];
-        if (old->function != NULL && old->start == start && old->size == size && old->kind == kind &&
-            old->site == site && old->function == function)
+        if (old->function != NULL && old->start == start && old->size == size && same_text(old->kind, kind) &&
+            old->site == site && same_text(old->where, where) && same_text(old->function, function))
             h = old; /* lent again: a new seq and clock, the same slot */
     }
-    PyObject *old_function = NULL, *old_kind = NULL;
+    PyObject *old_function = NULL, *old_kind = NULL, *old_where = NULL;
     if (h == NULL) {
         size_t slot = fl_ring_next;
         fl_ring_next = (fl_ring_next + 1) % FL_HISTORY;
         h = &fl_ring[slot];
         old_function = h->function;
         old_kind = h->kind;
+        old_where = h->where;
         h->function = Py_NewRef(function);
         h->kind = Py_NewRef(kind);
+        h->where = Py_XNewRef(where);
         h->start = start;
         h->size = size;
         h->site = site;
@@ -150,6 +179,7 @@ int pb__fl_returned(uint64_t target_id, uintptr_t start, size_t size, PyObject *
     /* Released last: a deallocator that ran Python (and lent again) would find the ring whole. */
     Py_XDECREF(old_function);
     Py_XDECREF(old_kind);
+    Py_XDECREF(old_where);
     return 0;
 }
 
@@ -162,6 +192,8 @@ size_t pb__fl_pending(void)
 
 PyObject *pb__fl_description(PyObject *kind, size_t size)
 {
+    if (PyUnicode_Check(kind)) /* the description itself (the closure's lends) */
+        return Py_NewRef(kind);
     if (PyType_Check(kind)) { /* ownership.type_text */
         PyObject *name = PyObject_GetAttrString(kind, "__name__");
         if (name == NULL)
@@ -178,10 +210,11 @@ PyObject *pb__fl_description(PyObject *kind, size_t size)
     return text;
 }
 
-static PyObject *record_tuple(uintptr_t start, size_t size, PyObject *kind, PyObject *function, uint32_t site)
+static PyObject *record_tuple(uintptr_t start, size_t size, PyObject *kind, PyObject *function, PyObject *at,
+                              uint32_t site)
 {
     PyObject *text = pb__fl_description(kind, size);
-    PyObject *where = text ? pb__site_text(site) : NULL;
+    PyObject *where = text == NULL ? NULL : at != NULL ? Py_NewRef(at) : pb__site_text(site);
     PyObject *out = where ? Py_BuildValue("(KnOOO)", (unsigned long long)start, (Py_ssize_t)size, text, function,
                                           where)
                           : NULL;
@@ -260,7 +293,7 @@ static PyObject *m_fast_lend_target(PyObject *self, PyObject *arg)
         p = find_target(&fl_pending_now, id);
     if (p == NULL)
         Py_RETURN_NONE;
-    return record_tuple(p->start, p->size, p->kind, p->function, p->site);
+    return record_tuple(p->start, p->size, p->kind, p->function, p->where, p->site);
 }
 
 /* fast_lend_best(start, size) -> None or (lent start, size, description, function, site, seq):
@@ -288,7 +321,7 @@ static PyObject *m_fast_lend_best(PyObject *self, PyObject *args)
     }
     if (best == NULL)
         Py_RETURN_NONE;
-    PyObject *rec = record_tuple(best->start, best->size, best->kind, best->function, best->site);
+    PyObject *rec = record_tuple(best->start, best->size, best->kind, best->function, best->where, best->site);
     if (rec == NULL)
         return NULL;
     PyObject *out = Py_BuildValue("(OK)", rec, (unsigned long long)best->seq);
@@ -296,7 +329,31 @@ static PyObject *m_fast_lend_best(PyObject *self, PyObject *args)
     return out;
 }
 
+/* lend_return(region, start, size, description, function, site) -> what pb__lend_return says (1: queued,
+ * 0: pinned, < 0: a PB_ERR_* code): the end of a lend the Python closure made (calls._return_lent),
+ * recorded here as the fast path's are. */
+static PyObject *m_lend_return(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long region, start;
+    Py_ssize_t size;
+    PyObject *description, *function, *where;
+    if (!PyArg_ParseTuple(args, "KKnUUU", &region, &start, &size, &description, &function, &where))
+        return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "lend_return: negative size");
+        return NULL;
+    }
+    uint64_t target = pb__fl_take_ids(1);
+    int queued = pb__lend_return(region, (uintptr_t)start, (size_t)size, target);
+    if (queued == 1 && record(target, (uintptr_t)start, (size_t)size, description, function, where, 0) < 0)
+        return NULL;
+    return PyLong_FromLong(queued);
+}
+
 static PyMethodDef lend_functions[] = {
+    {"lend_return", m_lend_return, METH_VARARGS,
+     "lend_return(region, start, size, description, function, site) -> 1 queued, 0 pinned, < 0 error"},
     {"target_ids", m_target_ids, METH_O, "target_ids(n) -> the first of n new consecutive scan target ids"},
     {"lend_seqs", m_lend_seqs, METH_O, "lend_seqs(n) -> the first of n new consecutive lend sequence numbers"},
     {"fast_lends_pending", m_fast_lends_pending, METH_NOARGS,

@@ -467,17 +467,21 @@ def _lend(lent: List[Any]) -> List[Lend]:
 
 
 def _return_lent(regions: List[Lend], function: str, frame: Any) -> None:
-    """Level 2: the call returned; C must not hold what it was lent unless it is pinned."""
+    """Level 2: the call returned; C must not hold what it was lent unless it is pinned.
+
+    Each lend is returned, queued for the scan and recorded for reports in one C
+    call (csrc/pylends.c), as the C fast path's are.
+    """
     site = frame_site(frame)
     for region in regions:
         _lends.pop(region.id, None)
-        target_id = scanning.next_target_id()
-        queued = lib.pb__lend_return(region.id, region.start, region.size, target_id)
-        if queued == 1:
-            scanning.returned(region.start, region.size, region.description, function, site, target_id)
-        elif queued < 0:
+        queued = _native_lend_return(region.id, region.start, region.size, region.description, function, site)
+        if queued < 0:
             check(queued, f"queueing {region.description} for the scan")
     scanning.after_call()
+
+
+_native_lend_return = native.lend_return
 
 
 def _finish_shadows(shadows: List[Any], regions: List[Lend], function: str, frame: Any) -> None:
@@ -1083,7 +1087,7 @@ native.fastcall_init_ctypes(_ctypes_plans, _CArgObject)  # ctypes aggregates' pl
 native.fastcall_init_strict(vars(findings), findings.strict, findings._ENV_DATA, findings._ENV_KEY, _CTYPES_LENDS)
 findings._take_native_calls = native.fastcall_take_calls  # the calls the fast path counted
 findings._take_native_lends = native.fastcall_take_lends  # and the level-2 lends it made
-native.fastcall_init_l2(scanning._fast_calls_due, check)  # level 2's lends in C (csrc/pylends.c)
+native.fastcall_init_l2(scanning._fast_calls_due, check, describe)  # level 2's lends in C (csrc/pylends.c)
 os.register_at_fork(after_in_child=native.fastcall_after_fork)  # other threads' calls are gone
 
 

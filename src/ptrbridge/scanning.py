@@ -468,22 +468,6 @@ def _retired_target(batches: List[_RetiredBatch], target_id: int) -> Optional[_T
     return None
 
 
-def returned(start: int, size: int, description: str, function: str, site: str, target_id: int) -> None:
-    """A level-2 call returned and ``pb__lend_return`` queued its lend as ``target_id``: keep the texts.
-
-    What :func:`retire` does for a range in state ``"returned"``, after the C
-    side of it is done (see ``calls._return_lent``).
-    """
-    with _lock:
-        _remember_lend(start, size, description, function, site)
-        _targets[target_id] = _Target(start, size, description, function, site, "returned")
-
-
-def next_target_id() -> int:
-    """A new id for a scan target (:func:`returned`)."""
-    return next(_target_ids)
-
-
 def cancel(start: int, size: int) -> None:
     """Drop queued targets overlapping this range: it is lent or pinned again, legitimately."""
     if _targets or _retired_batches or native.fast_lends_pending():
