@@ -664,9 +664,13 @@ static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf
         if (queued == 1) {
             failed = pb__fl_returned(target, l->start[k], l->size[k], l->kind[k], fn->name, site) < 0;
         } else if (queued < 0) {
+            /* _bindings.check raises the PB_ERR_* code's exception; if it does not, say it here. */
             PyObject *r = fc_l2_check ? PyObject_CallFunction(fc_l2_check, "is", queued, "queueing a lent buffer for the scan")
-                                      : (PyErr_NoMemory(), NULL);
-            Py_XDECREF(r);
+                                      : NULL;
+            if (r != NULL || !PyErr_Occurred()) {
+                Py_XDECREF(r);
+                PyErr_Format(PyExc_MemoryError, "ptrbridge: queueing a lent buffer for the scan failed (%d)", queued);
+            }
             failed = 1;
         }
     }
