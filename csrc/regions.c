@@ -52,19 +52,25 @@ PB_API int pb_region_add(const void *addr, size_t size, int kind, uint64_t *id_o
     return PB_OK;
 }
 
-PB_API int pb_region_remove(uint64_t id)
+/* Removes region `id` (newest first); the lock held.  PB_OK or PB_ERR_NOT_FOUND. */
+static int remove_locked(uint64_t id)
 {
-    pthread_mutex_lock(&lock);
     for (size_t i = region_count; i-- > 0;) {
         if (regions[i].id == id) {
             kind_count[regions[i].kind]--;
             regions[i] = regions[--region_count];
-            pthread_mutex_unlock(&lock);
             return PB_OK;
         }
     }
-    pthread_mutex_unlock(&lock);
     return PB_ERR_NOT_FOUND;
+}
+
+PB_API int pb_region_remove(uint64_t id)
+{
+    pthread_mutex_lock(&lock);
+    int rc = remove_locked(id);
+    pthread_mutex_unlock(&lock);
+    return rc;
 }
 
 static int contains(const struct pb_region *r, uintptr_t a)
@@ -77,13 +83,7 @@ int pb__region_remove_then_pinned(uint64_t id, uintptr_t addr)
 {
     int pinned = 0;
     pthread_mutex_lock(&lock);
-    for (size_t i = region_count; i-- > 0;) {
-        if (regions[i].id == id) {
-            kind_count[regions[i].kind]--;
-            regions[i] = regions[--region_count];
-            break;
-        }
-    }
+    remove_locked(id);
     if (kind_count[PB_REGION_PINNED] > 0) {
         for (size_t i = 0; i < region_count && !pinned; i++)
             pinned = regions[i].kind == PB_REGION_PINNED && contains(&regions[i], addr);
