@@ -539,6 +539,19 @@ static void fc_read_mmap_min_addr(void)
 
 static int fc_l2_plan_args(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out);
 
+/* The extent of lend k, a bytes or bytearray, as the object has it now. */
+static void fc_buffer_extent(fc_lent *l, int k)
+{
+    PyObject *arg = l->arg[k];
+    if (l->kind[k] == (PyObject *)&PyBytes_Type) {
+        l->start[k] = (uintptr_t)PyBytes_AS_STRING(arg);
+        l->size[k] = (size_t)PyBytes_GET_SIZE(arg);
+    } else {
+        l->start[k] = (uintptr_t)PyByteArray_AS_STRING(arg);
+        l->size[k] = (size_t)PyByteArray_GET_SIZE(arg);
+    }
+}
+
 /* Level 2: 1 if the fast path takes these arguments, with what they lend in *out (release it
  * with fc_lent_release); 0: the closure's, nothing held. */
 static int fc_l2_plan(CheckedCall *fn, PyObject *const *args, Py_ssize_t nargs, fc_lent *out)
@@ -567,14 +580,7 @@ static int fc_l2_plan_args(CheckedCall *fn, PyObject *const *args, Py_ssize_t na
                 return 0;
             int k = out->n++;
             out->kind[k] = (PyObject *)kind;
-            out->arg[k] = arg;
-            if (kind == &PyBytes_Type) {
-                out->start[k] = (uintptr_t)PyBytes_AS_STRING(arg);
-                out->size[k] = (size_t)PyBytes_GET_SIZE(arg);
-            } else {
-                out->start[k] = (uintptr_t)PyByteArray_AS_STRING(arg);
-                out->size[k] = (size_t)PyByteArray_GET_SIZE(arg);
-            }
+            out->arg[k] = arg; /* its extent is read by fc_run_l2, after the site capture */
         } else if (arg == Py_None) {
             continue;
         } else if ((kind == fc_cdata_own || kind == fc_cdata_frombuf) && !(fn->flags & FC_CTYPES)) {
@@ -637,11 +643,9 @@ static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf
         return fc_run(fn, args, nargsf, tuple, NULL);
     }
     uint32_t site = pb__site_capture(); /* may run Python (once per code object): another thread may */
-    for (int k = 0; k < l->n; k++) {   /* resize a bytearray meanwhile, so its extent is read again */
-        if (l->kind[k] == (PyObject *)&PyByteArray_Type) {
-            l->start[k] = (uintptr_t)PyByteArray_AS_STRING(l->arg[k]);
-            l->size[k] = (size_t)PyByteArray_GET_SIZE(l->arg[k]);
-        }
+    for (int k = 0; k < l->n; k++) {   /* resize a bytearray meanwhile, so its extent is read after it */
+        if (l->kind[k] == (PyObject *)&PyBytes_Type || l->kind[k] == (PyObject *)&PyByteArray_Type)
+            fc_buffer_extent(l, k);
     }
     for (int k = 0; k < l->n; k++) {
         if ((l->region[k] = pb__lend_add(l->start[k], l->size[k])) == 0) {
@@ -691,19 +695,25 @@ static PyObject *fc_run_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf
     return result;
 }
 
+/* Level 2: 1 and *result if the C path took the call, 0 if it is the closure's. */
+static int fc_try_l2(CheckedCall *fn, PyObject *const *args, size_t nargsf, PyObject *tuple, PyObject **result)
+{
+    fc_lent l;
+    if (!fc_l2_plan(fn, args, PyVectorcall_NARGS(nargsf), &l))
+        return 0;
+    *result = fc_run_l2(fn, args, nargsf, tuple, &l);
+    fc_lent_release(&l);
+    return 1;
+}
+
 static PyObject *fc_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     CheckedCall *fn = (CheckedCall *)self;
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)
         return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
-    if (fc_level == 2) {
-        fc_lent l;
-        if (!fc_l2_plan(fn, args, PyVectorcall_NARGS(nargsf), &l))
-            return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
-        PyObject *result = fc_run_l2(fn, args, nargsf, NULL, &l);
-        fc_lent_release(&l);
-        return result;
-    }
+    PyObject *result;
+    if (fc_level == 2)
+        return fc_try_l2(fn, args, nargsf, NULL, &result) ? result : PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
     if (fc_wants_slow(fn, args, PyVectorcall_NARGS(nargsf)))
         return PyObject_Vectorcall(fn->slow, args, nargsf, kwnames);
     return fc_run(fn, args, nargsf, NULL, NULL);
@@ -717,14 +727,9 @@ static PyObject *fc_call(PyObject *self, PyObject *tuple, PyObject *kwargs)
     Py_ssize_t nargs = PyTuple_GET_SIZE(tuple);
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0)
         return PyObject_Call(fn->slow, tuple, kwargs);
-    if (fc_level == 2) {
-        fc_lent l;
-        if (!fc_l2_plan(fn, args, nargs, &l))
-            return PyObject_Call(fn->slow, tuple, kwargs);
-        PyObject *result = fc_run_l2(fn, args, (size_t)nargs, tuple, &l);
-        fc_lent_release(&l);
-        return result;
-    }
+    PyObject *result;
+    if (fc_level == 2)
+        return fc_try_l2(fn, args, (size_t)nargs, tuple, &result) ? result : PyObject_Call(fn->slow, tuple, kwargs);
     if (fc_wants_slow(fn, args, nargs))
         return PyObject_Call(fn->slow, tuple, kwargs);
     return fc_run(fn, args, (size_t)nargs, (fn->flags & FC_METHOD) ? NULL : tuple, NULL);
@@ -1186,7 +1191,7 @@ static PyMethodDef call_functions[] = {
      "fastcall_in_flight() -> [(seq, name, args, frame)]"},
     {"fastcall_after_fork", m_fastcall_after_fork, METH_NOARGS, "fastcall_after_fork(): in a forked child"},
     {"fastcall_init_l2", m_fastcall_init_l2, METH_VARARGS,
-     "fastcall_init_l2(hook, check): level 2's fast path (hook: scanning._fast_calls_due)"},
+     "fastcall_init_l2(hook, check, describe): level 2's fast path (hook: scanning._fast_calls_due)"},
     {"fastcall_take_l2", m_fastcall_take_l2, METH_NOARGS, "fastcall_take_l2() -> level-2 fast calls that lent"},
     {"fastcall_scan_due", m_fastcall_scan_due, METH_O, "fastcall_scan_due(n): call the hook after n more"},
     {"fastcall_take_lends", m_fastcall_take_lends, METH_NOARGS, "fastcall_take_lends() -> lends counted"},
