@@ -44,6 +44,8 @@ from .errors import CError, CallTimeoutWarning
 from .ownership import Lend, cdata_address, cdata_extent, ctypes_pointer_value, describe, lend
 from .ownership import _CDATA_OWNING, _HANDLE_TYPE, _lends, _managed
 from .ownership import _freed as _freed_history
+from .ownership import _shape as _ownership_shape
+from .ownership import _shapes as _ownership_shapes
 from .ownership import has_freed_history as ownership_history
 
 __all__ = [
@@ -266,10 +268,9 @@ _arg_shapes: Dict[Any, Tuple[int, Any, bool, int]] = {}
 
 
 def _item_size(ctype: Any) -> int:
-    try:
-        return int(ffi.sizeof(ctype.item))
-    except (ffi.error, TypeError, ValueError):
-        return -1
+    """The item size ownership.cdata_extent uses for a pointer or array type, or -1 (none)."""
+    kind, size = _ownership_shapes.get(ctype) or _ownership_shape(ctype)
+    return size if kind in ("pointer", "array") else -1
 
 
 def _arg_shape(ctype: Any) -> Tuple[int, Any, bool, int]:

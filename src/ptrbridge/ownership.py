@@ -158,13 +158,15 @@ def cdata_extent(obj: Any) -> Optional[Tuple[int, int]]:
     return None  # e.g. a callback's function pointer: code, not data
 
 
-_shapes: Dict[Any, Tuple[str, int]] = {}  # ctype -> (kind, size of the item a pointer points to)
+_shapes: Dict[Any, Tuple[str, int]] = {}  # ctype -> (kind, size of an item of a pointer or array)
 
 
 def _shape(ctype: Any) -> Tuple[str, int]:
     kind = ctype.kind
     item_size = 0
-    if kind == "pointer":
+    if kind == "array":
+        item_size = ffi.sizeof(ctype.item)
+    elif kind == "pointer":
         try:
             item_size = ffi.sizeof(ctype.item)
         except ffi.error:
